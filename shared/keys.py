@@ -1,0 +1,26 @@
+"""Every Redis stream and key name ragtune uses, defined once."""
+
+REQUEST_PREFIX = "rag:req:"
+REPLY_PREFIX = "rag:reply:"
+INGEST = "rag:ingest"
+EVENTS = "rag:events"
+DEAD = "rag:dead"
+ERRORS = "rag:errors"  # hash: "<stream>|<entry id>" -> last handler error, for dead letters
+
+# Consumer groups, one per backend service; their replicas are the consumers.
+EMBEDDING = "embedding"
+SPARSE = "sparse"
+RANKER = "ranker"
+GENERATOR = "generator"
+SERVICES = (EMBEDDING, SPARSE, RANKER, GENERATOR)
+INGEST_GROUPS = (EMBEDDING, SPARSE)
+
+
+def request_stream(service: str) -> str:
+    """The stream a service's consumer group reads its requests from."""
+    return f"{REQUEST_PREFIX}{service}"
+
+
+def reply_stream(caller: str) -> str:
+    """The private stream one caller (a front replica, the CLI) reads its replies from."""
+    return f"{REPLY_PREFIX}{caller}"

@@ -1,0 +1,125 @@
+"""Typed settings for every ragtune process.
+
+One class, read once at start (``Settings()``) and passed down; nothing else reads the
+environment. Every value can be set as ``RAGTUNE_<SECTION>__<FIELD>``, e.g.
+``RAGTUNE_REDIS__URL=redis://10.0.0.5:6380`` or ``RAGTUNE_SERVE__HTTP_PORT=9000``.
+
+Unset ``redis.url`` / ``milvus.uri`` mean "embedded": ragtune starts a local valkey server
+and a local milvus-lite server on free loopback ports (see ``shared.infra``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RedisSettings(BaseModel):
+    url: str | None = Field(None, description="redis:// URL; unset starts an embedded valkey")
+    stream_maxlen: int = Field(100_000, ge=100, description="approximate cap of every stream")
+    max_backlog: int = Field(2_000, ge=1, description="waiting requests before a service is busy")
+    claim_idle_ms: int = Field(30_000, ge=1, description="idle time before a pending entry of "
+                               "a silent consumer is reclaimed by a live one (XAUTOCLAIM)")
+    max_deliveries: int = Field(3, ge=1, description="deliveries before an entry is dead-lettered")
+    block_ms: int = Field(1_000, ge=1, description="how long a consumer blocks on an empty stream")
+    reply_ttl_s: int = Field(3_600, ge=10, description="a reply stream expires this long after use")
+
+
+class MilvusSettings(BaseModel):
+    uri: str | None = Field(None, description="Milvus URI; unset starts an embedded milvus-lite")
+    collection: str = Field("ragtune_documents", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+
+
+class EmbeddingSettings(BaseModel):
+    model: str | None = Field(None, description="HF id or local path; unset = packaged MiniLM")
+    batch_size: int = Field(32, ge=1, le=1024)
+    max_length: int = Field(256, ge=8, le=8192, description="tokens per text before truncation")
+
+
+class GeneratorSettings(BaseModel):
+    model: str | None = Field(
+        None, description="HF id or local path; unset = packaged SmolLM2-135M-Instruct"
+    )
+    max_new_tokens: int = Field(48, ge=1, le=1024)
+    max_passage_chars: int = Field(1_200, ge=50, description="each passage is cut to this")
+
+
+class RetrievalSettings(BaseModel):
+    top_k: int = Field(3, ge=1, description="passages handed to the generator by default")
+    candidates: int = Field(20, ge=1, description="hits asked of each retriever before fusion")
+    rrf_k: int = Field(60, ge=1, description="RRF constant, Cormack et al. 2009")
+
+
+class LimitSettings(BaseModel):
+    max_question_chars: int = Field(1_000, ge=1)
+    max_title_chars: int = Field(1_000, ge=1)
+    max_document_chars: int = Field(60_000, ge=1)
+    max_documents_per_request: int = Field(1_000, ge=1)
+    max_top_k: int = Field(20, ge=1)
+    ingest_batch: int = Field(32, ge=1, description="documents per rag:ingest entry")
+
+
+class ServeSettings(BaseModel):
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+    request_timeout_s: float = Field(120.0, gt=0)
+    embedding_replicas: int = Field(1, ge=1)
+    sparse_replicas: int = Field(1, ge=1)
+    ranker_replicas: int = Field(1, ge=1)
+    generator_replicas: int = Field(1, ge=1)
+    qa_replicas: int = Field(1, ge=1)
+
+
+class Settings(BaseSettings):
+    """All of ragtune's configuration. ``home`` holds indexes, caches, logs and run state."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAGTUNE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".ragtune")
+    redis: RedisSettings = RedisSettings()
+    milvus: MilvusSettings = MilvusSettings()
+    embedding: EmbeddingSettings = EmbeddingSettings()
+    generator: GeneratorSettings = GeneratorSettings()
+    retrieval: RetrievalSettings = RetrievalSettings()
+    limits: LimitSettings = LimitSettings()
+    serve: ServeSettings = ServeSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.retrieval.top_k > self.limits.max_top_k:
+            raise ValueError(
+                f"retrieval.top_k ({self.retrieval.top_k}) exceeds limits.max_top_k "
+                f"({self.limits.max_top_k})"
+            )
+        if self.retrieval.candidates < self.retrieval.top_k:
+            raise ValueError("retrieval.candidates must be >= retrieval.top_k")
+        return self
+
+    # Paths under home: one place names them all.
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def milvus_data_dir(self) -> Path:
+        return self.home / "milvus"
+
+    @property
+    def valkey_data_dir(self) -> Path:
+        return self.home / "valkey"
+
+    @property
+    def sparse_dir(self) -> Path:
+        return self.home / "sparse"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
