@@ -1,0 +1,460 @@
+"""The Redis Streams bus: the whole protocol between ragtune's services lives here.
+
+- Request/reply: ``Bus.request`` adds an ``Envelope`` (``id``, ``reply_to``, ``deadline``) to
+  ``rag:req:<service>`` and waits on the caller's own reply stream; one listener task per
+  ``Bus`` routes replies to waiting callers by request id (a second reply for an id is dropped).
+- Work distribution: ``Worker`` reads its streams with ``XREADGROUP`` as one consumer of the
+  service's group and acks only after the handler is done; the reply and the ack are written
+  in one MULTI/EXEC, so a request is answered exactly once even if a consumer dies.
+- Reclaim: a consumer that dies leaves its entries pending; live ones take them over with
+  ``XAUTOCLAIM`` after ``claim_idle_ms``. After ``max_deliveries`` an entry goes to ``rag:dead``
+  with the last error (handlers are idempotent: keyed by document id / request id).
+- Malformed entries (not JSON, wrong schema version, unknown kind) are dead-lettered at once
+  with the reason; the worker keeps serving.
+- Deadlines: a request read after its deadline is acked and dropped, never processed.
+- Broadcast: ``publish`` / ``events`` on ``rag:events``, read with plain ``XREAD`` (no group).
+- Every ``XADD`` is capped (``MAXLEN ~``); a request stream whose backlog exceeds
+  ``max_backlog`` refuses new requests with ``Busy`` instead of queueing forever.
+- ``Worker.run(burst=True)`` drains what is there and returns, so tests need no sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import ResponseError
+
+from shared import keys
+from shared.schemas import DeadLetter, Envelope, ErrorInfo, Event, Reply
+from shared.settings import RedisSettings
+
+log = logging.getLogger(__name__)
+
+FIELD = "msg"  # every entry carries one field: the JSON of a wire model
+
+
+class BusError(RuntimeError):
+    """A request failed; ``info`` says which service, what kind of failure and why."""
+
+    def __init__(self, info: ErrorInfo):
+        super().__init__(f"{info.service}: {info.message}")
+        self.info = info
+
+
+class Busy(BusError):
+    """The service's backlog is full; the caller should retry later (HTTP 503)."""
+
+
+class RequestTimeout(BusError):
+    """No reply before the deadline."""
+
+
+class BadRequest(ValueError):
+    """Raised by a handler for input it will never accept: answered at once, not retried."""
+
+
+def _decode(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Bus:
+    """One Redis connection pool and the caller side of the protocol.
+
+    ``name`` identifies this process's reply stream (``rag:reply:<name>``); make it unique per
+    replica. All methods are coroutines bound to the event loop that first uses the Bus.
+    """
+
+    def __init__(self, redis: aioredis.Redis, settings: RedisSettings, name: str | None = None):
+        self.redis = redis
+        self.settings = settings
+        self.name = name or uuid.uuid4().hex[:12]
+        self.reply_stream = keys.reply_stream(self.name)
+        self._waiting: dict[str, asyncio.Queue[Reply]] = {}
+        self._listener: asyncio.Task | None = None
+
+    @classmethod
+    def connect(cls, url: str, settings: RedisSettings, name: str | None = None) -> Bus:
+        return cls(aioredis.Redis.from_url(url), settings, name)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        await self.redis.aclose()
+
+    # --- adding -------------------------------------------------------------------------
+    async def add(self, stream: str, model: BaseModel) -> str:
+        """Append a wire model to a capped stream; returns the entry id."""
+        entry = await self.redis.xadd(
+            stream, {FIELD: model.model_dump_json()}, maxlen=self.settings.stream_maxlen,
+            approximate=True,
+        )
+        return _decode(entry)
+
+    async def add_many(self, stream: str, models: list[BaseModel]) -> list[str]:
+        """Append several entries atomically (all or none: nothing is half-ingested)."""
+        pipe = self.redis.pipeline(transaction=True)
+        for model in models:
+            pipe.xadd(stream, {FIELD: model.model_dump_json()},
+                      maxlen=self.settings.stream_maxlen, approximate=True)
+        return [_decode(entry) for entry in await pipe.execute()]
+
+    async def ensure_group(self, stream: str, group: str) -> None:
+        """Create a consumer group (and the stream) reading from the start, if missing."""
+        try:
+            await self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def backlog(self, stream: str, group: str) -> int:
+        """Entries of ``stream`` that ``group`` has not finished: pending + not yet read."""
+        with contextlib.suppress(ResponseError):
+            for info in await self.redis.xinfo_groups(stream):
+                if _decode(info["name"]) == group:
+                    return int(info.get("pending") or 0) + int(info.get("lag") or 0)
+        return 0
+
+    async def processed(self, stream: str, group: str, entry_id: str) -> bool:
+        """True once ``group`` has read *and* acked ``entry_id`` (or dead-lettered it)."""
+        last = None
+        with contextlib.suppress(ResponseError):
+            for info in await self.redis.xinfo_groups(stream):
+                if _decode(info["name"]) == group:
+                    last = _decode(info["last-delivered-id"])
+        if last is None or _id_tuple(last) < _id_tuple(entry_id):
+            return False
+        pending = await self.redis.xpending_range(stream, group, entry_id, entry_id, 1)
+        return not pending
+
+    # --- request / reply ---------------------------------------------------------------
+    async def request(
+        self, service: str, kind: str, body: BaseModel, timeout_s: float,
+        reply_model: type[BaseModel] | None = None,
+    ) -> BaseModel | dict:
+        """Send ``body`` to ``service`` and wait for its reply.
+
+        Returns ``reply_model`` validated from the reply body (or the raw dict without one).
+        Raises Busy when the service's backlog is full, RequestTimeout after ``timeout_s``,
+        BusError when the service answered with an error.
+        """
+        stream = keys.request_stream(service)
+        if await self.backlog(stream, service) >= self.settings.max_backlog:
+            raise Busy(ErrorInfo(service=service, kind="busy",
+                                 message=f"{service} has {self.settings.max_backlog} requests "
+                                         "waiting; try again later"))
+        self._ensure_listener()
+        request_id = uuid.uuid4().hex
+        queue: asyncio.Queue[Reply] = asyncio.Queue()
+        self._waiting[request_id] = queue
+        envelope = Envelope(id=request_id, kind=kind, body=body.model_dump(),
+                            reply_to=self.reply_stream, deadline=time.time() + timeout_s)
+        try:
+            await self.add(stream, envelope)
+            try:
+                reply = await asyncio.wait_for(queue.get(), timeout_s)
+            except TimeoutError:
+                raise RequestTimeout(ErrorInfo(
+                    service=service, kind="timeout",
+                    message=f"no reply to {kind} within {timeout_s:.1f} s")) from None
+        finally:
+            self._waiting.pop(request_id, None)
+        if not reply.ok:
+            raise BusError(reply.error or ErrorInfo(service=service, kind="failed",
+                                                    message="error without details"))
+        return reply_model.model_validate(reply.body) if reply_model else (reply.body or {})
+
+    def _ensure_listener(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _listen(self) -> None:
+        # From the start of this caller's private stream, so no reply that lands before the
+        # first read is missed; replies nobody waits for any more are dropped below.
+        last = "0-0"
+        while True:
+            try:
+                got = await self.redis.xread({self.reply_stream: last}, block=1000, count=100)
+                await self.redis.expire(self.reply_stream, self.settings.reply_ttl_s)
+            except (ConnectionError, OSError, aioredis.ConnectionError) as exc:
+                log.warning("reply listener %s: %s; retrying", self.reply_stream, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for _stream, entries in got or []:
+                for entry_id, fields in entries:
+                    last = _decode(entry_id)
+                    try:
+                        reply = Reply.model_validate_json(fields[FIELD.encode()])
+                    except (KeyError, ValidationError) as exc:
+                        log.error("dropping malformed reply %s: %s", last, exc)
+                        continue
+                    queue = self._waiting.pop(reply.id, None)
+                    if queue is not None:  # else: a late or duplicate reply
+                        queue.put_nowait(reply)
+
+    # --- broadcast events ---------------------------------------------------------------
+    async def publish(self, event: Event) -> str:
+        return await self.add(keys.EVENTS, event)
+
+    async def events(self, since: str = "$", block_ms: int = 1000) -> AsyncIterator[Event]:
+        """Yield every event published after ``since`` (forever; cancel to stop)."""
+        last = since
+        while True:
+            got = await self.redis.xread({keys.EVENTS: last}, block=block_ms, count=100)
+            for _stream, entries in got or []:
+                for entry_id, fields in entries:
+                    last = _decode(entry_id)
+                    try:
+                        yield Event.model_validate_json(fields[FIELD.encode()])
+                    except (KeyError, ValidationError) as exc:
+                        log.error("skipping malformed event %s: %s", last, exc)
+
+
+Handler = Callable[[BaseModel], Awaitable[BaseModel | None]]
+
+
+@dataclass
+class Route:
+    """How a worker handles one message kind: validate the body as ``model``, call ``fn``."""
+
+    model: type[BaseModel]
+    fn: Handler
+
+
+@dataclass
+class Stats:
+    handled: int = 0
+    failed: int = 0
+    dead: int = 0
+    expired: int = 0
+    reclaimed: int = 0
+    errors: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+
+
+class Worker:
+    """One consumer of ``group`` over ``streams``, dispatching entries to ``routes`` by kind.
+
+    Handlers are coroutines (run CPU work with ``asyncio.to_thread``) and must be idempotent.
+    A handler raising ``BadRequest`` gets an error reply and an ack; any other exception leaves
+    the entry pending for a retry (by this or another consumer) until ``max_deliveries``.
+    """
+
+    def __init__(self, bus: Bus, group: str, streams: list[str], routes: dict[str, Route],
+                 consumer: str | None = None, concurrency: int = 1):
+        self.bus = bus
+        self.group = group
+        self.streams = streams
+        self.routes = routes
+        self.consumer = consumer or f"{group}-{uuid.uuid4().hex[:8]}"
+        self.concurrency = concurrency
+        self.stats = Stats()
+        self._stopping = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def settings(self) -> RedisSettings:
+        return self.bus.settings
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self, burst: bool = False) -> None:
+        """Serve until ``stop()``; with ``burst`` return once nothing is left to do."""
+        for stream in self.streams:
+            await self.bus.ensure_group(stream, self.group)
+        next_claim = 0.0
+        while not self._stopping.is_set():
+            did = 0
+            if time.monotonic() >= next_claim:
+                did += await self._reclaim()
+                next_claim = time.monotonic() + self.settings.claim_idle_ms / 2000
+            did += await self._read(block=not burst)
+            if burst and did == 0:
+                break
+        await self._drain()
+
+    async def _drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _read(self, block: bool) -> int:
+        free = self.concurrency - len(self._tasks)
+        if free <= 0:
+            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            return 1
+        got = await self.bus.redis.xreadgroup(
+            self.group, self.consumer, {s: ">" for s in self.streams}, count=free,
+            block=self.settings.block_ms if block else None,
+        )
+        n = 0
+        for stream, entries in got or []:
+            for entry_id, fields in entries:
+                await self._spawn(_decode(stream), _decode(entry_id), fields)
+                n += 1
+        if not block:
+            await self._drain()
+        return n
+
+    async def _reclaim(self) -> int:
+        """Take over entries other consumers left pending longer than ``claim_idle_ms``."""
+        n = 0
+        for stream in self.streams:
+            start = "0-0"
+            while True:
+                result = await self.bus.redis.xautoclaim(
+                    stream, self.group, self.consumer, self.settings.claim_idle_ms,
+                    start_id=start, count=50,
+                )
+                start, entries = _decode(result[0]), result[1]
+                for entry_id, fields in entries:
+                    if fields is None:  # deleted (trimmed) while pending
+                        await self.bus.redis.xack(stream, self.group, entry_id)
+                        continue
+                    entry_id = _decode(entry_id)
+                    info = await self.bus.redis.xpending_range(stream, self.group, entry_id,
+                                                               entry_id, 1)
+                    deliveries = int(info[0]["times_delivered"]) if info else 1
+                    self.stats.reclaimed += 1
+                    log.info("%s reclaimed %s %s (delivery %d)", self.consumer, stream,
+                             entry_id, deliveries)
+                    if deliveries > self.settings.max_deliveries:
+                        await self._dead_letter_failed(stream, entry_id, fields, deliveries)
+                    else:
+                        await self._spawn(stream, entry_id, fields)
+                    n += 1
+                if start == "0-0":
+                    break
+        await self._drain()
+        return n
+
+    async def _spawn(self, stream: str, entry_id: str, fields: dict) -> None:
+        await self._slots.acquire()
+        task = asyncio.get_running_loop().create_task(self._handle(stream, entry_id, fields))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _t: self._slots.release())
+
+    async def _handle(self, stream: str, entry_id: str, fields: dict) -> None:
+        raw = fields.get(FIELD.encode(), fields.get(FIELD, b""))
+        raw_text = _decode(raw) if raw else ""
+        try:
+            envelope = Envelope.model_validate_json(raw_text)
+        except ValidationError as exc:
+            await self._dead_letter(stream, entry_id, raw_text, 1,
+                                    f"malformed entry: {_first_error(exc)}")
+            return
+        route = self.routes.get(envelope.kind)
+        if route is None:
+            await self._dead_letter(
+                stream, entry_id, raw_text, 1,
+                f"unknown kind {envelope.kind!r}; {self.group} handles {sorted(self.routes)}",
+                reply_to=envelope, kind="bad_request")
+            return
+        if envelope.deadline is not None and time.time() > envelope.deadline:
+            self.stats.expired += 1
+            log.info("%s dropped %s %s: read after its deadline", self.consumer, envelope.kind,
+                     envelope.id)
+            await self.bus.redis.xack(stream, self.group, entry_id)
+            return
+        try:
+            body = route.model.model_validate(envelope.body)
+        except ValidationError as exc:
+            await self._dead_letter(stream, entry_id, raw_text, 1,
+                                    f"bad {envelope.kind} body: {_first_error(exc)}",
+                                    reply_to=envelope, kind="bad_request")
+            return
+        try:
+            result = await route.fn(body)
+        except BadRequest as exc:
+            await self._finish(stream, entry_id, envelope, Reply(
+                id=envelope.id, ok=False,
+                error=ErrorInfo(service=self.group, kind="bad_request", message=str(exc))))
+            return
+        except Exception as exc:  # noqa: BLE001 - any handler failure is retried, then dead
+            self.stats.failed += 1
+            message = f"{type(exc).__name__}: {exc}"
+            self.stats.errors.append(message)
+            log.exception("%s failed on %s %s (request %s)", self.consumer, stream, entry_id,
+                          envelope.id)
+            await self.bus.redis.hset(keys.ERRORS, f"{stream}|{entry_id}", message[:2000])
+            return  # not acked: reclaimed later, dead-lettered after max_deliveries
+        reply = Reply(id=envelope.id, ok=True,
+                      body=result.model_dump() if result is not None else None)
+        await self._finish(stream, entry_id, envelope, reply)
+        self.stats.handled += 1
+
+    async def _finish(self, stream: str, entry_id: str, envelope: Envelope,
+                      reply: Reply | None) -> None:
+        """Reply (if the sender asked for one) and ack in one transaction."""
+        pipe = self.bus.redis.pipeline(transaction=True)
+        if envelope.reply_to and reply is not None:
+            pipe.xadd(envelope.reply_to, {FIELD: reply.model_dump_json()},
+                      maxlen=self.settings.stream_maxlen, approximate=True)
+        pipe.xack(stream, self.group, entry_id)
+        pipe.hdel(keys.ERRORS, f"{stream}|{entry_id}")
+        await pipe.execute()
+
+    async def _dead_letter_failed(self, stream: str, entry_id: str, fields: dict,
+                                  deliveries: int) -> None:
+        raw = _decode(fields.get(FIELD.encode(), b""))
+        error = await self.bus.redis.hget(keys.ERRORS, f"{stream}|{entry_id}")
+        reason = _decode(error) if error else "consumer died or failed without an error"
+        envelope = None
+        with contextlib.suppress(ValidationError):
+            envelope = Envelope.model_validate_json(raw)
+        await self._dead_letter(stream, entry_id, raw, deliveries - 1,
+                                f"gave up after {deliveries - 1} deliveries: {reason}",
+                                reply_to=envelope, kind="failed")
+
+    async def _dead_letter(self, stream: str, entry_id: str, raw: str, deliveries: int,
+                           reason: str, reply_to: Envelope | None = None,
+                           kind: str = "dead_letter") -> None:
+        self.stats.dead += 1
+        log.warning("%s dead-lettered %s %s: %s", self.consumer, stream, entry_id, reason)
+        letter = DeadLetter(stream=stream, group=self.group, entry_id=entry_id,
+                            deliveries=deliveries, reason=reason, raw=raw[:4096])
+        pipe = self.bus.redis.pipeline(transaction=True)
+        pipe.xadd(keys.DEAD, {FIELD: letter.model_dump_json()},
+                  maxlen=self.settings.stream_maxlen, approximate=True)
+        if reply_to is not None and reply_to.reply_to:
+            reply = Reply(id=reply_to.id, ok=False,
+                          error=ErrorInfo(service=self.group, kind=kind, message=reason))
+            pipe.xadd(reply_to.reply_to, {FIELD: reply.model_dump_json()},
+                      maxlen=self.settings.stream_maxlen, approximate=True)
+        pipe.xack(stream, self.group, entry_id)
+        pipe.hdel(keys.ERRORS, f"{stream}|{entry_id}")
+        await pipe.execute()
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "entry"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
+async def dead_letters(bus: Bus, count: int = 100) -> list[DeadLetter]:
+    """The newest dead letters, newest first."""
+    entries = await bus.redis.xrevrange(keys.DEAD, count=count)
+    return [DeadLetter.model_validate_json(fields[FIELD.encode()]) for _id, fields in entries]
+
+
+def routes(**table: tuple[type[BaseModel], Handler]) -> dict[str, Route]:
+    """``routes(search=(SearchRequest, fn))`` → the kind → Route table a Worker takes."""
+    return {kind: Route(model, fn) for kind, (model, fn) in table.items()}

@@ -1,0 +1,348 @@
+"""The Streams protocol against a real valkey server: replies, acks, reclaim, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from shared import keys
+from shared.bus import FIELD, BadRequest, Busy, BusError, Worker, dead_letters, routes
+from shared.infra import InfraError, check_redis, free_port
+from shared.schemas import Envelope, Event, IngestBatch, SearchRequest, SearchResult
+from tests.conftest import make_bus
+
+pytestmark = pytest.mark.usefixtures("flush")
+
+SERVICE = "echo"
+
+
+async def until(predicate, timeout_s: float = 10.0) -> None:
+    """Poll an async predicate; fail the test if it is not true in time."""
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def echo_worker(bus, calls: list | None = None, fail: Exception | None = None) -> Worker:
+    async def search(req: SearchRequest) -> SearchResult:
+        if calls is not None:
+            calls.append(req.query)
+        if fail is not None:
+            raise fail
+        return SearchResult(hits=[], count=len(req.query))
+
+    return Worker(bus, SERVICE, [keys.request_stream(SERVICE)],
+                  routes(search=(SearchRequest, search)))
+
+
+async def request_with_worker(bus, worker, body, timeout_s=5.0):
+    """Send one request, let the worker drain its stream in burst mode, return the reply."""
+    stream = keys.request_stream(SERVICE)
+    before = await bus.redis.xlen(stream)
+    task = asyncio.create_task(bus.request(SERVICE, "search", body, timeout_s, SearchResult))
+    await until(lambda: _has_entries(bus, stream, before))
+    await worker.run(burst=True)
+    return await task
+
+
+async def _has_entries(bus, stream, more_than: int = 0) -> bool:
+    return await bus.redis.xlen(stream) > more_than
+
+
+def test_request_reply_roundtrip(redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        worker = echo_worker(bus)
+        reply = await request_with_worker(bus, worker, SearchRequest(query="abcd", top_k=3))
+        assert reply == SearchResult(hits=[], count=4)
+        # acked after the work: nothing pending, entry counted as processed
+        stream = keys.request_stream(SERVICE)
+        assert await bus.backlog(stream, SERVICE) == 0
+        entry_id = (await bus.redis.xrange(stream))[0][0].decode()
+        assert await bus.processed(stream, SERVICE, entry_id)
+        await bus.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("raw, reason", [
+    ("{not json", "malformed entry"),
+    ('{"schema_version": 2, "id": "x", "kind": "search", "body": {}}', "schema_version"),
+])
+def test_malformed_entry_is_dead_lettered_and_worker_keeps_serving(
+        redis_url, redis_settings, run, raw, reason):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        worker = echo_worker(bus)
+        await bus.ensure_group(keys.request_stream(SERVICE), SERVICE)
+        await bus.redis.xadd(keys.request_stream(SERVICE), {FIELD: raw})
+        reply = await request_with_worker(bus, worker, SearchRequest(query="ok", top_k=1))
+        assert reply.count == 2  # still serving after the bad entry
+        dead = await dead_letters(bus)
+        assert len(dead) == 1 and reason in dead[0].reason and dead[0].raw == raw
+        await bus.close()
+
+    run(main())
+
+
+def test_wrong_body_version_gets_error_reply_and_dead_letter(redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        worker = echo_worker(bus)
+        body = SearchRequest(query="q", top_k=1).model_dump() | {"schema_version": 9}
+        task = asyncio.create_task(_raw_request(bus, body))
+        await until(lambda: _has_entries(bus, keys.request_stream(SERVICE)))
+        await worker.run(burst=True)
+        with pytest.raises(BusError) as err:
+            await task
+        assert err.value.info.kind == "bad_request" and "schema_version" in str(err.value)
+        assert "schema_version" in (await dead_letters(bus))[0].reason
+        await bus.close()
+
+    run(main())
+
+
+async def _raw_request(bus, body: dict):
+    class Raw(SearchRequest):
+        def model_dump(self, **kwargs):
+            return body
+
+    return await bus.request(SERVICE, "search", Raw(query="q", top_k=1), 5.0, SearchResult)
+
+
+def test_unknown_kind_is_refused_with_known_kinds(redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        worker = echo_worker(bus)
+        task = asyncio.create_task(bus.request(SERVICE, "frobnicate",
+                                               SearchRequest(query="q", top_k=1), 5.0))
+        await until(lambda: _has_entries(bus, keys.request_stream(SERVICE)))
+        await worker.run(burst=True)
+        with pytest.raises(BusError, match=r"unknown kind 'frobnicate'.*\['search'\]"):
+            await task
+        await bus.close()
+
+    run(main())
+
+
+def test_bad_request_from_handler_is_answered_not_retried(redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        calls: list = []
+        worker = echo_worker(bus, calls, fail=BadRequest("top_k too large"))
+        with pytest.raises(BusError, match="top_k too large") as err:
+            await request_with_worker(bus, worker, SearchRequest(query="q", top_k=1))
+        assert err.value.info.kind == "bad_request" and calls == ["q"]
+        assert await bus.backlog(keys.request_stream(SERVICE), SERVICE) == 0
+        await bus.close()
+
+    run(main())
+
+
+def test_failing_handler_is_retried_then_dead_lettered_with_its_error(
+        redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        calls: list = []
+        worker = echo_worker(bus, calls, fail=RuntimeError("disk on fire"))
+        task = asyncio.create_task(bus.request(SERVICE, "search",
+                                               SearchRequest(query="q", top_k=1), 10.0))
+        await until(lambda: _has_entries(bus, keys.request_stream(SERVICE)))
+
+        async def dead_lettered():
+            await worker.run(burst=True)
+            return bool(await dead_letters(bus))
+
+        await until(dead_lettered)
+        with pytest.raises(BusError, match="disk on fire") as err:
+            await task
+        assert err.value.info.kind == "failed"
+        assert len(calls) == redis_settings.max_deliveries
+        letter = (await dead_letters(bus))[0]
+        assert "RuntimeError: disk on fire" in letter.reason
+        assert letter.deliveries == redis_settings.max_deliveries
+        assert await bus.backlog(keys.request_stream(SERVICE), SERVICE) == 0
+        await bus.close()
+
+    run(main())
+
+
+def test_request_read_after_deadline_is_dropped(redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        calls: list = []
+        worker = echo_worker(bus, calls)
+        stream = keys.request_stream(SERVICE)
+        await bus.ensure_group(stream, SERVICE)
+        late = Envelope(id="late", kind="search", body=SearchRequest(query="q", top_k=1)
+                        .model_dump(), reply_to=bus.reply_stream, deadline=time.time() - 1)
+        await bus.add(stream, late)
+        await worker.run(burst=True)
+        assert calls == [] and worker.stats.expired == 1
+        assert await bus.backlog(stream, SERVICE) == 0
+        assert await bus.redis.xlen(bus.reply_stream) == 0
+        await bus.close()
+
+    run(main())
+
+
+DOOMED = textwrap.dedent("""
+    import asyncio, os, signal, sys
+    from shared import keys
+    from shared.bus import Bus, Worker, routes
+    from shared.schemas import IngestBatch, SearchRequest
+    from shared.settings import RedisSettings
+
+    async def die(_body):
+        os.kill(os.getpid(), signal.SIGKILL)  # read, not acked: a consumer killed mid-work
+
+    async def main():
+        bus = Bus.connect(sys.argv[1], RedisSettings(block_ms=50))
+        worker = Worker(bus, sys.argv[2], [sys.argv[3]],
+                        routes(search=(SearchRequest, die), ingest=(IngestBatch, die)),
+                        consumer="doomed")
+        await worker.run(burst=True)
+
+    asyncio.run(main())
+""")
+
+
+def _kill_a_consumer_mid_work(redis_url: str, group: str, stream: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", DOOMED, redis_url, group, stream],
+                          timeout=60, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+
+
+def test_killed_consumer_request_is_answered_once_by_another(redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        calls: list = []
+        stream = keys.request_stream(SERVICE)
+        await bus.ensure_group(stream, SERVICE)
+        task = asyncio.create_task(bus.request(SERVICE, "search",
+                                               SearchRequest(query="once", top_k=1), 20.0,
+                                               SearchResult))
+        await until(lambda: _has_entries(bus, stream))
+        await asyncio.to_thread(_kill_a_consumer_mid_work, redis_url, SERVICE, stream)
+        pending = await bus.redis.xpending(stream, SERVICE)
+        assert pending["pending"] == 1  # the dead consumer holds it
+
+        survivor = echo_worker(bus, calls)
+
+        async def handled():
+            await survivor.run(burst=True)
+            return survivor.stats.handled > 0
+
+        await until(handled)
+        assert (await task).count == 4
+        assert calls == ["once"] and survivor.stats.reclaimed == 1
+        assert await bus.redis.xlen(bus.reply_stream) == 1  # answered exactly once
+        await bus.close()
+
+    run(main())
+
+
+def test_killed_ingest_consumer_document_indexed_exactly_once(redis_url, redis_settings, run,
+                                                             tmp_path):
+    from services.sparse.service import SparseService
+
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        index = SparseService(tmp_path / "sparse")
+
+        async def ingest(batch: IngestBatch) -> None:
+            await asyncio.to_thread(index.ingest, batch)
+
+        await bus.ensure_group(keys.INGEST, keys.SPARSE)
+        batch = IngestBatch(documents=[{"doc_id": "d1", "title": "Lima", "text": "Lima is the "
+                                        "capital of Peru."}])
+        entry = await bus.add(keys.INGEST, Envelope(id="e1", kind="ingest",
+                                                    body=batch.model_dump()))
+        await asyncio.to_thread(_kill_a_consumer_mid_work, redis_url, keys.SPARSE, keys.INGEST)
+        assert not await bus.processed(keys.INGEST, keys.SPARSE, entry)
+
+        survivor = Worker(bus, keys.SPARSE, [keys.INGEST], routes(ingest=(IngestBatch, ingest)))
+
+        async def done():
+            await survivor.run(burst=True)
+            return await bus.processed(keys.INGEST, keys.SPARSE, entry)
+
+        await until(done)
+        # a second delivery of the same entry (e.g. a late retry) must not duplicate it
+        await ingest(batch)
+        assert index.count() == 1
+        hits = index.search(SearchRequest(query="capital of Peru", top_k=5)).hits
+        assert [h.doc_id for h in hits] == ["d1"]
+        await bus.close()
+
+    run(main())
+
+
+def test_full_backlog_answers_busy(redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings.model_copy(update={"max_backlog": 3}))
+        stream = keys.request_stream(SERVICE)
+        await bus.ensure_group(stream, SERVICE)
+        for i in range(3):
+            await bus.add(stream, Envelope(id=str(i), kind="search", body={}))
+        with pytest.raises(Busy, match="try again later"):
+            await bus.request(SERVICE, "search", SearchRequest(query="q", top_k=1), 1.0)
+        await bus.close()
+
+    run(main())
+
+
+def test_streams_are_capped(redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings.model_copy(update={"stream_maxlen": 100}))
+        for i in range(0, 1000, 100):
+            await bus.add_many("rag:test", [Event(kind=f"e{j}") for j in range(i, i + 100)])
+        assert await bus.redis.xlen("rag:test") <= 300
+        await bus.close()
+
+    run(main())
+
+
+def test_events_reach_every_listener(redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+
+        async def first(n: int) -> list[str]:
+            seen = []
+            async for event in bus.events(since="0-0", block_ms=50):
+                seen.append(event.kind)
+                if len(seen) == n:
+                    return seen
+
+        await bus.publish(Event(kind="checkpoint.ready", data={"version": 2}))
+        await bus.publish(Event(kind="index.swapped"))
+        a, b = await asyncio.gather(first(2), first(2))
+        assert a == b == ["checkpoint.ready", "index.swapped"]
+        await bus.close()
+
+    run(main())
+
+
+def test_request_times_out_without_a_worker(redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        with pytest.raises(BusError, match="no reply to search within"):
+            await bus.request(SERVICE, "search", SearchRequest(query="q", top_k=1), 0.2)
+        await bus.close()
+
+    run(main())
+
+
+def test_unreachable_redis_is_a_clear_error():
+    url = f"redis://127.0.0.1:{free_port()}"
+    with pytest.raises(InfraError, match=f"Redis is unreachable at {url}"):
+        check_redis(url, timeout_s=0.5)
+
