@@ -39,6 +39,12 @@ class IngestBatch(Wire):
     documents: list[Document] = Field(min_length=1)
 
 
+class IngestRequest(Wire):
+    """Body of ``POST /v1/documents``."""
+
+    documents: list[Document] = Field(min_length=1)
+
+
 class IngestAccepted(Wire):
     """HTTP reply to ``POST /v1/documents``: the bus entries that carry the documents."""
 
@@ -46,6 +52,14 @@ class IngestAccepted(Wire):
     doc_ids: list[str]
     entries: list[str]
     indexed: bool = False
+
+
+class StatsRequest(Wire):
+    """Ask a retriever how many documents its index holds."""
+
+
+class IndexStats(Wire):
+    documents: int
 
 
 # --- retrieval -------------------------------------------------------------------------------
@@ -120,6 +134,24 @@ class QAResponse(Wire):
     passages: list[Passage]
     timings_ms: dict[str, float]
     request_id: str
+
+
+class StreamStatus(Wire):
+    stream: str
+    group: str
+    length: int
+    pending: int
+    lag: int
+    consumers: int
+
+
+class Status(Wire):
+    """``GET /v1/status``: what a operator needs to see at a glance."""
+
+    services: dict[str, str]
+    documents: dict[str, int | None]
+    streams: list[StreamStatus]
+    dead_letters: int
 
 
 # --- bus envelopes ---------------------------------------------------------------------------

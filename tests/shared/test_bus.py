@@ -12,7 +12,7 @@ import time
 import pytest
 
 from shared import keys
-from shared.bus import FIELD, BadRequest, Busy, BusError, Worker, dead_letters, routes
+from shared.bus import FIELD, BadRequest, BusError, Busy, Worker, dead_letters, routes
 from shared.infra import InfraError, check_redis, free_port
 from shared.schemas import Envelope, Event, IngestBatch, SearchRequest, SearchResult
 from tests.conftest import make_bus

@@ -1,0 +1,140 @@
+"""The Ray Serve application, built from typed settings. The only module importing Serve.
+
+Each deployment is a thin shell: it builds a plain service from settings, runs its bus
+worker in a background thread, and reports health. The QA front is the HTTP ingress.
+Resources are explicit; ``num_cpus=0`` lets every deployment schedule on a 2-core machine
+(the work is bounded by the bus consumers, not by Ray's CPU accounting).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+from ray.serve import Application
+
+from deploy.workers import WorkerThread, generator_worker, ranker_worker, retriever_worker
+from shared import keys
+from shared.bus import Bus
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _require_urls(settings: Settings) -> tuple[str, str]:
+    if not settings.redis.url or not settings.milvus.uri:
+        raise ValueError(
+            "the Serve application needs RAGTUNE_REDIS__URL and RAGTUNE_MILVUS__URI; "
+            "`ragtune up` starts embedded servers and sets them for you")
+    return settings.redis.url, settings.milvus.uri
+
+
+class _WorkerDeployment:
+    """Shared shell: one bus worker thread per replica, health from the thread."""
+
+    runner: WorkerThread
+
+    def check_health(self) -> None:
+        self.runner.check()
+
+    def stats(self) -> dict:
+        worker = self.runner.worker
+        return {} if worker is None else {
+            "handled": worker.stats.handled, "failed": worker.stats.failed,
+            "dead": worker.stats.dead, "reclaimed": worker.stats.reclaimed,
+            "expired": worker.stats.expired}
+
+    def __del__(self) -> None:
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.stop()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Embedding(_WorkerDeployment):
+    def __init__(self, settings: Settings):
+        from services.embedding.service import EmbeddingService
+
+        redis_url, milvus_uri = _require_urls(settings)
+        service = EmbeddingService.from_settings(settings, milvus_uri)
+        self.runner = WorkerThread(lambda bus: retriever_worker(service, keys.EMBEDDING, bus),
+                                   redis_url, settings.redis, "embedding")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Sparse(_WorkerDeployment):
+    def __init__(self, settings: Settings):
+        from services.sparse.service import SparseService
+
+        redis_url, _ = _require_urls(settings)
+        service = SparseService.from_settings(settings)
+        self.runner = WorkerThread(lambda bus: retriever_worker(service, keys.SPARSE, bus),
+                                   redis_url, settings.redis, "sparse")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Ranker(_WorkerDeployment):
+    def __init__(self, settings: Settings):
+        from services.ranker.service import RankerService
+        from shared.schemas import SearchResult
+
+        redis_url, _ = _require_urls(settings)
+        timeout = settings.serve.request_timeout_s
+
+        def make(bus: Bus):
+            async def ask(service: str, kind: str, body):
+                return await bus.request(service, kind, body, timeout, SearchResult)
+            return ranker_worker(RankerService(ask, settings.retrieval.rrf_k), bus)
+
+        self.runner = WorkerThread(make, redis_url, settings.redis, "ranker")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Generator(_WorkerDeployment):
+    def __init__(self, settings: Settings):
+        from services.generator.service import GeneratorService
+
+        redis_url, _ = _require_urls(settings)
+        service = GeneratorService.from_settings(settings)
+        self.runner = WorkerThread(lambda bus: generator_worker(service, bus), redis_url,
+                                   settings.redis, "generator")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class QAFront:
+    """HTTP ingress: ``/v1/qa``, ``/v1/documents``, ``/v1/status``, ``/v1/health``."""
+
+    def __init__(self, settings: Settings, *backends):
+        # ``backends`` are the other deployments, bound here only so that they belong to
+        # this application; the front reaches them over the bus, never through handles.
+        from services.qa.service import QAService
+
+        redis_url, _ = _require_urls(settings)
+        self.qa = QAService(Bus.connect(redis_url, settings.redis, name=None), settings)
+
+    def __serve_build_asgi_app__(self):
+        from services.qa.http import create_app
+
+        return create_app(self.qa)
+
+    async def check_health(self) -> None:
+        await self.qa.bus.redis.ping()
+
+
+def build_app(settings: Settings) -> Application:
+    """The whole ragtune application; the QA front is its ingress."""
+    serve_cfg = settings.serve
+    parts = [
+        Embedding.options(num_replicas=serve_cfg.embedding_replicas).bind(settings),
+        Sparse.options(num_replicas=serve_cfg.sparse_replicas).bind(settings),
+        Ranker.options(num_replicas=serve_cfg.ranker_replicas).bind(settings),
+        Generator.options(num_replicas=serve_cfg.generator_replicas).bind(settings),
+    ]
+    return QAFront.options(num_replicas=serve_cfg.qa_replicas).bind(settings, *parts)
+
+
+def app_from_config(args: dict) -> Application:
+    """``import_path`` target of deploy/serve_config.yaml: settings from the environment,
+    overridden by the config's ``args`` (nested sections as dicts)."""
+    return build_app(Settings(**args))

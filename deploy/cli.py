@@ -1,0 +1,353 @@
+"""The ``ragtune`` command: up, ask, ingest, status, down.
+
+``up`` starts a background supervisor (``deploy.stack``) that owns the embedded servers, Ray
+and the Serve application; the other commands talk to it over HTTP (and read ingestion
+progress from the bus). Errors are one clear line on stderr and exit code 1, never a trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from deploy.stack import state_path
+from shared import keys
+from shared.bus import Bus
+from shared.schemas import Document
+from shared.settings import Settings
+
+log = logging.getLogger("ragtune")
+
+DEMO_QUESTIONS = (
+    "What is the capital of France?",
+    "Who developed the theory of general relativity?",
+    "What is photosynthesis?",
+)
+
+
+class CLIError(RuntimeError):
+    """A failure to report as one line, exit code 1."""
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+# --- the running supervisor --------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_state(settings: Settings) -> dict | None:
+    """The running supervisor's state, or None when ragtune is not up."""
+    path = state_path(settings)
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    if not _alive(int(state.get("pid", 0))):
+        path.unlink(missing_ok=True)
+        return None
+    return state
+
+
+def _require_state(settings: Settings) -> dict:
+    state = read_state(settings)
+    if state is None or "http_url" not in state:
+        raise CLIError("ragtune is not running; start it with `ragtune up`")
+    return state
+
+
+def _request(method: str, url: str, timeout: float, **kwargs) -> dict:
+    try:
+        response = httpx.request(method, url, timeout=timeout, **kwargs)
+    except httpx.HTTPError as exc:
+        raise CLIError(f"cannot reach ragtune at {url}: {exc}") from None
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail")
+        except ValueError:
+            detail = response.text
+        raise CLIError(f"{response.status_code} from {url}: {_detail_text(detail)}")
+    return response.json()
+
+
+def _detail_text(detail) -> str:
+    if isinstance(detail, list):
+        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}"
+                         for d in detail)
+    if isinstance(detail, dict):
+        return detail.get("message", json.dumps(detail))
+    return str(detail)
+
+
+# --- up / down -----------------------------------------------------------------------------
+def cmd_up(settings: Settings, args: argparse.Namespace) -> None:
+    started = time.monotonic()
+    state = read_state(settings)
+    if state is not None and "http_url" in state:
+        _out(f"ragtune is already running at {state['http_url']}")
+    else:
+        state = _start_supervisor(settings, args.timeout)
+        _out(f"ragtune is up at {state['http_url']} in {time.monotonic() - started:.1f} s"
+             f" (Ray dashboard: {state.get('dashboard_url') or 'off'})")
+    _ensure_corpus(settings, state, args.corpus_limit)
+    _out(f"ready in {time.monotonic() - started:.1f} s")
+    if not args.no_demo:
+        for question in DEMO_QUESTIONS:
+            _print_answer(_ask(state, question, None, settings))
+
+
+def _start_supervisor(settings: Settings, timeout_s: float) -> dict:
+    path = state_path(settings)
+    path.unlink(missing_ok=True)
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.log_dir / "ragtune.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "deploy.stack"], stdout=log_file,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    _out(f"starting ragtune (log: {log_path}) ...")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            state = json.loads(path.read_text())
+            if "error" in state:
+                proc.wait(30)
+                raise CLIError(f"ragtune failed to start: {state['error']} (log: {log_path})")
+            return state
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise CLIError(f"ragtune exited with code {proc.returncode} while starting; "
+                           f"last log lines:\n{tail}")
+        time.sleep(0.25)
+    os.killpg(proc.pid, signal.SIGTERM)
+    raise CLIError(f"ragtune did not come up within {timeout_s:.0f} s (log: {log_path})")
+
+
+def cmd_down(settings: Settings, _args: argparse.Namespace) -> None:
+    state = read_state(settings)
+    if state is None:
+        _out("ragtune is not running")
+        return
+    pid = int(state["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+        _out("ragtune did not stop in 60 s; killed it")
+    else:
+        _out("ragtune stopped")
+    state_path(settings).unlink(missing_ok=True)
+
+
+# --- documents -----------------------------------------------------------------------------
+def _ensure_corpus(settings: Settings, state: dict, limit: int | None) -> None:
+    """First run: ingest the packaged corpus. Later runs: reuse the persisted indexes."""
+    from shared.datasets import load_corpus
+
+    corpus = load_corpus(limit)
+    counts = _document_counts(state)
+    if min(counts.values()) >= len(corpus):
+        _out(f"index holds {counts} documents; reusing it")
+        return
+    backlog = _ingest_backlog(state)
+    if backlog:
+        _out(f"finishing an earlier ingestion ({backlog} batches waiting)")
+        asyncio.run(_track(settings, state, None, backlog))
+        counts = _document_counts(state)
+        if min(counts.values()) >= len(corpus):
+            return
+    _out(f"ingesting the packaged corpus: {len(corpus)} Wikipedia summaries (CC BY-SA 4.0)")
+    _ingest(settings, state, corpus)
+
+
+def _document_counts(state: dict) -> dict[str, int]:
+    status = _request("GET", f"{state['http_url']}/v1/status", 60)
+    counts = status["documents"]
+    missing = [name for name, n in counts.items() if n is None]
+    if missing:
+        raise CLIError(f"the {', '.join(missing)} service does not answer; see `ragtune status`")
+    return counts
+
+
+def _ingest_backlog(state: dict) -> int:
+    status = _request("GET", f"{state['http_url']}/v1/status", 60)
+    return max((s["pending"] + s["lag"] for s in status["streams"]
+                if s["stream"] == keys.INGEST), default=0)
+
+
+def _ingest(settings: Settings, state: dict, documents: list[Document]) -> None:
+    step = settings.limits.max_documents_per_request
+    entries: list[str] = []
+    for i in range(0, len(documents), step):
+        body = {"documents": [d.model_dump() for d in documents[i:i + step]]}
+        entries += _request("POST", f"{state['http_url']}/v1/documents", 120,
+                            json=body)["entries"]
+    asyncio.run(_track(settings, state, entries, len(entries)))
+
+
+async def _track(settings: Settings, state: dict, entries: list[str] | None,
+                 total: int) -> None:
+    """A progress bar over ingest batches indexed by both the dense and the sparse group."""
+    bus = Bus.connect(state["redis_url"], settings.redis)
+    try:
+        with tqdm(total=total, unit="batch", desc="indexing") as bar:
+            while True:
+                if entries is None:  # an earlier run's backlog: follow the groups' lag
+                    left = max([await bus.backlog(keys.INGEST, g) for g in keys.INGEST_GROUPS])
+                    done = total - left
+                else:
+                    done = min([await _done_prefix(bus, g, entries) for g in
+                                keys.INGEST_GROUPS])
+                bar.update(done - bar.n)
+                if done >= total:
+                    return
+                await asyncio.sleep(0.5)
+    finally:
+        await bus.close()
+
+
+async def _done_prefix(bus: Bus, group: str, entries: list[str]) -> int:
+    """How many entries, from the start, ``group`` has processed (binary search)."""
+    lo, hi = 0, len(entries)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if await bus.processed(keys.INGEST, group, entries[mid]):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def read_jsonl(path: Path) -> list[Document]:
+    """Documents from a JSONL file (one object per line: doc_id, title, text, [topic, source]).
+
+    Raises CLIError naming the line and the field for the first bad line; nothing is sent.
+    """
+    if not path.exists():
+        raise CLIError(f"{path}: no such file")
+    documents = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                documents.append(Document.model_validate_json(line))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                field = ".".join(str(p) for p in err["loc"]) or "line"
+                raise CLIError(f"{path}:{number}: {field}: {err['msg']}") from None
+    if not documents:
+        raise CLIError(f"{path}: no documents")
+    return documents
+
+
+def cmd_ingest(settings: Settings, args: argparse.Namespace) -> None:
+    state = _require_state(settings)
+    documents = read_jsonl(Path(args.file))
+    _ingest(settings, state, documents)
+    _out(f"indexed {len(documents)} documents")
+
+
+# --- questions and status ----------------------------------------------------------------
+def _ask(state: dict, question: str, top_k: int | None, settings: Settings) -> dict:
+    return _request("POST", f"{state['http_url']}/v1/qa", settings.serve.request_timeout_s + 5,
+                    json={"question": question, "top_k": top_k})
+
+
+def _print_answer(answer: dict) -> None:
+    _out(f"\nQ: {answer['question']}\nA: {answer['answer']}")
+    for c in answer["citations"]:
+        _out(f"   [{c['passage']}] {c['title']} ({c['doc_id']})")
+    t = answer["timings_ms"]
+    _out(f"   ({t['total']:.0f} ms: retrieve {t['retrieve']:.0f}, generate {t['generate']:.0f})")
+
+
+def cmd_ask(settings: Settings, args: argparse.Namespace) -> None:
+    answer = _ask(_require_state(settings), args.question, args.top_k, settings)
+    if args.json:
+        _out(json.dumps(answer, indent=2))
+    else:
+        _print_answer(answer)
+        for p in answer["passages"]:
+            _out(f"   passage {p['rank']}: {p['title']} (score {p['score']:.4f})")
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
+    state = _require_state(settings)
+    status = _request("GET", f"{state['http_url']}/v1/status", 30)
+    if args.json:
+        _out(json.dumps(status, indent=2))
+        return
+    _out(f"ragtune at {state['http_url']}  dashboard {state.get('dashboard_url') or 'off'}")
+    _out(f"redis {state['redis_url']}  milvus {state['milvus_uri']}")
+    for name, text in status["services"].items():
+        _out(f"  {name:<10} {text}")
+    _out(f"documents: {status['documents']}")
+    _out(f"{'stream':<22}{'group':<12}{'length':>8}{'pending':>9}{'lag':>7}{'consumers':>11}")
+    for s in status["streams"]:
+        _out(f"{s['stream']:<22}{s['group']:<12}{s['length']:>8}{s['pending']:>9}{s['lag']:>7}"
+             f"{s['consumers']:>11}")
+    _out(f"dead letters: {status['dead_letters']}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ragtune", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start ragtune on embedded defaults (ingests on first run)")
+    up.add_argument("--corpus-limit", type=int, default=None,
+                    help="ingest only the first N packaged documents (quick trial)")
+    up.add_argument("--no-demo", action="store_true", help="skip the demo questions")
+    up.add_argument("--timeout", type=float, default=900, help="seconds to wait for start-up")
+    sub.add_parser("down", help="stop ragtune and its embedded servers")
+    ask = sub.add_parser("ask", help="ask a question")
+    ask.add_argument("question")
+    ask.add_argument("--top-k", type=int, default=None, help="passages to ground on")
+    ask.add_argument("--json", action="store_true", help="print the raw response")
+    ingest = sub.add_parser("ingest", help="add documents from a JSONL file")
+    ingest.add_argument("file")
+    status = sub.add_parser("status", help="services, streams, pending, dead letters")
+    status.add_argument("--json", action="store_true")
+    return p
+
+
+COMMANDS = {"up": cmd_up, "down": cmd_down, "ask": cmd_ask, "ingest": cmd_ingest,
+            "status": cmd_status}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings()
+        COMMANDS[args.command](settings, args)
+    except (CLIError, ValidationError) as exc:
+        sys.stderr.write(f"ragtune: {exc}\n")
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Start and stop the whole running system: infrastructure, Ray, and the Serve application.
+
+``start_stack`` is what `ragtune up` runs in its background supervisor process (``main``) and
+what the integration tests run in-process. The supervisor writes ``<home>/run/state.json``
+(addresses and its pid) once everything answers, and stops everything on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from shared.infra import Infra, InfraError, start_infra
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "ragtune"
+
+
+@dataclass
+class Stack:
+    settings: Settings  # with the resolved Redis URL and Milvus URI
+    infra: Infra
+    http_url: str
+    dashboard_url: str | None
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            self.infra.stop()
+
+
+def resolve(settings: Settings, infra: Infra) -> Settings:
+    """Settings with the addresses of the servers actually in use."""
+    return settings.model_copy(update={
+        "redis": settings.redis.model_copy(update={"url": infra.redis_url}),
+        "milvus": settings.milvus.model_copy(update={"uri": infra.milvus_uri}),
+    })
+
+
+def start_stack(settings: Settings, dashboard: bool = True, timeout_s: float = 600) -> Stack:
+    """Bring up infra, a local Ray, and the Serve app; return once ``/v1/health`` answers."""
+    infra = start_infra(settings.redis.url, settings.milvus.uri, settings.home)
+    try:
+        return _start_serve(resolve(settings, infra), infra, dashboard, timeout_s)
+    except BaseException:
+        infra.stop()
+        raise
+
+
+def _start_serve(settings: Settings, infra: Infra, dashboard: bool, timeout_s: float) -> Stack:
+    # One machine: keep all of Ray's own traffic on loopback, and never reach a model hub.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import ray
+    from ray import serve
+
+    from deploy.app import build_app
+
+    context = ray.init(address="local", include_dashboard=dashboard,
+                       dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+                       log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": settings.serve.http_host,
+                                  "port": settings.serve.http_port})
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+        http_url = f"http://{settings.serve.http_host}:{settings.serve.http_port}"
+        _wait_healthy(http_url, timeout_s)
+    except BaseException:
+        ray.shutdown()
+        raise
+    dashboard_url = getattr(context, "dashboard_url", None) or None
+    if dashboard_url and not dashboard_url.startswith("http"):
+        dashboard_url = f"http://{dashboard_url}"
+    return Stack(settings, infra, http_url, dashboard_url)
+
+
+def _wait_healthy(http_url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{http_url}/v1/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise InfraError(f"ragtune did not answer at {http_url} within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+# --- the background supervisor `ragtune up` starts ------------------------------------------
+def state_path(settings: Settings) -> Path:
+    return settings.run_dir / "state.json"
+
+
+def main() -> None:
+    settings = Settings()
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    path = state_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    try:
+        stack = start_stack(settings)
+    except Exception as exc:  # noqa: BLE001 - written for `ragtune up` to show, then exit 1
+        log.exception("ragtune failed to start")
+        path.write_text(json.dumps({"pid": os.getpid(), "error": str(exc)}))
+        raise SystemExit(1) from None
+    path.write_text(json.dumps({
+        "pid": os.getpid(), "http_url": stack.http_url, "redis_url": stack.infra.redis_url,
+        "milvus_uri": stack.infra.milvus_uri, "dashboard_url": stack.dashboard_url,
+        "started_s": round(time.time() - started, 1),
+    }))
+    log.info("ragtune is up at %s (dashboard %s)", stack.http_url, stack.dashboard_url)
+    stop.wait()
+    log.info("stopping ragtune")
+    try:
+        stack.stop()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The question-answering front: validate, retrieve, generate; and accept documents.
+
+Plain class over an injected ``Bus``; ``services.qa.http`` puts HTTP in front of it and
+``deploy.app`` makes it a Ray Serve ingress. It never imports another service: everything it
+needs from them travels over the bus as wire models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from redis.exceptions import ResponseError
+
+from shared import keys
+from shared.bus import Bus, BusError
+from shared.schemas import (
+    Document,
+    Envelope,
+    GenerateRequest,
+    GenerateResult,
+    IndexStats,
+    IngestAccepted,
+    IngestBatch,
+    Passage,
+    QARequest,
+    QAResponse,
+    RetrieveRequest,
+    RetrieveResult,
+    StatsRequest,
+    Status,
+    StreamStatus,
+)
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """Input the front refuses; ``field`` names where it is (e.g. ``documents.3.text``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 2)
+
+
+class QAService:
+    def __init__(self, bus: Bus, settings: Settings):
+        self.bus = bus
+        self.settings = settings
+
+    # --- questions ----------------------------------------------------------------------
+    def check_question(self, req: QARequest) -> tuple[str, int]:
+        """The stripped question and top_k, or InputError naming the bad field."""
+        limits = self.settings.limits
+        question = req.question.strip()
+        if not question:
+            raise InputError("question", "must not be empty or only whitespace")
+        if len(question) > limits.max_question_chars:
+            raise InputError("question", f"is {len(question)} characters; the limit is "
+                                         f"{limits.max_question_chars}")
+        top_k = self.settings.retrieval.top_k if req.top_k is None else req.top_k
+        if not 1 <= top_k <= limits.max_top_k:
+            raise InputError("top_k", f"must be between 1 and {limits.max_top_k}, got {top_k}")
+        return question, top_k
+
+    async def answer(self, req: QARequest, request_id: str) -> QAResponse:
+        """Retrieve passages for the question and generate a grounded, cited answer.
+
+        Raises InputError for bad input and shared.bus.BusError (Busy, RequestTimeout, ...)
+        when a backend service fails.
+        """
+        question, top_k = self.check_question(req)
+        timeout = self.settings.serve.request_timeout_s
+        start = time.perf_counter()
+        retrieved: RetrieveResult = await self.bus.request(
+            keys.RANKER, "retrieve",
+            RetrieveRequest(question=question, top_k=top_k,
+                            candidates=max(top_k, self.settings.retrieval.candidates)),
+            timeout, RetrieveResult)
+        retrieve_ms = _ms(start)
+        start = time.perf_counter()
+        generated: GenerateResult = await self.bus.request(
+            keys.GENERATOR, "generate",
+            GenerateRequest(question=question, passages=retrieved.hits,
+                            max_new_tokens=self.settings.generator.max_new_tokens),
+            timeout, GenerateResult)
+        generate_ms = _ms(start)
+        log.info("request %s answered in %.0f ms", request_id, retrieve_ms + generate_ms)
+        return QAResponse(
+            question=question, answer=generated.answer, citations=generated.citations,
+            passages=[Passage(rank=i, doc_id=h.doc_id, title=h.title, text=h.text, score=h.score)
+                      for i, h in enumerate(retrieved.hits, start=1)],
+            timings_ms={"retrieve": retrieve_ms, **{f"retrieve.{k}": v for k, v in
+                                                    retrieved.timings_ms.items()},
+                        "generate": generate_ms, "total": round(retrieve_ms + generate_ms, 2)},
+            request_id=request_id)
+
+    # --- documents ----------------------------------------------------------------------
+    def check_documents(self, documents: list[Document]) -> None:
+        """InputError naming the first bad field; checks every document before any is sent."""
+        limits = self.settings.limits
+        if not documents:
+            raise InputError("documents", "must hold at least one document")
+        if len(documents) > limits.max_documents_per_request:
+            raise InputError("documents", f"holds {len(documents)} documents; the limit per "
+                                          f"request is {limits.max_documents_per_request}")
+        seen: set[str] = set()
+        for i, doc in enumerate(documents):
+            if doc.doc_id in seen:
+                raise InputError(f"documents.{i}.doc_id", f"{doc.doc_id!r} appears twice")
+            seen.add(doc.doc_id)
+            if len(doc.title) > limits.max_title_chars:
+                raise InputError(f"documents.{i}.title",
+                                 f"is {len(doc.title)} characters; the limit is "
+                                 f"{limits.max_title_chars}")
+            if len(doc.text) > limits.max_document_chars:
+                raise InputError(f"documents.{i}.text",
+                                 f"is {len(doc.text)} characters; the limit is "
+                                 f"{limits.max_document_chars}")
+
+    async def ingest(self, documents: list[Document], wait: bool = False) -> IngestAccepted:
+        """Put the documents on ``rag:ingest`` (atomically, in batches) for both indexes.
+
+        Idempotent by doc_id: sending a document again replaces it. With ``wait``, returns
+        once both the embedding and the sparse group have indexed every batch (or raises
+        TimeoutError after ``serve.request_timeout_s``).
+        """
+        self.check_documents(documents)
+        size = self.settings.limits.ingest_batch
+        batches = [IngestBatch(documents=documents[i:i + size])
+                   for i in range(0, len(documents), size)]
+        for group in keys.INGEST_GROUPS:
+            await self.bus.ensure_group(keys.INGEST, group)
+        entries = await self.bus.add_many(keys.INGEST, [
+            Envelope(id=f"ingest-{b.documents[0].doc_id}", kind="ingest", body=b.model_dump())
+            for b in batches])
+        indexed = False
+        if wait:
+            await asyncio.wait_for(self.wait_indexed(entries),
+                                   self.settings.serve.request_timeout_s)
+            indexed = True
+        return IngestAccepted(accepted=len(documents), doc_ids=[d.doc_id for d in documents],
+                              entries=entries, indexed=indexed)
+
+    async def wait_indexed(self, entries: list[str], poll_s: float = 0.1) -> None:
+        """Return once every ingest group has processed every entry."""
+        for group in keys.INGEST_GROUPS:
+            for entry in entries:
+                while not await self.bus.processed(keys.INGEST, group, entry):
+                    await asyncio.sleep(poll_s)
+
+    # --- status -------------------------------------------------------------------------
+    async def status(self) -> Status:
+        """Stream lengths, pending entries and lag per group, index sizes, dead letters."""
+        pairs = [(keys.request_stream(s), s) for s in keys.SERVICES]
+        pairs += [(keys.INGEST, g) for g in keys.INGEST_GROUPS]
+        streams = [await self._stream_status(stream, group) for stream, group in pairs]
+        services = {s.group: f"{s.consumers} consumer(s)" if s.consumers else "no consumers"
+                    for s in streams[: len(keys.SERVICES)]}
+        documents: dict[str, int | None] = {}
+        for service in keys.INGEST_GROUPS:
+            try:
+                stats = await self.bus.request(service, "stats", StatsRequest(), 10.0,
+                                               IndexStats)
+                documents[service] = stats.documents
+            except BusError as exc:
+                log.warning("status: %s", exc)
+                documents[service] = None
+        return Status(services=services, documents=documents, streams=streams,
+                      dead_letters=await self.bus.redis.xlen(keys.DEAD))
+
+    async def _stream_status(self, stream: str, group: str) -> StreamStatus:
+        info: dict = {}
+        with contextlib.suppress(ResponseError):  # no such stream yet
+            for candidate in await self.bus.redis.xinfo_groups(stream):
+                if candidate["name"] in (group, group.encode()):
+                    info = candidate
+        return StreamStatus(stream=stream, group=group, length=await self.bus.redis.xlen(stream),
+                            pending=int(info.get("pending", 0)), lag=int(info.get("lag") or 0),
+                            consumers=int(info.get("consumers", 0)))
