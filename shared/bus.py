@@ -124,12 +124,15 @@ class Bus:
                 raise
 
     async def backlog(self, stream: str, group: str) -> int:
-        """Entries of ``stream`` that ``group`` has not finished: pending + not yet read."""
+        """Entries of ``stream`` that ``group`` has not finished: pending + not yet read.
+
+        Without the group (no replica has started yet) every entry of the stream waits.
+        """
         with contextlib.suppress(ResponseError):
             for info in await self.redis.xinfo_groups(stream):
                 if _decode(info["name"]) == group:
                     return int(info.get("pending") or 0) + int(info.get("lag") or 0)
-        return 0
+        return await self.redis.xlen(stream)
 
     async def processed(self, stream: str, group: str, entry_id: str) -> bool:
         """True once ``group`` has read *and* acked ``entry_id`` (or dead-lettered it)."""
@@ -282,10 +285,24 @@ class Worker:
         next_claim = 0.0
         while not self._stopping.is_set():
             did = 0
-            if time.monotonic() >= next_claim:
-                did += await self._reclaim()
-                next_claim = time.monotonic() + self.settings.claim_idle_ms / 2000
-            did += await self._read(block=not burst)
+            try:
+                if time.monotonic() >= next_claim:
+                    did += await self._reclaim()
+                    next_claim = time.monotonic() + self.settings.claim_idle_ms / 2000
+                did += await self._read(block=not burst)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream or group vanished (a Redis without persistence restarted, an
+                # operator deleted it): recreate and carry on.
+                log.warning("%s: %s; recreating the consumer groups", self.consumer, exc)
+                for stream in self.streams:
+                    await self.bus.ensure_group(stream, self.group)
+                continue
+            except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                log.warning("%s lost Redis (%s); retrying in 1 s", self.consumer, exc)
+                await asyncio.sleep(1.0)
+                continue
             if burst and did == 0:
                 break
         await self._drain()

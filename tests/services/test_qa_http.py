@@ -1,0 +1,192 @@
+"""The QA front over HTTP, on a real valkey, with stand-in backends on the bus.
+
+The backends here are plain bus workers with canned answers (the real services have their
+own tests and meet the front in tests/integration): this checks the front's validation,
+error mapping and ingestion protocol.
+"""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from deploy.workers import WorkerThread
+from services.qa.http import create_app
+from services.qa.service import QAService
+from shared import keys
+from shared.bus import BadRequest, Bus, Worker, routes
+from shared.schemas import (
+    Citation,
+    GenerateRequest,
+    GenerateResult,
+    Hit,
+    IndexStats,
+    IngestBatch,
+    RetrieveRequest,
+    RetrieveResult,
+    StatsRequest,
+)
+from shared.settings import LimitSettings, Settings
+
+pytestmark = pytest.mark.usefixtures("flush")
+
+INDEXED: dict[str, set[str]] = {keys.EMBEDDING: set(), keys.SPARSE: set()}
+
+
+def _retriever(group: str):
+    def make(bus: Bus) -> Worker:
+        async def ingest(batch: IngestBatch) -> None:
+            INDEXED[group].update(d.doc_id for d in batch.documents)
+
+        async def stats(_req: StatsRequest) -> IndexStats:
+            return IndexStats(documents=len(INDEXED[group]))
+
+        return Worker(bus, group, [keys.request_stream(group), keys.INGEST],
+                      routes(ingest=(IngestBatch, ingest), stats=(StatsRequest, stats)))
+    return make
+
+
+def _ranker(bus: Bus) -> Worker:
+    async def retrieve(req: RetrieveRequest) -> RetrieveResult:
+        hit = Hit(doc_id="France", title="France", text="Its capital is Paris.", score=0.9)
+        return RetrieveResult(hits=[hit][: req.top_k], timings_ms={"dense": 1.0})
+
+    return Worker(bus, keys.RANKER, [keys.request_stream(keys.RANKER)],
+                  routes(retrieve=(RetrieveRequest, retrieve)))
+
+
+def _generator(bus: Bus) -> Worker:
+    async def generate(req: GenerateRequest) -> GenerateResult:
+        if "explode" in req.question:
+            raise BadRequest("the prompt cannot fit")
+        return GenerateResult(answer="Paris [1]", prompt_tokens=10, completion_tokens=3,
+                              citations=[Citation(passage=1, doc_id=req.passages[0].doc_id,
+                                                  title=req.passages[0].title)])
+
+    return Worker(bus, keys.GENERATOR, [keys.request_stream(keys.GENERATOR)],
+                  routes(generate=(GenerateRequest, generate)))
+
+
+@pytest.fixture
+def settings(redis_url, redis_settings, tmp_path) -> Settings:
+    return Settings(home=tmp_path, redis=redis_settings.model_copy(update={"url": redis_url}),
+                    limits=LimitSettings(max_question_chars=200, max_document_chars=500,
+                                         max_documents_per_request=5, max_top_k=5,
+                                         ingest_batch=2))
+
+
+@pytest.fixture
+def backends(settings, flush):
+    for group in INDEXED.values():
+        group.clear()
+    threads = [WorkerThread(make, settings.redis.url, settings.redis, name) for name, make in [
+        ("embedding", _retriever(keys.EMBEDDING)), ("sparse", _retriever(keys.SPARSE)),
+        ("ranker", _ranker), ("generator", _generator)]]
+    yield
+    for thread in threads:
+        thread.stop()
+
+
+@pytest.fixture
+def qa(settings) -> QAService:
+    return QAService(Bus.connect(settings.redis.url, settings.redis), settings)
+
+
+@pytest.fixture
+def client(qa):
+    with TestClient(create_app(qa)) as c:
+        yield c
+
+
+def _field(response) -> list:
+    return response.json()["detail"][0]["loc"]
+
+
+@pytest.mark.usefixtures("backends")
+def test_answer_with_citations_passages_and_timings(client):
+    r = client.post("/v1/qa", json={"question": "  What is the capital of France?  "})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["question"] == "What is the capital of France?"
+    assert body["answer"] == "Paris [1]"
+    assert body["citations"] == [{"schema_version": 1, "passage": 1, "doc_id": "France",
+                                  "title": "France"}]
+    assert body["passages"][0]["rank"] == 1 and body["passages"][0]["score"] == 0.9
+    assert {"retrieve", "retrieve.dense", "generate", "total"} <= set(body["timings_ms"])
+
+
+@pytest.mark.parametrize("payload, field, message", [
+    ({"question": ""}, "question", "empty"),
+    ({"question": "   \n\t"}, "question", "whitespace"),
+    ({"question": "x" * 201}, "question", "limit is 200"),
+    ({"question": 42}, "question", "valid string"),
+    ({"question": ["a"]}, "question", "valid string"),
+    ({}, "question", "required"),
+    ({"question": "ok?", "top_k": 0}, "top_k", "between 1 and 5"),
+    ({"question": "ok?", "top_k": 99}, "top_k", "between 1 and 5"),
+    ({"question": "ok?", "top_k": "many"}, "top_k", "integer"),
+    ({"question": "ok?", "colour": "red"}, "colour", "Extra inputs"),
+])
+def test_bad_questions_are_422_naming_the_field(client, payload, field, message):
+    r = client.post("/v1/qa", json=payload)
+    assert r.status_code == 422, r.text
+    assert _field(r)[-1] == field
+    assert message in r.json()["detail"][0]["msg"]
+
+
+def doc(i, **over) -> dict:
+    return {"doc_id": f"d{i}", "title": f"Title {i}", "text": f"Body of {i}."} | over
+
+
+@pytest.mark.parametrize("documents, loc, message", [
+    ([], ["documents"], "at least 1"),
+    ([doc(1), doc(2, text="   ")], ["documents", 1, "text"], "at least 1"),
+    ([doc(1, title="")], ["documents", 0, "title"], "at least 1"),
+    ([doc(1), doc(2, text="x" * 501)], ["documents", 1, "text"], "limit is 500"),
+    ([doc(1, text=7)], ["documents", 0, "text"], "valid string"),
+    ([doc(1), doc(1)], ["documents", 1, "doc_id"], "appears twice"),
+    ([doc(i) for i in range(6)], ["documents"], "limit per request is 5"),
+    ([doc(1, doc_id=" padded")], ["documents", 0, "doc_id"], "pattern"),
+])
+def test_bad_documents_are_422_and_nothing_is_half_ingested(client, redis_url, documents,
+                                                           loc, message):
+    r = client.post("/v1/documents", json={"documents": documents})
+    assert r.status_code == 422, r.text
+    assert _field(r)[1:] == loc and message in r.json()["detail"][0]["msg"]
+    assert redis.Redis.from_url(redis_url).xlen(keys.INGEST) == 0
+
+
+@pytest.mark.usefixtures("backends")
+def test_ingest_waits_for_both_indexes_and_is_idempotent(client):
+    documents = [doc(i) for i in range(5)]
+    r = client.post("/v1/documents?wait=true", json={"documents": documents})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["accepted"] == 5 and body["indexed"] is True and len(body["entries"]) == 3
+    assert INDEXED[keys.EMBEDDING] == INDEXED[keys.SPARSE] == {f"d{i}" for i in range(5)}
+    client.post("/v1/documents?wait=true", json={"documents": documents[:2]})
+    status = client.get("/v1/status").json()
+    assert status["documents"] == {"embedding": 5, "sparse": 5}
+    assert status["dead_letters"] == 0
+    ingest = [s for s in status["streams"] if s["stream"] == keys.INGEST]
+    assert {s["group"] for s in ingest} == {"embedding", "sparse"}
+    assert all(s["pending"] == 0 and s["lag"] == 0 for s in ingest)
+
+
+@pytest.mark.usefixtures("backends")
+def test_backend_bad_request_is_400(client):
+    r = client.post("/v1/qa", json={"question": "explode please"})
+    assert r.status_code == 400
+    assert r.json()["detail"]["service"] == "generator"
+    assert "cannot fit" in r.json()["detail"]["message"]
+
+
+def test_no_backend_is_504_and_full_backlog_is_503(client, qa, settings):
+    short = settings.serve.model_copy(update={"request_timeout_s": 0.3})
+    qa.settings = settings.model_copy(update={"serve": short})
+    r = client.post("/v1/qa", json={"question": "anyone there?"})
+    assert r.status_code == 504 and "no reply" in r.json()["detail"]["message"]
+    qa.bus.settings = qa.bus.settings.model_copy(update={"max_backlog": 1})
+    r = client.post("/v1/qa", json={"question": "anyone there?"})
+    assert r.status_code == 503 and "try again later" in r.json()["detail"]["message"]
