@@ -85,16 +85,18 @@ class Bus:
         self.reply_stream = keys.reply_stream(self.name)
         self._waiting: dict[str, asyncio.Queue[Reply]] = {}
         self._listener: asyncio.Task | None = None
+        self._closing = False
 
     @classmethod
     def connect(cls, url: str, settings: RedisSettings, name: str | None = None) -> Bus:
         return cls(aioredis.Redis.from_url(url), settings, name)
 
     async def close(self) -> None:
+        self._closing = True
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._listener, 5)
             self._listener = None
         await self.redis.aclose()
 
@@ -191,11 +193,15 @@ class Bus:
         # From the start of this caller's private stream, so no reply that lands before the
         # first read is missed; replies nobody waits for any more are dropped below.
         last = "0-0"
-        while True:
+        while not self._closing:
             try:
                 got = await self.redis.xread({self.reply_stream: last}, block=1000, count=100)
                 await self.redis.expire(self.reply_stream, self.settings.reply_ttl_s)
-            except (ConnectionError, OSError, aioredis.ConnectionError) as exc:
+            except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                # redis-py may turn a cancelled read into a connection error: the flag, not
+                # the exception, says whether we are closing.
+                if self._closing:
+                    return
                 log.warning("reply listener %s: %s; retrying", self.reply_stream, exc)
                 await asyncio.sleep(0.5)
                 continue

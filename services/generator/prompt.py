@@ -1,0 +1,172 @@
+"""Prompt building and answer post-processing for the generator: pure functions, no model.
+
+Prompt wording, chosen on SmolLM2-135M-Instruct with greedy decoding. Each of six capital
+questions (France/Paris, Japan/Tokyo, Kenya/Nairobi, Peru/Lima, Canada/Ottawa, Egypt/Cairo) got
+three real corpus summaries with the right one at position 1, 2 and 3: 18 cases with unrelated
+countries as distractors, 18 with neighbours (Germany/Belgium for France, ...) whose passages
+name their own capitals. Answer contains the capital, unrelated / neighbours:
+  A. system: "answer using only the numbered passages, one short sentence, cite like [1],
+     else say I don't know"; user: "Passages: ... Question: ..."          15/18  17/18
+  B. as A, the question both before and after the passages, "Answer:" cue  13/18  -
+     (often "Egypt is the capital of Egypt.")
+  C. no system message, all instructions in the user turn                 15/18  13/18
+  D. system also says "ignore passages about other things"; no headings   15/18  15/18
+  E. as A, but "end it with the number of the passage you used in square
+     brackets" instead of the literal example "[1]"                        15/18  17/18
+A and E give the same answers there (misses: Canada, whose capital ends a long passage), but
+on three short passages (France/Germany/Japan, all 6 orders x 3 questions) A sometimes copies
+its example marker "[1]" whatever the passage, e.g. "Paris. [1]" with France as [2]; E wrote
+no wrong marker and answered 18/18. E is kept (``SYSTEM_PROMPT``). No wording made the model say
+``NO_ANSWER`` (asked for Chile's capital with France/Japan/Kenya passages it answers "Santiago",
+as shared/DATA.md reports); the instruction stays so a fine-tuned generator learns the
+convention, and ``parse_citations`` attributes answers that carry no marker.
+"""
+
+from __future__ import annotations
+
+import re
+
+from shared.schemas import Citation, Hit
+
+NO_ANSWER = "I don't know."
+
+SYSTEM_PROMPT = (
+    "You answer questions using only the numbered passages you are given. "
+    "Answer in one short sentence and end it with the number of the passage you used in "
+    "square brackets. "
+    f'If the passages do not contain the answer, say exactly "{NO_ANSWER}"'
+)
+
+# Function words never count as evidence that an answer came from a passage.
+_STOPWORDS_TEXT = """
+    a about above after again against all also am an and any are as at be because been
+    before being below between both but by can could did do does doing down during each
+    few for from further had has have having he her here hers him his how i if in into
+    is it its itself just me more most my no nor not now of off on once only or other
+    our ours out over own same she should so some such than that the their theirs them
+    then there these they this those through to too under until up very was we were what
+    when where which while who whom why will with would you your yours passage passages
+    answer question
+"""
+STOPWORDS = frozenset(_STOPWORDS_TEXT.split())
+
+_MARKER = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+_WORD = re.compile(r"\w+")
+_LAST_SPACE = re.compile(r"\s\S*$")
+# A sentence ends at . ! or ? (plus closing quotes/brackets and trailing citation markers)
+# followed by whitespace or the end of the text.
+_SENTENCE_END = re.compile(r"[.!?][\"'”’)]*(?:\s*\[\d+(?:\s*,\s*\d+)*\])*(?=\s|$)")
+# Cite the best-overlapping passage only if it holds at least this share of the answer's
+# content words; below it the answer is more likely the model's own words than a quote.
+MIN_OVERLAP = 0.5
+
+
+def truncate_text(text: str, max_chars: int) -> str:
+    """``text`` stripped and cut to at most ``max_chars`` characters at a word boundary.
+
+    A single word longer than ``max_chars`` is cut mid-word. Raises ``ValueError`` if
+    ``max_chars < 1``.
+    """
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be a positive integer, but is {max_chars}")
+    text = text.strip()
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    if not text[max_chars].isspace():  # the cut fell inside a word: drop that word
+        last_space = _LAST_SPACE.search(cut)
+        if last_space is not None and cut[: last_space.start()].strip():
+            cut = cut[: last_space.start()]
+    return cut.rstrip()
+
+
+def format_passages(passages: list[Hit], max_chars: int) -> str:
+    """Passages numbered from 1 as ``"[n] Title\\ntext"``, separated by blank lines.
+
+    Each text is cut to ``max_chars`` characters (see ``truncate_text``); titles are kept whole.
+    """
+    return "\n\n".join(
+        f"[{n}] {hit.title.strip()}\n{truncate_text(hit.text, max_chars)}"
+        for n, hit in enumerate(passages, start=1)
+    )
+
+
+def build_messages(question: str, passages: list[Hit], max_chars: int) -> list[dict[str, str]]:
+    """Chat messages (system, user) for ``tokenizer.apply_chat_template``."""
+    user = f"Passages:\n{format_passages(passages, max_chars)}\n\nQuestion: {question.strip()}"
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": user},
+    ]
+
+
+def clean_answer(text: str, *, truncated: bool = True) -> str:
+    """The answer stripped; if ``truncated``, without a trailing unfinished sentence.
+
+    ``truncated`` says generation stopped at the token limit rather than at end-of-sequence.
+    Only then is a trailing fragment (text after the last ``.``, ``!`` or ``?``) dropped, and
+    only when a complete sentence precedes it, so an answer is never emptied: "Paris is the
+    capital. It lies on the" -> "Paris is the capital."; "The capital is" stays as it is.
+    """
+    text = text.strip()
+    if not truncated:
+        return text
+    ends = list(_SENTENCE_END.finditer(text))
+    if not ends:
+        return text
+    return text[: ends[-1].end()].rstrip()
+
+
+def is_no_answer(answer: str) -> bool:
+    """True for an empty answer or one that starts with ``NO_ANSWER`` (any case)."""
+    key = NO_ANSWER.rstrip(".").lower()
+    return not answer.strip() or answer.strip().lower().replace("’", "'").startswith(key)
+
+
+def parse_citations(answer: str, passages: list[Hit], *, question: str = "") -> list[Citation]:
+    """Passages the answer cites, as ``Citation`` records with 1-based passage numbers.
+
+    Explicit markers ``[n]`` / ``[n, m]`` win: numbers outside ``1..len(passages)`` are
+    ignored; the rest are kept once each, in order of first appearance. With no valid marker,
+    the answer is attributed by word overlap: its content words (``\\w+`` tokens, lower-cased,
+    minus stopwords and words of ``question``) are looked up in each passage's title and text,
+    and the passage holding the largest share is cited if that share is at least
+    ``MIN_OVERLAP`` (ties: the passage whose title shares more words with the answer, then the
+    earlier passage). No citation for a ``NO_ANSWER`` or empty answer.
+    """
+    if is_no_answer(answer) or not passages:
+        return []
+    numbers: list[int] = []
+    for match in _MARKER.finditer(answer):
+        for part in match.group(1).split(","):
+            n = int(part)
+            if 1 <= n <= len(passages) and n not in numbers:
+                numbers.append(n)
+    if not numbers:
+        best = _best_overlap(answer, passages, question)
+        numbers = [] if best is None else [best]
+    return [
+        Citation(passage=n, doc_id=passages[n - 1].doc_id, title=passages[n - 1].title)
+        for n in numbers
+    ]
+
+
+def _words(text: str) -> set[str]:
+    return {w.lower() for w in _WORD.findall(text)}
+
+
+def _best_overlap(answer: str, passages: list[Hit], question: str) -> int | None:
+    words = _words(_MARKER.sub(" ", answer)) - STOPWORDS
+    content = words - _words(question)
+    if not content:
+        return None
+    best_n, best_key = None, (0.0, 0)
+    for n, hit in enumerate(passages, start=1):
+        share = len(content & _words(f"{hit.title} {hit.text}")) / len(content)
+        # Ties on the answer's own words ("Canada is a country in North America." matches the
+        # Canada and the United States passages alike) go to the passage whose title the
+        # answer names.
+        key = (share, len(words & _words(hit.title)))
+        if key > best_key:
+            best_n, best_key = n, key
+    return best_n if best_key[0] >= MIN_OVERLAP else None
