@@ -29,6 +29,16 @@ def _require_urls(settings: Settings) -> tuple[str, str]:
     return settings.redis.url, settings.milvus.uri
 
 
+def _use_cores(settings: Settings) -> None:
+    """Ray pins a replica's OpenMP pool to its CPU reservation (one thread for num_cpus=0);
+    model replicas take the configured number instead."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(settings.serve.torch_threads or os.cpu_count() or 1)
+
+
 class _WorkerDeployment:
     """Shared shell: one bus worker thread per replica, health from the thread."""
 
@@ -56,6 +66,7 @@ class Embedding(_WorkerDeployment):
         from services.embedding.service import EmbeddingService
 
         redis_url, milvus_uri = _require_urls(settings)
+        _use_cores(settings)
         service = EmbeddingService.from_settings(settings, milvus_uri)
         self.runner = WorkerThread(lambda bus: retriever_worker(service, keys.EMBEDDING, bus),
                                    redis_url, settings.redis, "embedding")
@@ -95,6 +106,7 @@ class Generator(_WorkerDeployment):
         from services.generator.service import GeneratorService
 
         redis_url, _ = _require_urls(settings)
+        _use_cores(settings)
         service = GeneratorService.from_settings(settings)
         self.runner = WorkerThread(lambda bus: generator_worker(service, bus), redis_url,
                                    settings.redis, "generator")

@@ -64,6 +64,16 @@ def check_milvus(uri: str, timeout_s: float = 5.0) -> None:
         raise InfraError(f"Milvus is unreachable at {uri}: {exc}") from None
 
 
+def _die_with_parent() -> None:
+    """Run in the child before exec: on Linux, get SIGTERM when the parent dies, so a
+    supervisor killed with SIGKILL leaves no orphaned servers behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 @dataclass
 class Server:
     """A child server process ragtune started, and the address it serves."""
@@ -122,7 +132,7 @@ def start_valkey(data_dir: Path, port: int | None = None, persist: bool = True) 
     with open(log_path, "ab") as out:
         process = subprocess.Popen(
             [str(get_binary_path()), str(conf)], stdout=out, stderr=subprocess.STDOUT,
-            cwd=data_dir, start_new_session=True,
+            cwd=data_dir, start_new_session=True, preexec_fn=_die_with_parent,
         )
     url = f"redis://127.0.0.1:{port}"
     _wait_until(lambda: check_redis(url, 0.5), "valkey", process, log_path, 15)
@@ -145,7 +155,7 @@ def start_milvus(data_dir: Path, port: int | None = None) -> Server:
             [exe, "server", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port",
              str(port)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     uri = f"http://127.0.0.1:{port}"
     _wait_until(lambda: check_milvus(uri, 1.0), "milvus-lite", process, log_path, 60)

@@ -70,6 +70,8 @@ class ServeSettings(BaseModel):
     ranker_replicas: int = Field(1, ge=1)
     generator_replicas: int = Field(1, ge=1)
     qa_replicas: int = Field(1, ge=1)
+    torch_threads: int = Field(0, ge=0, description="threads for each model replica's torch; "
+                               "0 = every core (Ray would otherwise give a 0-CPU actor one)")
 
 
 class Settings(BaseSettings):
