@@ -29,6 +29,7 @@ class EmbeddingService:
             )
         self.encoder = encoder
         self.index = index
+        self._unflushed = False
 
     @classmethod
     def from_settings(cls, settings: Settings, milvus_uri: str) -> EmbeddingService:
@@ -40,7 +41,7 @@ class EmbeddingService:
         return cls(encoder, DenseIndex(client, settings.milvus.collection, encoder.dim))
 
     def ingest(self, batch: IngestBatch) -> None:
-        """Encode and upsert every document of ``batch`` (keyed by doc_id), then flush.
+        """Encode and upsert every document of ``batch`` (keyed by doc_id).
 
         Idempotent: the same batch twice leaves one row per doc_id. Within a batch, a doc_id
         given twice keeps its last version.
@@ -49,8 +50,9 @@ class EmbeddingService:
         docs = list(latest.values())
         vectors = self.encoder.encode([index_text(doc) for doc in docs])
         self.index.upsert(docs, vectors)
-        # Flush per batch: unflushed rows make every search ~50x slower.
-        self.index.flush()
+        # No flush here: on milvus-lite a flush per batch seals a segment and builds its index,
+        # which took as much CPU as encoding during a bulk ingest. The next search flushes.
+        self._unflushed = True
         log.info("indexed %d documents (dense)", len(docs))
 
     def search(self, req: SearchRequest) -> SearchResult:
@@ -58,6 +60,10 @@ class EmbeddingService:
 
         ``count`` is the index size when searched; an empty index gives no hits.
         """
+        if self._unflushed:
+            # unflushed rows are searched by brute force, ~50x slower than the HNSW index
+            self.index.flush()
+            self._unflushed = False
         vector = self.encoder.encode([req.query])[0]
         hits = self.index.search(vector, req.top_k)
         return SearchResult(hits=hits, count=self.index.count())

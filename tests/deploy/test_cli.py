@@ -1,0 +1,43 @@
+"""The `ragtune` command's failure paths: one clear line and exit code 1, never a trace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from shared.infra import free_port
+
+
+def ragtune(*args: str, home, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "RAGTUNE_HOME": str(home),
+                                                       **env})
+
+
+def test_up_with_unreachable_redis_names_the_url(tmp_path):
+    url = f"redis://127.0.0.1:{free_port()}"
+    result = ragtune("up", "--no-demo", home=tmp_path, RAGTUNE_REDIS__URL=url)
+    assert result.returncode == 1
+    assert f"Redis is unreachable at {url}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "state.json").exists() or "error" in (
+        tmp_path / "run" / "state.json").read_text()
+
+
+def test_commands_need_a_running_ragtune(tmp_path):
+    for args in (["ask", "hello?"], ["status"], ["ingest", "docs.jsonl"]):
+        result = ragtune(*args, home=tmp_path)
+        assert result.returncode == 1
+        assert "ragtune is not running; start it with `ragtune up`" in result.stderr
+
+
+def test_down_when_not_running_is_fine(tmp_path):
+    result = ragtune("down", home=tmp_path)
+    assert result.returncode == 0 and "not running" in result.stdout
+
+
+def test_bad_settings_are_one_line(tmp_path):
+    result = ragtune("status", home=tmp_path, RAGTUNE_SERVE__HTTP_PORT="not-a-port")
+    assert result.returncode == 1
+    assert "http_port" in result.stderr and "Traceback" not in result.stderr
