@@ -115,8 +115,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     path = state_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -126,6 +124,9 @@ def main() -> None:
         log.exception("ragtune failed to start")
         path.write_text(json.dumps({"pid": os.getpid(), "error": str(exc)}))
         raise SystemExit(1) from None
+    # After ray.init, which installs its own SIGTERM handler (exit at once, skipping ours).
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     path.write_text(json.dumps({
         "pid": os.getpid(), "http_url": stack.http_url, "redis_url": stack.infra.redis_url,
         "milvus_uri": stack.infra.milvus_uri, "dashboard_url": stack.dashboard_url,
