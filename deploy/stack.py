@@ -73,9 +73,7 @@ def _start_serve(settings: Settings, infra: Infra, dashboard: bool, timeout_s: f
 
     from deploy.app import build_app
 
-    context = ray.init(address="local", include_dashboard=dashboard,
-                       dashboard_host="127.0.0.1", logging_level=logging.WARNING,
-                       log_to_driver=False, configure_logging=False)
+    context = _init_ray(ray, dashboard)
     try:
         serve.start(http_options={"host": settings.serve.http_host,
                                   "port": settings.serve.http_port})
@@ -89,6 +87,23 @@ def _start_serve(settings: Settings, infra: Infra, dashboard: bool, timeout_s: f
     if dashboard_url and not dashboard_url.startswith("http"):
         dashboard_url = f"http://{dashboard_url}"
     return Stack(settings, infra, http_url, dashboard_url)
+
+
+def _init_ray(ray, dashboard: bool, attempts: int = 3):
+    """``ray.init`` a local node, retried: on a loaded 2-core machine the raylet sometimes
+    misses Ray's fixed 30 s registration window ("The current node timed out during
+    startup", a bare Exception), and a second start succeeds."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return ray.init(address="local", include_dashboard=dashboard,
+                            dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+                            log_to_driver=False, configure_logging=False)
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception here
+            if attempt == attempts:
+                raise
+            log.warning("Ray did not start (%s); retrying (%d/%d)", exc, attempt, attempts)
+            ray.shutdown()
+    raise RuntimeError(f"Ray did not start in {attempts} attempts")
 
 
 def _wait_healthy(http_url: str, timeout_s: float) -> None:

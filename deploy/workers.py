@@ -15,6 +15,7 @@ from collections.abc import Callable
 from shared import keys
 from shared.bus import Bus, Worker, routes
 from shared.schemas import (
+    DeleteBatch,
     GenerateRequest,
     IndexStats,
     IngestBatch,
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def retriever_worker(service, group: str, bus: Bus) -> Worker:
-    """A dense or sparse retriever: ``search`` requests, ``stats``, and ``rag:ingest``."""
+    """A dense or sparse retriever: ``search`` and ``stats`` requests, and the ``ingest`` and
+    ``delete`` entries of ``rag:ingest`` (one stream, so each group applies them in order)."""
 
     async def search(req: SearchRequest) -> SearchResult:
         return await asyncio.to_thread(service.search, req)
@@ -37,12 +39,15 @@ def retriever_worker(service, group: str, bus: Bus) -> Worker:
     async def ingest(batch: IngestBatch) -> None:
         await asyncio.to_thread(service.ingest, batch)
 
+    async def delete(batch: DeleteBatch) -> None:
+        await asyncio.to_thread(service.delete, batch.doc_ids)
+
     async def stats(_req: StatsRequest) -> IndexStats:
         return IndexStats(documents=await asyncio.to_thread(service.count))
 
     return Worker(bus, group, [keys.request_stream(group), keys.INGEST],
                   routes(search=(SearchRequest, search), ingest=(IngestBatch, ingest),
-                         stats=(StatsRequest, stats)))
+                         delete=(DeleteBatch, delete), stats=(StatsRequest, stats)))
 
 
 def ranker_worker(service, bus: Bus, concurrency: int = 8) -> Worker:

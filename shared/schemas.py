@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -43,6 +43,13 @@ class IngestRequest(Wire):
     """Body of ``POST /v1/documents``."""
 
     documents: list[Document] = Field(min_length=1)
+
+
+class DeleteBatch(Wire):
+    """A ``rag:ingest`` entry of kind ``delete``: both indexes drop these doc_ids."""
+
+    doc_ids: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] = Field(
+        min_length=1)
 
 
 class IngestAccepted(Wire):
@@ -86,6 +93,11 @@ class RetrieveRequest(Wire):
     question: NonBlank
     top_k: int = Field(ge=1)
     candidates: int = Field(ge=1)
+    mode: str = Field("rrf", description="fusion mode, one of services.ranker.fusion.MODES")
+    weight: float = Field(0.5, ge=0, le=1,
+                          description="dense share of weighted_* fusion (1 = dense only)")
+    rrf_k: int | None = Field(None, ge=1,
+                              description="RRF constant; None = the ranker's configured one")
 
 
 class RetrieveResult(Wire):
@@ -114,9 +126,38 @@ class GenerateResult(Wire):
 
 
 # --- the QA front ----------------------------------------------------------------------------
+# The ranker's fusion modes (services/ranker/fusion.py holds one strategy per name; a test
+# keeps the two lists equal). Named here so the front validates them at the edge.
+FusionMode = Literal["rrf", "weighted_minmax", "weighted_zscore", "dense", "sparse"]
+WEIGHTED_MODES = ("weighted_minmax", "weighted_zscore")
+
+
+class FusionWeights(Wire):
+    """Shares of the dense and the sparse score in weighted fusion; they sum to 1."""
+
+    dense: float = Field(ge=0, le=1)
+    sparse: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> FusionWeights:
+        if abs(self.dense + self.sparse - 1) > 1e-6:
+            raise ValueError(f"dense + sparse must be 1, got {self.dense} + {self.sparse} = "
+                             f"{self.dense + self.sparse:g}")
+        return self
+
+
+class RetrievalOptions(Wire):
+    """Per-request retrieval choices; unset fields take the server's ``retrieval`` settings."""
+
+    mode: FusionMode | None = None
+    weights: FusionWeights | None = Field(None, description="only for weighted_* modes")
+    rrf_k: int | None = Field(None, ge=1, le=10_000, description="only for mode rrf")
+
+
 class QARequest(Wire):
     question: str = Field(description="the question, 1..limits.max_question_chars characters")
     top_k: int | None = Field(None, description="passages to ground the answer on")
+    retrieval: RetrievalOptions | None = None
 
 
 class Passage(Wire):

@@ -11,6 +11,7 @@ and a local milvus-lite server on free loopback ports (see ``shared.infra``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,6 +51,9 @@ class RetrievalSettings(BaseModel):
     top_k: int = Field(3, ge=1, description="passages handed to the generator by default")
     candidates: int = Field(20, ge=1, description="hits asked of each retriever before fusion")
     rrf_k: int = Field(60, ge=1, description="RRF constant, Cormack et al. 2009")
+    mode: Literal["rrf", "weighted_minmax", "weighted_zscore", "dense", "sparse"] = Field(
+        "rrf", description="default fusion mode (see services/ranker/fusion.py)")
+    weight: float = Field(0.5, ge=0, le=1, description="dense share in weighted_* fusion")
 
 
 class LimitSettings(BaseModel):

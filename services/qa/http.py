@@ -50,6 +50,20 @@ def create_app(qa: QAService) -> FastAPI:
         """Add or replace documents (by doc_id) in both the dense and the sparse index."""
         return await qa.ingest(req.documents, wait=wait)
 
+    @app.delete("/v1/documents/{doc_id}", response_model=IngestAccepted, status_code=202)
+    async def delete(doc_id: str,
+                     wait: bool = Query(False, description="return once both indexes "
+                                                           "dropped it")) -> IngestAccepted:
+        """Remove a document from both the dense and the sparse index."""
+        return await qa.delete([doc_id], wait=wait)
+
+    @app.exception_handler(TimeoutError)
+    async def _timeout(_request: Request, exc: TimeoutError) -> JSONResponse:
+        return JSONResponse(status_code=504, content={"detail": {
+            "service": "qa", "kind": "timeout",
+            "message": "the indexes did not finish in time; the work is queued and will "
+                       "complete"}})
+
     @app.get("/v1/status", response_model=Status)
     async def status() -> Status:
         return await qa.status()

@@ -17,6 +17,8 @@ from redis.exceptions import ResponseError
 from shared import keys
 from shared.bus import Bus, BusError
 from shared.schemas import (
+    WEIGHTED_MODES,
+    DeleteBatch,
     Document,
     Envelope,
     GenerateRequest,
@@ -27,6 +29,7 @@ from shared.schemas import (
     Passage,
     QARequest,
     QAResponse,
+    RetrievalOptions,
     RetrieveRequest,
     RetrieveResult,
     StatsRequest,
@@ -71,6 +74,22 @@ class QAService:
             raise InputError("top_k", f"must be between 1 and {limits.max_top_k}, got {top_k}")
         return question, top_k
 
+    def retrieve_request(self, question: str, top_k: int,
+                         options: RetrievalOptions | None) -> RetrieveRequest:
+        """The ranker request for these per-request options over the server defaults."""
+        defaults = self.settings.retrieval
+        options = options or RetrievalOptions()
+        mode = options.mode or defaults.mode
+        if options.weights is not None and mode not in WEIGHTED_MODES:
+            raise InputError("retrieval.weights", f"only apply to the modes "
+                                                  f"{', '.join(WEIGHTED_MODES)}; mode is {mode}")
+        if options.rrf_k is not None and mode != "rrf":
+            raise InputError("retrieval.rrf_k", f"only applies to mode rrf; mode is {mode}")
+        return RetrieveRequest(
+            question=question, top_k=top_k, candidates=max(top_k, defaults.candidates),
+            mode=mode, rrf_k=options.rrf_k,
+            weight=defaults.weight if options.weights is None else options.weights.dense)
+
     async def answer(self, req: QARequest, request_id: str) -> QAResponse:
         """Retrieve passages for the question and generate a grounded, cited answer.
 
@@ -78,13 +97,11 @@ class QAService:
         when a backend service fails.
         """
         question, top_k = self.check_question(req)
+        retrieve = self.retrieve_request(question, top_k, req.retrieval)
         timeout = self.settings.serve.request_timeout_s
         start = time.perf_counter()
         retrieved: RetrieveResult = await self.bus.request(
-            keys.RANKER, "retrieve",
-            RetrieveRequest(question=question, top_k=top_k,
-                            candidates=max(top_k, self.settings.retrieval.candidates)),
-            timeout, RetrieveResult)
+            keys.RANKER, "retrieve", retrieve, timeout, RetrieveResult)
         retrieve_ms = _ms(start)
         start = time.perf_counter()
         generated: GenerateResult = await self.bus.request(
@@ -149,6 +166,25 @@ class QAService:
             indexed = True
         return IngestAccepted(accepted=len(documents), doc_ids=[d.doc_id for d in documents],
                               entries=entries, indexed=indexed)
+
+    async def delete(self, doc_ids: list[str], wait: bool = False) -> IngestAccepted:
+        """Remove documents from both indexes (unknown ids are ignored).
+
+        Goes through ``rag:ingest`` like an upsert, so each index applies ingests and deletes
+        in the order they were sent. ``wait`` as for ``ingest``.
+        """
+        if not doc_ids:
+            raise InputError("doc_ids", "must hold at least one doc_id")
+        for group in keys.INGEST_GROUPS:
+            await self.bus.ensure_group(keys.INGEST, group)
+        entry = await self.bus.add(keys.INGEST, Envelope(
+            id=f"delete-{doc_ids[0]}", kind="delete",
+            body=DeleteBatch(doc_ids=doc_ids).model_dump()))
+        if wait:
+            await asyncio.wait_for(self.wait_indexed([entry]),
+                                   self.settings.serve.request_timeout_s)
+        return IngestAccepted(accepted=len(doc_ids), doc_ids=doc_ids, entries=[entry],
+                              indexed=wait)
 
     async def wait_indexed(self, entries: list[str], poll_s: float = 0.1) -> None:
         """Return once every ingest group has processed every entry."""

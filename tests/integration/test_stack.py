@@ -77,6 +77,22 @@ def test_both_indexes_hold_each_document_once(stack, ingested):
     assert all(s["pending"] == 0 for s in status["streams"])
 
 
+def test_deleted_document_leaves_both_indexes(stack, ingested):
+    doc = {"doc_id": "zz-gone", "title": "Ferry Velmora",
+           "text": "The Velmora ferry crosses the Quillomar strait twice a day."}
+    url = stack.http_url
+    assert httpx.post(f"{url}/v1/documents?wait=true", json={"documents": [doc]},
+                      timeout=300).status_code == 202
+    before = httpx.get(f"{url}/v1/status", timeout=60).json()["documents"]
+    r = httpx.delete(f"{url}/v1/documents/zz-gone?wait=true", timeout=300)
+    assert r.status_code == 202 and r.json()["indexed"] is True
+    after = httpx.get(f"{url}/v1/status", timeout=60).json()["documents"]
+    assert after == {k: v - 1 for k, v in before.items()}
+    answer = httpx.post(f"{url}/v1/qa", json={"question": "Which ferry crosses the Quillomar "
+                                                          "strait?"}, timeout=300).json()
+    assert "zz-gone" not in [p["doc_id"] for p in answer["passages"]]
+
+
 def test_bad_input_on_the_real_server(stack):
     r = httpx.post(f"{stack.http_url}/v1/qa", json={"question": "   "}, timeout=30)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "question"]

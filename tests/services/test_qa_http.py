@@ -18,6 +18,7 @@ from shared import keys
 from shared.bus import BadRequest, Bus, Worker, routes
 from shared.schemas import (
     Citation,
+    DeleteBatch,
     GenerateRequest,
     GenerateResult,
     Hit,
@@ -39,16 +40,24 @@ def _retriever(group: str):
         async def ingest(batch: IngestBatch) -> None:
             INDEXED[group].update(d.doc_id for d in batch.documents)
 
+        async def delete(batch: DeleteBatch) -> None:
+            INDEXED[group].difference_update(batch.doc_ids)
+
         async def stats(_req: StatsRequest) -> IndexStats:
             return IndexStats(documents=len(INDEXED[group]))
 
         return Worker(bus, group, [keys.request_stream(group), keys.INGEST],
-                      routes(ingest=(IngestBatch, ingest), stats=(StatsRequest, stats)))
+                      routes(ingest=(IngestBatch, ingest), delete=(DeleteBatch, delete),
+                             stats=(StatsRequest, stats)))
     return make
+
+
+RANKED: list[RetrieveRequest] = []
 
 
 def _ranker(bus: Bus) -> Worker:
     async def retrieve(req: RetrieveRequest) -> RetrieveResult:
+        RANKED.append(req)
         hit = Hit(doc_id="France", title="France", text="Its capital is Paris.", score=0.9)
         return RetrieveResult(hits=[hit][: req.top_k], timings_ms={"dense": 1.0})
 
@@ -172,6 +181,58 @@ def test_ingest_waits_for_both_indexes_and_is_idempotent(client):
     ingest = [s for s in status["streams"] if s["stream"] == keys.INGEST]
     assert {s["group"] for s in ingest} == {"embedding", "sparse"}
     assert all(s["pending"] == 0 and s["lag"] == 0 for s in ingest)
+
+
+@pytest.mark.usefixtures("backends")
+@pytest.mark.parametrize("options, mode, weight, rrf_k", [
+    (None, "rrf", 0.5, None),
+    ({"mode": "weighted_zscore", "weights": {"dense": 0.7, "sparse": 0.3}},
+     "weighted_zscore", 0.7, None),
+    ({"mode": "rrf", "rrf_k": 10}, "rrf", 0.5, 10),
+    ({"mode": "dense"}, "dense", 0.5, None),
+])
+def test_retrieval_options_reach_the_ranker(client, options, mode, weight, rrf_k):
+    RANKED.clear()
+    r = client.post("/v1/qa", json={"question": "capital?", "top_k": 2, "retrieval": options})
+    assert r.status_code == 200, r.text
+    (sent,) = RANKED
+    assert (sent.mode, sent.weight, sent.rrf_k, sent.top_k) == (mode, weight, rrf_k, 2)
+
+
+@pytest.mark.parametrize("options, loc, message", [
+    ({"mode": "magic"}, ["retrieval", "mode"], "'rrf', 'weighted_minmax', 'weighted_zscore'"),
+    ({"mode": "weighted_minmax", "weights": {"dense": 0.9, "sparse": 0.4}},
+     ["retrieval", "weights"], "dense + sparse must be 1, got 0.9 + 0.4 = 1.3"),
+    ({"mode": "weighted_minmax", "weights": {"dense": -0.5, "sparse": 1.5}},
+     ["retrieval", "weights", "dense"], "greater than or equal to 0"),
+    ({"mode": "rrf", "weights": {"dense": 0.5, "sparse": 0.5}}, ["retrieval", "weights"],
+     "only apply to the modes weighted_minmax, weighted_zscore; mode is rrf"),
+    ({"mode": "dense", "rrf_k": 5}, ["retrieval", "rrf_k"], "only applies to mode rrf"),
+    ({"rrf_k": 0}, ["retrieval", "rrf_k"], "greater than or equal to 1"),
+    ({"filters": {"topic": "x"}}, ["retrieval", "filters"], "Extra inputs"),
+])
+def test_bad_retrieval_options_are_422(client, options, loc, message):
+    r = client.post("/v1/qa", json={"question": "capital?", "retrieval": options})
+    assert r.status_code == 422, r.text
+    assert _field(r)[1:] == loc and message in r.json()["detail"][0]["msg"], r.text
+
+
+def test_front_knows_exactly_the_ranker_modes():
+    from typing import get_args
+
+    from services.ranker.fusion import MODES
+    from shared.schemas import FusionMode
+
+    assert set(get_args(FusionMode)) == set(MODES)
+
+
+@pytest.mark.usefixtures("backends")
+def test_delete_reaches_both_indexes_in_order(client):
+    client.post("/v1/documents", json={"documents": [doc(1), doc(2)]})  # not waited for
+    r = client.delete("/v1/documents/d1?wait=true")
+    assert r.status_code == 202 and r.json()["indexed"] is True
+    # the delete was queued after the ingest on the same stream, so it applied last
+    assert INDEXED[keys.EMBEDDING] == INDEXED[keys.SPARSE] == {"d2"}
 
 
 @pytest.mark.usefixtures("backends")

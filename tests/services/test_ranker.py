@@ -1,13 +1,18 @@
-"""Reciprocal rank fusion on hand-made rankings, and the ranker over a fake bus."""
+"""The ranker over a fake bus: it asks both retrievers and fuses with the request's mode.
+
+The fusion strategies themselves are tested in test_fusion.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from pydantic import ValidationError
 
-from services.ranker.service import RankerService, rrf
+from services.ranker.service import RankerService
 from shared import keys
+from shared.bus import BadRequest
 from shared.schemas import Hit, RetrieveRequest, SearchRequest, SearchResult
 
 
@@ -16,41 +21,56 @@ def hits(*ids: str) -> list[Hit]:
             for i, d in enumerate(ids)]
 
 
-def test_rrf_scores_by_hand():
-    fused = rrf([hits("a", "b", "c"), hits("b", "d")], k=60)
-    expected = {"a": 1 / 61, "b": 1 / 62 + 1 / 61, "c": 1 / 63, "d": 1 / 62}
-    assert [h.doc_id for h in fused] == ["b", "a", "d", "c"]
-    for h in fused:
-        assert h.score == pytest.approx(expected[h.doc_id])
-
-
-def test_rrf_ties_break_by_doc_id_and_keeps_first_payload():
-    fused = rrf([hits("z", "y"), hits("y", "z")], k=1)
-    assert [h.doc_id for h in fused] == ["y", "z"]  # equal scores, ascending id
-    assert fused[0].title == "Y" and fused[0].text == "text y"
-
-
-def test_rrf_empty_and_single():
-    assert rrf([[], []]) == []
-    assert [h.doc_id for h in rrf([hits("a", "b")])] == ["a", "b"]
-
-
-def test_rrf_rejects_bad_k():
-    with pytest.raises(ValueError, match="k has to be a positive integer, but is 0"):
-        rrf([hits("a")], k=0)
-
-
-def test_ranker_asks_both_retrievers_and_fuses():
-    asked: list[tuple[str, SearchRequest]] = []
-
+def fake_ask(asked: list[tuple[str, SearchRequest]]):
     async def ask(service: str, kind: str, body: SearchRequest) -> SearchResult:
         asked.append((service, body))
         ranking = {keys.EMBEDDING: hits("a", "b", "c"), keys.SPARSE: hits("c", "a")}[service]
         return SearchResult(hits=ranking, count=3)
+    return ask
 
-    result = asyncio.run(RankerService(ask).retrieve(
+
+def test_ranker_asks_both_retrievers_and_fuses():
+    asked: list[tuple[str, SearchRequest]] = []
+    result = asyncio.run(RankerService(fake_ask(asked)).retrieve(
         RetrieveRequest(question="q", top_k=2, candidates=5)))
-    assert [h.doc_id for h in result.hits] == ["a", "c"]
+    assert [h.doc_id for h in result.hits] == ["a", "c"]  # rrf by default
     assert sorted(s for s, _ in asked) == [keys.EMBEDDING, keys.SPARSE]
     assert all(b.top_k == 5 and b.query == "q" for _, b in asked)
     assert set(result.timings_ms) == {"dense", "sparse", "fusion"}
+
+
+@pytest.mark.parametrize(("mode", "weight", "expected"), [
+    ("dense", 0.5, ["a", "b", "c"]),
+    ("sparse", 0.5, ["c", "a"]),
+    # min-max: dense a 1, b .5, c 0; sparse c 1, a 0 (b missing: 0)
+    ("weighted_minmax", 0.2, ["c", "a", "b"]),  # a .2, b .1, c .8
+    ("weighted_minmax", 0.9, ["a", "b", "c"]),  # a .9, b .45, c .1
+])
+def test_ranker_uses_the_requested_mode_and_weight(mode, weight, expected):
+    result = asyncio.run(RankerService(fake_ask([])).retrieve(
+        RetrieveRequest(question="q", top_k=3, candidates=5, mode=mode, weight=weight)))
+    assert [h.doc_id for h in result.hits] == expected
+
+
+def test_ranker_k_comes_from_the_request_else_its_own():
+    # rrf with k=1: a 1/2 + 1/3, b 1/3, c 1/4 + 1/2; with k=1000 a still wins but the score moves
+    req = RetrieveRequest(question="q", top_k=3, candidates=5, rrf_k=1)
+    result = asyncio.run(RankerService(fake_ask([]), rrf_k=1000).retrieve(req))
+    assert result.hits[0].score == pytest.approx(1 / 2 + 1 / 3)
+    req = RetrieveRequest(question="q", top_k=3, candidates=5)
+    result = asyncio.run(RankerService(fake_ask([]), rrf_k=1000).retrieve(req))
+    assert result.hits[0].score == pytest.approx(1 / 1001 + 1 / 1002)
+
+
+def test_unknown_mode_is_a_bad_request_before_any_retriever_is_asked():
+    asked: list[tuple[str, SearchRequest]] = []
+    with pytest.raises(BadRequest, match="unknown fusion mode 'bm42'; known: rrf, "):
+        asyncio.run(RankerService(fake_ask(asked)).retrieve(
+            RetrieveRequest(question="q", top_k=2, candidates=5, mode="bm42")))
+    assert asked == []
+
+
+@pytest.mark.parametrize("field", [{"weight": 1.5}, {"weight": -0.1}, {"rrf_k": 0}])
+def test_request_refuses_bad_weight_and_k(field):
+    with pytest.raises(ValidationError):
+        RetrieveRequest(question="q", top_k=2, candidates=5, **field)
