@@ -1,8 +1,9 @@
-"""The ``ragtune`` command: up, ask, ingest, status, down.
+"""The ``ragtune`` command: up, ask, ingest, status, down, eval.
 
 ``up`` starts a background supervisor (``deploy.stack``) that owns the embedded servers, Ray
 and the Serve application; the other commands talk to it over HTTP (and read ingestion
-progress from the bus). Errors are one clear line on stderr and exit code 1, never a trace.
+progress from the bus). ``eval`` runs in this process and needs no running stack.
+Errors are one clear line on stderr and exit code 1, never a trace.
 """
 
 from __future__ import annotations
@@ -312,6 +313,40 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
     _out(f"dead letters: {status['dead_letters']}")
 
 
+# --- evaluation ----------------------------------------------------------------------------
+def cmd_eval_retrieval(settings: Settings, args: argparse.Namespace) -> None:
+    """Dense, BM25 and every fusion mode on one split: print the table, write the JSON."""
+    from services.embedding.encoder import Encoder
+    from services.evaluation.retrieval import evaluate, load_dataset
+
+    # bm25s sets its own logger to DEBUG, which would print through our root handler.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    if args.limit_corpus is not None and args.limit_corpus < 1:
+        raise CLIError(f"--limit-corpus has to be at least 1, but is {args.limit_corpus}")
+    try:
+        test, tune = load_dataset(args.dataset, args.split, limit_corpus=args.limit_corpus)
+        if not test.queries:
+            raise CLIError(f"{args.dataset} / {args.split}: no query has a relevant document "
+                           f"in the corpus")
+        report = evaluate(test, tune, Encoder.from_settings(settings),
+                          cache_dir=settings.home / "cache", candidates=args.candidates)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    _out(report.table())
+    output = (Path(args.output) if args.output else
+              settings.home / "eval" / f"retrieval-{report.dataset}-{report.split}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    _out(f"results written to {output}")
+
+
+EVAL_COMMANDS = {"retrieval": cmd_eval_retrieval}
+
+
+def cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
+    EVAL_COMMANDS[args.eval_command](settings, args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ragtune", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -329,11 +364,25 @@ def parser() -> argparse.ArgumentParser:
     ingest.add_argument("file")
     status = sub.add_parser("status", help="services, streams, pending, dead letters")
     status.add_argument("--json", action="store_true")
+    evaluation = sub.add_parser("eval", help="measure quality offline (no `up` needed)")
+    eval_sub = evaluation.add_subparsers(dest="eval_command", required=True)
+    retrieval = eval_sub.add_parser(
+        "retrieval", help="recall@1/5/10, MRR@10, nDCG@10 of dense, BM25 and each fusion mode")
+    retrieval.add_argument("--dataset", required=True,
+                           help="fanout, capitals, or the path of a BEIR folder")
+    retrieval.add_argument("--split", default="test", help="split to report (default: test)")
+    retrieval.add_argument("--limit-corpus", type=int, default=None,
+                           help="only the first N documents (quick trial)")
+    retrieval.add_argument("--candidates", type=int, default=100,
+                           help="hits asked of each retriever before fusion (default: 100)")
+    retrieval.add_argument("--output", default=None,
+                           help="JSON results file (default: <home>/eval/retrieval-<set>-"
+                                "<split>.json)")
     return p
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "ask": cmd_ask, "ingest": cmd_ingest,
-            "status": cmd_status}
+            "status": cmd_status, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,3 +41,37 @@ def test_bad_settings_are_one_line(tmp_path):
     result = ragtune("status", home=tmp_path, RAGTUNE_SERVE__HTTP_PORT="not-a-port")
     assert result.returncode == 1
     assert "http_port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_retrieval_bad_dataset_is_one_line(tmp_path):
+    result = ragtune("eval", "retrieval", "--dataset", "squad", home=tmp_path)
+    assert result.returncode == 1
+    assert "unknown data set 'squad': use one of fanout, capitals" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = ragtune("eval", "retrieval", "--dataset", str(tmp_path), home=tmp_path)
+    assert result.returncode == 1 and "qrels/test.tsv: no such file" in result.stderr
+
+
+def test_eval_retrieval_runs_a_beir_folder_in_process(tmp_path):
+    import json
+
+    folder = tmp_path / "tiny-beir"
+    (folder / "qrels").mkdir(parents=True)
+    docs = {"d1": "Paris is the capital of France.", "d2": "Bread is baked from flour.",
+            "d3": "The violin is a string instrument."}
+    (folder / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": i, "title": "", "text": t}) + "\n" for i, t in docs.items()))
+    (folder / "queries.jsonl").write_text(
+        '{"_id": "q1", "text": "capital of France"}\n{"_id": "q2", "text": "baking bread"}\n')
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\n")
+    output = tmp_path / "out.json"
+    result = ragtune("eval", "retrieval", "--dataset", str(folder), "--split", "test",
+                     "--output", str(output), home=tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    assert "weights not tuned (no tuning split)" in result.stdout
+    for mode in ("dense", "sparse", "rrf", "weighted_minmax", "weighted_zscore"):
+        assert f"\n{mode} " in result.stdout
+    report = json.loads(output.read_text())
+    assert (report["dataset"], report["queries"], report["documents"]) == ("tiny-beir", 2, 3)
+    assert list((tmp_path / "home" / "cache").glob("embeddings-*.npy"))
