@@ -185,11 +185,11 @@ def test_ingest_waits_for_both_indexes_and_is_idempotent(client):
 
 @pytest.mark.usefixtures("backends")
 @pytest.mark.parametrize("options, mode, weight, rrf_k", [
-    (None, "rrf", 0.5, None),
+    (None, "weighted_minmax", 0.9, None),  # the server's defaults
     ({"mode": "weighted_zscore", "weights": {"dense": 0.7, "sparse": 0.3}},
      "weighted_zscore", 0.7, None),
-    ({"mode": "rrf", "rrf_k": 10}, "rrf", 0.5, 10),
-    ({"mode": "dense"}, "dense", 0.5, None),
+    ({"mode": "rrf", "rrf_k": 10}, "rrf", 0.9, 10),
+    ({"mode": "dense"}, "dense", 0.9, None),
 ])
 def test_retrieval_options_reach_the_ranker(client, options, mode, weight, rrf_k):
     RANKED.clear()
