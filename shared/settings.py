@@ -49,7 +49,8 @@ class GeneratorSettings(BaseModel):
 
 class RetrievalSettings(BaseModel):
     top_k: int = Field(3, ge=1, description="passages handed to the generator by default")
-    candidates: int = Field(20, ge=1, description="hits asked of each retriever before fusion")
+    candidates: int = Field(100, ge=1, description="hits asked of each retriever before "
+                            "fusion; the weighted default was tuned with 100")
     rrf_k: int = Field(60, ge=1, description="RRF constant, Cormack et al. 2009")
     mode: Literal["rrf", "weighted_minmax", "weighted_zscore", "dense", "sparse"] = Field(
         "weighted_minmax", description="default fusion mode (services/ranker/fusion.py). "
