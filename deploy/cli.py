@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 from pydantic import ValidationError
@@ -271,6 +272,14 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> None:
     _out(f"indexed {len(documents)} documents")
 
 
+def cmd_delete(settings: Settings, args: argparse.Namespace) -> None:
+    state = _require_state(settings)
+    for doc_id in args.doc_ids:
+        _request("DELETE", f"{state['http_url']}/v1/documents/{quote(doc_id, safe='')}",
+                 settings.serve.request_timeout_s + 5, params={"wait": "true"})
+    _out(f"deleted {len(args.doc_ids)} documents from both indexes")
+
+
 # --- questions and status ----------------------------------------------------------------
 def _ask(state: dict, question: str, top_k: int | None, settings: Settings) -> dict:
     return _request("POST", f"{state['http_url']}/v1/qa", settings.serve.request_timeout_s + 5,
@@ -362,6 +371,8 @@ def parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print the raw response")
     ingest = sub.add_parser("ingest", help="add documents from a JSONL file")
     ingest.add_argument("file")
+    delete = sub.add_parser("delete", help="remove documents from both indexes")
+    delete.add_argument("doc_ids", nargs="+", metavar="DOC_ID")
     status = sub.add_parser("status", help="services, streams, pending, dead letters")
     status.add_argument("--json", action="store_true")
     evaluation = sub.add_parser("eval", help="measure quality offline (no `up` needed)")
@@ -382,6 +393,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "ask": cmd_ask, "ingest": cmd_ingest,
+            "delete": cmd_delete,
             "status": cmd_status, "eval": cmd_eval}
 
 

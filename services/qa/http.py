@@ -50,7 +50,7 @@ def create_app(qa: QAService) -> FastAPI:
         """Add or replace documents (by doc_id) in both the dense and the sparse index."""
         return await qa.ingest(req.documents, wait=wait)
 
-    @app.delete("/v1/documents/{doc_id}", response_model=IngestAccepted, status_code=202)
+    @app.delete("/v1/documents/{doc_id:path}", response_model=IngestAccepted, status_code=202)
     async def delete(doc_id: str,
                      wait: bool = Query(False, description="return once both indexes "
                                                            "dropped it")) -> IngestAccepted:

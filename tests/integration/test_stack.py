@@ -116,6 +116,10 @@ def test_cli_ingest_ask_and_status(stack, ingested, tmp_path, monkeypatch, capsy
     cli.main(["status"])
     assert f"{{'embedding': {len(ingested) + 1}, 'sparse': {len(ingested) + 1}}}" in (
         capsys.readouterr().out)
+    cli.main(["delete", "zz-lake"])
+    cli.main(["status"])
+    assert f"{{'embedding': {len(ingested)}, 'sparse': {len(ingested)}}}" in (
+        capsys.readouterr().out)
 
 
 def test_cli_refuses_a_bad_jsonl_line(stack, tmp_path, monkeypatch, capsys):

@@ -233,6 +233,9 @@ def test_delete_reaches_both_indexes_in_order(client):
     assert r.status_code == 202 and r.json()["indexed"] is True
     # the delete was queued after the ingest on the same stream, so it applied last
     assert INDEXED[keys.EMBEDDING] == INDEXED[keys.SPARSE] == {"d2"}
+    client.post("/v1/documents?wait=true", json={"documents": [doc(3, doc_id="wiki/AC/DC")]})
+    assert client.delete("/v1/documents/wiki%2FAC%2FDC?wait=true").status_code == 202
+    assert INDEXED[keys.EMBEDDING] == INDEXED[keys.SPARSE] == {"d2"}
 
 
 @pytest.mark.usefixtures("backends")
