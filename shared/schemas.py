@@ -7,13 +7,40 @@ Engine objects (tensors, Milvus rows) never travel: services convert with named 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import datetime
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 
 NonBlank = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _iso_date(value: str) -> str:
+    # The pattern first: date.fromisoformat also takes "20240105" and "2024-W01-1".
+    if not _ISO_DATE.fullmatch(value):
+        raise ValueError(f"must be an ISO date YYYY-MM-DD, got {value!r}")
+    try:
+        datetime.date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a calendar date") from None
+    return value
+
+
+# Kept as a string on the wire and in both indexes: ISO dates order the same as text, so
+# Milvus and SQLite compare them with plain string comparisons.
+IsoDate = Annotated[str, AfterValidator(_iso_date)]
 
 
 class Wire(BaseModel):
@@ -31,6 +58,8 @@ class Document(Wire):
     text: NonBlank
     topic: str = ""
     source: str = ""
+    date: IsoDate | None = Field(None, description="YYYY-MM-DD; None = undated (never "
+                                                   "matches a date filter)")
 
 
 class IngestBatch(Wire):
@@ -70,9 +99,47 @@ class IndexStats(Wire):
 
 
 # --- retrieval -------------------------------------------------------------------------------
+# Filter values are compared with the stored metadata exactly (case and accents count).
+FilterValues = Annotated[list[Annotated[str, StringConstraints(max_length=256)]],
+                         Field(min_length=1, max_length=100)]
+
+
+class Filters(Wire):
+    """Metadata filters of a search: a document matches when it matches every field that is set.
+
+    ``topic`` / ``source``: the document's value is one of the listed ones. ``date_from`` /
+    ``date_to``: inclusive bounds on the document's ``date``; a document without a date never
+    matches a date filter. Retrievers return the best matches among the matching documents
+    (filtering happens before the top-k cut, not after it).
+    """
+
+    topic: FilterValues | None = None
+    source: FilterValues | None = None
+    date_from: IsoDate | None = None
+    date_to: IsoDate | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        # extra="forbid" would refuse it too; this names the fields one can filter on.
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                known = ", ".join(f for f in cls.model_fields if f != "schema_version")
+                raise ValueError(f"unknown filter field {unknown[0]!r}; known: {known}")
+        return data
+
+    @model_validator(mode="after")
+    def _date_order(self) -> Filters:
+        if self.date_from and self.date_to and self.date_from > self.date_to:
+            raise ValueError(f"date_from ({self.date_from}) is after date_to ({self.date_to})")
+        return self
+
+
 class SearchRequest(Wire):
     query: NonBlank
     top_k: int = Field(ge=1)
+    filters: Filters | None = None
 
 
 class Hit(Wire):
@@ -98,6 +165,7 @@ class RetrieveRequest(Wire):
                           description="dense share of weighted_* fusion (1 = dense only)")
     rrf_k: int | None = Field(None, ge=1,
                               description="RRF constant; None = the ranker's configured one")
+    filters: Filters | None = Field(None, description="passed to both retrievers")
 
 
 class RetrieveResult(Wire):
@@ -152,6 +220,7 @@ class RetrievalOptions(Wire):
     mode: FusionMode | None = None
     weights: FusionWeights | None = Field(None, description="only for weighted_* modes")
     rrf_k: int | None = Field(None, ge=1, le=10_000, description="only for mode rrf")
+    filters: Filters | None = Field(None, description="metadata filters (topic, source, date)")
 
 
 class QARequest(Wire):

@@ -39,6 +39,17 @@ class EmbeddingSettings(BaseModel):
     max_length: int = Field(256, ge=8, le=8192, description="tokens per text before truncation")
 
 
+class SparseSettings(BaseModel):
+    """BM25 of the sparse service (Lucene variant, as bm25s computes it). Defaults are bm25s'
+    (Lucene's are k1=1.2, b=0.75); Robertson & Zaragoza 2009 suggest k1 in [1.2, 2], b=0.75."""
+
+    k1: float = Field(1.5, ge=0, le=10, description="term-frequency saturation (0 = binary)")
+    b: float = Field(0.75, ge=0, le=1, description="length normalisation (0 = none, 1 = full)")
+    stopwords: Literal["en", "none"] = Field(
+        "en", description="stop words dropped from documents and queries: 'en' = Lucene's "
+                          "English list (33 words), 'none' = keep every word")
+
+
 class GeneratorSettings(BaseModel):
     model: str | None = Field(
         None, description="HF id or local path; unset = packaged SmolLM2-135M-Instruct"
@@ -93,6 +104,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     milvus: MilvusSettings = MilvusSettings()
     embedding: EmbeddingSettings = EmbeddingSettings()
+    sparse: SparseSettings = SparseSettings()
     generator: GeneratorSettings = GeneratorSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     limits: LimitSettings = LimitSettings()

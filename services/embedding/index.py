@@ -1,7 +1,8 @@
-"""The dense index: one Milvus collection of documents and their vectors.
+"""The dense index: one Milvus collection of documents, their metadata and their vectors.
 
 The same client code serves the embedded milvus-lite server and a real Milvus. Converting
-between ragtune's records (Document, Hit) and Milvus rows happens here and nowhere else.
+between ragtune's records (Document, Hit, Filters) and Milvus rows and expressions happens
+here and nowhere else.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from shared.schemas import Document, Hit
+from shared.schemas import Document, Filters, Hit
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,10 @@ MAX_DOC_ID = 256
 MAX_TITLE = 1024
 MAX_TEXT = 65_535
 MAX_TOPIC = 256
+MAX_SOURCE = 256
+MAX_DATE = 10  # ISO YYYY-MM-DD; "" for an undated document
+# Fields a collection needs beyond doc_id and vector (metadata filters need topic/source/date).
+_FIELDS = ("title", "text", "topic", "source", "date")
 # Milvus refuses a search limit above 16384 (its `topk` cap).
 MAX_LIMIT = 16_384
 # Extra candidates fetched beyond top_k so that equal scores at the cut are ordered by doc_id
@@ -36,7 +41,9 @@ class DenseIndex:
 
     Creates the collection (HNSW, cosine) when it is missing and loads it (Milvus hands
     collections back released after a restart). Raises ValueError when an existing collection
-    holds vectors of another dimension.
+    holds vectors of another dimension, or lacks a field (one made before metadata filters
+    has no ``source`` and ``date``: milvus-lite cannot add fields to a collection, so it has to
+    be re-created and the documents sent again).
     """
 
     def __init__(self, client: MilvusClient, collection: str, dim: int) -> None:
@@ -46,7 +53,8 @@ class DenseIndex:
         self.collection = collection
         self.dim = dim
         if client.has_collection(collection):
-            existing = _vector_dim(client.describe_collection(collection))
+            description = client.describe_collection(collection)
+            existing = _vector_dim(description)
             if existing is None:
                 raise ValueError(
                     f"Milvus collection {collection!r} has no 'vector' field: it is not a "
@@ -58,6 +66,15 @@ class DenseIndex:
                     f"encoder makes {dim}-d ones; use another collection (milvus.collection) "
                     "or drop it and re-index"
                 )
+            names = {field["name"] for field in description["fields"]}
+            missing = [name for name in _FIELDS if name not in names]
+            if missing:
+                raise ValueError(
+                    f"Milvus collection {collection!r} has no {', '.join(map(repr, missing))} "
+                    "field: it was made by an older ragtune, before metadata filters. Drop it "
+                    f"(pymilvus: MilvusClient(uri).drop_collection({collection!r})) and send "
+                    "the documents again, or name a new collection (milvus.collection)"
+                )
         else:
             self._create()
         client.load_collection(collection)
@@ -68,6 +85,9 @@ class DenseIndex:
         schema.add_field("title", DataType.VARCHAR, max_length=MAX_TITLE)
         schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT)
         schema.add_field("topic", DataType.VARCHAR, max_length=MAX_TOPIC)
+        schema.add_field("source", DataType.VARCHAR, max_length=MAX_SOURCE)
+        # Not nullable (Milvus before 2.5 has no nullable fields): "" stands for "no date".
+        schema.add_field("date", DataType.VARCHAR, max_length=MAX_DATE)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
         index_params = self.client.prepare_index_params()
         index_params.add_index(
@@ -84,8 +104,8 @@ class DenseIndex:
     def upsert(self, docs: list[Document], vectors: np.ndarray) -> None:
         """Insert or replace ``docs`` (keyed by doc_id) with ``vectors`` of shape (len(docs), dim).
 
-        Titles, texts and topics longer than the collection allows (in UTF-8 bytes) are cut,
-        with a warning; the vector is whatever the caller computed.
+        Titles, texts, topics and sources longer than the collection allows (in UTF-8 bytes)
+        are cut, with a warning; the vector is whatever the caller computed.
         """
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.shape != (len(docs), self.dim):
@@ -100,17 +120,23 @@ class DenseIndex:
                 "title": _fit(doc.title, MAX_TITLE, doc.doc_id, "title"),
                 "text": _fit(doc.text, MAX_TEXT, doc.doc_id, "text"),
                 "topic": _fit(doc.topic, MAX_TOPIC, doc.doc_id, "topic"),
+                "source": _fit(doc.source, MAX_SOURCE, doc.doc_id, "source"),
+                "date": doc.date or "",
                 "vector": vector.tolist(),
             }
             for doc, vector in zip(docs, vectors, strict=True)
         ]
         self.client.upsert(self.collection, rows)
 
-    def search(self, vector: np.ndarray, top_k: int) -> list[Hit]:
-        """The ``top_k`` documents nearest to ``vector`` (shape (dim,)).
+    def search(self, vector: np.ndarray, top_k: int,
+               filters: Filters | None = None) -> list[Hit]:
+        """The ``top_k`` documents nearest to ``vector`` (shape (dim,)) among those ``filters``
+        allows (None: all).
 
         Scores are cosine similarities in [-1, 1], descending; equal scores by ascending doc_id.
-        Fewer hits when the index holds fewer documents. top_k above 16384 (Milvus' cap) is cut.
+        Fewer hits when fewer documents match. top_k above 16384 (Milvus' cap) is cut. Milvus
+        applies the filter inside the HNSW search, so the hits are the nearest matching
+        documents, not the matching part of the unfiltered top_k.
         """
         if top_k < 1:
             raise ValueError(f"`top_k` has to be a strictly positive integer, but is {top_k}")
@@ -122,6 +148,7 @@ class DenseIndex:
             self.collection,
             data=[vector.tolist()],
             limit=min(top_k + _TIE_MARGIN, MAX_LIMIT),
+            filter=milvus_filter(filters),
             output_fields=["title", "text"],
             search_params={"metric_type": "COSINE"},
         )
@@ -151,6 +178,38 @@ class DenseIndex:
         """Seal what was written so it gets indexed: Milvus searches unflushed rows by brute
         force (measured ~130-200 ms per search on milvus-lite 3.2, against ~4 ms after)."""
         self.client.flush(self.collection)
+
+
+def milvus_filter(filters: Filters | None) -> str:
+    """The Milvus boolean expression for ``filters``; "" (everything) for None.
+
+    Fields combine with ``and``, the values of one field with ``in [...]``. Values become
+    string literals through ``_quote``, so no value can close its literal and add to the
+    expression. An undated document (stored as "") never matches a date bound.
+    """
+    if filters is None:
+        return ""
+    clauses = []
+    for field, values in (("topic", filters.topic), ("source", filters.source)):
+        if values is not None:
+            clauses.append(f"{field} in [{', '.join(map(_quote, values))}]")
+    if filters.date_from is not None or filters.date_to is not None:
+        clauses.append('date != ""')
+    if filters.date_from is not None:
+        clauses.append(f"date >= {_quote(filters.date_from)}")
+    if filters.date_to is not None:
+        clauses.append(f"date <= {_quote(filters.date_to)}")
+    return " and ".join(clauses)
+
+
+# Escapes of a double-quoted Milvus string literal. Its grammar ends a literal only at an
+# unescaped '"' and forbids raw CR and LF; every other character may stand as it is (and
+# milvus-lite 3.2 knows no \u or \x escapes, nor filter templates, so none are used).
+_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r"})
+
+
+def _quote(value: str) -> str:
+    return f'"{value.translate(_ESCAPES)}"'
 
 
 def _vector_dim(description: dict) -> int | None:

@@ -56,16 +56,18 @@ class EmbeddingService:
         log.info("indexed %d documents (dense)", len(docs))
 
     def search(self, req: SearchRequest) -> SearchResult:
-        """The req.top_k nearest documents to the query (cosine, descending; ties by doc_id).
+        """The req.top_k nearest documents to the query (cosine, descending; ties by doc_id)
+        among those req.filters allows.
 
-        ``count`` is the index size when searched; an empty index gives no hits.
+        ``count`` is the index size when searched (filtered or not); an empty index gives no
+        hits.
         """
         if self._unflushed:
             # unflushed rows are searched by brute force, ~50x slower than the HNSW index
             self.index.flush()
             self._unflushed = False
         vector = self.encoder.encode([req.query])[0]
-        hits = self.index.search(vector, req.top_k)
+        hits = self.index.search(vector, req.top_k, req.filters)
         return SearchResult(hits=hits, count=self.index.count())
 
     def delete(self, doc_ids: list[str]) -> None:

@@ -33,7 +33,8 @@ class RankerService:
         self.rrf_k = rrf_k
 
     async def retrieve(self, req: RetrieveRequest) -> RetrieveResult:
-        """Top ``req.top_k`` hits fused by ``req.mode`` from ``req.candidates`` of each retriever.
+        """Top ``req.top_k`` hits fused by ``req.mode`` from ``req.candidates`` of each retriever,
+        both asked with ``req.filters``.
 
         Raises BadRequest (answered at once, not retried) for an unknown mode or a bad k or
         weight, before asking any retriever.
@@ -43,7 +44,8 @@ class RankerService:
             check(req.mode, k=k, weight=req.weight)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        search = SearchRequest(query=req.question, top_k=max(req.candidates, req.top_k))
+        search = SearchRequest(query=req.question, top_k=max(req.candidates, req.top_k),
+                               filters=req.filters)
 
         async def timed(service: str) -> tuple[SearchResult, float]:
             start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Fixtures for the retriever services: one milvus-lite server, the packaged MiniLM, a corpus."""
+"""Fixtures for the retriever services: one milvus-lite server, the packaged MiniLM, the dense
+service over a fresh collection, a corpus."""
 
 from __future__ import annotations
 
@@ -45,6 +46,15 @@ def encoder(tmp_path_factory):
     settings = Settings(home=tmp_path_factory.mktemp("home"),
                         embedding=EmbeddingSettings(batch_size=4, max_length=128))
     return Encoder.from_settings(settings)
+
+
+@pytest.fixture
+def dense(encoder, milvus_client, collection):
+    """The embedding service over a fresh collection of the session's milvus-lite."""
+    from services.embedding.index import DenseIndex
+    from services.embedding.service import EmbeddingService
+
+    return EmbeddingService(encoder, DenseIndex(milvus_client, collection, encoder.dim))
 
 
 CORPUS = [

@@ -1,17 +1,18 @@
-"""The embedding service: encoder (real MiniLM), dense index (real milvus-lite), and the
-retriever contract that the dense and the sparse services both keep."""
+"""The embedding service: encoder (real MiniLM) and dense index (real milvus-lite).
+
+The contract both retrievers keep is in test_retriever_contract.py (it runs this service too).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from pymilvus import MilvusClient
+from pymilvus import DataType, MilvusClient
 
 from services.embedding.encoder import Encoder, index_text
-from services.embedding.index import MAX_TITLE, DenseIndex
+from services.embedding.index import MAX_TITLE, DenseIndex, milvus_filter
 from services.embedding.service import EmbeddingService
-from services.sparse.service import SparseService
-from shared.schemas import Document, IngestBatch, SearchRequest
+from shared.schemas import Document, Filters, IngestBatch, SearchRequest
 from shared.settings import Settings
 
 TEXTS = [
@@ -166,12 +167,60 @@ def test_index_cuts_fields_to_the_collection_byte_limits(milvus_client, collecti
     assert hit.title == "é" * (MAX_TITLE // 2)
 
 
+def test_milvus_filter_expressions():
+    assert milvus_filter(None) == milvus_filter(Filters()) == ""
+    assert milvus_filter(Filters(topic=["Science", "Arts"])) == 'topic in ["Science", "Arts"]'
+    assert milvus_filter(Filters(source=["wiki"], date_from="2020-01-01")) == (
+        'source in ["wiki"] and date != "" and date >= "2020-01-01"')
+    # An undated document is stored as "", which would pass "<=" without the != clause.
+    assert milvus_filter(Filters(date_to="2020-12-31")) == 'date != "" and date <= "2020-12-31"'
+
+
+def test_milvus_filter_escapes_what_could_end_a_literal():
+    value = 'a"b\\c\nd\re\tf\''
+    assert milvus_filter(Filters(topic=[value])) == 'topic in ["a\\"b\\\\c\\nd\\re\tf\'"]'
+
+
+@pytest.mark.integration
+def test_index_stores_source_and_date_and_filters_on_them(milvus_client, collection):
+    index = DenseIndex(milvus_client, collection, dim=2)
+    index.upsert([Document(doc_id="a", title="A", text="a", topic="t", source="wiki",
+                           date="2020-01-01"),
+                  Document(doc_id="b", title="B", text="b", topic="t", source="news"),
+                  Document(doc_id="c", title="C", text="c", topic="u", source="wiki",
+                           date="2021-06-30")],
+                 unit([[1, 0], [1, 0.1], [1, 0.2]]))
+    rows = milvus_client.query(collection, filter="", output_fields=["source", "date"])
+    assert {r["doc_id"]: (r["source"], r["date"]) for r in rows} == {
+        "a": ("wiki", "2020-01-01"), "b": ("news", ""), "c": ("wiki", "2021-06-30")}
+    query = unit([[1, 0]])[0]
+
+    def ids(**filters) -> list[str]:
+        return [h.doc_id for h in index.search(query, 5, Filters(**filters))]
+
+    assert ids() == ["a", "b", "c"]
+    assert ids(source=["wiki"]) == ["a", "c"]
+    assert ids(topic=["t"], source=["wiki", "news"]) == ["a", "b"]
+    assert ids(date_to="2020-01-01") == ["a"]  # inclusive; undated b never matches
+    assert ids(date_from="2020-01-02", date_to="2021-06-30") == ["c"]
+    assert ids(topic=["nope"]) == []
+
+
+@pytest.mark.integration
+def test_index_refuses_a_collection_from_before_filters(milvus_client, collection):
+    # The first release's schema: no source, no date (milvus-lite cannot add fields later).
+    schema = milvus_client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("doc_id", DataType.VARCHAR, is_primary=True, max_length=256)
+    for name in ("title", "text", "topic"):
+        schema.add_field(name, DataType.VARCHAR, max_length=256)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
+    milvus_client.create_collection(collection, schema=schema)
+    with pytest.raises(ValueError, match=r"no 'source', 'date' field: it was made by an older "
+                                         r"ragtune.*drop_collection"):
+        DenseIndex(milvus_client, collection, dim=2)
+
+
 # --- embedding service -----------------------------------------------------------------------
-@pytest.fixture
-def dense(encoder, milvus_client, collection) -> EmbeddingService:
-    return EmbeddingService(encoder, DenseIndex(milvus_client, collection, encoder.dim))
-
-
 @pytest.mark.integration
 def test_service_finds_the_obvious_document(dense, corpus):
     dense.ingest(IngestBatch(documents=corpus))
@@ -208,63 +257,3 @@ def test_service_from_settings(tmp_path, milvus_uri, collection, corpus):
     assert service.index.collection == collection and service.encoder.dim == 384
     service.ingest(IngestBatch(documents=corpus[:2]))
     assert service.count() == 2
-
-
-# --- the retriever contract: every retriever service keeps it --------------------------------
-@pytest.fixture(params=["dense", "sparse"])
-def retriever(request, tmp_path):
-    if request.param == "dense":
-        return request.getfixturevalue("dense")
-    return SparseService(tmp_path / "sparse")
-
-
-QUERIES = ["capital city", "largest animal in the sea", "lava and ash", "string instrument"]
-
-
-@pytest.mark.integration
-def test_contract_empty_index_gives_no_hits(retriever):
-    result = retriever.search(SearchRequest(query="capital city", top_k=5))
-    assert result.hits == [] and result.count == 0
-
-
-@pytest.mark.integration
-def test_contract_top_k_beyond_the_corpus(retriever, corpus):
-    retriever.ingest(IngestBatch(documents=corpus))
-    result = retriever.search(SearchRequest(query="capital city of France", top_k=1_000))
-    ids = [h.doc_id for h in result.hits]
-    assert result.count == len(corpus)
-    assert 1 <= len(ids) <= len(corpus) and len(set(ids)) == len(ids)
-    assert set(ids) <= {d.doc_id for d in corpus}
-    assert ids[0] == "geo-paris"
-
-
-@pytest.mark.integration
-def test_contract_scores_descend_and_ties_go_by_doc_id(retriever, corpus):
-    retriever.ingest(IngestBatch(documents=corpus))
-    # Two copies of one document under two ids score exactly the same.
-    twin = "Krill are small crustaceans eaten by baleen whales in cold oceans."
-    retriever.ingest(IngestBatch(documents=[
-        Document(doc_id=i, title="Krill", text=twin) for i in ("z2", "a1")
-    ]))
-    for query in [*QUERIES, "krill crustaceans"]:
-        hits = retriever.search(SearchRequest(query=query, top_k=8)).hits
-        assert hits, query
-        assert hits == sorted(hits, key=lambda h: (-h.score, h.doc_id)), query
-    hits = retriever.search(SearchRequest(query="krill crustaceans", top_k=2)).hits
-    assert [h.doc_id for h in hits] == ["a1", "z2"]
-    assert hits[0].score == hits[1].score
-
-
-@pytest.mark.integration
-def test_contract_ids_are_stable(retriever, corpus):
-    retriever.ingest(IngestBatch(documents=corpus))
-    before = {q: retriever.search(SearchRequest(query=q, top_k=3)) for q in QUERIES}
-    retriever.ingest(IngestBatch(documents=list(reversed(corpus))))
-    for query, result in before.items():
-        after = retriever.search(SearchRequest(query=query, top_k=3))
-        assert [h.doc_id for h in after.hits] == [h.doc_id for h in result.hits]
-        assert [h.score for h in after.hits] == pytest.approx([h.score for h in result.hits],
-                                                              abs=1e-5)
-        by_id = {d.doc_id: d for d in corpus}
-        assert all(h.title == by_id[h.doc_id].title and h.text == by_id[h.doc_id].text
-                   for h in after.hits)

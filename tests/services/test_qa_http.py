@@ -19,6 +19,7 @@ from shared.bus import BadRequest, Bus, Worker, routes
 from shared.schemas import (
     Citation,
     DeleteBatch,
+    Filters,
     GenerateRequest,
     GenerateResult,
     Hit,
@@ -209,12 +210,47 @@ def test_retrieval_options_reach_the_ranker(client, options, mode, weight, rrf_k
      "only apply to the modes weighted_minmax, weighted_zscore; mode is rrf"),
     ({"mode": "dense", "rrf_k": 5}, ["retrieval", "rrf_k"], "only applies to mode rrf"),
     ({"rrf_k": 0}, ["retrieval", "rrf_k"], "greater than or equal to 1"),
-    ({"filters": {"topic": "x"}}, ["retrieval", "filters"], "Extra inputs"),
+    ({"filters": {"colour": ["red"]}}, ["retrieval", "filters"],
+     "unknown filter field 'colour'; known: topic, source, date_from, date_to"),
+    ({"filters": {"topic": ["x"], "topics": ["y"]}}, ["retrieval", "filters"],
+     "unknown filter field 'topics'"),
+    ({"filters": {"date_from": "2024-05-01", "date_to": "2024-04-30"}}, ["retrieval", "filters"],
+     "date_from (2024-05-01) is after date_to (2024-04-30)"),
+    ({"filters": {"date_from": "yesterday"}}, ["retrieval", "filters", "date_from"],
+     "must be an ISO date YYYY-MM-DD, got 'yesterday'"),
+    ({"filters": {"date_to": "2024-5-1"}}, ["retrieval", "filters", "date_to"],
+     "must be an ISO date YYYY-MM-DD"),
+    ({"filters": {"date_to": "2023-02-29"}}, ["retrieval", "filters", "date_to"],
+     "'2023-02-29' is not a calendar date"),
+    ({"filters": {"date_from": 20240101}}, ["retrieval", "filters", "date_from"],
+     "valid string"),
+    ({"filters": {"topic": "x"}}, ["retrieval", "filters", "topic"], "valid list"),
+    ({"filters": {"source": []}}, ["retrieval", "filters", "source"], "at least 1 item"),
 ])
 def test_bad_retrieval_options_are_422(client, options, loc, message):
     r = client.post("/v1/qa", json={"question": "capital?", "retrieval": options})
     assert r.status_code == 422, r.text
     assert _field(r)[1:] == loc and message in r.json()["detail"][0]["msg"], r.text
+
+
+@pytest.mark.usefixtures("backends")
+def test_filters_reach_the_ranker(client):
+    RANKED.clear()
+    filters = {"topic": ["Geography", "History"], "source": ["wiki"],
+               "date_from": "2020-01-01", "date_to": "2020-01-01"}
+    r = client.post("/v1/qa", json={"question": "capital?", "retrieval": {"filters": filters}})
+    assert r.status_code == 200, r.text
+    (sent,) = RANKED
+    assert sent.filters == Filters(**filters)
+    RANKED.clear()
+    client.post("/v1/qa", json={"question": "capital?", "retrieval": {"mode": "sparse"}})
+    assert RANKED[0].filters is None
+
+
+def test_bad_document_dates_are_422(client):
+    r = client.post("/v1/documents", json={"documents": [doc(1, date="01/02/2024")]})
+    assert r.status_code == 422, r.text
+    assert _field(r)[1:] == ["documents", 0, "date"]
 
 
 def test_front_knows_exactly_the_ranker_modes():

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from services.ranker.service import RankerService
 from shared import keys
 from shared.bus import BadRequest
-from shared.schemas import Hit, RetrieveRequest, SearchRequest, SearchResult
+from shared.schemas import Filters, Hit, RetrieveRequest, SearchRequest, SearchResult
 
 
 def hits(*ids: str) -> list[Hit]:
@@ -37,6 +37,15 @@ def test_ranker_asks_both_retrievers_and_fuses():
     assert sorted(s for s, _ in asked) == [keys.EMBEDDING, keys.SPARSE]
     assert all(b.top_k == 5 and b.query == "q" for _, b in asked)
     assert set(result.timings_ms) == {"dense", "sparse", "fusion"}
+
+
+def test_ranker_passes_the_filters_to_both_retrievers():
+    asked: list[tuple[str, SearchRequest]] = []
+    filters = Filters(topic=["Science"], date_to="2020-12-31")
+    asyncio.run(RankerService(fake_ask(asked)).retrieve(
+        RetrieveRequest(question="q", top_k=2, candidates=5, filters=filters)))
+    assert sorted(s for s, _ in asked) == [keys.EMBEDDING, keys.SPARSE]
+    assert all(b.filters == filters for _, b in asked)
 
 
 @pytest.mark.parametrize(("mode", "weight", "expected"), [
