@@ -92,10 +92,18 @@ class Ranker(_WorkerDeployment):
         redis_url, _ = _require_urls(settings)
         timeout = settings.serve.request_timeout_s
 
+        reranker = None
+        if settings.rerank.model is not None:
+            from services.ranker.rerank import CrossEncoder
+
+            _use_cores(settings)
+            reranker = CrossEncoder.load(settings.rerank.model)
+
         def make(bus: Bus):
             async def ask(service: str, kind: str, body):
                 return await bus.request(service, kind, body, timeout, SearchResult)
-            return ranker_worker(RankerService(ask, settings.retrieval.rrf_k), bus)
+            return ranker_worker(RankerService(ask, settings.retrieval.rrf_k, reranker,
+                                               settings.rerank.candidates), bus)
 
         self.runner = WorkerThread(make, redis_url, settings.redis, "ranker")
 

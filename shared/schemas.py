@@ -166,6 +166,8 @@ class RetrieveRequest(Wire):
     rrf_k: int | None = Field(None, ge=1,
                               description="RRF constant; None = the ranker's configured one")
     filters: Filters | None = Field(None, description="passed to both retrievers")
+    rerank: bool | None = Field(None, description="run the reranking stage; None = when the "
+                                                  "ranker has a trained reranker")
 
 
 class RetrieveResult(Wire):
@@ -221,6 +223,8 @@ class RetrievalOptions(Wire):
     weights: FusionWeights | None = Field(None, description="only for weighted_* modes")
     rrf_k: int | None = Field(None, ge=1, le=10_000, description="only for mode rrf")
     filters: Filters | None = Field(None, description="metadata filters (topic, source, date)")
+    rerank: bool | None = Field(None, description="cross-encoder reranking; None = on when "
+                                                  "a trained reranker is configured")
 
 
 class QARequest(Wire):

@@ -71,6 +71,12 @@ class RetrievalSettings(BaseModel):
                           "0.9 was chosen on the dev splits of both packaged question sets")
 
 
+class RerankSettings(BaseModel):
+    model: Path | None = Field(None, description="folder of a trained cross-encoder "
+                               "(services/ranker/rerank.py); unset = no reranking stage")
+    candidates: int = Field(20, ge=1, description="fused hits the reranker re-scores")
+
+
 class LimitSettings(BaseModel):
     max_question_chars: int = Field(1_000, ge=1)
     max_title_chars: int = Field(1_000, ge=1)
@@ -107,6 +113,7 @@ class Settings(BaseSettings):
     sparse: SparseSettings = SparseSettings()
     generator: GeneratorSettings = GeneratorSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
+    rerank: RerankSettings = RerankSettings()
     limits: LimitSettings = LimitSettings()
     serve: ServeSettings = ServeSettings()
 

@@ -87,7 +87,7 @@ class QAService:
             raise InputError("retrieval.rrf_k", f"only applies to mode rrf; mode is {mode}")
         return RetrieveRequest(
             question=question, top_k=top_k, candidates=max(top_k, defaults.candidates),
-            mode=mode, rrf_k=options.rrf_k, filters=options.filters,
+            mode=mode, rrf_k=options.rrf_k, filters=options.filters, rerank=options.rerank,
             weight=defaults.weight if options.weights is None else options.weights.dense)
 
     async def answer(self, req: QARequest, request_id: str) -> QAResponse:

@@ -12,6 +12,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from services.ranker.fusion import RRF_K, check, fuse, rrf
+from services.ranker.rerank import CrossEncoder
+from services.ranker.rerank import rerank as rerank_hits
 from shared import keys
 from shared.bus import BadRequest
 from shared.schemas import RetrieveRequest, RetrieveResult, SearchRequest, SearchResult
@@ -25,12 +27,17 @@ Ask = Callable[[str, str, SearchRequest], Awaitable[SearchResult]]
 class RankerService:
     """Hybrid retrieval over the bus. ``ask`` reaches the embedding and sparse services.
 
-    ``rrf_k`` is the RRF constant for requests that do not set their own.
+    ``rrf_k`` is the RRF constant for requests that do not set their own. With a trained
+    ``reranker``, the top ``rerank_candidates`` fused hits are re-scored by it (unless a
+    request says ``rerank=False``).
     """
 
-    def __init__(self, ask: Ask, rrf_k: int = RRF_K):
+    def __init__(self, ask: Ask, rrf_k: int = RRF_K, reranker: CrossEncoder | None = None,
+                 rerank_candidates: int = 20):
         self.ask = ask
         self.rrf_k = rrf_k
+        self.reranker = reranker
+        self.rerank_candidates = rerank_candidates
 
     async def retrieve(self, req: RetrieveRequest) -> RetrieveResult:
         """Top ``req.top_k`` hits fused by ``req.mode`` from ``req.candidates`` of each retriever,
@@ -44,6 +51,10 @@ class RankerService:
             check(req.mode, k=k, weight=req.weight)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        if req.rerank and self.reranker is None:
+            raise BadRequest("rerank was asked for but no reranker is configured; set "
+                             "RAGTUNE_RERANK__MODEL to a trained cross-encoder folder")
+        rerank = self.reranker is not None and req.rerank is not False
         search = SearchRequest(query=req.question, top_k=max(req.candidates, req.top_k),
                                filters=req.filters)
 
@@ -55,7 +66,14 @@ class RankerService:
         (dense, dense_ms), (sparse, sparse_ms) = await asyncio.gather(
             timed(keys.EMBEDDING), timed(keys.SPARSE))
         start = time.perf_counter()
-        fused = fuse(req.mode, dense.hits, sparse.hits, k=k, weight=req.weight)[: req.top_k]
-        return RetrieveResult(hits=fused, timings_ms={
-            "dense": round(dense_ms, 2), "sparse": round(sparse_ms, 2),
-            "fusion": round((time.perf_counter() - start) * 1000, 3)})
+        fused = fuse(req.mode, dense.hits, sparse.hits, k=k, weight=req.weight)
+        timings = {"dense": round(dense_ms, 2), "sparse": round(sparse_ms, 2),
+                   "fusion": round((time.perf_counter() - start) * 1000, 3)}
+        if not rerank:
+            return RetrieveResult(hits=fused[: req.top_k], timings_ms=timings)
+        start = time.perf_counter()
+        reranked = await asyncio.to_thread(
+            rerank_hits, self.reranker, req.question,
+            fused[: max(self.rerank_candidates, req.top_k)], req.top_k)
+        timings["rerank"] = round((time.perf_counter() - start) * 1000, 2)
+        return RetrieveResult(hits=reranked, timings_ms=timings)

@@ -83,3 +83,35 @@ def test_unknown_mode_is_a_bad_request_before_any_retriever_is_asked():
 def test_request_refuses_bad_weight_and_k(field):
     with pytest.raises(ValidationError):
         RetrieveRequest(question="q", top_k=2, candidates=5, **field)
+
+
+def _ranker_with(reranker) -> RankerService:
+    async def ask(service: str, kind: str, body: SearchRequest) -> SearchResult:
+        ranking = {keys.EMBEDDING: hits("a", "b", "c"), keys.SPARSE: hits("a", "b", "c")}
+        return SearchResult(hits=ranking[service], count=3)
+
+    return RankerService(ask, reranker=reranker, rerank_candidates=3)
+
+
+class _ReversingReranker:
+    """Stands in for a trained CrossEncoder: prefers the later doc ids."""
+
+    def score(self, question: str, passages: list[str]) -> list[float]:
+        return [float(ord(p[0])) for p in passages]  # titles are the upper-cased ids
+
+
+def test_reranker_reorders_fused_candidates_unless_turned_off():
+    ranker = _ranker_with(_ReversingReranker())
+    req = RetrieveRequest(question="q", top_k=2, candidates=3, mode="rrf")
+    result = asyncio.run(ranker.retrieve(req))
+    assert [h.doc_id for h in result.hits] == ["c", "b"] and "rerank" in result.timings_ms
+    off = asyncio.run(ranker.retrieve(req.model_copy(update={"rerank": False})))
+    assert [h.doc_id for h in off.hits] == ["a", "b"] and "rerank" not in off.timings_ms
+
+
+def test_rerank_without_a_reranker_is_a_bad_request():
+    req = RetrieveRequest(question="q", top_k=2, candidates=3, rerank=True)
+    with pytest.raises(BadRequest, match="no reranker is configured"):
+        asyncio.run(_ranker_with(None).retrieve(req))
+    plain = asyncio.run(_ranker_with(None).retrieve(req.model_copy(update={"rerank": None})))
+    assert [h.doc_id for h in plain.hits] == ["a", "b"]
