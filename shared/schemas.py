@@ -145,8 +145,10 @@ class SearchRequest(Wire):
 class Hit(Wire):
     doc_id: str
     title: str
-    text: str
+    text: str = Field(description="the document's text, or its best passage for dense hits")
     score: float
+    start: int | None = Field(None, description="offset of ``text`` in the document's text")
+    end: int | None = None
 
 
 class SearchResult(Wire):

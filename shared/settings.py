@@ -37,6 +37,16 @@ class EmbeddingSettings(BaseModel):
     model: str | None = Field(None, description="HF id or local path; unset = packaged MiniLM")
     batch_size: int = Field(32, ge=1, le=1024)
     max_length: int = Field(256, ge=8, le=8192, description="tokens per text before truncation")
+    chunk_chars: int = Field(1_000, ge=50, description="longest passage of a document in the "
+                             "dense index (about 250 tokens: MiniLM reads 256)")
+    chunk_overlap: int = Field(200, ge=0, description="characters two passages share")
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> EmbeddingSettings:
+        if self.chunk_overlap >= self.chunk_chars:
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be below chunk_chars "
+                             f"({self.chunk_chars})")
+        return self
 
 
 class SparseSettings(BaseModel):

@@ -1,4 +1,8 @@
-"""The dense index: one Milvus collection of documents, their metadata and their vectors.
+"""The dense index: one Milvus collection of passages, their metadata and their vectors.
+
+A row is one passage of a document (``services.embedding.chunking``), keyed by
+``<doc_id>#<n>``, carrying the document id and the passage's character offsets; searches
+return documents (the best passage of each).
 
 The same client code serves the embedded milvus-lite server and a real Milvus. Converting
 between ragtune's records (Document, Hit, Filters) and Milvus rows and expressions happens
@@ -12,20 +16,27 @@ import logging
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from shared.schemas import Document, Filters, Hit
+from services.embedding.chunking import Passage
+from shared.schemas import Filters, Hit
 
 log = logging.getLogger(__name__)
 
 # VARCHAR limits of the collection. Real Milvus counts UTF-8 bytes against max_length
 # (milvus-lite 3.2 counts characters), so rows are cut to these many bytes before writing.
 MAX_DOC_ID = 256
+MAX_PASSAGE_ID = MAX_DOC_ID + 12  # "<doc_id>#<n>"
 MAX_TITLE = 1024
 MAX_TEXT = 65_535
 MAX_TOPIC = 256
 MAX_SOURCE = 256
 MAX_DATE = 10  # ISO YYYY-MM-DD; "" for an undated document
-# Fields a collection needs beyond doc_id and vector (metadata filters need topic/source/date).
-_FIELDS = ("title", "text", "topic", "source", "date")
+# Fields a collection needs beyond the vector (metadata filters need topic/source/date;
+# passages need their document id, number and offsets).
+_FIELDS = ("passage_id", "doc_id", "n", "start", "end", "title", "text", "topic", "source",
+           "date")
+# Passages fetched per wanted document, so that documents with several close passages still
+# fill top_k after keeping each document's best passage.
+_PASSAGES_PER_DOC = 4
 # Milvus refuses a search limit above 16384 (its `topk` cap).
 MAX_LIMIT = 16_384
 # Extra candidates fetched beyond top_k so that equal scores at the cut are ordered by doc_id
@@ -71,7 +82,8 @@ class DenseIndex:
             if missing:
                 raise ValueError(
                     f"Milvus collection {collection!r} has no {', '.join(map(repr, missing))} "
-                    "field: it was made by an older ragtune, before metadata filters. Drop it "
+                    "field: it was made by an older ragtune, before metadata filters and "
+                    "passages. Drop it "
                     f"(pymilvus: MilvusClient(uri).drop_collection({collection!r})) and send "
                     "the documents again, or name a new collection (milvus.collection)"
                 )
@@ -81,7 +93,12 @@ class DenseIndex:
 
     def _create(self) -> None:
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("doc_id", DataType.VARCHAR, is_primary=True, max_length=MAX_DOC_ID)
+        schema.add_field("passage_id", DataType.VARCHAR, is_primary=True,
+                         max_length=MAX_PASSAGE_ID)
+        schema.add_field("doc_id", DataType.VARCHAR, max_length=MAX_DOC_ID)
+        schema.add_field("n", DataType.INT64)
+        schema.add_field("start", DataType.INT64)
+        schema.add_field("end", DataType.INT64)
         schema.add_field("title", DataType.VARCHAR, max_length=MAX_TITLE)
         schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT)
         schema.add_field("topic", DataType.VARCHAR, max_length=MAX_TOPIC)
@@ -101,32 +118,39 @@ class DenseIndex:
         )
         log.info("created Milvus collection %s (%d-d, HNSW/COSINE)", self.collection, self.dim)
 
-    def upsert(self, docs: list[Document], vectors: np.ndarray) -> None:
-        """Insert or replace ``docs`` (keyed by doc_id) with ``vectors`` of shape (len(docs), dim).
+    def upsert(self, parts: list[Passage], vectors: np.ndarray) -> None:
+        """Replace the documents of ``parts`` by these passages, with ``vectors`` of shape
+        (len(parts), dim).
 
-        Titles, texts, topics and sources longer than the collection allows (in UTF-8 bytes)
-        are cut, with a warning; the vector is whatever the caller computed.
+        Every earlier passage of those documents is removed first, so a document that now has
+        fewer passages leaves none behind. Titles, texts, topics and sources longer than the
+        collection allows (in UTF-8 bytes) are cut, with a warning.
         """
         vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.shape != (len(docs), self.dim):
+        if vectors.shape != (len(parts), self.dim):
             raise ValueError(
-                f"vectors have shape {vectors.shape}, expected ({len(docs)}, {self.dim})"
+                f"vectors have shape {vectors.shape}, expected ({len(parts)}, {self.dim})"
             )
-        if not docs:
+        if not parts:
             return
         rows = [
             {
-                "doc_id": doc.doc_id,
-                "title": _fit(doc.title, MAX_TITLE, doc.doc_id, "title"),
-                "text": _fit(doc.text, MAX_TEXT, doc.doc_id, "text"),
-                "topic": _fit(doc.topic, MAX_TOPIC, doc.doc_id, "topic"),
-                "source": _fit(doc.source, MAX_SOURCE, doc.doc_id, "source"),
-                "date": doc.date or "",
+                "passage_id": part.passage_id,
+                "doc_id": part.doc.doc_id,
+                "n": part.n,
+                "start": part.start,
+                "end": part.end,
+                "title": _fit(part.doc.title, MAX_TITLE, part.doc.doc_id, "title"),
+                "text": _fit(part.text, MAX_TEXT, part.doc.doc_id, "text"),
+                "topic": _fit(part.doc.topic, MAX_TOPIC, part.doc.doc_id, "topic"),
+                "source": _fit(part.doc.source, MAX_SOURCE, part.doc.doc_id, "source"),
+                "date": part.doc.date or "",
                 "vector": vector.tolist(),
             }
-            for doc, vector in zip(docs, vectors, strict=True)
+            for part, vector in zip(parts, vectors, strict=True)
         ]
-        self.client.upsert(self.collection, rows)
+        self.delete(sorted({part.doc.doc_id for part in parts}))
+        self.client.insert(self.collection, rows)
 
     def search(self, vector: np.ndarray, top_k: int,
                filters: Filters | None = None) -> list[Hit]:
@@ -147,31 +171,32 @@ class DenseIndex:
         results = self.client.search(
             self.collection,
             data=[vector.tolist()],
-            limit=min(top_k + _TIE_MARGIN, MAX_LIMIT),
+            limit=min((top_k + _TIE_MARGIN) * _PASSAGES_PER_DOC, MAX_LIMIT),
             filter=milvus_filter(filters),
-            output_fields=["title", "text"],
+            output_fields=["doc_id", "title", "text", "start", "end"],
             search_params={"metric_type": "COSINE"},
         )
-        hits = [
-            Hit(
-                doc_id=str(row["doc_id"]),
-                title=row["entity"]["title"],
-                text=row["entity"]["text"],
-                score=float(row["distance"]),
-            )
-            for row in results[0]
-        ]
-        hits.sort(key=lambda hit: (-hit.score, hit.doc_id))
+        best: dict[str, Hit] = {}
+        for row in results[0]:
+            entity = row["entity"]
+            hit = Hit(doc_id=str(entity["doc_id"]), title=entity["title"], text=entity["text"],
+                      score=float(row["distance"]), start=int(entity["start"]),
+                      end=int(entity["end"]))
+            kept = best.get(hit.doc_id)
+            if kept is None or hit.score > kept.score:
+                best[hit.doc_id] = hit
+        hits = sorted(best.values(), key=lambda hit: (-hit.score, hit.doc_id))
         return hits[:top_k]
 
     def delete(self, doc_ids: list[str]) -> None:
-        """Remove these documents; ids that are not in the index are ignored."""
+        """Remove every passage of these documents; unknown ids are ignored."""
         if doc_ids:
-            self.client.delete(self.collection, ids=list(doc_ids))
+            quoted = ", ".join(_quote(doc_id) for doc_id in doc_ids)
+            self.client.delete(self.collection, filter=f"doc_id in [{quoted}]")
 
     def count(self) -> int:
-        """Number of documents in the index."""
-        rows = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+        """Number of documents in the index (each has exactly one passage number 0)."""
+        rows = self.client.query(self.collection, filter="n == 0", output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
     def flush(self) -> None:

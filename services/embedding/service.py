@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from services.embedding.encoder import Encoder, index_text
+from services.embedding.chunking import passages, spans
+from services.embedding.encoder import Encoder
 from services.embedding.index import DenseIndex
 from shared.schemas import IngestBatch, SearchRequest, SearchResult
 
@@ -22,11 +23,15 @@ log = logging.getLogger(__name__)
 class EmbeddingService:
     """Dense retrieval over ``index`` with vectors from ``encoder`` (same dimension)."""
 
-    def __init__(self, encoder: Encoder, index: DenseIndex) -> None:
+    def __init__(self, encoder: Encoder, index: DenseIndex, chunk_chars: int = 1_000,
+                 chunk_overlap: int = 200) -> None:
         if encoder.dim != index.dim:
             raise ValueError(
                 f"encoder makes {encoder.dim}-d vectors but the index holds {index.dim}-d ones"
             )
+        spans("", chunk_chars, chunk_overlap)  # validates both now, not at the first ingest
+        self.chunk_chars = chunk_chars
+        self.chunk_overlap = chunk_overlap
         self.encoder = encoder
         self.index = index
         self._unflushed = False
@@ -38,7 +43,8 @@ class EmbeddingService:
 
         encoder = Encoder.from_settings(settings)
         client = MilvusClient(uri=milvus_uri)
-        return cls(encoder, DenseIndex(client, settings.milvus.collection, encoder.dim))
+        return cls(encoder, DenseIndex(client, settings.milvus.collection, encoder.dim),
+                   settings.embedding.chunk_chars, settings.embedding.chunk_overlap)
 
     def ingest(self, batch: IngestBatch) -> None:
         """Encode and upsert every document of ``batch`` (keyed by doc_id).
@@ -48,8 +54,10 @@ class EmbeddingService:
         """
         latest = {doc.doc_id: doc for doc in batch.documents}
         docs = list(latest.values())
-        vectors = self.encoder.encode([index_text(doc) for doc in docs])
-        self.index.upsert(docs, vectors)
+        parts = [p for doc in docs for p in passages(doc, self.chunk_chars, self.chunk_overlap)]
+        # The title goes with every passage: it is often the best evidence of what it is about.
+        vectors = self.encoder.encode([f"{p.doc.title}\n{p.text}" for p in parts])
+        self.index.upsert(parts, vectors)
         # No flush here: on milvus-lite a flush per batch seals a segment and builds its index,
         # which took as much CPU as encoding during a bulk ingest. The next search flushes.
         self._unflushed = True

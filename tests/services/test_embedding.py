@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from pymilvus import DataType, MilvusClient
 
+from services.embedding.chunking import whole
 from services.embedding.encoder import Encoder, index_text
 from services.embedding.index import MAX_TITLE, DenseIndex, milvus_filter
 from services.embedding.service import EmbeddingService
@@ -94,7 +95,7 @@ def test_index_upsert_search_count_delete(milvus_client, collection):
     assert index.count() == 0
     assert index.search(unit([[1, 0, 0]])[0], 5) == []
 
-    index.upsert(docs("a", "b", "c"), unit([[1, 0, 0], [0, 1, 0], [1, 1, 0]]))
+    index.upsert(whole(docs("a", "b", "c")), unit([[1, 0, 0], [0, 1, 0], [1, 1, 0]]))
     index.flush()
     assert index.count() == 3
     hits = index.search(unit([[1, 0.1, 0]])[0], 2)
@@ -112,8 +113,8 @@ def test_index_upsert_search_count_delete(milvus_client, collection):
 @pytest.mark.integration
 def test_index_upsert_replaces_by_doc_id(milvus_client, collection):
     index = DenseIndex(milvus_client, collection, dim=2)
-    index.upsert(docs("a"), unit([[1, 0]]))
-    index.upsert([Document(doc_id="a", title="new", text="new text")], unit([[0, 1]]))
+    index.upsert(whole(docs("a")), unit([[1, 0]]))
+    index.upsert(whole([Document(doc_id="a", title="new", text="new text")]), unit([[0, 1]]))
     index.flush()
     assert index.count() == 1
     [hit] = index.search(unit([[0, 1]])[0], 5)
@@ -124,7 +125,7 @@ def test_index_upsert_replaces_by_doc_id(milvus_client, collection):
 @pytest.mark.integration
 def test_index_equal_scores_are_ordered_by_doc_id(milvus_client, collection):
     index = DenseIndex(milvus_client, collection, dim=2)
-    index.upsert(docs("z", "m", "a", "q"), unit([[1, 0]] * 3 + [[0, 1]]))
+    index.upsert(whole(docs("z", "m", "a", "q")), unit([[1, 0]] * 3 + [[0, 1]]))
     index.flush()
     assert [h.doc_id for h in index.search(unit([[1, 0]])[0], 2)] == ["a", "m"]
     assert [h.doc_id for h in index.search(unit([[1, 0]])[0], 10)] == ["a", "m", "z", "q"]
@@ -133,7 +134,7 @@ def test_index_equal_scores_are_ordered_by_doc_id(milvus_client, collection):
 @pytest.mark.integration
 def test_index_reopened_keeps_its_rows(milvus_uri, milvus_client, collection):
     index = DenseIndex(milvus_client, collection, dim=2)
-    index.upsert(docs("a", "b"), unit([[1, 0], [0, 1]]))
+    index.upsert(whole(docs("a", "b")), unit([[1, 0], [0, 1]]))
     index.flush()
     milvus_client.release_collection(collection)  # what a server restart leaves behind
 
@@ -153,7 +154,7 @@ def test_index_refuses_another_dimension(milvus_client, collection):
 def test_index_refuses_vectors_of_the_wrong_shape(milvus_client, collection):
     index = DenseIndex(milvus_client, collection, dim=2)
     with pytest.raises(ValueError, match=r"expected \(2, 2\)"):
-        index.upsert(docs("a", "b"), unit([[1, 0, 0], [0, 1, 0]]))
+        index.upsert(whole(docs("a", "b")), unit([[1, 0, 0], [0, 1, 0]]))
     with pytest.raises(ValueError, match=r"expected \(2,\)"):
         index.search(np.ones(3, dtype=np.float32), 1)
 
@@ -162,7 +163,7 @@ def test_index_refuses_vectors_of_the_wrong_shape(milvus_client, collection):
 def test_index_cuts_fields_to_the_collection_byte_limits(milvus_client, collection):
     index = DenseIndex(milvus_client, collection, dim=2)
     title = "é" * MAX_TITLE  # 2 bytes a character: twice the limit
-    index.upsert([Document(doc_id="a", title=title, text="t")], unit([[1, 0]]))
+    index.upsert(whole([Document(doc_id="a", title=title, text="t")]), unit([[1, 0]]))
     [hit] = index.search(unit([[1, 0]])[0], 1)
     assert hit.title == "é" * (MAX_TITLE // 2)
 
@@ -184,13 +185,14 @@ def test_milvus_filter_escapes_what_could_end_a_literal():
 @pytest.mark.integration
 def test_index_stores_source_and_date_and_filters_on_them(milvus_client, collection):
     index = DenseIndex(milvus_client, collection, dim=2)
-    index.upsert([Document(doc_id="a", title="A", text="a", topic="t", source="wiki",
-                           date="2020-01-01"),
-                  Document(doc_id="b", title="B", text="b", topic="t", source="news"),
-                  Document(doc_id="c", title="C", text="c", topic="u", source="wiki",
-                           date="2021-06-30")],
+    index.upsert(whole([Document(doc_id="a", title="A", text="a", topic="t", source="wiki",
+                                 date="2020-01-01"),
+                        Document(doc_id="b", title="B", text="b", topic="t", source="news"),
+                        Document(doc_id="c", title="C", text="c", topic="u", source="wiki",
+                                 date="2021-06-30")]),
                  unit([[1, 0], [1, 0.1], [1, 0.2]]))
-    rows = milvus_client.query(collection, filter="", output_fields=["source", "date"])
+    rows = milvus_client.query(collection, filter="",
+                               output_fields=["doc_id", "source", "date"])
     assert {r["doc_id"]: (r["source"], r["date"]) for r in rows} == {
         "a": ("wiki", "2020-01-01"), "b": ("news", ""), "c": ("wiki", "2021-06-30")}
     query = unit([[1, 0]])[0]
@@ -215,7 +217,8 @@ def test_index_refuses_a_collection_from_before_filters(milvus_client, collectio
         schema.add_field(name, DataType.VARCHAR, max_length=256)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
     milvus_client.create_collection(collection, schema=schema)
-    with pytest.raises(ValueError, match=r"no 'source', 'date' field: it was made by an older "
+    with pytest.raises(ValueError, match=r"no 'passage_id', 'n', 'start', 'end', 'source', "
+                                         r"'date' field: it was made by an older "
                                          r"ragtune.*drop_collection"):
         DenseIndex(milvus_client, collection, dim=2)
 
@@ -257,3 +260,30 @@ def test_service_from_settings(tmp_path, milvus_uri, collection, corpus):
     assert service.index.collection == collection and service.encoder.dim == 384
     service.ingest(IngestBatch(documents=corpus[:2]))
     assert service.count() == 2
+
+
+@pytest.mark.integration
+def test_long_documents_are_split_into_passages_with_offsets(milvus_client, collection,
+                                                             encoder):
+    text = ("The harbour of Velmora is small. " * 20 + "The lighthouse keeper is named "
+            "Orsolya Brandt. " + "Fishing boats leave at dawn. " * 20)
+    service = EmbeddingService(encoder, DenseIndex(milvus_client, collection, encoder.dim),
+                               chunk_chars=300, chunk_overlap=60)
+    service.ingest(IngestBatch(documents=[Document(doc_id="long", title="Velmora", text=text),
+                                          Document(doc_id="short", title="Other",
+                                                   text="Unrelated words.")]))
+    rows = milvus_client.query(collection, filter='doc_id == "long"',
+                               output_fields=["passage_id", "start", "end", "text"])
+    assert len(rows) > 3 and all(r["text"] == text[r["start"]:r["end"]] for r in rows)
+    assert service.count() == 2  # documents, not passages
+    hit = service.search(SearchRequest(query="Who keeps the lighthouse?", top_k=5)).hits[0]
+    assert hit.doc_id == "long" and "Orsolya Brandt" in hit.text
+    assert text[hit.start:hit.end] == hit.text
+    # a shorter new version leaves no stale passage behind; delete removes every passage
+    service.ingest(IngestBatch(documents=[Document(doc_id="long", title="Velmora",
+                                                   text="Now short.")]))
+    assert len(milvus_client.query(collection, filter='doc_id == "long"',
+                                   output_fields=["passage_id"])) == 1
+    service.delete(["long"])
+    assert milvus_client.query(collection, filter='doc_id == "long"',
+                               output_fields=["passage_id"]) == []
