@@ -35,6 +35,9 @@ class EmbeddingService:
         self.encoder = encoder
         self.index = index
         self._unflushed = False
+        # Counting documents filters on the passage number, a scan on milvus-lite (~1.5 s on
+        # 10k documents): counted once after each change, not on every search.
+        self._count: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, milvus_uri: str) -> EmbeddingService:
@@ -61,6 +64,7 @@ class EmbeddingService:
         # No flush here: on milvus-lite a flush per batch seals a segment and builds its index,
         # which took as much CPU as encoding during a bulk ingest. The next search flushes.
         self._unflushed = True
+        self._count = None
         log.info("indexed %d documents (dense)", len(docs))
 
     def search(self, req: SearchRequest) -> SearchResult:
@@ -76,13 +80,16 @@ class EmbeddingService:
             self._unflushed = False
         vector = self.encoder.encode([req.query])[0]
         hits = self.index.search(vector, req.top_k, req.filters)
-        return SearchResult(hits=hits, count=self.index.count())
+        return SearchResult(hits=hits, count=self.count())
 
     def delete(self, doc_ids: list[str]) -> None:
         """Remove these documents from the dense index; unknown ids are ignored."""
         self.index.delete(doc_ids)
+        self._count = None
         self.index.flush()
 
     def count(self) -> int:
         """Number of documents in the dense index."""
-        return self.index.count()
+        if self._count is None:
+            self._count = self.index.count()
+        return self._count
