@@ -45,6 +45,7 @@ _TIE_MARGIN = 8
 # HNSW build parameters (Malkov & Yashunin 2018); M=16, efConstruction=200 are Milvus' usual
 # recommendation for recall > 0.95 at this corpus size.
 _HNSW = {"M": 16, "efConstruction": 200}
+_HNSW_EF = 128  # search-time candidate list (measured in bench/retrieval.py)
 
 
 class DenseIndex:
@@ -168,13 +169,16 @@ class DenseIndex:
         if vector.shape != (self.dim,):
             raise ValueError(f"query vector has shape {vector.shape}, expected ({self.dim},)")
         top_k = min(top_k, MAX_LIMIT)
+        limit = min((top_k + _TIE_MARGIN) * _PASSAGES_PER_DOC, MAX_LIMIT)
         results = self.client.search(
             self.collection,
             data=[vector.tolist()],
-            limit=min((top_k + _TIE_MARGIN) * _PASSAGES_PER_DOC, MAX_LIMIT),
+            limit=limit,
             filter=milvus_filter(filters),
             output_fields=["doc_id", "title", "text", "start", "end"],
-            search_params={"metric_type": "COSINE"},
+            # bench/retrieval.py: recall@10 against exact search is .934 at ef=16, .994 at
+            # Milvus' default and .999 at ef=128, for about the same latency. ef >= limit.
+            search_params={"metric_type": "COSINE", "params": {"ef": max(_HNSW_EF, limit)}},
         )
         best: dict[str, Hit] = {}
         for row in results[0]:
