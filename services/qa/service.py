@@ -154,18 +154,11 @@ class QAService:
         size = self.settings.limits.ingest_batch
         batches = [IngestBatch(documents=documents[i:i + size])
                    for i in range(0, len(documents), size)]
-        for group in keys.INGEST_GROUPS:
-            await self.bus.ensure_group(keys.INGEST, group)
-        entries = await self.bus.add_many(keys.INGEST, [
+        entries = await self._enqueue([
             Envelope(id=f"ingest-{b.documents[0].doc_id}", kind="ingest", body=b.model_dump())
-            for b in batches])
-        indexed = False
-        if wait:
-            await asyncio.wait_for(self.wait_indexed(entries),
-                                   self.settings.serve.request_timeout_s)
-            indexed = True
+            for b in batches], wait)
         return IngestAccepted(accepted=len(documents), doc_ids=[d.doc_id for d in documents],
-                              entries=entries, indexed=indexed)
+                              entries=entries, indexed=wait)
 
     async def delete(self, doc_ids: list[str], wait: bool = False) -> IngestAccepted:
         """Remove documents from both indexes (unknown ids are ignored).
@@ -175,16 +168,22 @@ class QAService:
         """
         if not doc_ids:
             raise InputError("doc_ids", "must hold at least one doc_id")
+        entries = await self._enqueue([Envelope(
+            id=f"delete-{doc_ids[0]}", kind="delete",
+            body=DeleteBatch(doc_ids=doc_ids).model_dump())], wait)
+        return IngestAccepted(accepted=len(doc_ids), doc_ids=doc_ids, entries=entries,
+                              indexed=wait)
+
+    async def _enqueue(self, envelopes: list[Envelope], wait: bool) -> list[str]:
+        """Add entries to ``rag:ingest`` atomically; with ``wait``, return once both index
+        groups processed them (TimeoutError after ``serve.request_timeout_s``)."""
         for group in keys.INGEST_GROUPS:
             await self.bus.ensure_group(keys.INGEST, group)
-        entry = await self.bus.add(keys.INGEST, Envelope(
-            id=f"delete-{doc_ids[0]}", kind="delete",
-            body=DeleteBatch(doc_ids=doc_ids).model_dump()))
+        entries = await self.bus.add_many(keys.INGEST, envelopes)
         if wait:
-            await asyncio.wait_for(self.wait_indexed([entry]),
+            await asyncio.wait_for(self.wait_indexed(entries),
                                    self.settings.serve.request_timeout_s)
-        return IngestAccepted(accepted=len(doc_ids), doc_ids=doc_ids, entries=[entry],
-                              indexed=wait)
+        return entries
 
     async def wait_indexed(self, entries: list[str], poll_s: float = 0.1) -> None:
         """Return once every ingest group has processed every entry."""
