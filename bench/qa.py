@@ -22,9 +22,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deploy.cli import read_state
-from services.generator.prompt import is_no_answer
 from shared.datasets import load_capital_questions, split
 from shared.metrics import contains, exact_match, token_f1
+from shared.prompt import is_no_answer
 from shared.settings import Settings
 
 

@@ -56,7 +56,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deploy.workers import WorkerThread, ranker_worker, retriever_worker
 from services.embedding.chunking import Passage, passages
-from services.embedding.encoder import Encoder, index_text
 from services.embedding.index import DenseIndex
 from services.embedding.service import EmbeddingService
 from services.ranker.fusion import fuse
@@ -68,6 +67,7 @@ from shared import keys
 from shared.bus import Bus
 from shared.datasets import load_capital_questions, load_corpus, load_fanout_subquestions
 from shared.infra import start_milvus, start_valkey
+from shared.models.encoder import Encoder, index_text
 from shared.schemas import (
     Document,
     IngestBatch,

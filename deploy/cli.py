@@ -325,8 +325,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
 # --- evaluation ----------------------------------------------------------------------------
 def cmd_eval_retrieval(settings: Settings, args: argparse.Namespace) -> None:
     """Dense, BM25 and every fusion mode on one split: print the table, write the JSON."""
-    from services.embedding.encoder import Encoder
     from services.evaluation.retrieval import evaluate, load_dataset
+    from shared.models.encoder import Encoder
 
     # bm25s sets its own logger to DEBUG, which would print through our root handler.
     logging.getLogger("bm25s").setLevel(logging.WARNING)

@@ -10,8 +10,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from services.embedding.chunking import passages, spans
-from services.embedding.encoder import Encoder
 from services.embedding.index import DenseIndex
+from shared.models.encoder import Encoder
 from shared.schemas import IngestBatch, SearchRequest, SearchResult
 
 if TYPE_CHECKING:

@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from services.embedding.encoder import Encoder
 from services.ranker.fusion import MODES, RRF_K, WEIGHTED_MODES, fuse, tune_weight
 from services.sparse.service import SparseService
 from shared import datasets
+from shared.models.encoder import Encoder
 from shared.schemas import Document, Hit, IngestBatch, SearchRequest
 
 log = logging.getLogger(__name__)

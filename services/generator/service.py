@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from services.generator.model import load_generator
-from services.generator.prompt import (
+from shared.models.generator import load_generator
+from shared.prompt import (
     NO_ANSWER,
     build_messages,
     clean_answer,

@@ -40,7 +40,7 @@ def collection(milvus_client):
 @pytest.fixture(scope="session")
 def encoder(tmp_path_factory):
     """The packaged all-MiniLM-L6-v2 (real weights, loads in seconds), small batches."""
-    from services.embedding.encoder import Encoder
+    from shared.models.encoder import Encoder
     from shared.settings import EmbeddingSettings, Settings
 
     settings = Settings(home=tmp_path_factory.mktemp("home"),

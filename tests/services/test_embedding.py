@@ -10,9 +10,9 @@ import pytest
 from pymilvus import DataType, MilvusClient
 
 from services.embedding.chunking import whole
-from services.embedding.encoder import Encoder, index_text
 from services.embedding.index import MAX_TITLE, DenseIndex, milvus_filter
 from services.embedding.service import EmbeddingService
+from shared.models.encoder import Encoder, index_text
 from shared.schemas import Document, Filters, IngestBatch, SearchRequest
 from shared.settings import Settings
 

@@ -13,9 +13,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from services.generator import model as gen_model
-from services.generator.model import ModelLoadError, load_generator, packaged_model_dir
-from services.generator.prompt import (
+from services.generator.service import GenerationError, GeneratorService
+from shared.models import generator as gen_model
+from shared.models.generator import ModelLoadError, load_generator, packaged_model_dir
+from shared.prompt import (
     NO_ANSWER,
     build_messages,
     clean_answer,
@@ -23,7 +24,6 @@ from services.generator.prompt import (
     parse_citations,
     truncate_text,
 )
-from services.generator.service import GenerationError, GeneratorService
 from shared.schemas import GenerateRequest, Hit
 from shared.settings import Settings
 
