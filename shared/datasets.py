@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from shared.prompt import is_no_answer
 from shared.schemas import Document
 
 log = logging.getLogger(__name__)
@@ -404,3 +405,75 @@ def load_split(name: str, split: str, seed: int = 13) -> list[QAItem]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     return _split_items(_SETS[name](), seed=seed)[split]
+
+
+# --- user question/answer files -----------------------------------------------------------
+class DataFileError(ValueError):
+    """A user data file is missing, empty or malformed; the message names the file and line."""
+
+
+MAX_ANSWER_CHARS = 500
+
+
+def load_qa_jsonl(path: Path, *, max_answer_chars: int = MAX_ANSWER_CHARS,
+                  max_question_chars: int = 1_000) -> list[QAItem]:
+    """Question/answer pairs a user trains on, one JSON object per line.
+
+    Each line: ``{"question": str, "answer": str}`` or ``"answers": [str, ...]`` (every accepted
+    spelling, first is the reference), optional ``"doc_ids": [str, ...]`` (documents that hold
+    the answer) and ``"id"`` (default ``"<file stem>:<line>"``). An answer of ``NO_ANSWER``
+    spelling ("I don't know.") marks a question the knowledge base cannot answer. Blank lines
+    are skipped. Raises ``DataFileError`` naming the file and line for a missing or empty file,
+    bad JSON, a missing or empty field, an answer over ``max_answer_chars`` or a repeated id:
+    the whole file is checked before anything trains on it.
+    """
+    if not path.is_file():
+        raise DataFileError(f"{path}: no such file")
+    items: list[QAItem] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFileError(f"{where}: not JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            unknown = set(obj) - {"id", "question", "answer", "answers", "doc_ids"}
+            if unknown:
+                raise DataFileError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
+                                    "known: id, question, answer, answers, doc_ids")
+            question = obj.get("question")
+            if not isinstance(question, str) or not question.strip():
+                raise DataFileError(f"{where}: `question` must be a non-empty string")
+            if len(question) > max_question_chars:
+                raise DataFileError(f"{where}: question of {len(question)} characters is over "
+                                    f"the limit of {max_question_chars}")
+            answers = obj.get("answers", [obj["answer"]] if "answer" in obj else None)
+            if (not isinstance(answers, list) or not answers
+                    or not all(isinstance(a, str) and a.strip() for a in answers)):
+                raise DataFileError(f"{where}: needs `answer` (a non-empty string) or `answers` "
+                                    "(a non-empty list of non-empty strings)")
+            for answer in answers:
+                if len(answer) > max_answer_chars:
+                    raise DataFileError(f"{where}: answer of {len(answer)} characters is over "
+                                        f"the limit of {max_answer_chars}")
+            doc_ids = obj.get("doc_ids", [])
+            if not isinstance(doc_ids, list) or not all(isinstance(d, str) for d in doc_ids):
+                raise DataFileError(f"{where}: `doc_ids` must be a list of strings")
+            item_id = obj.get("id", f"{path.stem}:{number}")
+            if not isinstance(item_id, str) or not item_id:
+                raise DataFileError(f"{where}: `id` must be a non-empty string")
+            if item_id in seen:
+                raise DataFileError(f"{where}: id {item_id!r} repeats an earlier line")
+            seen.add(item_id)
+            answerable = not is_no_answer(answers[0])
+            items.append(QAItem(id=item_id, question=question.strip(),
+                                answers=[a.strip() for a in answers],
+                                doc_ids=list(doc_ids), answerable=answerable))
+    if not items:
+        raise DataFileError(f"{path}: no question/answer pairs in the file")
+    return items

@@ -37,6 +37,8 @@ class EmbeddingSettings(BaseModel):
     model: str | None = Field(None, description="HF id or local path; unset = packaged MiniLM")
     batch_size: int = Field(32, ge=1, le=1024)
     max_length: int = Field(256, ge=8, le=8192, description="tokens per text before truncation")
+    pooling: Literal["mean", "cls"] = Field("mean", description="sentence vector from the "
+                                            "token states: mean (MiniLM) or cls (BERT-style)")
     chunk_chars: int = Field(1_000, ge=50, description="longest passage of a document in the "
                              "dense index (about 250 tokens: MiniLM reads 256)")
     chunk_overlap: int = Field(200, ge=0, description="characters two passages share")

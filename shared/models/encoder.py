@@ -8,13 +8,16 @@ depending on sentence-transformers.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from shared.schemas import Document
+
+Pooling = Literal["mean", "cls"]
+POOLINGS: tuple[str, ...] = ("mean", "cls")
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -35,17 +38,21 @@ class Encoder:
     Texts longer than ``max_length`` tokens are truncated.
     """
 
-    def __init__(self, tokenizer, model, batch_size: int, max_length: int) -> None:
+    def __init__(self, tokenizer, model, batch_size: int, max_length: int,
+                 pooling: Pooling = "mean") -> None:
         if batch_size < 1:
             raise ValueError(
                 f"`batch_size` has to be a strictly positive integer, but is {batch_size}"
             )
         if max_length < 2:
             raise ValueError(f"`max_length` has to be at least 2 tokens, but is {max_length}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; known: {', '.join(POOLINGS)}")
         self.tokenizer = tokenizer
         self.model = model
         self.batch_size = batch_size
         self.max_length = max_length
+        self.pooling = pooling
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Encoder:
@@ -61,7 +68,8 @@ class Encoder:
         model = AutoModel.from_pretrained(name)
         model.eval()
         log.info("embedding model %s loaded (dim %d)", name, model.config.hidden_size)
-        return cls(tokenizer, model, settings.embedding.batch_size, settings.embedding.max_length)
+        return cls(tokenizer, model, settings.embedding.batch_size, settings.embedding.max_length,
+                   settings.embedding.pooling)
 
     @property
     def dim(self) -> int:
@@ -88,9 +96,28 @@ class Encoder:
                 rows = order[start:start + self.batch_size]
                 features = [{k: encoded[k][i] for k in encoded} for i in rows]
                 batch = self.tokenizer.pad(features, padding=True, return_tensors="pt")
+                batch = batch.to(self.model.device)
                 hidden = self.model(**batch).last_hidden_state
-                out[rows] = _mean_pool_normalise(hidden, batch["attention_mask"]).numpy()
+                out[rows] = pool(hidden, batch["attention_mask"], self.pooling).cpu().numpy()
         return out
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """Encode ``texts`` as one padded batch *with* autograd: (len(texts), dim) unit vectors
+        on the model's device. The training path; ``encode`` is the inference path."""
+        batch = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                               padding=True, return_tensors="pt").to(self.model.device)
+        hidden = self.model(**batch).last_hidden_state
+        return pool(hidden, batch["attention_mask"], self.pooling)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling = "mean") -> torch.Tensor:
+    """(batch, seq, dim) hidden states, (batch, seq) mask → (batch, dim) unit vectors, float32.
+
+    ``mean``: average over the real tokens (sentence-transformers' MiniLM); ``cls``: the first
+    token's state (BERT-style [CLS] models)."""
+    if pooling == "cls":
+        return F.normalize(hidden[:, 0], p=2, dim=1).float()
+    return _mean_pool_normalise(hidden, mask)
 
 
 def _mean_pool_normalise(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

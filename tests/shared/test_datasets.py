@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -254,3 +255,38 @@ def test_load_split_unknown_names_list_the_known_ones() -> None:
         load_split("squad", "train")
     with pytest.raises(ValueError, match="train, dev, test"):
         load_split("fanout", "validation")
+
+
+def test_user_jsonl_reads_answers_ids_and_abstentions(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(
+        '{"question": "Capital of France?", "answer": "Paris", "doc_ids": ["France"]}\n'
+        "\n"
+        '{"id": "q2", "question": "Capital of Atlantis?", "answers": ["I don\'t know."]}\n'
+    )
+    items = datasets.load_qa_jsonl(path)
+    assert [i.id for i in items] == ["mine:1", "q2"]
+    assert items[0].answers == ["Paris"] and items[0].doc_ids == ["France"]
+    assert items[0].answerable and not items[1].answerable
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "no question/answer pairs"),
+    ("not json\n", "mine.jsonl:1: not JSON"),
+    ('{"question": "q"}\n', "mine.jsonl:1: needs `answer`"),
+    ('{"question": "", "answer": "a"}\n', "`question` must be a non-empty string"),
+    ('{"question": "q", "answer": "' + "x" * 501 + '"}\n', "over the limit of 500"),
+    ('{"question": "q", "answer": "a", "extra": 1}\n', "unknown field(s) extra"),
+    ('{"id": "a", "question": "q", "answer": "a"}\n{"id": "a", "question": "q", "answer": "b"}\n',
+     "mine.jsonl:2: id 'a' repeats"),
+])
+def test_user_jsonl_rejects_bad_files_naming_the_line(tmp_path, text, message):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(text)
+    with pytest.raises(datasets.DataFileError, match=re.escape(message)):
+        datasets.load_qa_jsonl(path)
+
+
+def test_user_jsonl_missing_file_is_named(tmp_path):
+    with pytest.raises(datasets.DataFileError, match="no such file"):
+        datasets.load_qa_jsonl(tmp_path / "absent.jsonl")
