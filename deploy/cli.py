@@ -379,8 +379,9 @@ def parser() -> argparse.ArgumentParser:
     eval_sub = evaluation.add_subparsers(dest="eval_command", required=True)
     retrieval = eval_sub.add_parser(
         "retrieval", help="recall@1/5/10, MRR@10, nDCG@10 of dense, BM25 and each fusion mode")
-    retrieval.add_argument("--dataset", required=True,
-                           help="fanout, capitals, or the path of a BEIR folder")
+    retrieval.add_argument("--dataset", default="packaged",
+                           help="packaged (both question sets, the default), fanout, capitals, "
+                                "or the path of a BEIR folder")
     retrieval.add_argument("--split", default="test", help="split to report (default: test)")
     retrieval.add_argument("--limit-corpus", type=int, default=None,
                            help="only the first N documents (quick trial)")

@@ -133,6 +133,9 @@ _PACKAGED: dict[str, Callable[[Sequence[Document]], list[datasets.QAItem]]] = {
     "capitals": lambda corpus: [
         item for item in datasets.load_capital_questions(corpus) if item.answerable],
 }
+# Both question sets together: the packaged data as a whole, the set the default mode is
+# chosen for (each item keeps its own split, so this is the union of the two sets' splits).
+_PACKAGED["packaged"] = lambda corpus: _PACKAGED["fanout"](corpus) + _PACKAGED["capitals"](corpus)
 PACKAGED = tuple(_PACKAGED)
 
 

@@ -166,7 +166,7 @@ def test_tuning_split_never_is_the_reported_one():
 
 
 def test_load_dataset_picks_packaged_or_beir(tmp_path):
-    with pytest.raises(ValueError, match="unknown data set 'squad': use one of fanout, capitals"):
+    with pytest.raises(ValueError, match="unknown data set 'squad': use one of fanout, capitals, packaged"):
         load_dataset("squad", "test")
     test, tune = load_dataset(str(write_beir(tmp_path / "tiny")), "test")
     assert (test.split, tune.split) == ("test", "dev")
@@ -186,6 +186,8 @@ def test_packaged_sets_follow_the_shared_splits():
     capitals = load_packaged("capitals", ["test"])["test"]
     assert capitals.queries and all(q.startswith("What is the capital of ")
                                     for q in capitals.queries.values())
+    both = load_packaged("packaged", ["test"])["test"]
+    assert both.queries == {**sets["test"].queries, **capitals.queries}
 
 
 def test_retrieval_set_refuses_queries_without_relevant_documents():
