@@ -198,6 +198,32 @@ class DenseIndex:
             quoted = ", ".join(_quote(doc_id) for doc_id in doc_ids)
             self.client.delete(self.collection, filter=f"doc_id in [{quoted}]")
 
+    def rows(self, batch_size: int = 512):
+        """Every passage row (all fields but the vector), in batches of at most
+        ``batch_size`` dicts: what a re-index re-embeds."""
+        fields = list(_FIELDS)
+        iterator = self.client.query_iterator(self.collection, batch_size=batch_size,
+                                              filter="", output_fields=fields)
+        try:
+            while True:
+                batch = iterator.next()
+                if not batch:
+                    return
+                yield [{name: row[name] for name in fields} for row in batch]
+        finally:
+            iterator.close()
+
+    def insert_rows(self, rows: list[dict], vectors: np.ndarray) -> None:
+        """Insert rows as ``rows`` yields them, with new ``vectors`` (len(rows), dim)."""
+        if rows:
+            self.client.insert(self.collection, [
+                {**row, "vector": vector.tolist()}
+                for row, vector in zip(rows, np.asarray(vectors, dtype=np.float32), strict=True)])
+
+    def drop(self) -> None:
+        """Delete the whole collection (a re-index replaced it)."""
+        self.client.drop_collection(self.collection)
+
     def count(self) -> int:
         """Number of documents in the index (each has exactly one passage number 0)."""
         rows = self.client.query(self.collection, filter="n == 0", output_fields=["count(*)"])

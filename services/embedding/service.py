@@ -2,11 +2,19 @@
 
 A plain class (no Ray, no Redis): the bus wiring calls ``ingest`` for each ``rag:ingest``
 entry and ``search`` for each retrieval request. Both handlers are idempotent.
+
+Model versions swap while serving: the encoders and the index in use are one immutable
+``Active`` record, read once per call and replaced whole, so a search in flight finishes on the
+version it started with. A query-encoder-only version swaps the query side alone (passage
+vectors stay valid); a version that re-encodes passages is first built into a new collection
+from the current one's rows (``reindex``), then swapped in; ingests wait for that.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from services.embedding.chunking import passages, spans
@@ -20,24 +28,46 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Active:
+    """What serves now: queries are encoded by ``query_encoder``, passages by
+    ``passage_encoder`` into ``index`` (one model for both unless a query-only version)."""
+
+    query_encoder: Encoder
+    passage_encoder: Encoder
+    index: DenseIndex
+
+
 class EmbeddingService:
-    """Dense retrieval over ``index`` with vectors from ``encoder`` (same dimension)."""
+    """Dense retrieval over ``index`` with vectors from ``encoder`` (same dimension);
+    ``query_encoder`` (default: ``encoder``) encodes queries."""
 
     def __init__(self, encoder: Encoder, index: DenseIndex, chunk_chars: int = 1_000,
-                 chunk_overlap: int = 200) -> None:
-        if encoder.dim != index.dim:
-            raise ValueError(
-                f"encoder makes {encoder.dim}-d vectors but the index holds {index.dim}-d ones"
-            )
+                 chunk_overlap: int = 200, query_encoder: Encoder | None = None) -> None:
+        query_encoder = query_encoder or encoder
+        for name, enc in (("encoder", encoder), ("query encoder", query_encoder)):
+            if enc.dim != index.dim:
+                raise ValueError(
+                    f"{name} makes {enc.dim}-d vectors but the index holds {index.dim}-d ones")
         spans("", chunk_chars, chunk_overlap)  # validates both now, not at the first ingest
         self.chunk_chars = chunk_chars
         self.chunk_overlap = chunk_overlap
-        self.encoder = encoder
-        self.index = index
+        self.active = Active(query_encoder, encoder, index)
+        # Ingests and re-indexes exclude each other: a re-index copies a complete index.
+        self._writing = threading.Lock()
         self._unflushed = False
         # Counting documents filters on the passage number, a scan on milvus-lite (~1.5 s on
         # 10k documents): counted once after each change, not on every search.
         self._count: int | None = None
+
+    @property
+    def index(self) -> DenseIndex:
+        return self.active.index
+
+    @property
+    def encoder(self) -> Encoder:
+        """The passage encoder in use."""
+        return self.active.passage_encoder
 
     @classmethod
     def from_settings(cls, settings: Settings, milvus_uri: str) -> EmbeddingService:
@@ -58,9 +88,12 @@ class EmbeddingService:
         latest = {doc.doc_id: doc for doc in batch.documents}
         docs = list(latest.values())
         parts = [p for doc in docs for p in passages(doc, self.chunk_chars, self.chunk_overlap)]
-        # The title goes with every passage: it is often the best evidence of what it is about.
-        vectors = self.encoder.encode([f"{p.doc.title}\n{p.text}" for p in parts])
-        self.index.upsert(parts, vectors)
+        with self._writing:
+            active = self.active
+            # The title goes with every passage: it is often the best evidence of what it is
+            # about.
+            vectors = active.passage_encoder.encode([f"{p.doc.title}\n{p.text}" for p in parts])
+            active.index.upsert(parts, vectors)
         # No flush here: on milvus-lite a flush per batch seals a segment and builds its index,
         # which took as much CPU as encoding during a bulk ingest. The next search flushes.
         self._unflushed = True
@@ -74,22 +107,61 @@ class EmbeddingService:
         ``count`` is the index size when searched (filtered or not); an empty index gives no
         hits.
         """
+        active = self.active
         if self._unflushed:
             # unflushed rows are searched by brute force, ~50x slower than the HNSW index
-            self.index.flush()
+            active.index.flush()
             self._unflushed = False
-        vector = self.encoder.encode([req.query])[0]
-        hits = self.index.search(vector, req.top_k, req.filters)
+        vector = active.query_encoder.encode([req.query])[0]
+        hits = active.index.search(vector, req.top_k, req.filters)
         return SearchResult(hits=hits, count=self.count())
 
     def delete(self, doc_ids: list[str]) -> None:
         """Remove these documents from the dense index; unknown ids are ignored."""
-        self.index.delete(doc_ids)
-        self._count = None
-        self.index.flush()
+        with self._writing:
+            index = self.active.index
+            index.delete(doc_ids)
+            self._count = None
+            index.flush()
 
     def count(self) -> int:
         """Number of documents in the dense index."""
         if self._count is None:
-            self._count = self.index.count()
+            self._count = self.active.index.count()
         return self._count
+
+    # --- model versions ----------------------------------------------------------------------
+    def use_query_encoder(self, query_encoder: Encoder) -> None:
+        """Encode queries with ``query_encoder`` from now on; passages keep their vectors."""
+        active = self.active
+        if query_encoder.dim != active.index.dim:
+            raise ValueError(f"query encoder makes {query_encoder.dim}-d vectors but the index "
+                             f"holds {active.index.dim}-d ones")
+        self.active = Active(query_encoder, active.passage_encoder, active.index)
+        log.info("query encoder swapped")
+
+    def reindex(self, encoder: Encoder, collection: str, query_encoder: Encoder | None = None,
+                batch_size: int = 256) -> DenseIndex:
+        """Re-encode every passage of the current index with ``encoder`` into the new
+        collection ``collection``, then serve from it (queries by ``query_encoder``, default
+        ``encoder``). The old collection stays until ``drop_collection`` removes it (a search
+        in flight may still read it). Ingests wait until the swap. Returns the old index."""
+        with self._writing:
+            old = self.active
+            client = old.index.client
+            if collection == old.index.collection:
+                raise ValueError(f"re-index into {collection!r}: that collection is in use")
+            if client.has_collection(collection):
+                client.drop_collection(collection)  # a half-built one from a crash
+            new = DenseIndex(client, collection, encoder.dim)
+            old.index.flush()
+            copied = 0
+            for rows in old.index.rows(batch_size):
+                vectors = encoder.encode([f"{r['title']}\n{r['text']}" for r in rows])
+                new.insert_rows(rows, vectors)
+                copied += len(rows)
+            new.flush()
+            self.active = Active(query_encoder or encoder, encoder, new)
+            self._count = None
+            log.info("re-indexed %d passages into %s", copied, collection)
+            return old.index

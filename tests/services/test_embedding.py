@@ -287,3 +287,62 @@ def test_long_documents_are_split_into_passages_with_offsets(milvus_client, coll
     service.delete(["long"])
     assert milvus_client.query(collection, filter='doc_id == "long"',
                                output_fields=["passage_id"]) == []
+
+
+# --- model versions ----------------------------------------------------------------------------
+def perturbed(encoder: Encoder, seed: int = 0) -> Encoder:
+    """Another encoder of the same dimension: MiniLM with noise on its word embeddings."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(encoder.model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        weights = model.embeddings.word_embeddings.weight
+        weights.add_(0.02 * torch.randn(weights.shape, generator=generator))
+    return Encoder(encoder.tokenizer, model, encoder.batch_size, encoder.max_length)
+
+
+@pytest.mark.integration
+def test_query_encoder_swap_keeps_passage_vectors(dense, corpus, encoder):
+    dense.ingest(IngestBatch(documents=corpus))
+    before = dense.index.client.query(dense.index.collection, filter='doc_id == "geo-paris"',
+                                      output_fields=["vector"])[0]["vector"]
+    other = perturbed(encoder)
+    in_flight = dense.active
+    dense.use_query_encoder(other)
+    assert dense.active.query_encoder is other and dense.encoder is encoder
+    assert in_flight.query_encoder is encoder  # a search that started keeps the old version
+    hits = dense.search(SearchRequest(query="capital of France", top_k=1)).hits
+    assert hits[0].doc_id == "geo-paris"
+    after = dense.index.client.query(dense.index.collection, filter='doc_id == "geo-paris"',
+                                     output_fields=["vector"])[0]["vector"]
+    np.testing.assert_array_equal(before, after)
+
+
+@pytest.mark.integration
+def test_reindex_builds_a_new_collection_then_serves_from_it(dense, corpus, encoder,
+                                                             milvus_client, collection):
+    dense.ingest(IngestBatch(documents=corpus))
+    other = perturbed(encoder, seed=1)
+    new_name = f"{collection}_v2"
+    try:
+        old = dense.reindex(other, new_name, batch_size=3)
+        assert old.collection == collection and milvus_client.has_collection(collection)
+        assert dense.index.collection == new_name and dense.encoder is other
+        assert dense.count() == len(corpus)
+        row = milvus_client.query(new_name, filter='doc_id == "geo-paris"',
+                                  output_fields=["vector", "text", "topic"])[0]
+        assert row["topic"] == "Geography" and "Seine" in row["text"]
+        expected = other.encode(["Paris\n" + row["text"]])[0]
+        np.testing.assert_allclose(row["vector"], expected, atol=1e-5)
+        hits = dense.search(SearchRequest(query="largest animal", top_k=1)).hits
+        assert hits[0].doc_id == "bio-whale"
+        dense.ingest(IngestBatch(documents=[Document(doc_id="new", title="New", text="x")]))
+        assert dense.count() == len(corpus) + 1  # ingests now go to the new collection
+        with pytest.raises(ValueError, match="in use"):
+            dense.reindex(other, new_name)
+    finally:
+        if milvus_client.has_collection(new_name):
+            milvus_client.drop_collection(new_name)
