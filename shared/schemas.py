@@ -8,8 +8,9 @@ Engine objects (tensors, Milvus rows) never travel: services convert with named 
 from __future__ import annotations
 
 import datetime
+import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -17,6 +18,8 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -178,10 +181,163 @@ class RetrieveResult(Wire):
 
 
 # --- generation ------------------------------------------------------------------------------
+# The generator's decoding strategies (services/generator/decoding.py holds one per name; a test
+# keeps the two lists equal). Named here so the front validates them at the edge.
+DecodingStrategy = Literal["greedy", "beam", "sample"]
+SAMPLE_FIELDS = ("temperature", "top_k", "top_p", "seed")
+BEAM_FIELDS = ("num_beams", "length_penalty", "early_stopping")
+# Each beam is one more sequence in every forward pass; 16 is well past where beam search stops
+# helping short answers, and keeps one request from holding a replica for long.
+MAX_BEAMS = 16
+# As many stop sequences as OpenAI's completions API takes: enough for "\n", "Question:" and
+# the like, and the stopping check decodes the completion once per step for each of them.
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
+MAX_SEED = 2**63 - 1
+
+
+def _positive_int(name: str, value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise ValueError(f"`{name}` has to be a strictly positive integer, but is {value}")
+    return value
+
+
+def _finite(name: str, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"`{name}` has to be a finite number, but is {value}")
+    return value
+
+
+class DecodingOptions(Wire):
+    """How the generator picks each next token; unset fields take the defaults named below.
+
+    ``strategy`` (one of ``DecodingStrategy``): ``greedy`` takes the most likely token;
+    ``beam`` keeps ``num_beams`` hypotheses and returns the best by log-probability divided by
+    length ** ``length_penalty``; ``sample`` draws from softmax(logits / ``temperature``)
+    restricted to the ``top_k`` most likely tokens and then to the smallest set whose
+    probability reaches ``top_p`` (nucleus sampling, Holtzman et al. 2020), reproducibly for a
+    given ``seed``. Every strategy takes ``repetition_penalty`` (CTRL, Keskar et al. 2019),
+    ``no_repeat_ngram_size`` (both count only generated tokens, so copying the passages is
+    never penalised), ``stop`` (the answer ends before the first of these strings, which it
+    never contains) and ``max_new_tokens`` (default: ``generator.max_new_tokens``; at most
+    ``generator.max_new_tokens_limit``, checked by the front). Sampling fields with another
+    strategy, or beam fields with another strategy, are refused rather than ignored.
+    """
+
+    strategy: DecodingStrategy = "greedy"
+    max_new_tokens: int | None = Field(None, description="tokens to generate at most; "
+                                                         "None = generator.max_new_tokens")
+    temperature: float | None = Field(None, description="sample: > 0, default 1.0")
+    top_k: int | None = Field(None, description="sample: keep the k most likely tokens")
+    top_p: float | None = Field(None, description="sample: in (0, 1], default 1.0 (all)")
+    seed: int | None = Field(None, description="sample: same seed, same answer; None = random")
+    num_beams: int | None = Field(None, description=f"beam: 1..{MAX_BEAMS}, default 4")
+    length_penalty: float | None = Field(None, description="beam: > 0 favours longer "
+                                                           "answers, < 0 shorter; default 1.0")
+    early_stopping: bool | None = Field(None, description="beam: stop once num_beams "
+                                                          "hypotheses ended; default false")
+    repetition_penalty: float | None = Field(None, description="> 0; 1.0 = none, > 1 "
+                                                               "discourages repeats")
+    no_repeat_ngram_size: int | None = Field(None, description="no n-gram of this size twice")
+    stop: list[str] = Field([], description=f"up to {MAX_STOP_SEQUENCES} strings that end the "
+                                            "answer (not included)")
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _known_strategy(cls, value: Any) -> Any:
+        known = get_args(DecodingStrategy)
+        if isinstance(value, str) and value not in known:
+            raise ValueError(f"unknown decoding strategy {value!r}; known: {', '.join(known)}")
+        return value
+
+    @field_validator("max_new_tokens", "top_k", "no_repeat_ngram_size")
+    @classmethod
+    def _positive(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return _positive_int(info.field_name, value)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float | None) -> float | None:
+        if value == 0:
+            raise ValueError('`temperature` 0 means always taking the most likely token: use '
+                             'strategy "greedy" instead')
+        if value is not None and not value > 0:
+            raise ValueError(f"`temperature` has to be a strictly positive float, but is {value}")
+        return _finite("temperature", value)
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"`top_p` has to be in (0, 1], but is {value}")
+        return value
+
+    @field_validator("num_beams")
+    @classmethod
+    def _num_beams(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= MAX_BEAMS:
+            raise ValueError(f"`num_beams` has to be an integer in [1, {MAX_BEAMS}], "
+                             f"but is {value}")
+        return value
+
+    @field_validator("length_penalty")
+    @classmethod
+    def _length_penalty(cls, value: float | None) -> float | None:
+        return _finite("length_penalty", value)
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _repetition_penalty(cls, value: float | None) -> float | None:
+        if value is not None and not value > 0:
+            raise ValueError(f"`repetition_penalty` has to be a strictly positive float "
+                             f"(1.0 = no penalty), but is {value}")
+        return _finite("repetition_penalty", value)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= MAX_SEED:
+            raise ValueError(f"`seed` has to be an integer in [0, 2**63 - 1], but is {value}")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: list[str]) -> list[str]:
+        if len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"`stop` holds {len(value)} strings; at most "
+                             f"{MAX_STOP_SEQUENCES} are allowed")
+        for text in value:
+            if not text or len(text) > MAX_STOP_CHARS:
+                raise ValueError(f"each `stop` string has to be 1..{MAX_STOP_CHARS} characters, "
+                                 f"but {text!r} is {len(text)}")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_of_the_strategy(self) -> DecodingOptions:
+        for strategy, fields in (("sample", SAMPLE_FIELDS), ("beam", BEAM_FIELDS)):
+            for name in fields:
+                if getattr(self, name) is not None and self.strategy != strategy:
+                    raise ValueError(f"`{name}` only applies to strategy {strategy}; strategy "
+                                     f"is {self.strategy}")
+        return self
+
+
 class GenerateRequest(Wire):
+    """A question to answer from passages. ``max_new_tokens`` is the resolved answer length;
+    ``decoding.max_new_tokens``, when set, must equal it."""
+
     question: NonBlank
     passages: list[Hit]
     max_new_tokens: int = Field(ge=1)
+    decoding: DecodingOptions = DecodingOptions()
+
+    @model_validator(mode="after")
+    def _one_max_new_tokens(self) -> GenerateRequest:
+        asked = self.decoding.max_new_tokens
+        if asked is not None and asked != self.max_new_tokens:
+            raise ValueError(f"decoding.max_new_tokens ({asked}) disagrees with max_new_tokens "
+                             f"({self.max_new_tokens})")
+        return self
 
 
 class Citation(Wire):
@@ -233,6 +389,8 @@ class QARequest(Wire):
     question: str = Field(description="the question, 1..limits.max_question_chars characters")
     top_k: int | None = Field(None, description="passages to ground the answer on")
     retrieval: RetrievalOptions | None = None
+    decoding: DecodingOptions | None = Field(None, description="how the answer is decoded; "
+                                                               "None = greedy")
 
 
 class Passage(Wire):

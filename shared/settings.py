@@ -64,10 +64,23 @@ class SparseSettings(BaseModel):
 
 class GeneratorSettings(BaseModel):
     model: str | None = Field(
-        None, description="HF id or local path; unset = packaged SmolLM2-135M-Instruct"
+        None, description="HF id or local path of a decoder-only or encoder-decoder (T5, BART) "
+        "model; unset = packaged SmolLM2-135M-Instruct"
     )
-    max_new_tokens: int = Field(48, ge=1, le=1024)
+    max_new_tokens: int = Field(48, ge=1, le=1024, description="answer length when a request "
+                                "does not ask for one")
+    max_new_tokens_limit: int = Field(512, ge=1, description="the most a request may ask for: "
+                                      "a long answer holds the replica for all of it")
     max_passage_chars: int = Field(1_200, ge=50, description="each passage is cut to this")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = CUDA when torch sees a GPU (bf16 where supported), else CPU")
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> GeneratorSettings:
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) exceeds "
+                             f"max_new_tokens_limit ({self.max_new_tokens_limit})")
+        return self
 
 
 class RetrievalSettings(BaseModel):

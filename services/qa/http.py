@@ -1,7 +1,9 @@
 """HTTP API of the QA front (FastAPI). ``deploy.app`` serves it as the Ray Serve ingress.
 
-Errors: bad input → 422 with FastAPI's ``detail`` shape (``loc`` names the field); a busy
-service → 503; a backend that did not answer in time → 504; a backend failure → 502.
+Errors: bad input → 422 with FastAPI's ``detail`` shape (``loc`` names the field), decoding
+options included; input a backend refuses (a prompt that cannot fit the generator's context)
+→ 400 naming the service; a busy service → 503; a backend that did not answer in time → 504;
+a backend failure → 502.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from shared import keys
 from shared.bus import Bus, BusError
 from shared.schemas import (
     WEIGHTED_MODES,
+    DecodingOptions,
     DeleteBatch,
     Document,
     Envelope,
@@ -90,14 +91,28 @@ class QAService:
             mode=mode, rrf_k=options.rrf_k, filters=options.filters, rerank=options.rerank,
             weight=defaults.weight if options.weights is None else options.weights.dense)
 
+    def check_decoding(self, options: DecodingOptions | None) -> tuple[DecodingOptions, int]:
+        """The request's decoding options (None = greedy) and the answer length they resolve
+        to (``generator.max_new_tokens`` unless they name one), or InputError when that is
+        over ``generator.max_new_tokens_limit``."""
+        options = options or DecodingOptions()
+        settings = self.settings.generator
+        max_new = options.max_new_tokens or settings.max_new_tokens  # validated >= 1
+        if max_new > settings.max_new_tokens_limit:
+            raise InputError("decoding.max_new_tokens", f"is {max_new}; the limit is "
+                                                        f"{settings.max_new_tokens_limit}")
+        return options, max_new
+
     async def answer(self, req: QARequest, request_id: str) -> QAResponse:
         """Retrieve passages for the question and generate a grounded, cited answer.
 
         Raises InputError for bad input and shared.bus.BusError (Busy, RequestTimeout, ...)
-        when a backend service fails.
+        when a backend service fails or refuses the request (kind ``bad_request``, e.g. a
+        prompt that cannot fit the generator's context).
         """
         question, top_k = self.check_question(req)
         retrieve = self.retrieve_request(question, top_k, req.retrieval)
+        decoding, max_new_tokens = self.check_decoding(req.decoding)
         timeout = self.settings.serve.request_timeout_s
         start = time.perf_counter()
         retrieved: RetrieveResult = await self.bus.request(
@@ -107,7 +122,7 @@ class QAService:
         generated: GenerateResult = await self.bus.request(
             keys.GENERATOR, "generate",
             GenerateRequest(question=question, passages=retrieved.hits,
-                            max_new_tokens=self.settings.generator.max_new_tokens),
+                            max_new_tokens=max_new_tokens, decoding=decoding),
             timeout, GenerateResult)
         generate_ms = _ms(start)
         log.info("request %s answered in %.0f ms", request_id, retrieve_ms + generate_ms)

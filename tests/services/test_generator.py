@@ -1,30 +1,51 @@
 """Generator service: prompt helpers (pure), service mechanics on a tiny random Llama with a
-byte-level tokenizer built in-process, model loading/caching, and one integration test with
-the real packaged SmolLM2 (converted once into a temporary home, ~40 s)."""
+byte-level tokenizer built in-process (packing the context, every decoding strategy, stop
+sequences), the encoder-decoder path on a tiny random T5, device choice, model loading/caching,
+and integration tests with the real packaged SmolLM2 (converted once into a temporary home,
+~40 s)."""
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
-from services.generator.service import GenerationError, GeneratorService
+from services.generator.service import (
+    MIN_PARTIAL_CHARS,
+    GenerationError,
+    GeneratorService,
+    plain_prompt,
+)
+from shared.bus import BadRequest
 from shared.models import generator as gen_model
-from shared.models.generator import ModelLoadError, load_generator, packaged_model_dir
+from shared.models.generator import (
+    ModelLoadError,
+    load_generator,
+    packaged_model_dir,
+    pick_device,
+)
 from shared.prompt import (
     NO_ANSWER,
+    SYSTEM_PROMPT,
     build_messages,
     clean_answer,
     format_passages,
     parse_citations,
     truncate_text,
 )
-from shared.schemas import GenerateRequest, Hit
+from shared.schemas import DecodingOptions, GenerateRequest, Hit
 from shared.settings import Settings
 
 # SmolLM2's own chat template (ChatML with a default system turn).
@@ -169,8 +190,7 @@ def test_parse_citations_gives_none_for_no_answer(answer):
 
 
 # --- service mechanics: tiny random Llama + byte-level tokenizer ---------------------------
-@pytest.fixture(scope="module")
-def tokenizer():
+def byte_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """Byte-level BPE with no merges (every byte one token): encodes any text, offline."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: i for i, token in enumerate(SPECIALS + alphabet)}
@@ -184,8 +204,13 @@ def tokenizer():
         pad_token="<|im_end|>",
         unk_token="<|endoftext|>",
     )
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = chat_template
     return tok
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
 
 
 def tiny_model(tokenizer, force_token: str | None = None) -> LlamaForCausalLM:
@@ -229,8 +254,9 @@ def prompt_length(tokenizer, question, passages, max_chars):
     return ids.shape[1]
 
 
-def request(passages, max_new_tokens=8, question="What is the capital of France?"):
-    return GenerateRequest(question=question, passages=passages, max_new_tokens=max_new_tokens)
+def request(passages, max_new_tokens=8, question="What is the capital of France?", **decoding):
+    return GenerateRequest(question=question, passages=passages, max_new_tokens=max_new_tokens,
+                           decoding=DecodingOptions(**decoding))
 
 
 def test_generate_decodes_only_new_tokens_and_counts_them(tokenizer):
@@ -270,36 +296,99 @@ def test_generate_cuts_passages_to_max_passage_chars(tokenizer):
     assert result.prompt_tokens < 60 + 400
 
 
-def test_generate_drops_passages_from_the_end_until_the_prompt_fits(tokenizer):
-    question = "What is the capital of France?"
-    one = prompt_length(tokenizer, question, [FRANCE], 1_000)
-    two = prompt_length(tokenizer, question, [FRANCE, GERMANY], 1_000)
+# --- packing passages into the context window ----------------------------------------------
+QUESTION = "What is the capital of France?"
+
+
+def test_pack_keeps_every_passage_whole_when_they_fit(tokenizer):
+    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    kept, inputs = service.pack(QUESTION, [FRANCE, GERMANY, JAPAN], budget=2_000)
+    assert kept == [FRANCE, GERMANY, JAPAN]
+    assert inputs["input_ids"].shape[1] == prompt_length(tokenizer, QUESTION, kept, 1_000)
+
+
+def test_pack_cuts_the_first_passage_that_does_not_fit_at_a_word_boundary(tokenizer):
+    two = prompt_length(tokenizer, QUESTION, [FRANCE, GERMANY], 1_000)
+    budget = two - 1  # all of Germany's text but its last word fits
+    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    kept, inputs = service.pack(QUESTION, [FRANCE, GERMANY, JAPAN], budget)
+    assert [h.doc_id for h in kept] == ["wiki:France", "wiki:Germany"]  # Japan dropped
+    assert kept[0] == FRANCE
+    cut = kept[1].text
+    assert GERMANY.text.startswith(cut) and GERMANY.text[len(cut)] == " "
+    assert cut == GERMANY.text.rsplit(" ", 1)[0]  # the longest prefix that fits
+    assert inputs["input_ids"].shape[1] == prompt_length(tokenizer, QUESTION, kept, 1_000)
+    assert inputs["input_ids"].shape[1] <= budget
+
+
+def test_pack_drops_the_passage_when_too_little_of_it_would_fit(tokenizer):
+    one = prompt_length(tokenizer, QUESTION, [FRANCE], 1_000)
+    # one token is one byte here: room for the header of passage 2 and under 100 characters
+    budget = one + len("\n\n[2] Germany\n") + MIN_PARTIAL_CHARS - 10
+    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    kept, inputs = service.pack(QUESTION, [FRANCE, GERMANY, JAPAN], budget)
+    assert kept == [FRANCE]
+    assert inputs["input_ids"].shape[1] == one
+
+
+def test_generate_cuts_even_the_first_passage_and_still_cites_its_document(tokenizer):
+    long = Hit(doc_id="wiki:Long", title="Long", text="Paris is the capital. " * 60, score=1.0)
+    whole = prompt_length(tokenizer, QUESTION, [long], 2_000)
     max_new = 4
-    service = GeneratorService(
-        tiny_model(tokenizer, force_token="a"),
-        tokenizer,
-        1_000,
-        max_context_tokens=two - 1 + max_new,
-    )
-    result = service.generate(request([FRANCE, GERMANY, JAPAN], max_new_tokens=max_new))
-    assert result.prompt_tokens == one
-    assert result.completion_tokens == max_new
+    service = GeneratorService(tiny_model(tokenizer, force_token="a"), tokenizer, 2_000,
+                               max_context_tokens=whole - 500 + max_new)
+    result = service.generate(request([long, FRANCE], max_new_tokens=max_new))
+    assert whole - 500 - len("capital. ") <= result.prompt_tokens <= whole - 500
+    kept, _ = service.pack(QUESTION, [long, FRANCE], whole - 500)
+    assert [h.doc_id for h in kept] == ["wiki:Long"]
+    assert long.text.startswith(kept[0].text) and long.text[len(kept[0].text)] == " "
+    cites = parse_citations("Paris [1]", kept)
+    assert [(c.passage, c.doc_id) for c in cites] == [(1, "wiki:Long")]
 
 
 def test_generate_refuses_a_request_whose_first_passage_cannot_fit(tokenizer):
-    one = prompt_length(tokenizer, "What is the capital of France?", [FRANCE], 1_000)
+    least = FRANCE.model_copy(update={"text": truncate_text(FRANCE.text, MIN_PARTIAL_CHARS)})
+    shortest = prompt_length(tokenizer, QUESTION, [least], 1_000)
     service = GeneratorService(
-        tiny_model(tokenizer), tokenizer, 1_000, max_context_tokens=one - 1 + 4
+        tiny_model(tokenizer), tokenizer, 1_000, max_context_tokens=shortest - 1 + 4
     )
-    with pytest.raises(GenerationError, match="even one passage needs") as err:
+    with pytest.raises(GenerationError, match=r"even the first passage cut to 100 characters "
+                                              rf"needs {shortest} prompt tokens, over the budget "
+                                              rf"of {shortest - 1} tokens") as err:
         service.generate(request([FRANCE, GERMANY], max_new_tokens=4))
-    assert isinstance(err.value, ValueError)
+    assert isinstance(err.value, BadRequest)  # the bus answers it at once, never retries
 
 
 def test_generate_refuses_max_new_tokens_that_fill_the_context(tokenizer):
     service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000, max_context_tokens=64)
     with pytest.raises(GenerationError, match=r"max_new_tokens \(64\) leaves no room"):
         service.generate(request([FRANCE], max_new_tokens=64))
+
+
+def test_generate_refuses_max_new_tokens_over_its_limit(tokenizer):
+    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000, max_new_tokens_limit=16)
+    with pytest.raises(GenerationError, match=r"max_new_tokens \(17\) is over the limit of 16"):
+        service.generate(request([FRANCE], max_new_tokens=17))
+    assert service.generate(request([FRANCE], max_new_tokens=16)).completion_tokens <= 16
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"strategy": "magic"}, "unknown decoding strategy 'magic'; known: greedy, beam, sample"),
+    ({"strategy": "sample", "top_k": 0}, "`top_k` has to be a strictly positive integer, "
+                                         "but is 0"),
+    ({"strategy": "sample", "top_p": 1.5}, "`top_p` has to be a float > 0 and < 1, but is 1.5"),
+])
+def test_generate_turns_options_that_bypassed_validation_into_a_generation_error(
+    tokenizer, options, message
+):
+    # model_construct skips the schema's checks, as a hand-built bus message could not:
+    # the strategy table and the processors' constructors still refuse these values.
+    decoding = DecodingOptions.model_construct(**options)
+    req = GenerateRequest.model_construct(question=QUESTION, passages=[FRANCE], max_new_tokens=4,
+                                          decoding=decoding)
+    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    with pytest.raises(GenerationError, match=re.escape(f"generator: {message}")):
+        service.generate(req)
 
 
 def test_generate_without_passages_answers_no_answer_without_the_model(tokenizer, monkeypatch):
@@ -321,7 +410,164 @@ def test_service_validates_its_arguments(tokenizer):
         GeneratorService(model, tokenizer, 0)
     with pytest.raises(ValueError, match="max_context_tokens.*but is 1"):
         GeneratorService(model, tokenizer, 100, max_context_tokens=1)
+    with pytest.raises(ValueError, match="max_new_tokens_limit.*but is 0"):
+        GeneratorService(model, tokenizer, 100, max_new_tokens_limit=0)
     assert GeneratorService(model, tokenizer, 100).max_context_tokens == 2048
+
+
+# --- decoding strategies through the service -----------------------------------------------
+def test_beam_search_with_one_beam_equals_greedy(tokenizer):
+    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    greedy = service.generate(request([FRANCE], max_new_tokens=12))
+    beam = service.generate(request([FRANCE], max_new_tokens=12, strategy="beam", num_beams=1))
+    assert beam == greedy
+    assert greedy.completion_tokens > 0
+
+
+def test_beam_search_with_several_beams_runs_within_the_token_limit(tokenizer):
+    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    result = service.generate(request([FRANCE], max_new_tokens=6, strategy="beam", num_beams=3,
+                                      length_penalty=0.5, early_stopping=True))
+    assert 0 <= result.completion_tokens <= 6
+    forced = GeneratorService(tiny_model(tokenizer, force_token="a"), tokenizer, 1_000)
+    assert forced.generate(request([FRANCE], max_new_tokens=5, strategy="beam")).answer == "aaaaa"
+
+
+def test_sampling_with_top_k_1_is_greedy(tokenizer):
+    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    greedy = service.generate(request([FRANCE], max_new_tokens=10))
+    for seed in (0, 1):
+        sampled = service.generate(request([FRANCE], max_new_tokens=10, strategy="sample",
+                                           top_k=1, seed=seed))
+        assert sampled == greedy
+
+
+def test_a_seeded_sample_is_reproducible_and_another_seed_may_differ(tokenizer):
+    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+
+    def sample(seed):
+        return service.generate(request([FRANCE], max_new_tokens=10, strategy="sample",
+                                        temperature=1.5, top_p=0.95, seed=seed))
+
+    assert sample(7) == sample(7)
+    assert len({sample(seed).answer for seed in range(4)}) > 1
+    # without a seed each request draws its own
+    unseeded = {service.generate(request([FRANCE], max_new_tokens=10, strategy="sample")).answer
+                for _ in range(3)}
+    assert len(unseeded) > 1
+
+
+def test_stop_sequences_cut_the_answer_before_them(tokenizer):
+    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    free = service.generate(request([FRANCE], max_new_tokens=16))
+    assert free.completion_tokens == 16, "the random model must not stop on its own here"
+    text = tokenizer.decode(tiny_model(tokenizer).generate(
+        **tokenizer.apply_chat_template(build_messages(QUESTION, [FRANCE], 1_000),
+                                        add_generation_prompt=True, return_dict=True,
+                                        return_tensors="pt"),
+        max_new_tokens=16, do_sample=False)[0, free.prompt_tokens:], skip_special_tokens=True)
+    stop = text[6:8]
+    start = text.find(stop)
+    result = service.generate(request([FRANCE], max_new_tokens=16, stop=["zzz", stop]))
+    assert stop not in result.answer
+    assert result.answer == (clean_answer(text[:start], truncated=False) or NO_ANSWER)
+    assert result.completion_tokens < 16  # generation stopped there, not at the limit
+
+
+def test_stop_sequences_in_the_prompt_do_not_stop_the_answer(tokenizer):
+    service = GeneratorService(tiny_model(tokenizer, force_token="a"), tokenizer, 1_000)
+    result = service.generate(request([FRANCE], max_new_tokens=4, stop=["France"]))
+    assert result.answer == "aaaa"
+
+
+# --- encoder-decoder models: a tiny random T5 ---------------------------------------------
+def tiny_t5(tokenizer, force_token: str | None = None) -> T5ForConditionalGeneration:
+    """A 2-layer random T5; with ``force_token`` its decoder predicts that token at every step.
+
+    T5's head is tied to its embeddings, so forcing differs from ``tiny_model``'s: embedding
+    dim 0 is large for every token and twice as large for the forced one, and the decoder's
+    final norm keeps only dim 0, so the forced token's logit is far ahead of all others.
+    """
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=16, num_layers=2, num_heads=2, d_ff=64,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    model = T5ForConditionalGeneration(config)
+    if force_token is not None:
+        token_id = tokenizer.convert_tokens_to_ids(force_token)
+        with torch.no_grad():
+            model.shared.weight[:, 0] = 100.0
+            model.shared.weight[token_id, 0] = 200.0
+            model.decoder.final_layer_norm.weight.zero_()
+            model.decoder.final_layer_norm.weight[0] = 1.0
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer():
+    """The byte-level tokenizer without a chat template, as many seq2seq tokenizers are."""
+    return byte_tokenizer(chat_template=None)
+
+
+@pytest.mark.parametrize("decoding", [{}, {"strategy": "beam", "num_beams": 2},
+                                      {"strategy": "sample", "seed": 3, "top_k": 5}])
+def test_encoder_decoder_generates_from_a_plain_text_prompt(plain_tokenizer, decoding):
+    service = GeneratorService(tiny_t5(plain_tokenizer, force_token="b"), plain_tokenizer,
+                               1_000, max_context_tokens=1_024)
+    assert service.encoder_decoder and not service.chat
+    result = service.generate(request([FRANCE, GERMANY], max_new_tokens=3, **decoding))
+    assert result.answer == "bbb"
+    assert result.completion_tokens == 3
+    prompt = plain_prompt(build_messages(QUESTION, [FRANCE, GERMANY], 1_000))
+    assert prompt.startswith(f"{SYSTEM_PROMPT}\n\nPassages:\n[1] France\n")
+    assert prompt.endswith(f"Question: {QUESTION}")
+    assert result.prompt_tokens == len(plain_tokenizer(prompt)["input_ids"])
+
+
+def test_encoder_decoder_budget_is_the_encoder_window(plain_tokenizer):
+    prompt = plain_prompt(build_messages(QUESTION, [FRANCE], 1_000))
+    length = len(plain_tokenizer(prompt)["input_ids"])
+    model = tiny_t5(plain_tokenizer)
+    # the new tokens do not share the encoder's window: the whole prompt fits
+    service = GeneratorService(model, plain_tokenizer, 1_000, max_context_tokens=length)
+    result = service.generate(request([FRANCE], max_new_tokens=8))
+    assert result.prompt_tokens == length and result.completion_tokens <= 8
+    greedy = service.generate(request([FRANCE], max_new_tokens=8))
+    assert service.generate(request([FRANCE], max_new_tokens=8, strategy="beam",
+                                    num_beams=1)) == greedy
+    with pytest.raises(ValueError, match="pass `max_context_tokens`"):
+        GeneratorService(model, plain_tokenizer, 1_000)  # T5 names no window; neither does it
+
+
+def test_the_context_window_falls_back_to_the_tokenizers_model_max_length():
+    tok = byte_tokenizer(chat_template=None)
+    tok.model_max_length = 300
+    assert GeneratorService(tiny_t5(tok), tok, 1_000).max_context_tokens == 300
+
+
+# --- choosing the device --------------------------------------------------------------------
+@pytest.mark.parametrize("setting, cuda, bf16, expected", [
+    ("auto", False, False, ("cpu", torch.float32)),
+    ("auto", True, True, ("cuda", torch.bfloat16)),
+    ("auto", True, False, ("cuda", torch.float32)),
+    ("cuda", True, True, ("cuda", torch.bfloat16)),
+    ("cpu", True, True, ("cpu", torch.float32)),
+])
+def test_pick_device(monkeypatch, setting, cuda, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    device, dtype = pick_device(setting)
+    assert (device.type, dtype) == expected
+
+
+def test_pick_device_refuses_cuda_without_a_gpu_and_unknown_names(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="generator.device is 'cuda' but torch sees no CUDA"):
+        pick_device("cuda")
+    with pytest.raises(ValueError, match="one of auto, cpu, cuda, but is 'tpu'"):
+        pick_device("tpu")
 
 
 # --- model loading --------------------------------------------------------------------------
@@ -338,6 +584,18 @@ def test_load_generator_reads_a_configured_local_model(tmp_path, tokenizer):
     service = GeneratorService.from_settings(settings)
     result = service.generate(request([FRANCE], max_new_tokens=3))
     assert result.answer == "bbb"
+
+
+def test_load_generator_reads_an_encoder_decoder_model(tmp_path, plain_tokenizer):
+    folder = tmp_path / "tiny-t5"
+    tiny_t5(plain_tokenizer, force_token="c").save_pretrained(folder)
+    plain_tokenizer.save_pretrained(folder)
+    settings = Settings(home=tmp_path / "home", generator={"model": str(folder), "device": "cpu"})
+    model, tok = load_generator(settings)
+    assert isinstance(model, T5ForConditionalGeneration) and not model.training
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    service = GeneratorService(model, tok, 1_000, max_context_tokens=1_024)
+    assert service.generate(request([FRANCE], max_new_tokens=2)).answer == "cc"
 
 
 def test_packaged_model_is_converted_once_under_concurrent_starts(tmp_path, monkeypatch):

@@ -11,13 +11,15 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from deploy.workers import WorkerThread
+from deploy.workers import WorkerThread, generator_worker
+from services.generator.service import GeneratorService
 from services.qa.http import create_app
-from services.qa.service import QAService
+from services.qa.service import InputError, QAService
 from shared import keys
 from shared.bus import BadRequest, Bus, Worker, routes
 from shared.schemas import (
     Citation,
+    DecodingOptions,
     DeleteBatch,
     Filters,
     GenerateRequest,
@@ -29,7 +31,8 @@ from shared.schemas import (
     RetrieveResult,
     StatsRequest,
 )
-from shared.settings import LimitSettings, Settings
+from shared.settings import GeneratorSettings, LimitSettings, Settings
+from tests.services.test_generator import byte_tokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("flush")
 
@@ -66,8 +69,12 @@ def _ranker(bus: Bus) -> Worker:
                   routes(retrieve=(RetrieveRequest, retrieve)))
 
 
+GENERATED: list[GenerateRequest] = []
+
+
 def _generator(bus: Bus) -> Worker:
     async def generate(req: GenerateRequest) -> GenerateResult:
+        GENERATED.append(req)
         if "explode" in req.question:
             raise BadRequest("the prompt cannot fit")
         return GenerateResult(answer="Paris [1]", prompt_tokens=10, completion_tokens=3,
@@ -83,7 +90,8 @@ def settings(redis_url, redis_settings, tmp_path) -> Settings:
     return Settings(home=tmp_path, redis=redis_settings.model_copy(update={"url": redis_url}),
                     limits=LimitSettings(max_question_chars=200, max_document_chars=500,
                                          max_documents_per_request=5, max_top_k=5,
-                                         ingest_batch=2))
+                                         ingest_batch=2),
+                    generator=GeneratorSettings(max_new_tokens=48, max_new_tokens_limit=64))
 
 
 @pytest.fixture
@@ -290,3 +298,81 @@ def test_no_backend_is_504_and_full_backlog_is_503(client, qa, settings):
     qa.bus.settings = qa.bus.settings.model_copy(update={"max_backlog": 1})
     r = client.post("/v1/qa", json={"question": "anyone there?"})
     assert r.status_code == 503 and "try again later" in r.json()["detail"]["message"]
+
+
+# --- decoding options -----------------------------------------------------------------------
+@pytest.mark.usefixtures("backends")
+@pytest.mark.parametrize("options, max_new_tokens", [
+    (None, 48),  # the server's default: greedy, generator.max_new_tokens
+    ({"strategy": "sample", "temperature": 0.7, "top_k": 40, "top_p": 0.9, "seed": 7,
+      "max_new_tokens": 20, "stop": ["\n"], "repetition_penalty": 1.1}, 20),
+    ({"strategy": "beam", "num_beams": 3, "length_penalty": 0.5, "early_stopping": True,
+      "no_repeat_ngram_size": 3}, 48),
+    ({"strategy": "greedy", "max_new_tokens": 64}, 64),
+])
+def test_decoding_options_reach_the_generator(client, options, max_new_tokens):
+    GENERATED.clear()
+    r = client.post("/v1/qa", json={"question": "capital?", "decoding": options})
+    assert r.status_code == 200, r.text
+    (sent,) = GENERATED
+    assert sent.decoding == DecodingOptions(**(options or {}))
+    assert sent.max_new_tokens == max_new_tokens
+
+
+@pytest.mark.parametrize("options, loc, message", [
+    ({"strategy": "magic"}, ["decoding", "strategy"],
+     "unknown decoding strategy 'magic'; known: greedy, beam, sample"),
+    ({"strategy": "sample", "top_p": 0}, ["decoding", "top_p"], "in (0, 1], but is 0"),
+    ({"strategy": "sample", "top_p": 1.5}, ["decoding", "top_p"], "in (0, 1], but is 1.5"),
+    ({"strategy": "sample", "top_k": 0}, ["decoding", "top_k"], "strictly positive integer, "
+                                                                "but is 0"),
+    ({"strategy": "sample", "temperature": 0}, ["decoding", "temperature"],
+     'use strategy "greedy" instead'),
+    ({"strategy": "beam", "num_beams": 0}, ["decoding", "num_beams"], "but is 0"),
+    ({"max_new_tokens": 65}, ["decoding", "max_new_tokens"], "is 65; the limit is 64"),
+    ({"max_new_tokens": 0}, ["decoding", "max_new_tokens"], "strictly positive integer"),
+    ({"top_p": 0.5}, ["decoding"], "`top_p` only applies to strategy sample; strategy is "
+                                   "greedy"),
+    ({"stop": [""]}, ["decoding", "stop"], "each `stop` string has to be 1..64 characters"),
+    ({"strategy": 3}, ["decoding", "strategy"], "'greedy', 'beam' or 'sample'"),
+])
+def test_bad_decoding_options_are_422(client, options, loc, message):
+    r = client.post("/v1/qa", json={"question": "capital?", "decoding": options})
+    assert r.status_code == 422, r.text
+    assert _field(r)[1:] == loc and message in r.json()["detail"][0]["msg"], r.text
+
+
+def test_the_front_resolves_and_limits_max_new_tokens(qa):
+    assert qa.check_decoding(None) == (DecodingOptions(), 48)
+    options = DecodingOptions(strategy="sample", max_new_tokens=64)
+    assert qa.check_decoding(options) == (options, 64)
+    with pytest.raises(InputError, match="decoding.max_new_tokens: is 65; the limit is 64"):
+        qa.check_decoding(DecodingOptions(max_new_tokens=65))
+
+
+@pytest.fixture
+def tiny_generator(settings, flush):
+    """The ranker stand-in and the real generator service on a tiny random model whose
+    context window (200 tokens) the chat prompt alone overflows."""
+    tok = byte_tokenizer()
+    service = GeneratorService(tiny_model(tok), tok, 1_000, max_context_tokens=200,
+                               max_new_tokens_limit=settings.generator.max_new_tokens_limit)
+    threads = [WorkerThread(_ranker, settings.redis.url, settings.redis, "ranker"),
+               WorkerThread(lambda bus: generator_worker(service, bus), settings.redis.url,
+                            settings.redis, "generator")]
+    yield
+    for thread in threads:
+        thread.stop()
+
+
+@pytest.mark.usefixtures("tiny_generator")
+@pytest.mark.parametrize("options, budget", [(None, 200 - 48),
+                                             ({"strategy": "beam", "max_new_tokens": 64}, 136)])
+def test_a_prompt_that_cannot_fit_is_400_naming_the_generator(client, options, budget):
+    # 400 at once: the generator's GenerationError is a BadRequest, never retried
+    r = client.post("/v1/qa", json={"question": "What is the capital of France?",
+                                    "decoding": options})
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert (detail["service"], detail["kind"]) == ("generator", "bad_request")
+    assert f"prompt tokens, over the budget of {budget} tokens" in detail["message"]
