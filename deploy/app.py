@@ -13,7 +13,16 @@ import logging
 from ray import serve
 from ray.serve import Application
 
-from deploy.workers import WorkerThread, generator_worker, ranker_worker, retriever_worker
+from deploy.workers import (
+    Current,
+    EventThread,
+    WorkerThread,
+    generator_worker,
+    publish_sync,
+    ranker_worker,
+    retriever_worker,
+    trainer_worker,
+)
 from shared import keys
 from shared.bus import Bus
 from shared.settings import Settings
@@ -71,6 +80,18 @@ class Embedding(_WorkerDeployment):
         self.runner = WorkerThread(lambda bus: retriever_worker(service, keys.EMBEDDING, bus),
                                    redis_url, settings.redis, "embedding")
 
+        def promoted(event) -> None:
+            from shared.registry import Registry
+
+            if event.data.get("kind") != "retriever":
+                return
+            registry = Registry(settings.checkpoint_dir)
+            version = event.data.get("version")
+            service.serve_version(None if version is None else registry.get("retriever", version),
+                                  registry, settings)
+
+        self.events = EventThread(redis_url, {"model.promoted"}, promoted, "embedding-events")
+
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Sparse(_WorkerDeployment):
@@ -115,9 +136,42 @@ class Generator(_WorkerDeployment):
 
         redis_url, _ = _require_urls(settings)
         _use_cores(settings)
-        service = GeneratorService.from_settings(settings)
+        service = Current(GeneratorService.from_settings(settings))
         self.runner = WorkerThread(lambda bus: generator_worker(service, bus), redis_url,
                                    settings.redis, "generator")
+
+        def promoted(event) -> None:
+            from shared.registry import Registry
+
+            if event.data.get("kind") != "generator":
+                return
+            version = event.data.get("version")
+            # None: the base model (the registry serves nothing since the rollback)
+            path = None
+            if version is not None:
+                registry = Registry(settings.checkpoint_dir)
+                path = str(registry.path_of(registry.get("generator", version)))
+            fresh = GeneratorService.from_settings(settings, path)
+            service.swap(fresh)
+            log.info("generator now serves %s", version or "the base model")
+
+        self.events = EventThread(redis_url, {"model.promoted"}, promoted, "generator-events")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Trainer(_WorkerDeployment):
+    """The trainer actor: answers ``rag:req:trainer`` requests, trains one job at a time in
+    its runner's thread (on the GPU when the deployment has one) and publishes events."""
+
+    def __init__(self, settings: Settings):
+        from services.trainer.runner import TrainerRunner
+        from services.trainer.service import TrainerService
+
+        redis_url, _ = _require_urls(settings)
+        self.trainer = TrainerRunner(TrainerService(settings),
+                                     publish_sync(redis_url, settings.redis))
+        self.runner = WorkerThread(lambda bus: trainer_worker(self.trainer, bus), redis_url,
+                                   settings.redis, "trainer")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -134,12 +188,24 @@ class QAFront:
         self.qa = QAService(Bus.connect(redis_url, settings.redis, name=None), settings)
 
     def __serve_build_asgi_app__(self):
+        from services.admin.http import admin_router
         from services.qa.http import create_app
 
-        return create_app(self.qa)
+        app = create_app(self.qa)
+        app.include_router(admin_router(self.qa.bus, self.qa.settings.serve.request_timeout_s))
+        return app
 
     async def check_health(self) -> None:
         await self.qa.bus.redis.ping()
+
+
+def _trainer_gpus(settings: Settings) -> int:
+    """One GPU for the trainer when there is one and the settings allow it."""
+    if settings.trainer.device == "cpu":
+        return 0
+    import torch
+
+    return 1 if torch.cuda.is_available() else 0
 
 
 def build_app(settings: Settings) -> Application:
@@ -150,6 +216,8 @@ def build_app(settings: Settings) -> Application:
         Sparse.options(num_replicas=serve_cfg.sparse_replicas).bind(settings),
         Ranker.options(num_replicas=serve_cfg.ranker_replicas).bind(settings),
         Generator.options(num_replicas=serve_cfg.generator_replicas).bind(settings),
+        Trainer.options(ray_actor_options={"num_cpus": 0, "num_gpus": _trainer_gpus(settings)}
+                        ).bind(settings),
     ]
     return QAFront.options(num_replicas=serve_cfg.qa_replicas).bind(settings, *parts)
 

@@ -1,4 +1,4 @@
-"""The ``ragtune`` command: up, ask, ingest, status, down, eval.
+"""The ``ragtune`` command: up, ask, ingest, status, down, eval, train, models.
 
 ``up`` starts a background supervisor (``deploy.stack``) that owns the embedded servers, Ray
 and the Serve application; the other commands talk to it over HTTP (and read ingestion
@@ -24,6 +24,7 @@ import httpx
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from deploy import train_cli
 from deploy.stack import state_path
 from shared import keys
 from shared.bus import Bus
@@ -390,12 +391,14 @@ def parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--output", default=None,
                            help="JSON results file (default: <home>/eval/retrieval-<set>-"
                                 "<split>.json)")
+    train_cli.add_parsers(sub)
     return p
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "ask": cmd_ask, "ingest": cmd_ingest,
             "delete": cmd_delete,
-            "status": cmd_status, "eval": cmd_eval}
+            "status": cmd_status, "eval": cmd_eval, "train": train_cli.cmd_train,
+            "models": train_cli.cmd_models}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,16 +13,23 @@ import threading
 from collections.abc import Callable
 
 from shared import keys
-from shared.bus import Bus, Worker, routes
+from shared.bus import FIELD, BadRequest, Bus, Worker, routes
 from shared.schemas import (
     DeleteBatch,
+    Event,
     GenerateRequest,
     IndexStats,
     IngestBatch,
+    JobQuery,
+    JobRef,
+    ModelsQuery,
+    PromoteRequest,
     RetrieveRequest,
+    RollbackRequest,
     SearchRequest,
     SearchResult,
     StatsRequest,
+    TrainJob,
 )
 from shared.settings import RedisSettings
 
@@ -62,6 +69,101 @@ def generator_worker(service, bus: Bus) -> Worker:
 
     return Worker(bus, keys.GENERATOR, [keys.request_stream(keys.GENERATOR)],
                   routes(generate=(GenerateRequest, generate)))
+
+
+def trainer_worker(runner, bus: Bus) -> Worker:
+    """The trainer's requests; each returns at once (training runs in the runner's thread).
+    A job or registry request that cannot be done is a ``BadRequest`` with the reason."""
+    from services.trainer.service import JobError
+    from shared.registry import RegistryError
+
+    def call(fn):
+        async def handler(body):
+            try:
+                return await asyncio.to_thread(fn, body)
+            except (JobError, RegistryError) as exc:
+                raise BadRequest(str(exc)) from None
+        return handler
+
+    return Worker(bus, keys.TRAINER, [keys.request_stream(keys.TRAINER)], routes(
+        submit=(TrainJob, call(runner.submit)), cancel=(JobRef, call(runner.cancel)),
+        jobs=(JobQuery, call(runner.jobs)), models=(ModelsQuery, call(lambda _q: runner.models())),
+        promote=(PromoteRequest, call(runner.promote)),
+        rollback=(RollbackRequest, call(runner.rollback))), concurrency=4)
+
+
+def publish_sync(redis_url: str, settings: RedisSettings) -> Callable[[Event], None]:
+    """A blocking ``rag:events`` publisher for threads outside any event loop (the trainer)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+
+    def publish(event: Event) -> None:
+        client.xadd(keys.EVENTS, {FIELD: event.model_dump_json()},
+                    maxlen=settings.stream_maxlen, approximate=True)
+
+    return publish
+
+
+class EventThread:
+    """Read every ``rag:events`` broadcast from now on (plain XREAD, no group: each replica
+    sees each event) and call ``handle(event)`` for the kinds in ``kinds``, in this thread.
+    A handler error is logged; the thread carries on."""
+
+    def __init__(self, redis_url: str, kinds: set[str], handle: Callable[[Event], None],
+                 name: str = "events"):
+        import redis
+
+        self._client = redis.Redis.from_url(redis_url)
+        self._kinds = kinds
+        self._handle = handle
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        import redis
+
+        last = "$"
+        while not self._stopping.is_set():
+            try:
+                got = self._client.xread({keys.EVENTS: last}, block=1000, count=10)
+            except redis.RedisError as exc:
+                log.warning("events: %s; retrying in 1 s", exc)
+                self._stopping.wait(1.0)
+                continue
+            for _stream, entries in got or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    try:
+                        event = Event.model_validate_json(fields[FIELD.encode()])
+                    except (KeyError, ValueError):
+                        log.warning("events: malformed entry %s skipped", entry_id)
+                        continue
+                    if event.kind in self._kinds:
+                        try:
+                            self._handle(event)
+                        except Exception:  # noqa: BLE001 - one bad event must not stop us
+                            log.exception("events: handling %s failed", event.kind)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stopping.set()
+        self._thread.join(timeout_s)
+
+
+class Current:
+    """The service version serving now. Attribute reads go to it; ``swap`` replaces it whole,
+    so a call that already started (holding the old service's bound method) finishes on the
+    old version while new calls get the new one."""
+
+    def __init__(self, service) -> None:
+        self.service = service
+
+    def swap(self, service) -> None:
+        self.service = service
+
+    def __getattr__(self, name: str):
+        return getattr(self.service, name)
 
 
 class WorkerThread:

@@ -466,3 +466,107 @@ class Event(Wire):
 
     kind: str
     data: dict = {}
+
+
+# --- training and model versions ------------------------------------------------------------
+MODEL_KINDS = ("retriever", "generator")
+TrainKind = Literal["pretrain", "retriever", "generator", "joint"]
+PackagedSet = Literal["capitals", "capitals_unanswerable", "fanout"]
+
+
+class TrainData(Wire):
+    """What a job trains on: packaged question sets and/or a user JSONL file (see
+    ``shared.datasets.load_qa_jsonl``); every set is split train/dev/test by ``seed``."""
+
+    sets: list[PackagedSet] = Field(
+        default_factory=lambda: ["capitals", "capitals_unanswerable", "fanout"])
+    path: str | None = Field(None, description="a question/answer JSONL file")
+    corpus_limit: int | None = Field(None, ge=1, description="only the first N packaged "
+                                     "documents (a quick trial; questions keep their splits)")
+
+    @model_validator(mode="after")
+    def _some_data(self) -> TrainData:
+        if not self.sets and self.path is None:
+            raise ValueError("no training data: name packaged `sets` or a JSONL `path`")
+        return self
+
+
+class TrainJob(Wire):
+    """A ``rag:train`` job. ``params`` are the kind's hyper-parameters (validated by its config
+    class before anything trains); ``promote`` serves the result when it is done and its dev
+    metrics do not regress."""
+
+    job_id: str = Field(default_factory=lambda: datetime.datetime.now(datetime.UTC)
+                        .strftime("%Y%m%d-%H%M%S-%f"), pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    kind: TrainKind
+    data: TrainData = Field(default_factory=TrainData)
+    params: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 13
+    promote: bool = False
+
+
+JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+class JobStatus(Wire):
+    job_id: str
+    kind: TrainKind
+    state: JobState
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    eta_s: float | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    versions: list[str] = Field(default_factory=list, description="registered, as kind/vNNNN")
+    error: str | None = None
+    updated: float = 0.0
+
+
+class ModelVersion(Wire):
+    kind: Literal["retriever", "generator"]
+    version: str
+    path: str = Field(description="folder relative to the checkpoint directory")
+    created: float
+    job_id: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    reindex: bool = Field(False, description="passages must be re-embedded to serve it")
+    passage_version: str | None = Field(
+        None, description="retriever trained for queries only: the version whose passage "
+                          "vectors it was trained against (None = the base model's)")
+
+
+class KindRecord(Wire):
+    serving: str | None = None
+    history: list[str | None] = Field(default_factory=list)
+    versions: list[ModelVersion] = Field(default_factory=list)
+
+
+class RegistryView(Wire):
+    retriever: KindRecord = Field(default_factory=KindRecord)
+    generator: KindRecord = Field(default_factory=KindRecord)
+
+
+class PromoteRequest(Wire):
+    kind: Literal["retriever", "generator"]
+    version: str | None = Field(None, description="None = the packaged base model")
+
+
+class JobRef(Wire):
+    job_id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class JobQuery(Wire):
+    job_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    limit: int = Field(20, ge=1, le=1000)
+
+
+class JobList(Wire):
+    jobs: list[JobStatus]
+
+
+class ModelsQuery(Wire):
+    pass
+
+
+class RollbackRequest(Wire):
+    kind: Literal["retriever", "generator"]

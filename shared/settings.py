@@ -102,6 +102,13 @@ class RerankSettings(BaseModel):
     candidates: int = Field(20, ge=1, description="fused hits the reranker re-scores")
 
 
+class TrainerSettings(BaseModel):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where training runs: "
+                                                   "auto = CUDA (bf16) when present, else CPU")
+    max_answer_chars: int = Field(500, ge=1, description="longest reference answer accepted")
+    torch_threads: int = Field(0, ge=0, description="threads of the trainer's torch; 0 = all")
+
+
 class LimitSettings(BaseModel):
     max_question_chars: int = Field(1_000, ge=1)
     max_title_chars: int = Field(1_000, ge=1)
@@ -139,6 +146,7 @@ class Settings(BaseSettings):
     generator: GeneratorSettings = GeneratorSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     rerank: RerankSettings = RerankSettings()
+    trainer: TrainerSettings = TrainerSettings()
     limits: LimitSettings = LimitSettings()
     serve: ServeSettings = ServeSettings()
 
@@ -173,6 +181,10 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.home / "checkpoints"
 
     @property
     def log_dir(self) -> Path:

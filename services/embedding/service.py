@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 from services.embedding.chunking import passages, spans
 from services.embedding.index import DenseIndex
 from shared.models.encoder import Encoder
-from shared.schemas import IngestBatch, SearchRequest, SearchResult
+from shared.registry import Registry, collection_for
+from shared.schemas import IngestBatch, ModelVersion, SearchRequest, SearchResult
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -76,8 +77,46 @@ class EmbeddingService:
 
         encoder = Encoder.from_settings(settings)
         client = MilvusClient(uri=milvus_uri)
-        return cls(encoder, DenseIndex(client, settings.milvus.collection, encoder.dim),
-                   settings.embedding.chunk_chars, settings.embedding.chunk_overlap)
+        service = cls(encoder, DenseIndex(client, settings.milvus.collection, encoder.dim),
+                      settings.embedding.chunk_chars, settings.embedding.chunk_overlap)
+        registry = Registry(settings.checkpoint_dir)
+        serving = registry.serving("retriever")
+        if serving is not None:
+            service.serve_version(serving, registry, settings)
+        return service
+
+    def serve_version(self, version: ModelVersion | None, registry: Registry,
+                      settings: Settings) -> None:
+        """Serve retriever ``version`` (None = the base model) from the registry.
+
+        A version searching the current passage vectors swaps the query encoder only. One
+        needing other passage vectors serves from its own collection: built by ``reindex``
+        from the current rows unless it already holds as many documents (another replica
+        built it), which takes minutes on a large corpus.
+        """
+        passage = registry.passage_side(version)
+        collection = collection_for(settings.milvus.collection, passage)
+
+        def load(v: ModelVersion | None) -> Encoder:
+            if v is None:
+                return Encoder.from_settings(settings)
+            return Encoder.from_settings(settings, str(registry.path_of(v)))
+
+        query_encoder = load(version)
+        if collection == self.active.index.collection:
+            self.use_query_encoder(query_encoder)
+            return
+        passage_encoder = query_encoder if passage == version else load(passage)
+        client = self.active.index.client
+        if client.has_collection(collection):
+            ready = DenseIndex(client, collection, passage_encoder.dim)
+            if ready.count() == self.count():
+                self.active = Active(query_encoder, passage_encoder, ready)
+                self._count = None
+                log.info("serving retriever %s from the existing collection %s",
+                         version.version if version else "base", collection)
+                return
+        self.reindex(passage_encoder, collection, query_encoder)
 
     def ingest(self, batch: IngestBatch) -> None:
         """Encode and upsert every document of ``batch`` (keyed by doc_id).

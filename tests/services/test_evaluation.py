@@ -166,7 +166,8 @@ def test_tuning_split_never_is_the_reported_one():
 
 
 def test_load_dataset_picks_packaged_or_beir(tmp_path):
-    with pytest.raises(ValueError, match="unknown data set 'squad': use one of fanout, capitals, packaged"):
+    with pytest.raises(ValueError,
+                       match="unknown data set .squad.: use one of fanout, capitals, packaged"):
         load_dataset("squad", "test")
     test, tune = load_dataset(str(write_beir(tmp_path / "tiny")), "test")
     assert (test.split, tune.split) == ("test", "dev")

@@ -1,0 +1,283 @@
+"""``ragtune train``, ``ragtune models`` and ``ragtune eval qa``.
+
+With ragtune up, jobs go to the trainer actor over HTTP (``/v1/train``) and promotions swap
+models into the running replicas (``/v1/models``). Without it (or with ``--local``), training
+runs in this process and promotions only update the registry, which the next ``up`` serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from shared.schemas import JobStatus, RegistryView, TrainData, TrainJob
+from shared.settings import Settings
+
+TRAIN_KINDS = ("pretrain", "retriever", "generator", "joint")
+PACKAGED_SETS = ("capitals", "capitals_unanswerable", "fanout")
+
+
+def _cli():
+    # deploy.cli imports this module; import it lazily to keep the dependency one-way.
+    from deploy import cli
+
+    return cli
+
+
+# --- building a job ---------------------------------------------------------------------------
+def read_params(path: str | None) -> dict:
+    """Hyper-parameters from a JSON or YAML file (a mapping); {} without a file."""
+    cli = _cli()
+    if path is None:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise cli.CLIError(f"{file}: no such file")
+    text = file.read_text()
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            params = yaml.safe_load(text)
+        else:
+            params = json.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError are ValueErrors
+        raise cli.CLIError(f"{file}: cannot parse: {exc}") from None
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise cli.CLIError(f"{file}: expected a mapping of parameter names to values")
+    return params
+
+
+def build_job(args: argparse.Namespace) -> TrainJob:
+    cli = _cli()
+    sets = [] if args.sets == "none" else [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = [s for s in sets if s not in PACKAGED_SETS]
+    if unknown:
+        raise cli.CLIError(f"unknown question set(s) {', '.join(unknown)}; known: "
+                           f"{', '.join(PACKAGED_SETS)} (or none)")
+    try:
+        data = TrainData(sets=sets, path=str(Path(args.data).resolve()) if args.data else None)
+        fields = {"kind": args.kind, "data": data, "params": read_params(args.config),
+                  "seed": args.seed, "promote": args.promote}
+        if args.job_id:
+            fields["job_id"] = args.job_id
+        return TrainJob(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise cli.CLIError(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+
+
+# --- train ------------------------------------------------------------------------------------
+def cmd_train(settings: Settings, args: argparse.Namespace) -> None:
+    cli = _cli()
+    if args.kind == "status":
+        return _train_status(settings, args)
+    if args.kind == "cancel":
+        return _train_cancel(settings, args)
+    job = build_job(args)
+    state = None if args.local else cli.read_state(settings)
+    if state is None:
+        return _train_local(settings, job)
+    status = JobStatus.model_validate(cli._request(
+        "POST", f"{state['http_url']}/v1/train", settings.serve.request_timeout_s + 5,
+        json=job.model_dump(mode="json")))
+    cli._out(f"job {status.job_id} queued on the trainer")
+    if args.detach:
+        return None
+    try:
+        _follow(state, status.job_id, settings)
+    except KeyboardInterrupt:
+        cli._out(f"\nstopped following; the job goes on (`ragtune train cancel {job.job_id}` "
+                 "stops it)")
+    return None
+
+
+def _train_local(settings: Settings, job: TrainJob) -> None:
+    cli = _cli()
+    from services.trainer.service import JobError, TrainerService
+
+    trainer = TrainerService(settings)
+    bar = tqdm(total=0, unit="step", desc=f"{job.kind} {job.job_id}")
+
+    def on_status(status: JobStatus) -> None:
+        if status.total_steps and bar.total != status.total_steps:
+            bar.total = status.total_steps
+            bar.refresh()
+        bar.update(max(0, status.step - bar.n))
+        postfix = {"loss": f"{status.loss:.4f}"} if status.loss is not None else {}
+        postfix.update({k: f"{v:.3f}" for k, v in list(status.metrics.items())[:3]})
+        bar.set_postfix(postfix, refresh=False)
+
+    try:
+        trainer.submit(job)
+        status = trainer.run(job, on_status=on_status)
+    except JobError as exc:
+        raise cli.CLIError(str(exc)) from None
+    finally:
+        bar.close()
+    _report_finished(status, trainer.registry.run_dir(job.job_id))
+    if status.state == "failed":
+        raise cli.CLIError(f"job {job.job_id} failed: {status.error}")
+
+
+def _follow(state: dict, job_id: str, settings: Settings) -> None:
+    cli = _cli()
+    bar = tqdm(total=0, unit="step", desc=job_id)
+    try:
+        while True:
+            status = JobStatus.model_validate(cli._request(
+                "GET", f"{state['http_url']}/v1/train/{job_id}", 30))
+            if status.total_steps and bar.total != status.total_steps:
+                bar.total = status.total_steps
+                bar.refresh()
+            bar.update(max(0, status.step - bar.n))
+            if status.loss is not None:
+                bar.set_postfix(loss=f"{status.loss:.4f}", refresh=False)
+            if status.state not in ("queued", "running"):
+                break
+            time.sleep(1.0)
+    finally:
+        bar.close()
+    _report_finished(status, settings.checkpoint_dir / "runs" / job_id)
+    if status.state == "failed":
+        raise cli.CLIError(f"job {job_id} failed: {status.error}")
+
+
+def _report_finished(status: JobStatus, run_dir: Path) -> None:
+    cli = _cli()
+    cli._out(f"job {status.job_id}: {status.state}")
+    if status.metrics:
+        cli._out("dev metrics: " + ", ".join(f"{k} {v:.3f}" for k, v in status.metrics.items()))
+    for version in status.versions:
+        cli._out(f"registered {version} (serve it: `ragtune models promote "
+                 f"{version.replace('/', ' ')}`)")
+    cli._out(f"run folder: {run_dir}")
+
+
+def _train_status(settings: Settings, args: argparse.Namespace) -> None:
+    cli = _cli()
+    state = cli.read_state(settings)
+    if state is not None:
+        url = f"{state['http_url']}/v1/train"
+        if args.job_id:
+            statuses = [JobStatus.model_validate(cli._request("GET", f"{url}/{args.job_id}", 30))]
+        else:
+            statuses = [JobStatus.model_validate(j) for j in cli._request("GET", url, 30)["jobs"]]
+    else:
+        from services.trainer.service import TrainerService
+
+        trainer = TrainerService(settings)
+        if args.job_id:
+            found = trainer.status(args.job_id)
+            if found is None:
+                raise cli.CLIError(f"no job {args.job_id!r}")
+            statuses = [found]
+        else:
+            statuses = trainer.statuses()
+    if not statuses:
+        cli._out("no training jobs yet")
+    for s in statuses:
+        loss = f"loss {s.loss:.4f}" if s.loss is not None else ""
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.updated))
+        cli._out(f"{s.job_id}  {s.kind:<9} {s.state:<9} step {s.step}/{s.total_steps} {loss}"
+                 f"  {' '.join(s.versions)}  {when}" + (f"\n    {s.error}" if s.error else ""))
+
+
+def _train_cancel(settings: Settings, args: argparse.Namespace) -> None:
+    cli = _cli()
+    if not args.job_id:
+        raise cli.CLIError("name the job: ragtune train cancel JOB_ID")
+    state = cli.read_state(settings)
+    if state is not None:
+        cli._request("POST", f"{state['http_url']}/v1/train/{args.job_id}/cancel", 30)
+    else:
+        from services.trainer.service import JobError, TrainerService
+
+        try:
+            TrainerService(settings).cancel(args.job_id)
+        except JobError as exc:
+            raise cli.CLIError(str(exc)) from None
+    cli._out(f"asked job {args.job_id} to stop after its current step")
+
+
+# --- models -----------------------------------------------------------------------------------
+def cmd_models(settings: Settings, args: argparse.Namespace) -> None:
+    cli = _cli()
+    from shared.registry import Registry, RegistryError
+
+    state = cli.read_state(settings)
+    if args.models_command == "list":
+        view = (RegistryView.model_validate(
+            cli._request("GET", f"{state['http_url']}/v1/models", 30))
+            if state is not None else Registry(settings.checkpoint_dir).view())
+    elif state is not None:
+        path = "promote" if args.models_command == "promote" else "rollback"
+        body = {"kind": args.kind}
+        if path == "promote":
+            body["version"] = None if args.version == "base" else args.version
+        view = RegistryView.model_validate(cli._request(
+            "POST", f"{state['http_url']}/v1/models/{path}", settings.serve.request_timeout_s,
+            json=body))
+    else:
+        registry = Registry(settings.checkpoint_dir)
+        try:
+            if args.models_command == "promote":
+                registry.promote(args.kind, None if args.version == "base" else args.version)
+            else:
+                registry.rollback(args.kind)
+        except RegistryError as exc:
+            raise cli.CLIError(str(exc)) from None
+        view = registry.view()
+        cli._out("ragtune is not running: the next `ragtune up` serves this")
+    _print_models(view)
+
+
+def _print_models(view: RegistryView) -> None:
+    cli = _cli()
+    for kind in ("retriever", "generator"):
+        record = getattr(view, kind)
+        cli._out(f"{kind}: serving {record.serving or 'base (packaged)'}")
+        for v in record.versions:
+            mark = "*" if v.version == record.serving else " "
+            metrics = ", ".join(f"{k} {x:.3f}" for k, x in list(v.metrics.items())[:4])
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created))
+            cli._out(f"  {mark} {v.version}  {when}  job {v.job_id or '-'}  {metrics}")
+
+
+# --- argument parsing --------------------------------------------------------------------------
+def add_parsers(sub) -> None:
+    train = sub.add_parser("train", help="fine-tune the retriever and/or generator; "
+                                         "`train status`, `train cancel JOB_ID`")
+    train.add_argument("kind", choices=(*TRAIN_KINDS, "status", "cancel"))
+    train.add_argument("job_id", nargs="?", default=None,
+                       help="for status/cancel: the job; for training: an id to give the job")
+    train.add_argument("--config", default=None,
+                       help="JSON or YAML file of hyper-parameters (see README: Training)")
+    train.add_argument("--data", default=None,
+                       help="question/answer JSONL file: question, answer(s), [doc_ids]")
+    train.add_argument("--sets", default=",".join(PACKAGED_SETS),
+                       help="packaged question sets to train on, comma-separated, or none "
+                            "(default: all)")
+    train.add_argument("--seed", type=int, default=13, help="split and training seed")
+    train.add_argument("--promote", action="store_true",
+                       help="serve the result when the job is done")
+    train.add_argument("--local", action="store_true",
+                       help="train in this process even if ragtune is up")
+    train.add_argument("--detach", action="store_true",
+                       help="queue the job and return (ragtune up only)")
+
+    models = sub.add_parser("models", help="model versions: list, promote, rollback")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_sub.add_parser("list", help="every version and the serving one")
+    promote = models_sub.add_parser("promote", help="serve a version (or `base`)")
+    promote.add_argument("kind", choices=("retriever", "generator"))
+    promote.add_argument("version", help="e.g. v0002, or base for the packaged model")
+    rollback = models_sub.add_parser("rollback", help="serve the previous version again")
+    rollback.add_argument("kind", choices=("retriever", "generator"))

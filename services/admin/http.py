@@ -1,0 +1,70 @@
+"""HTTP API for training and model versions: ``/v1/train`` and ``/v1/models``.
+
+A router the front includes beside ``/v1/qa``. Every call is one request to the trainer over
+the bus; the trainer checks a job completely before queueing it, so a bad job is a 400 with
+its reason (the front's bus-error handler maps it), never a failed run later.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from shared import keys
+from shared.bus import Bus
+from shared.schemas import (
+    JobList,
+    JobQuery,
+    JobRef,
+    JobStatus,
+    ModelsQuery,
+    PromoteRequest,
+    RegistryView,
+    RollbackRequest,
+    TrainJob,
+)
+
+
+def admin_router(bus: Bus, timeout_s: float) -> APIRouter:
+    router = APIRouter()
+
+    async def ask(kind: str, body, model):
+        return await bus.request(keys.TRAINER, kind, body, timeout_s, model)
+
+    @router.post("/v1/train", response_model=JobStatus, status_code=202)
+    async def submit(job: TrainJob) -> JobStatus:
+        """Queue a training job (pretrain, retriever, generator or joint); returns its status.
+        Follow it with ``GET /v1/train/{job_id}`` or the ``train.progress`` events."""
+        return await ask("submit", job, JobStatus)
+
+    @router.get("/v1/train", response_model=JobList)
+    async def jobs(limit: int = 20) -> JobList:
+        """The newest training jobs, newest first."""
+        return await ask("jobs", JobQuery(limit=limit), JobList)
+
+    @router.get("/v1/train/{job_id}", response_model=JobStatus)
+    async def job(job_id: str) -> JobStatus:
+        found: JobList = await ask("jobs", JobQuery(job_id=job_id), JobList)
+        return found.jobs[0]
+
+    @router.post("/v1/train/{job_id}/cancel", response_model=JobStatus)
+    async def cancel(job_id: str) -> JobStatus:
+        """Stop a job after its current step; its last saved state stays for a resume."""
+        return await ask("cancel", JobRef(job_id=job_id), JobStatus)
+
+    @router.get("/v1/models", response_model=RegistryView)
+    async def models() -> RegistryView:
+        """Every model version and the one each model serves."""
+        return await ask("models", ModelsQuery(), RegistryView)
+
+    @router.post("/v1/models/promote", response_model=RegistryView)
+    async def promote(req: PromoteRequest) -> RegistryView:
+        """Serve a version (``version: null`` = the packaged base); replicas swap it in while
+        serving, requests in flight finish on the old one."""
+        return await ask("promote", req, RegistryView)
+
+    @router.post("/v1/models/rollback", response_model=RegistryView)
+    async def rollback(req: RollbackRequest) -> RegistryView:
+        """Serve the version that served before the last promotion."""
+        return await ask("rollback", req, RegistryView)
+
+    return router

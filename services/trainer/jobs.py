@@ -1,0 +1,201 @@
+"""Each job kind as one function: load what it trains on and from, run its loop, return the
+saved model folders. A table maps the kind to its config class and its function.
+
+Every kind starts from what serves now (the registry's serving versions, else the packaged
+models) and trains on the packaged corpus with the job's questions, split train/dev/test by
+the job's seed (test is never seen). A retriever trained for queries only keeps the passage
+vectors of the version it started from; its record says which (``passage_version``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.trainer import loop
+from services.trainer.generator import GeneratorTrainConfig, train_generator
+from services.trainer.retriever import RetrieverTrainConfig, pretrain_retriever, train_retriever
+from shared import datasets
+from shared.datasets import QAItem
+from shared.models.encoder import Encoder
+from shared.registry import Registry
+from shared.schemas import Document, ModelVersion, TrainJob
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# A job's result: (model kind, saved model folder, passage_version for query-only retrievers)
+Output = tuple[str, Path, str | None]
+
+
+@dataclass
+class Prepared:
+    """A checked job: its validated config and its questions by split."""
+
+    job: TrainJob
+    config: BaseModel
+    splits: dict[str, list[QAItem]]
+
+
+# --- data -----------------------------------------------------------------------------------
+def load_questions(job: TrainJob, settings: Settings) -> dict[str, list[QAItem]]:
+    """train/dev/test questions of the job's packaged sets and JSONL file (split by seed).
+    Raises ``DataFileError`` (a ValueError) for a bad file."""
+    splits: dict[str, list[QAItem]] = {name: [] for name in datasets.SPLITS}
+    for name in job.data.sets:
+        for split in datasets.SPLITS:
+            splits[split] += datasets.load_split(name, split, seed=job.seed)
+    if job.data.path is not None:
+        items = datasets.load_qa_jsonl(Path(job.data.path),
+                                       max_answer_chars=settings.trainer.max_answer_chars,
+                                       max_question_chars=settings.limits.max_question_chars)
+        for split, part in datasets.split(items, seed=job.seed).items():
+            splits[split] += part
+    if not splits["train"]:
+        raise ValueError("the training split is empty: give more questions")
+    return splits
+
+
+# --- models: what serves now ------------------------------------------------------------------
+def serving_encoders(settings: Settings, registry: Registry,
+                     device) -> tuple[Encoder, ModelVersion | None, Encoder, ModelVersion | None]:
+    """(passage encoder, its version, query encoder, its version) of the serving retriever."""
+    serving = registry.serving("retriever")
+    passage = registry.passage_side(serving)
+
+    def load(version: ModelVersion | None) -> Encoder:
+        path = None if version is None else str(registry.path_of(version))
+        encoder = Encoder.from_settings(settings, path)
+        encoder.model.to(device)
+        return encoder
+
+    passage_encoder = load(passage)
+    query_encoder = passage_encoder if serving == passage else load(serving)
+    return passage_encoder, passage, query_encoder, serving
+
+
+def serving_generator(settings: Settings, registry: Registry):
+    """(model, tokenizer) of the serving generator version, else the configured/packaged one."""
+    from shared.models.generator import load_generator
+
+    path = registry.serving_path("generator")
+    if path is not None:
+        settings = settings.model_copy(update={"generator": settings.generator.model_copy(
+            update={"model": str(path)})})
+    return load_generator(settings)
+
+
+def _retrieval(settings: Settings, registry: Registry, corpus: list[Document], device):
+    """The serving retrieval (hybrid, serving fusion), in-process, for building prompts."""
+    from services.evaluation.qa import HybridRetriever
+    from services.evaluation.retrieval import corpus_embeddings
+
+    passage_encoder, _, query_encoder, _ = serving_encoders(settings, registry, device)
+    vectors = corpus_embeddings(passage_encoder, corpus, settings.home / "cache", progress=True)
+    return HybridRetriever(query_encoder, corpus, doc_vectors=vectors,
+                           candidates=settings.retrieval.candidates,
+                           mode=settings.retrieval.mode, weight=settings.retrieval.weight,
+                           rrf_k=settings.retrieval.rrf_k)
+
+
+# --- the kinds --------------------------------------------------------------------------------
+Context = dict[str, Any]
+
+
+def run_retriever(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
+                  ) -> list[Output]:
+    config: RetrieverTrainConfig = p.config
+    registry = Registry(settings.checkpoint_dir)
+    device, _ = loop.pick_device(settings.trainer.device)
+    corpus = datasets.load_corpus(p.job.data.corpus_limit)
+    passage_encoder, passage_version, _, _ = serving_encoders(settings, registry, device)
+    result = train_retriever(config, passage_encoder, p.splits["train"], p.splits["dev"], corpus,
+                             run_dir, progress, should_stop,
+                             cache_dir=settings.home / "cache")
+    keep = None if result.reindex or passage_version is None else passage_version.version
+    return [("retriever", result.model_dir, keep)]
+
+
+def run_generator(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
+                  ) -> list[Output]:
+    config: GeneratorTrainConfig = p.config
+    registry = Registry(settings.checkpoint_dir)
+    device, _ = loop.pick_device(config.device)
+    corpus = datasets.load_corpus(p.job.data.corpus_limit)
+    model, tokenizer = serving_generator(settings, registry)
+    with _retrieval(settings, registry, corpus, device) as retrieval:
+        result = train_generator(config, model, tokenizer, p.splits["train"], p.splits["dev"],
+                                 retrieval, run_dir, progress=progress, should_stop=should_stop)
+    return [("generator", result.model_dir, None)]
+
+
+class PretrainParams(BaseModel):
+    """``pretrain`` job: continued LM training of the generator on the corpus text and/or the
+    unsupervised contrastive warm-up of the retriever (two crops of one document)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field("both", pattern="^(generator|retriever|both)$")
+    retriever: RetrieverTrainConfig = Field(default_factory=RetrieverTrainConfig)
+    generator: dict[str, Any] = Field(default_factory=dict)
+
+
+def run_pretrain(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
+                 ) -> list[Output]:
+    params: PretrainParams = p.config
+    registry = Registry(settings.checkpoint_dir)
+    device, _ = loop.pick_device(settings.trainer.device)
+    corpus = datasets.load_corpus(p.job.data.corpus_limit)
+    outputs: list[Output] = []
+    if params.target in ("retriever", "both"):
+        passage_encoder, passage_version, _, _ = serving_encoders(settings, registry, device)
+        result = pretrain_retriever(params.retriever, passage_encoder, corpus,
+                                    run_dir / "retriever", progress, should_stop,
+                                    dev_items=p.splits["dev"], cache_dir=settings.home / "cache")
+        keep = None if result.reindex or passage_version is None else passage_version.version
+        outputs.append(("retriever", result.model_dir, keep))
+    if params.target in ("generator", "both"):
+        from services.trainer.lm import LMTrainConfig, train_lm
+
+        config = LMTrainConfig.model_validate(params.generator)
+        model, tokenizer = serving_generator(settings, registry)
+        result = train_lm(config, model, tokenizer, [datasets.document_text(d) for d in corpus],
+                          run_dir / "generator", progress=progress, should_stop=should_stop)
+        outputs.append(("generator", result.model_dir, None))
+    return outputs
+
+
+# kind -> (config class validated from the job's params, runner)
+Runner = Callable[[Prepared, Settings, Path, loop.ProgressFn, Callable[[], bool]], list[Output]]
+KINDS: dict[str, tuple[type[BaseModel], Runner]] = {
+    "retriever": (RetrieverTrainConfig, run_retriever),
+    "generator": (GeneratorTrainConfig, run_generator),
+    "pretrain": (PretrainParams, run_pretrain),
+}
+
+
+def prepare(job: TrainJob, settings: Settings) -> Prepared:
+    """Validate the job's params against its kind's config and load its questions.
+    Raises ValueError (pydantic's ValidationError included) naming what is wrong."""
+    if job.kind not in KINDS:
+        raise ValueError(f"unknown job kind {job.kind!r}; known: {', '.join(KINDS)}")
+    config_class, _ = KINDS[job.kind]
+    params = dict(job.params)
+    if "seed" in config_class.model_fields and "seed" not in params:
+        params["seed"] = job.seed
+    if "device" in config_class.model_fields and "device" not in params:
+        params["device"] = settings.trainer.device
+    config = config_class.model_validate(params)
+    return Prepared(job=job, config=config, splits=load_questions(job, settings))
+
+
+def execute(p: Prepared, settings: Settings, run_dir: Path, progress: loop.ProgressFn,
+            should_stop: Callable[[], bool]) -> list[Output]:
+    """Run the prepared job; returns what it saved. Raises ``loop.Cancelled`` on cancel."""
+    _, runner = KINDS[p.job.kind]
+    return runner(p, settings, run_dir, progress, should_stop)

@@ -1,0 +1,181 @@
+"""The trainer as a plain class: check a job, run it, record its state, register what it made.
+
+The Ray actor (``deploy/app.py``) only schedules: it hands ``rag:train`` jobs to ``run`` one at
+a time in a thread and publishes what ``run`` reports. Everything here works without Ray or
+Redis, so the CLI's ``--local`` mode, the benchmarks and the tests call it directly.
+
+A job's folder is ``<checkpoint dir>/runs/<job id>/``: ``job.json`` (the job as submitted),
+``status.json`` (its ``JobStatus``, rewritten as it runs), the loop's resume state and report,
+and ``CANCEL`` when someone asked it to stop. A job found ``queued`` or ``running`` when the
+trainer starts was interrupted by a crash: ``pending()`` lists it and ``run`` resumes it from
+its last saved state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from services.trainer import jobs
+from services.trainer.loop import Cancelled, Progress
+from shared.registry import Registry, RegistryError
+from shared.schemas import JobStatus, ModelVersion, TrainJob
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+JOB_FILE = "job.json"
+STATUS_FILE = "status.json"
+CANCEL_FILE = "CANCEL"
+
+StatusFn = Callable[[JobStatus], None]
+
+
+class JobError(ValueError):
+    """A job cannot run as submitted; the message says what to change. Raised before any
+    training starts."""
+
+
+class TrainerService:
+    """Runs training jobs against the checkpoint registry of ``settings``."""
+
+    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or Registry(settings.checkpoint_dir)
+
+    # --- before training -------------------------------------------------------------------
+    def check(self, job: TrainJob) -> jobs.Prepared:
+        """Validate ``job`` completely (hyper-parameters, data files, answers, paths) without
+        training; returns what ``run`` needs. Raises ``JobError`` naming the problem."""
+        try:
+            self.registry.run_dir(job.job_id)
+            return jobs.prepare(job, self.settings)
+        except ValidationError as exc:
+            raise JobError(f"{job.kind} job: bad params: {_first_error(exc)}") from None
+        except (ValueError, RegistryError) as exc:
+            raise JobError(f"{job.kind} job: {exc}") from None
+
+    def submit(self, job: TrainJob) -> JobStatus:
+        """Check ``job`` and record it as queued (idempotent by job id)."""
+        self.check(job)
+        run_dir = self.registry.run_dir(job.job_id)
+        existing = self.status(job.job_id)
+        if existing is not None:
+            return existing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / JOB_FILE).write_text(job.model_dump_json(indent=2))
+        status = JobStatus(job_id=job.job_id, kind=job.kind, state="queued",
+                           updated=time.time())
+        self._write_status(run_dir, status)
+        return status
+
+    # --- training --------------------------------------------------------------------------
+    def run(self, job: TrainJob, on_status: StatusFn | None = None) -> JobStatus:
+        """Train ``job`` to the end (resuming from its saved state if it was interrupted),
+        register the models it made and, with ``job.promote``, serve them.
+
+        Never raises for a training failure: the returned status says ``failed`` and why, or
+        ``cancelled``. Raises ``JobError`` only when the job does not pass ``check``.
+        """
+        prepared = self.check(job)
+        run_dir = self.registry.run_dir(job.job_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / JOB_FILE).exists():
+            (run_dir / JOB_FILE).write_text(job.model_dump_json(indent=2))
+        status = JobStatus(job_id=job.job_id, kind=job.kind, state="running",
+                           updated=time.time())
+        self._publish(run_dir, status, on_status)
+
+        def progress(p: Progress) -> None:
+            status.step, status.total_steps = p.step, p.total_steps
+            status.loss = p.loss
+            status.eta_s = p.eta_s
+            if p.metrics:
+                status.metrics = {k: float(v) for k, v in p.metrics.items()
+                                  if isinstance(v, int | float)}
+            self._publish(run_dir, status, on_status)
+
+        def should_stop() -> bool:
+            return (run_dir / CANCEL_FILE).exists()
+
+        try:
+            outputs = jobs.execute(prepared, self.settings, run_dir, progress, should_stop)
+            versions = [self.registry.register(kind, folder, job_id=job.job_id,
+                                               passage_version=passage_version)
+                        for kind, folder, passage_version in outputs]
+            status.versions = [f"{v.kind}/{v.version}" for v in versions]
+            if job.promote:
+                for version in versions:
+                    self.promote(version)
+            status.state = "done"
+        except Cancelled:
+            status.state = "cancelled"
+            (run_dir / CANCEL_FILE).unlink(missing_ok=True)
+        except Exception as exc:  # noqa: BLE001 - any failure is recorded, the trainer lives on
+            log.exception("job %s failed", job.job_id)
+            status.state = "failed"
+            status.error = f"{type(exc).__name__}: {exc}"
+        self._publish(run_dir, status, on_status)
+        return status
+
+    def promote(self, version: ModelVersion) -> None:
+        self.registry.promote(version.kind, version.version)
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """Ask job ``job_id`` to stop after its current step (its saved state stays)."""
+        status = self.status(job_id)
+        if status is None:
+            raise JobError(f"no job {job_id!r}")
+        if status.state in ("queued", "running"):
+            (self.registry.run_dir(job_id) / CANCEL_FILE).touch()
+        return status
+
+    # --- state -----------------------------------------------------------------------------
+    def job(self, job_id: str) -> TrainJob:
+        path = self.registry.run_dir(job_id) / JOB_FILE
+        if not path.is_file():
+            raise JobError(f"no job {job_id!r}")
+        return TrainJob.model_validate_json(path.read_text())
+
+    def status(self, job_id: str) -> JobStatus | None:
+        path = self.registry.run_dir(job_id) / STATUS_FILE
+        if not path.is_file():
+            return None
+        return JobStatus.model_validate_json(path.read_text())
+
+    def statuses(self, limit: int = 20) -> list[JobStatus]:
+        """The newest ``limit`` jobs, newest first."""
+        runs = self.registry.root / "runs"
+        if not runs.is_dir():
+            return []
+        found = [JobStatus.model_validate_json(p.read_text())
+                 for p in runs.glob(f"*/{STATUS_FILE}")]
+        return sorted(found, key=lambda s: s.updated, reverse=True)[:limit]
+
+    def pending(self) -> list[TrainJob]:
+        """Jobs left queued or running (a crash interrupted them), oldest first."""
+        left = [s for s in self.statuses(limit=10_000) if s.state in ("queued", "running")]
+        return [self.job(s.job_id) for s in sorted(left, key=lambda s: s.updated)]
+
+    def _publish(self, run_dir: Path, status: JobStatus, on_status: StatusFn | None) -> None:
+        status.updated = time.time()
+        self._write_status(run_dir, status)
+        if on_status is not None:
+            on_status(status.model_copy())
+
+    @staticmethod
+    def _write_status(run_dir: Path, status: JobStatus) -> None:
+        tmp = run_dir / f".{STATUS_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(status.model_dump_json(indent=2))
+        os.replace(tmp, run_dir / STATUS_FILE)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "params"
+    return f"{where}: {err.get('msg', 'invalid')}"
