@@ -17,8 +17,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.evaluation.retrieval import corpus_embeddings
 from services.trainer import loop
 from services.trainer.generator import GeneratorTrainConfig, train_generator
+from services.trainer.joint import JointTrainConfig, train_joint
+from services.trainer.lm import LMTrainConfig, train_lm
 from services.trainer.retriever import RetrieverTrainConfig, pretrain_retriever, train_retriever
 from shared import datasets
 from shared.datasets import QAItem
@@ -93,7 +96,6 @@ def serving_generator(settings: Settings, registry: Registry):
 def _retrieval(settings: Settings, registry: Registry, corpus: list[Document], device):
     """The serving retrieval (hybrid, serving fusion), in-process, for building prompts."""
     from services.evaluation.qa import HybridRetriever
-    from services.evaluation.retrieval import corpus_embeddings
 
     passage_encoder, _, query_encoder, _ = serving_encoders(settings, registry, device)
     vectors = corpus_embeddings(passage_encoder, corpus, settings.home / "cache", progress=True)
@@ -134,6 +136,24 @@ def run_generator(p: Prepared, settings: Settings, run_dir: Path, progress, shou
     return [("generator", result.model_dir, None)]
 
 
+def run_joint(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
+              ) -> list[Output]:
+    """Joint RAG training: the query encoder (against the serving passage vectors, which stay)
+    and the generator, together, through the answer loss."""
+    config: JointTrainConfig = p.config
+    registry = Registry(settings.checkpoint_dir)
+    device, _ = loop.pick_device(config.device)
+    corpus = datasets.load_corpus(p.job.data.corpus_limit)
+    passage_encoder, passage_version, query_encoder, _ = serving_encoders(settings, registry,
+                                                                         device)
+    vectors = corpus_embeddings(passage_encoder, corpus, settings.home / "cache", progress=True)
+    model, tokenizer = serving_generator(settings, registry)
+    result = train_joint(config, query_encoder, model, tokenizer, corpus, vectors,
+                         p.splits["train"], run_dir, progress=progress, should_stop=should_stop)
+    keep = None if passage_version is None else passage_version.version
+    return [("retriever", result.retriever_dir, keep), ("generator", result.generator_dir, None)]
+
+
 class PretrainParams(BaseModel):
     """``pretrain`` job: continued LM training of the generator on the corpus text and/or the
     unsupervised contrastive warm-up of the retriever (two crops of one document)."""
@@ -160,9 +180,8 @@ def run_pretrain(p: Prepared, settings: Settings, run_dir: Path, progress, shoul
         keep = None if result.reindex or passage_version is None else passage_version.version
         outputs.append(("retriever", result.model_dir, keep))
     if params.target in ("generator", "both"):
-        from services.trainer.lm import LMTrainConfig, train_lm
-
-        config = LMTrainConfig.model_validate(params.generator)
+        config = LMTrainConfig.model_validate(
+            {"device": settings.trainer.device, "seed": p.job.seed, **params.generator})
         model, tokenizer = serving_generator(settings, registry)
         result = train_lm(config, model, tokenizer, [datasets.document_text(d) for d in corpus],
                           run_dir / "generator", progress=progress, should_stop=should_stop)
@@ -176,6 +195,7 @@ KINDS: dict[str, tuple[type[BaseModel], Runner]] = {
     "retriever": (RetrieverTrainConfig, run_retriever),
     "generator": (GeneratorTrainConfig, run_generator),
     "pretrain": (PretrainParams, run_pretrain),
+    "joint": (JointTrainConfig, run_joint),
 }
 
 

@@ -87,18 +87,15 @@ class TrainerService:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / JOB_FILE).exists():
             (run_dir / JOB_FILE).write_text(job.model_dump_json(indent=2))
-        status = JobStatus(job_id=job.job_id, kind=job.kind, state="running",
-                           updated=time.time())
-        self._publish(run_dir, status, on_status)
+        now: dict = {"job_id": job.job_id, "kind": job.kind, "state": "running"}
+        self._publish(run_dir, now, on_status)
 
         def progress(p: Progress) -> None:
-            status.step, status.total_steps = p.step, p.total_steps
-            status.loss = p.loss
-            status.eta_s = p.eta_s
+            now.update(step=p.step, total_steps=p.total_steps, loss=p.loss, eta_s=p.eta_s)
             if p.metrics:
-                status.metrics = {k: float(v) for k, v in p.metrics.items()
-                                  if isinstance(v, int | float)}
-            self._publish(run_dir, status, on_status)
+                now["metrics"] = {k: float(v) for k, v in p.metrics.items()
+                                  if isinstance(v, int | float) and not isinstance(v, bool)}
+            self._publish(run_dir, now, on_status)
 
         def should_stop() -> bool:
             return (run_dir / CANCEL_FILE).exists()
@@ -108,20 +105,19 @@ class TrainerService:
             versions = [self.registry.register(kind, folder, job_id=job.job_id,
                                                passage_version=passage_version)
                         for kind, folder, passage_version in outputs]
-            status.versions = [f"{v.kind}/{v.version}" for v in versions]
+            now["versions"] = [f"{v.kind}/{v.version}" for v in versions]
             if job.promote:
                 for version in versions:
                     self.promote(version)
-            status.state = "done"
+            now["state"] = "done"
         except Cancelled:
-            status.state = "cancelled"
+            now["state"] = "cancelled"
             (run_dir / CANCEL_FILE).unlink(missing_ok=True)
         except Exception as exc:  # noqa: BLE001 - any failure is recorded, the trainer lives on
             log.exception("job %s failed", job.job_id)
-            status.state = "failed"
-            status.error = f"{type(exc).__name__}: {exc}"
-        self._publish(run_dir, status, on_status)
-        return status
+            now["state"] = "failed"
+            now["error"] = f"{type(exc).__name__}: {exc}"
+        return self._publish(run_dir, now, on_status)
 
     def promote(self, version: ModelVersion) -> None:
         self.registry.promote(version.kind, version.version)
@@ -162,11 +158,12 @@ class TrainerService:
         left = [s for s in self.statuses(limit=10_000) if s.state in ("queued", "running")]
         return [self.job(s.job_id) for s in sorted(left, key=lambda s: s.updated)]
 
-    def _publish(self, run_dir: Path, status: JobStatus, on_status: StatusFn | None) -> None:
-        status.updated = time.time()
+    def _publish(self, run_dir: Path, fields: dict, on_status: StatusFn | None) -> JobStatus:
+        status = JobStatus(**fields, updated=time.time())
         self._write_status(run_dir, status)
         if on_status is not None:
-            on_status(status.model_copy())
+            on_status(status)
+        return status
 
     @staticmethod
     def _write_status(run_dir: Path, status: JobStatus) -> None:

@@ -1,0 +1,186 @@
+"""The trainer service end to end with tiny random models: every job kind runs, registers its
+models and can be promoted; bad jobs are refused before any training; the runner publishes
+progress and promotions and resumes jobs a crash left behind. Real files, the packaged corpus
+(its first 40 documents), no Ray or Redis (the runner's publisher is a list)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from services.trainer.runner import TrainerRunner
+from services.trainer.service import JobError, TrainerService
+from shared.datasets import load_corpus
+from shared.registry import Registry
+from shared.schemas import JobQuery, JobRef, PromoteRequest, RollbackRequest, TrainData, TrainJob
+from shared.settings import Settings
+from tests.services.test_trainer_generator import byte_tokenizer, tiny_llama
+
+N_DOCS = 40
+
+QUICK = {
+    "retriever": {"max_steps": 2, "batch_size": 4, "eval_steps": 1, "hard_negatives": 1,
+                  "max_length": 48},
+    "generator": {"max_steps": 2, "batch_size": 2, "eval_steps": 2, "eval_questions": 2,
+                  "warmup_steps": 0, "max_seq_len": 1024},
+    "joint": {"max_steps": 1, "batch_size": 2, "n_docs": 2, "warmup_steps": 0},
+    "pretrain": {"retriever": {"max_steps": 1, "batch_size": 4, "max_length": 48},
+                 "generator": {"max_steps": 1, "block_size": 32, "batch_size": 2,
+                               "eval_steps": 1}},
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Folders of a tiny BERT encoder and a tiny Llama generator (one byte-level tokenizer)."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, vocab_size=len(tokenizer),
+                                max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id))
+    bert.save_pretrained(root / "encoder")
+    tokenizer.save_pretrained(root / "encoder")
+    tiny_llama(tokenizer).save_pretrained(root / "generator")
+    tokenizer.save_pretrained(root / "generator")
+    return root
+
+
+@pytest.fixture
+def settings(models, tmp_path):
+    return Settings(home=tmp_path / "home",
+                    embedding={"model": str(models / "encoder"), "max_length": 48},
+                    generator={"model": str(models / "generator"), "max_new_tokens": 8},
+                    trainer={"device": "cpu"})
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """Questions about the first documents of the packaged corpus, each naming its document."""
+    path = tmp_path_factory.mktemp("data") / "mine.jsonl"
+    docs = load_corpus(N_DOCS)
+    lines = [{"question": f"What is {d.title} about?", "answer": d.text.split()[0],
+              "doc_ids": [d.doc_id]} for d in docs[:24]]
+    lines.append({"question": "What is the capital of Atlantis?", "answer": "I don't know."})
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def job(kind: str, data_file, **fields) -> TrainJob:
+    data = TrainData(sets=[], path=str(data_file), corpus_limit=N_DOCS)
+    return TrainJob(kind=kind, data=data, params=QUICK[kind], **fields)
+
+
+@pytest.mark.parametrize("kind", ["retriever", "generator", "joint", "pretrain"])
+def test_every_kind_trains_registers_and_promotes(settings, data_file, kind):
+    trainer = TrainerService(settings)
+    seen = []
+    status = trainer.run(job(kind, data_file, promote=True), on_status=seen.append)
+    assert status.state == "done", status.error
+    expected = {"retriever": ["retriever/v0001"], "generator": ["generator/v0001"],
+                "joint": ["retriever/v0001", "generator/v0001"],
+                "pretrain": ["retriever/v0001", "generator/v0001"]}[kind]
+    assert status.versions == expected
+    assert seen[0].state == "running" and seen[-1].state == "done"
+    registry = Registry(settings.checkpoint_dir)
+    for ref in expected:
+        model_kind, version = ref.split("/")
+        assert registry.serving(model_kind).version == version
+        assert (registry.serving_path(model_kind) / "ragtune.json").is_file()
+    assert trainer.status(status.job_id).state == "done"
+
+
+@pytest.mark.parametrize(("kind", "params", "message"), [
+    ("retriever", {"temperature": 0}, "temperature"),
+    ("generator", {"lr": -1}, "params: lr"),
+    ("generator", {"epoch": 2}, "params: epoch: Extra inputs are not permitted"),
+    ("joint", {"variant": "tokens"}, "variant"),
+    ("pretrain", {"target": "everything"}, "target"),
+])
+def test_bad_params_are_refused_before_training(settings, data_file, kind, params, message):
+    trainer = TrainerService(settings)
+    bad = job(kind, data_file).model_copy(update={"params": params})
+    with pytest.raises(JobError, match=message):
+        trainer.submit(bad)
+    assert trainer.statuses() == []  # nothing queued, nothing trained
+
+
+def test_bad_data_is_refused_before_training(settings, tmp_path):
+    trainer = TrainerService(settings)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    long_answer = tmp_path / "long.jsonl"
+    long_answer.write_text(json.dumps({"question": "q?", "answer": "x" * 600}) + "\n")
+    for path, message in ((empty, "no question/answer pairs"), (long_answer, "over the limit"),
+                          (tmp_path / "absent.jsonl", "no such file")):
+        bad = TrainJob(kind="generator", data=TrainData(sets=[], path=str(path)))
+        with pytest.raises(JobError, match=message):
+            trainer.submit(bad)
+
+
+def test_job_ids_cannot_leave_the_checkpoint_directory():
+    with pytest.raises(ValueError, match="job_id"):
+        TrainJob(kind="generator", job_id="../../etc")
+
+
+def test_runner_publishes_progress_and_promotion_and_answers_requests(settings, data_file):
+    events = []
+    runner = TrainerRunner(TrainerService(settings), events.append)
+    try:
+        status = runner.submit(job("retriever", data_file, promote=True, job_id="r1"))
+        assert status.state == "queued"
+        deadline = time.monotonic() + 120
+        while runner.jobs(JobQuery(job_id="r1")).jobs[0].state in ("queued", "running"):
+            assert time.monotonic() < deadline, "the job did not finish in 120 s"
+            time.sleep(0.2)
+        assert runner.jobs(JobQuery(job_id="r1")).jobs[0].state == "done"
+        kinds = [e.kind for e in events]
+        assert kinds[-2:] == ["train.finished", "model.promoted"]
+        assert events[-1].data == {"kind": "retriever", "version": "v0001"}
+        view = runner.rollback(RollbackRequest(kind="retriever"))
+        assert view.retriever.serving is None and events[-1].data["version"] is None
+        view = runner.promote(PromoteRequest(kind="retriever", version="v0001"))
+        assert view.retriever.serving == "v0001"
+        with pytest.raises(JobError, match="no job 'nope'"):
+            runner.cancel(JobRef(job_id="nope"))
+    finally:
+        runner.stop()
+
+
+def test_a_job_left_running_by_a_crash_is_resumed_at_start(settings, data_file):
+    trainer = TrainerService(settings)
+    left = job("retriever", data_file, job_id="crashed")
+    trainer.submit(left)
+    status = trainer.status("crashed").model_copy(update={"state": "running", "step": 1})
+    trainer._write_status(trainer.registry.run_dir("crashed"), status)
+    assert [j.job_id for j in trainer.pending()] == ["crashed"]
+    runner = TrainerRunner(trainer, lambda _event: None)
+    try:
+        deadline = time.monotonic() + 120
+        while trainer.status("crashed").state in ("queued", "running"):
+            assert time.monotonic() < deadline, "the resumed job did not finish in 120 s"
+            time.sleep(0.2)
+        assert trainer.status("crashed").state == "done"
+    finally:
+        runner.stop()
+
+
+def test_cancel_stops_a_job_and_keeps_it_resumable(settings, data_file):
+    trainer = TrainerService(settings)
+    long_job = job("generator", data_file, job_id="long").model_copy(
+        update={"params": {**QUICK["generator"], "max_steps": 50, "save_steps": 1}})
+    trainer.submit(long_job)
+    cancelled = []
+
+    def on_status(status):
+        if status.step >= 1 and not cancelled:
+            trainer.cancel("long")
+            cancelled.append(status.step)
+
+    status = trainer.run(long_job, on_status=on_status)
+    assert status.state == "cancelled" and status.step < 50
+    assert (trainer.registry.run_dir("long") / "state.pt").is_file()
