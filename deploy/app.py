@@ -132,12 +132,15 @@ class Ranker(_WorkerDeployment):
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Generator(_WorkerDeployment):
     def __init__(self, settings: Settings):
+        from services.generator.batching import Batcher
         from services.generator.service import GeneratorService
 
         redis_url, _ = _require_urls(settings)
         _use_cores(settings)
         service = Current(GeneratorService.from_settings(settings))
-        self.runner = WorkerThread(lambda bus: generator_worker(service, bus), redis_url,
+        batcher = Batcher(service, settings.generator.max_batch_size,
+                          settings.generator.batch_wait_ms)
+        self.runner = WorkerThread(lambda bus: generator_worker(batcher, bus), redis_url,
                                    settings.redis, "generator")
 
         def promoted(event) -> None:

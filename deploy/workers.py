@@ -13,8 +13,9 @@ import threading
 from collections.abc import Callable
 
 from shared import keys
-from shared.bus import FIELD, BadRequest, Bus, Worker, routes
+from shared.bus import FIELD, BadRequest, Bus, ReplyStream, Route, Worker, routes
 from shared.schemas import (
+    AnswerChunk,
     DeleteBatch,
     Event,
     GenerateRequest,
@@ -63,12 +64,42 @@ def ranker_worker(service, bus: Bus, concurrency: int = 8) -> Worker:
                   routes(retrieve=(RetrieveRequest, service.retrieve)), concurrency=concurrency)
 
 
-def generator_worker(service, bus: Bus) -> Worker:
+def generator_worker(batcher, bus: Bus) -> Worker:
+    """The generator through its ``services.generator.batching.Batcher``: ``generate`` (one
+    reply) and ``generate_stream`` (``AnswerChunk``s while it generates, then the result).
+
+    The worker holds two batches' worth of requests at once, so the next batch forms while
+    one runs. A streamed request whose caller went away is cancelled in its batch.
+    """
+
     async def generate(req: GenerateRequest):
-        return await asyncio.to_thread(service.generate, req)
+        return await batcher.generate(req)
+
+    async def generate_stream(req: GenerateRequest, reply: ReplyStream):
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def sink(text: str) -> None:  # called in the batcher's thread
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+        task = asyncio.ensure_future(batcher.generate(req, sink, reply.cancelled))
+        # The pieces were queued before the result could be set, so None comes after them.
+        task.add_done_callback(lambda _task: pieces.put_nowait(None))
+        done = False
+        while not done:
+            texts = [await pieces.get()]
+            while not pieces.empty():
+                texts.append(pieces.get_nowait())
+            if None in texts:
+                done, texts = True, texts[: texts.index(None)]
+            if texts:  # what queued up meanwhile goes as one chunk: one XADD
+                await reply.send(AnswerChunk(text="".join(texts)))
+        return task.result()
 
     return Worker(bus, keys.GENERATOR, [keys.request_stream(keys.GENERATOR)],
-                  routes(generate=(GenerateRequest, generate)))
+                  routes(generate=(GenerateRequest, generate),
+                         generate_stream=Route(GenerateRequest, generate_stream, streams=True)),
+                  concurrency=2 * batcher.max_batch_size)
 
 
 def trainer_worker(runner, bus: Bus) -> Worker:

@@ -15,6 +15,11 @@
 - Broadcast: ``publish`` / ``events`` on ``rag:events``, read with plain ``XREAD`` (no group).
 - Every ``XADD`` is capped (``MAXLEN ~``); a request stream whose backlog exceeds
   ``max_backlog`` refuses new requests with ``Busy`` instead of queueing forever.
+- Streaming: ``Bus.request_stream`` is ``request`` for a handler that answers in pieces. The
+  worker appends ``ReplyChunk`` entries (field ``chunk``, numbered from 0) to the caller's reply
+  stream while the handler runs, then the final ``Reply`` as usual; the caller yields each chunk,
+  then the result. A caller that stops listening before the result sets ``rag:cancel:<id>``; the
+  handler's ``ReplyStream`` notices it at its next ``send`` and sets ``cancelled``.
 - ``Worker.run(burst=True)`` drains what is there and returns, so tests need no sleeps.
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections import deque
@@ -34,12 +40,13 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import ResponseError
 
 from shared import keys
-from shared.schemas import DeadLetter, Envelope, ErrorInfo, Event, Reply
+from shared.schemas import DeadLetter, Envelope, ErrorInfo, Event, Reply, ReplyChunk
 from shared.settings import RedisSettings
 
 log = logging.getLogger(__name__)
 
 FIELD = "msg"  # every entry carries one field: the JSON of a wire model
+CHUNK_FIELD = "chunk"  # ... except a streamed reply's pieces: the JSON of a ReplyChunk
 
 
 class BusError(RuntimeError):
@@ -83,8 +90,9 @@ class Bus:
         self.settings = settings
         self.name = name or uuid.uuid4().hex[:12]
         self.reply_stream = keys.reply_stream(self.name)
-        self._waiting: dict[str, asyncio.Queue[Reply]] = {}
+        self._waiting: dict[str, asyncio.Queue[Reply | ReplyChunk]] = {}
         self._listener: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
         self._closing = False
 
     @classmethod
@@ -159,14 +167,9 @@ class Bus:
         Raises Busy when the service's backlog is full, RequestTimeout after ``timeout_s``,
         BusError when the service answered with an error.
         """
-        stream = keys.request_stream(service)
-        if await self.backlog(stream, service) >= self.settings.max_backlog:
-            raise Busy(ErrorInfo(service=service, kind="busy",
-                                 message=f"{service} has {self.settings.max_backlog} requests "
-                                         "waiting; try again later"))
-        self._ensure_listener()
+        stream = await self._open(service)
         request_id = uuid.uuid4().hex
-        queue: asyncio.Queue[Reply] = asyncio.Queue()
+        queue: asyncio.Queue[Reply | ReplyChunk] = asyncio.Queue()
         self._waiting[request_id] = queue
         envelope = Envelope(id=request_id, kind=kind, body=body.model_dump(),
                             reply_to=self.reply_stream, deadline=time.time() + timeout_s)
@@ -184,6 +187,73 @@ class Bus:
             raise BusError(reply.error or ErrorInfo(service=service, kind="failed",
                                                     message="error without details"))
         return reply_model.model_validate(reply.body) if reply_model else (reply.body or {})
+
+    async def request_stream(
+        self, service: str, kind: str, body: BaseModel, timeout_s: float,
+        chunk_model: type[BaseModel], reply_model: type[BaseModel],
+    ) -> AsyncIterator[BaseModel]:
+        """Send ``body`` to a streaming handler of ``service``; yield each chunk it sends as a
+        ``chunk_model``, then its result as a ``reply_model`` (always the last item).
+
+        ``timeout_s`` bounds the whole stream. Raises as ``request`` does: Busy before
+        anything is sent, RequestTimeout, BusError (possibly after some chunks). Closing the
+        iterator before the result (the client went away) asks the handler to stop, through
+        ``rag:cancel:<id>``. Chunks a retried handler sends again (same ``seq``) are skipped.
+        """
+        stream = await self._open(service)
+        request_id = uuid.uuid4().hex
+        queue: asyncio.Queue[Reply | ReplyChunk] = asyncio.Queue()
+        self._waiting[request_id] = queue
+        deadline = time.time() + timeout_s
+        envelope = Envelope(id=request_id, kind=kind, body=body.model_dump(),
+                            reply_to=self.reply_stream, deadline=deadline)
+        finished = False
+        next_seq = 0
+        try:
+            await self.add(stream, envelope)
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), max(deadline - time.time(), 0))
+                except TimeoutError:
+                    raise RequestTimeout(ErrorInfo(
+                        service=service, kind="timeout",
+                        message=f"{kind} did not finish within {timeout_s:.1f} s")) from None
+                if isinstance(item, ReplyChunk):
+                    if item.seq >= next_seq:
+                        next_seq = item.seq + 1
+                        yield chunk_model.model_validate(item.body)
+                    continue
+                finished = True
+                if not item.ok:
+                    raise BusError(item.error or ErrorInfo(service=service, kind="failed",
+                                                           message="error without details"))
+                yield reply_model.model_validate(item.body)
+                return
+        finally:
+            self._waiting.pop(request_id, None)
+            if not finished:
+                # A task of its own: this generator may be closing inside a cancelled task
+                # (a client that disconnected), where any await of ours would be cancelled.
+                task = asyncio.get_running_loop().create_task(self.cancel(request_id))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask the handler of a streamed request to stop (it checks at its next chunk)."""
+        try:
+            await self.redis.set(keys.cancel_key(request_id), 1, ex=self.settings.reply_ttl_s)
+        except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            log.warning("could not cancel request %s: %s", request_id, exc)
+
+    async def _open(self, service: str) -> str:
+        """The service's request stream, once it has room (else Busy); starts the listener."""
+        stream = keys.request_stream(service)
+        if await self.backlog(stream, service) >= self.settings.max_backlog:
+            raise Busy(ErrorInfo(service=service, kind="busy",
+                                 message=f"{service} has {self.settings.max_backlog} requests "
+                                         "waiting; try again later"))
+        self._ensure_listener()
+        return stream
 
     def _ensure_listener(self) -> None:
         if self._listener is None or self._listener.done():
@@ -209,6 +279,12 @@ class Bus:
                 for entry_id, fields in entries:
                     last = _decode(entry_id)
                     try:
+                        if CHUNK_FIELD.encode() in fields:
+                            chunk = ReplyChunk.model_validate_json(fields[CHUNK_FIELD.encode()])
+                            queue = self._waiting.get(chunk.id)
+                            if queue is not None:  # else: nobody listens to that stream now
+                                queue.put_nowait(chunk)
+                            continue
                         reply = Reply.model_validate_json(fields[FIELD.encode()])
                     except (KeyError, ValidationError) as exc:
                         log.error("dropping malformed reply %s: %s", last, exc)
@@ -238,12 +314,52 @@ class Bus:
 Handler = Callable[[BaseModel], Awaitable[BaseModel | None]]
 
 
+class ReplyStream:
+    """A streaming handler's line back to its caller.
+
+    ``send`` appends a chunk to the caller's reply stream (numbered in order) and, in the same
+    round trip, checks whether the caller asked to stop; once it has, ``cancelled`` is set.
+    ``cancelled`` is a ``threading.Event`` so that work running in another thread (a model's
+    stopping criterion) can read it.
+    """
+
+    def __init__(self, bus: Bus, envelope: Envelope):
+        self.bus = bus
+        self.envelope = envelope
+        self.cancelled = threading.Event()
+        self._seq = 0
+
+    async def send(self, chunk: BaseModel) -> bool:
+        """Send one chunk; returns False once the caller has stopped listening."""
+        if self.cancelled.is_set():
+            return False
+        pipe = self.bus.redis.pipeline(transaction=False)
+        if self.envelope.reply_to:
+            piece = ReplyChunk(id=self.envelope.id, seq=self._seq, body=chunk.model_dump())
+            pipe.xadd(self.envelope.reply_to, {CHUNK_FIELD: piece.model_dump_json()},
+                      maxlen=self.bus.settings.stream_maxlen, approximate=True)
+        pipe.exists(keys.cancel_key(self.envelope.id))
+        *_, cancelled = await pipe.execute()
+        self._seq += 1
+        if cancelled:
+            self.cancelled.set()
+        return not cancelled
+
+
+StreamHandler = Callable[[BaseModel, ReplyStream], Awaitable[BaseModel | None]]
+
+
 @dataclass
 class Route:
-    """How a worker handles one message kind: validate the body as ``model``, call ``fn``."""
+    """How a worker handles one message kind: validate the body as ``model``, call ``fn``.
+
+    With ``streams``, ``fn(body, reply_stream)`` may send chunks before it returns (callers
+    use ``Bus.request_stream``); its result is the final reply as for any handler.
+    """
 
     model: type[BaseModel]
-    fn: Handler
+    fn: Handler | StreamHandler
+    streams: bool = False
 
 
 @dataclass
@@ -404,7 +520,10 @@ class Worker:
                                     reply_to=envelope, kind="bad_request")
             return
         try:
-            result = await route.fn(body)
+            if route.streams:
+                result = await route.fn(body, ReplyStream(self.bus, envelope))
+            else:
+                result = await route.fn(body)
         except BadRequest as exc:
             await self._finish(stream, entry_id, envelope, Reply(
                 id=envelope.id, ok=False,
@@ -478,6 +597,8 @@ async def dead_letters(bus: Bus, count: int = 100) -> list[DeadLetter]:
     return [DeadLetter.model_validate_json(fields[FIELD.encode()]) for _id, fields in entries]
 
 
-def routes(**table: tuple[type[BaseModel], Handler]) -> dict[str, Route]:
-    """``routes(search=(SearchRequest, fn))`` → the kind → Route table a Worker takes."""
-    return {kind: Route(model, fn) for kind, (model, fn) in table.items()}
+def routes(**table: tuple[type[BaseModel], Handler] | Route) -> dict[str, Route]:
+    """``routes(search=(SearchRequest, fn))`` → the kind → Route table a Worker takes; a
+    streaming handler comes as ``Route(Model, fn, streams=True)``."""
+    return {kind: entry if isinstance(entry, Route) else Route(*entry)
+            for kind, entry in table.items()}

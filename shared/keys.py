@@ -6,6 +6,7 @@ INGEST = "rag:ingest"
 EVENTS = "rag:events"
 DEAD = "rag:dead"
 ERRORS = "rag:errors"  # hash: "<stream>|<entry id>" -> last handler error, for dead letters
+CANCEL_PREFIX = "rag:cancel:"  # a key per streamed request whose caller stopped listening
 
 # Consumer groups, one per backend service; their replicas are the consumers.
 EMBEDDING = "embedding"
@@ -25,3 +26,8 @@ def request_stream(service: str) -> str:
 def reply_stream(caller: str) -> str:
     """The private stream one caller (a front replica, the CLI) reads its replies from."""
     return f"{REPLY_PREFIX}{caller}"
+
+
+def cancel_key(request_id: str) -> str:
+    """Set (with a TTL) when the caller of a streamed request stops listening."""
+    return f"{CANCEL_PREFIX}{request_id}"

@@ -340,6 +340,13 @@ class GenerateRequest(Wire):
         return self
 
 
+class AnswerChunk(Wire):
+    """A piece of an answer while it is generated (a ``generate_stream`` chunk on the bus, a
+    ``token`` event over SSE and gRPC): ``text`` continues the text streamed so far."""
+
+    text: str
+
+
 class Citation(Wire):
     passage: int = Field(ge=1, description="1-based number of the passage in the prompt")
     doc_id: str
@@ -450,6 +457,15 @@ class Reply(Wire):
     ok: bool
     body: dict | None = None
     error: ErrorInfo | None = None
+
+
+class ReplyChunk(Wire):
+    """One streamed piece of a reply, before the request's final ``Reply``: the ``seq``-th
+    (from 0) chunk for request ``id``, its ``body`` a wire model's dict."""
+
+    id: str
+    seq: int = Field(ge=0)
+    body: dict
 
 
 class DeadLetter(Wire):

@@ -10,10 +10,11 @@ and a local milvus-lite server on free loopback ports (see ``shared.infra``).
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -74,6 +75,10 @@ class GeneratorSettings(BaseModel):
     max_passage_chars: int = Field(1_200, ge=50, description="each passage is cut to this")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = CUDA when torch sees a GPU (bf16 where supported), else CPU")
+    max_batch_size: int = Field(8, ge=1, le=256, description="requests decoded together in one "
+                                "model.generate (same decoding options only)")
+    batch_wait_ms: float = Field(10.0, ge=0, le=1_000, description="how long a request waits "
+                                 "for others to share its batch")
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> GeneratorSettings:
@@ -118,9 +123,33 @@ class LimitSettings(BaseModel):
     ingest_batch: int = Field(32, ge=1, description="documents per rag:ingest entry")
 
 
+# An API key shorter than this is refused: 16 random characters of a URL-safe alphabet hold
+# ~96 bits, out of reach of guessing over a network (`python -c "import secrets;
+# print(secrets.token_urlsafe(32))"` makes one of 43).
+MIN_API_KEY_CHARS = 16
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1); a name that is not an
+    address counts as reachable from the network."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ServeSettings(BaseModel):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int | None = Field(None, ge=1, le=65535, description="port of the gRPC API "
+                                  "(services/qa/proto/qa.proto); unset = no gRPC. Ray Serve's "
+                                  "gRPC proxy listens on every interface, so it needs api_key")
+    api_key: SecretStr | None = Field(None, description="clients send it as `Authorization: "
+                                      "Bearer <key>` or `x-api-key` (HTTP header or gRPC "
+                                      "metadata); unset = no authentication, allowed only "
+                                      "while nothing listens beyond loopback")
     request_timeout_s: float = Field(120.0, gt=0)
     embedding_replicas: int = Field(1, ge=1)
     sparse_replicas: int = Field(1, ge=1)
@@ -129,6 +158,18 @@ class ServeSettings(BaseModel):
     qa_replicas: int = Field(1, ge=1)
     torch_threads: int = Field(0, ge=0, description="threads for each model replica's torch; "
                                "0 = every core (Ray would otherwise give a 0-CPU actor one)")
+
+    @model_validator(mode="after")
+    def _key_beyond_loopback(self) -> ServeSettings:
+        if self.api_key is not None and len(self.api_key.get_secret_value()) < MIN_API_KEY_CHARS:
+            raise ValueError(f"serve.api_key has to be at least {MIN_API_KEY_CHARS} characters")
+        if self.api_key is None and not is_loopback(self.http_host):
+            raise ValueError(f"serve.http_host {self.http_host!r} is reachable beyond this "
+                             f"machine: set serve.api_key (RAGTUNE_SERVE__API_KEY) as well")
+        if self.api_key is None and self.grpc_port is not None:
+            raise ValueError("serve.grpc_port is set, and Ray Serve's gRPC proxy listens on "
+                             "every interface: set serve.api_key (RAGTUNE_SERVE__API_KEY) too")
+        return self
 
 
 class Settings(BaseSettings):

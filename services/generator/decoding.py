@@ -100,21 +100,26 @@ class SampleWithGenerator(LogitsProcessor):
 
     Why not ``generate(do_sample=True)``: that draws from torch's global generator, which
     every thread of the process shares, so a seed could not make one request reproducible
-    while others run. Must be the last processor (it ends the distribution). The generator is
-    created on the scores' device at the first call and seeded with ``seed``.
+    while others run. Must be the last processor (it ends the distribution). Each row draws
+    from a generator of its own, created on the scores' device at the first call and seeded
+    with ``seed``: requests with the same seed batched together (services.generator.batching)
+    each draw what they would alone.
     """
 
     def __init__(self, seed: int):
         if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise ValueError(f"`seed` has to be an integer in [0, 2**63 - 1], but is {seed}")
         self.seed = seed
-        self._generator: torch.Generator | None = None
+        self._generators: list[torch.Generator] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self._generator is None or self._generator.device != scores.device:
-            self._generator = torch.Generator(device=scores.device).manual_seed(self.seed)
+        rows = scores.shape[0]
+        if len(self._generators) != rows or self._generators[0].device != scores.device:
+            self._generators = [torch.Generator(device=scores.device).manual_seed(self.seed)
+                                for _ in range(rows)]
         probs = torch.softmax(scores.float(), dim=-1)  # fp32 even for bf16 logits
-        drawn = torch.multinomial(probs, num_samples=1, generator=self._generator)
+        drawn = torch.cat([torch.multinomial(probs[i:i + 1], num_samples=1, generator=g)
+                           for i, g in enumerate(self._generators)])
         return torch.full_like(scores, -float("inf")).scatter(1, drawn, 0.0)
 
 

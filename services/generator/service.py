@@ -3,18 +3,25 @@
 Model and tokenizer come in through the constructor (a tiny random model in unit tests);
 ``from_settings`` builds the real ones. No Ray, no Redis here: the deployment wraps this class.
 Decoding rules live in ``services.generator.decoding``; this class packs the prompt into the
-context window, runs ``model.generate`` and turns its output into a ``GenerateResult``.
+context window, runs ``model.generate`` over one request or a batch of them (left-padded for
+a decoder-only model), streams the text of each as it is generated
+(``services.generator.streaming``) and turns the output into ``GenerateResult``s. Forming the
+batches out of concurrent requests is ``services.generator.batching``'s job.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import uuid
+from collections.abc import Sequence
 
 import torch
 from transformers import StoppingCriteriaList
 
 from services.generator.decoding import StopOnStrings, cut_at_stop, make_plan
+from services.generator.streaming import BatchStreamer, CancelRows, Sink
 from shared.bus import BadRequest
 from shared.models.generator import load_generator
 from shared.prompt import (
@@ -49,6 +56,19 @@ def plain_prompt(messages: list[dict[str, str]]) -> str:
     (T5, BART): the same system instruction, passages and question, joined by blank lines
     (as services/evaluation/qa.py builds it, so evaluation and serving see one prompt)."""
     return "\n\n".join(m["content"] for m in messages)
+
+
+def batch_key(req: GenerateRequest) -> str:
+    """Requests with equal keys may share a batch: they decode by the same options to the same
+    length. An unseeded sample draws a seed of its own, so its key is unique (never shared)."""
+    if req.decoding.strategy == "sample" and req.decoding.seed is None:
+        return f"unseeded:{uuid.uuid4().hex}"
+    return _plan_key(req)
+
+
+def _plan_key(req: GenerateRequest) -> str:
+    decoding = req.decoding.model_copy(update={"max_new_tokens": None})  # resolved in req
+    return f"{req.max_new_tokens}:{decoding.model_dump_json()}"
 
 
 class GeneratorService:
@@ -133,10 +153,74 @@ class GeneratorService:
         no room for a prompt, when not even a useful part of the first passage fits, or when
         the decoding options are refused.
         """
-        if not req.passages:
-            return GenerateResult(
-                answer=NO_ANSWER, citations=[], prompt_tokens=0, completion_tokens=0
-            )
+        (result,) = self.generate_batch([req])
+        if isinstance(result, GenerationError):
+            raise result
+        return result
+
+    def generate_batch(
+        self,
+        reqs: Sequence[GenerateRequest],
+        sinks: Sequence[Sink | None] | None = None,
+        cancelled: Sequence[threading.Event | None] | None = None,
+    ) -> list[GenerateResult | GenerationError]:
+        """``generate`` for several requests in one ``model.generate`` call, in order; a
+        request that cannot be answered gets its ``GenerationError`` in its place.
+
+        All must have the same decoding options and ``max_new_tokens`` (ValueError
+        otherwise); unseeded sampling requests batched here share one drawn seed.
+        Prompts of different lengths are padded on the left for a decoder-only model (on the
+        right for an encoder-decoder one) and masked, so each greedy answer is the one it gets
+        alone. ``sinks[i]`` (called from this thread) receives request i's answer in pieces
+        while it is generated; they concatenate to the final answer, except that an answer
+        cut at ``max_new_tokens`` may have streamed a trailing fragment the answer drops
+        (see ``streaming.streamable``). Beam search streams the whole answer at the end.
+        Setting ``cancelled[i]`` ends request i early; its result holds what it had.
+        """
+        n = len(reqs)
+        sinks = list(sinks) if sinks is not None else [None] * n
+        cancelled = list(cancelled) if cancelled is not None else [None] * n
+        if len({_plan_key(r) for r in reqs}) > 1 or len(sinks) != n or len(cancelled) != n:
+            raise ValueError("a batch needs one decoding plan (equal options and "
+                             "max_new_tokens) and one sink and one cancel event (or None) "
+                             "per request")
+        results: list[GenerateResult | GenerationError | None] = [None] * n
+        rows: list[tuple[int, list[Hit], torch.Tensor]] = []
+        for i, req in enumerate(reqs):
+            if not req.passages:
+                results[i] = GenerateResult(answer=NO_ANSWER, citations=[], prompt_tokens=0,
+                                            completion_tokens=0)
+                continue
+            try:
+                passages, inputs = self._prepare(req)
+            except GenerationError as exc:
+                results[i] = exc
+                continue
+            rows.append((i, passages, inputs["input_ids"][0]))
+        streamer = None
+        live = [i for i, _, _ in rows]
+        if rows:
+            try:
+                outputs, streamer = self._run([reqs[i] for i in live], [ids for *_, ids in rows],
+                                              [sinks[i] for i in live],
+                                              [cancelled[i] for i in live])
+            except GenerationError as exc:
+                outputs = [exc] * len(rows)
+            for (i, passages, _), out in zip(rows, outputs, strict=True):
+                results[i] = out if isinstance(out, GenerationError) else \
+                    self._result(reqs[i], passages, *out)
+        for i, result in enumerate(results):
+            if sinks[i] is None or isinstance(result, GenerationError):
+                continue
+            if streamer is not None and i in live:
+                streamer.finish(live.index(i), result.answer)
+            else:
+                sinks[i](result.answer)
+        return results
+
+    def _prepare(self, req: GenerateRequest):
+        """``(passages, inputs)`` of one request, or GenerationError for a length it may not
+        have or a prompt that cannot fit."""
         max_new = req.max_new_tokens
         if self.max_new_tokens_limit is not None and max_new > self.max_new_tokens_limit:
             raise GenerationError(f"generator: max_new_tokens ({max_new}) is over the limit "
@@ -147,45 +231,75 @@ class GeneratorService:
                 f"generator: max_new_tokens ({max_new}) leaves no room for a prompt "
                 f"in a context of {self.max_context_tokens} tokens"
             )
-        passages, inputs = self.pack(req.question, req.passages, budget)
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        # Output rows start with what was not generated: the prompt for a decoder-only model,
-        # the decoder start token for an encoder-decoder one.
-        offset = 1 if self.encoder_decoder else prompt_tokens
+        return self.pack(req.question, req.passages, budget)
+
+    def _run(self, reqs: list[GenerateRequest], prompts: list[torch.Tensor],
+             sinks: list[Sink | None], cancelled: list[threading.Event | None]):
+        """One ``model.generate`` over the prompts (1-D token ids each), decoded by the first
+        request's plan. Returns ``([(new_ids, prompt_tokens, stop), ...], streamer)``:
+        each row's generated ids up to and including its end-of-sequence token."""
+        req = reqs[0]
+        width = max(len(p) for p in prompts)
+        pad = self._pad_id if self._pad_id is not None else 0
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            # Left padding for a decoder-only model: every row's next token follows its
+            # prompt's last one, at the same column.
+            span = slice(0, len(prompt)) if self.encoder_decoder else slice(width - len(prompt),
+                                                                            width)
+            input_ids[row, span] = prompt
+            mask[row, span] = 1
+        # Output rows start with what was not generated: the (padded) prompt for a decoder-only
+        # model, the decoder start token for an encoder-decoder one.
+        offset = 1 if self.encoder_decoder else width
         try:
-            plan = make_plan(req.decoding, max_new, offset)
+            plan = make_plan(req.decoding, req.max_new_tokens, offset)
         except ValueError as exc:
             raise GenerationError(f"generator: {exc}") from exc
-        stopping = StoppingCriteriaList(
-            [StopOnStrings(self.tokenizer, plan.stop, offset)] if plan.stop else [])
-
+        criteria = [StopOnStrings(self.tokenizer, plan.stop, offset)] if plan.stop else []
+        if any(event is not None for event in cancelled):
+            criteria.append(CancelRows(cancelled))
+        streamer = None
+        if plan.num_beams == 1 and any(sink is not None for sink in sinks):
+            streamer = BatchStreamer(self.tokenizer, sinks, self._eos_ids, plan.stop, cancelled)
         started = time.perf_counter()
         with torch.inference_mode():
             output = self.model.generate(
-                **inputs.to(self.model.device),
+                input_ids=input_ids.to(self.model.device),
+                attention_mask=mask.to(self.model.device),
                 **plan.generate_kwargs(),
-                stopping_criteria=stopping,
+                stopping_criteria=StoppingCriteriaList(criteria),
                 eos_token_id=self._eos_ids or None,
                 pad_token_id=self._pad_id,
+                streamer=streamer,
             )
-        new_ids = output[0, offset:].tolist()
+        rows = [(self._trim(output[row, offset:].tolist()), len(prompt), plan.stop)
+                for row, prompt in enumerate(prompts)]
+        log.debug("%s: batch of %d, %d tokens in %.2f s", req.decoding.strategy, len(prompts),
+                  sum(len(ids) for ids, _, _ in rows), time.perf_counter() - started)
+        return rows, streamer
+
+    def _trim(self, new_ids: list[int]) -> list[int]:
+        """A row's generated ids up to its first end-of-sequence token (kept); in a batch, a
+        row that ended early is padded after it, or after its stop string."""
+        for end, token in enumerate(new_ids):
+            if token in self._eos_ids:
+                return new_ids[: end + 1]
+        while new_ids and new_ids[-1] == self._pad_id:
+            new_ids = new_ids[:-1]
+        return new_ids
+
+    def _result(self, req: GenerateRequest, passages: list[Hit], new_ids: list[int],
+                prompt_tokens: int, stop: tuple[str, ...]) -> GenerateResult:
         ended = bool(new_ids) and new_ids[-1] in self._eos_ids
-        completion_tokens = len(new_ids) - int(ended)
-        raw, cut = cut_at_stop(self.tokenizer.decode(new_ids, skip_special_tokens=True),
-                               plan.stop)
+        raw, cut = cut_at_stop(self.tokenizer.decode(new_ids, skip_special_tokens=True), stop)
         answer = clean_answer(raw, truncated=not (ended or cut)) or NO_ANSWER
-        log.debug(
-            "%s: %d tokens in %.2f s from %d passages",
-            req.decoding.strategy,
-            completion_tokens,
-            time.perf_counter() - started,
-            len(passages),
-        )
         return GenerateResult(
             answer=answer,
             citations=parse_citations(answer, passages, question=req.question),
             prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
+            completion_tokens=len(new_ids) - int(ended),
         )
 
     def _encode(self, question: str, passages: list[Hit]):

@@ -3,27 +3,78 @@
 Errors: bad input → 422 with FastAPI's ``detail`` shape (``loc`` names the field), decoding
 options included; input a backend refuses (a prompt that cannot fit the generator's context)
 → 400 naming the service; a busy service → 503; a backend that did not answer in time → 504;
-a backend failure → 502.
+a backend failure → 502; a missing or wrong API key (when ``serve.api_key`` is set) → 401.
+
+``POST /v1/qa?stream=true`` answers with server-sent events instead: ``token`` events (an
+``AnswerChunk``: the answer's next piece) while the answer is generated, then one ``answer``
+event (the ``QAResponse``, citations included), or an ``error`` event (``{"detail":
+ErrorInfo}``) if a backend fails after the first event. Errors before it are the status codes
+above. A client that disconnects stops the generation.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.qa.auth import UNAUTHENTICATED, authorized
 from services.qa.service import InputError, QAService
 from shared.bus import BusError, Busy, RequestTimeout
-from shared.schemas import IngestAccepted, IngestRequest, QARequest, QAResponse, Status
+from shared.schemas import (
+    AnswerChunk,
+    ErrorInfo,
+    IngestAccepted,
+    IngestRequest,
+    QARequest,
+    QAResponse,
+    Status,
+)
 
 log = logging.getLogger(__name__)
 
+# Probes (Serve's, Kubernetes') and the API docs need no key.
+OPEN_PATHS = frozenset({"/v1/health"})
+
+_SSE_DOC = {200: {"description": "with `stream=true`: server-sent events `token` (an "
+                                 "AnswerChunk), then `answer` (the QAResponse) or `error`",
+                  "content": {"text/event-stream": {}}}}
+
+
+class RequireApiKey:
+    """ASGI middleware: every ``/v1/`` request but ``OPEN_PATHS`` must present ``key``
+    (``services.qa.auth``), else 401. Plain ASGI, so streamed responses stream as they are."""
+
+    def __init__(self, app: ASGIApp, key: str):
+        self.app = app
+        self.key = key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and scope["path"].startswith("/v1/")
+                and scope["path"] not in OPEN_PATHS):
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+            if not authorized(self.key, headers):
+                response = JSONResponse(
+                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                    content={"detail": ErrorInfo(service="qa", kind="unauthenticated",
+                                                 message=UNAUTHENTICATED).model_dump()})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
 
 def create_app(qa: QAService) -> FastAPI:
+    """The API over ``qa``; with ``qa.settings.serve.api_key`` set, every /v1 route but
+    /v1/health needs it."""
     app = FastAPI(title="ragtune", version="0.1.0",
                   description="Retrieval-augmented question answering on your documents.")
+    api_key = qa.settings.serve.api_key
+    if api_key is not None:
+        app.add_middleware(RequireApiKey, key=api_key.get_secret_value())
 
     @app.exception_handler(InputError)
     async def _input_error(_request: Request, exc: InputError) -> JSONResponse:
@@ -40,10 +91,19 @@ def create_app(qa: QAService) -> FastAPI:
         log.warning("request failed: %s", exc)
         return JSONResponse(status_code=status, content={"detail": exc.info.model_dump()})
 
-    @app.post("/v1/qa", response_model=QAResponse)
-    async def ask(req: QARequest) -> QAResponse:
+    @app.post("/v1/qa", response_model=QAResponse, responses=_SSE_DOC)
+    async def ask(req: QARequest, request: Request,
+                  stream: bool = Query(False, description="stream the answer as server-sent "
+                                                          "events")):
         """Answer a question from the indexed documents, citing the passages used."""
-        return await qa.answer(req, request_id=uuid.uuid4().hex[:16])
+        request_id = uuid.uuid4().hex[:16]
+        if not stream:
+            return await qa.answer(req, request_id=request_id)
+        events = qa.answer_stream(req, request_id=request_id)
+        first = await anext(events)  # errors up to here are plain HTTP errors
+        return StreamingResponse(_sse(first, events, request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
 
     @app.post("/v1/documents", response_model=IngestAccepted, status_code=202)
     async def ingest(req: IngestRequest,
@@ -76,3 +136,33 @@ def create_app(qa: QAService) -> FastAPI:
         return {"status": "ok"}
 
     return app
+
+
+def sse_event(item: AnswerChunk | QAResponse | ErrorInfo) -> str:
+    """One server-sent event: ``token``, ``answer`` or ``error``, its data one JSON line."""
+    if isinstance(item, ErrorInfo):
+        return f"event: error\ndata: {{\"detail\": {item.model_dump_json()}}}\n\n"
+    name = "token" if isinstance(item, AnswerChunk) else "answer"
+    return f"event: {name}\ndata: {item.model_dump_json()}\n\n"
+
+
+async def _sse(first: AnswerChunk | QAResponse,
+               events: AsyncIterator[AnswerChunk | QAResponse],
+               request: Request) -> AsyncIterator[str]:
+    item = first
+    try:
+        while True:
+            yield sse_event(item)
+            if isinstance(item, QAResponse):
+                return
+            # The server may notice a closed connection only when a write fails: look
+            # before each token, so that a client that left stops the generation at once.
+            if await request.is_disconnected():
+                log.info("client left; stopping the generation")
+                return
+            item = await anext(events)
+    except BusError as exc:
+        log.warning("stream failed: %s", exc)
+        yield sse_event(exc.info)
+    finally:
+        await events.aclose()  # before the answer: cancels the generation

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from redis.exceptions import ResponseError
 
@@ -18,6 +19,7 @@ from shared import keys
 from shared.bus import Bus, BusError
 from shared.schemas import (
     WEIGHTED_MODES,
+    AnswerChunk,
     DecodingOptions,
     DeleteBatch,
     Document,
@@ -53,6 +55,20 @@ class InputError(ValueError):
 
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
+
+
+def _response(question: str, retrieved: RetrieveResult, generated: GenerateResult,
+              retrieve_ms: float, generate_timings: dict[str, float],
+              request_id: str) -> QAResponse:
+    return QAResponse(
+        question=question, answer=generated.answer, citations=generated.citations,
+        passages=[Passage(rank=i, doc_id=h.doc_id, title=h.title, text=h.text, score=h.score)
+                  for i, h in enumerate(retrieved.hits, start=1)],
+        timings_ms={"retrieve": retrieve_ms,
+                    **{f"retrieve.{k}": v for k, v in retrieved.timings_ms.items()},
+                    **generate_timings,
+                    "total": round(retrieve_ms + generate_timings["generate"], 2)},
+        request_id=request_id)
 
 
 class QAService:
@@ -110,30 +126,52 @@ class QAService:
         when a backend service fails or refuses the request (kind ``bad_request``, e.g. a
         prompt that cannot fit the generator's context).
         """
+        question, generate, retrieved, retrieve_ms = await self._retrieve(req)
+        start = time.perf_counter()
+        generated: GenerateResult = await self.bus.request(
+            keys.GENERATOR, "generate", generate, self.settings.serve.request_timeout_s,
+            GenerateResult)
+        timings = {"generate": _ms(start)}
+        log.info("request %s answered in %.0f ms", request_id, retrieve_ms + timings["generate"])
+        return _response(question, retrieved, generated, retrieve_ms, timings, request_id)
+
+    async def answer_stream(self, req: QARequest,
+                            request_id: str) -> AsyncIterator[AnswerChunk | QAResponse]:
+        """``answer``, streamed: ``AnswerChunk``s while the answer is generated, then the
+        ``QAResponse`` (always last; its ``answer`` is the authority, see
+        ``services.generator.streaming.streamable``; ``timings_ms`` adds
+        ``generate.first_token``).
+
+        Raises as ``answer`` does, input errors before anything is yielded. Closing the
+        iterator early (the client went away) stops the generation.
+        """
+        question, generate, retrieved, retrieve_ms = await self._retrieve(req)
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        async for item in self.bus.request_stream(
+                keys.GENERATOR, "generate_stream", generate,
+                self.settings.serve.request_timeout_s, AnswerChunk, GenerateResult):
+            if isinstance(item, AnswerChunk):
+                timings.setdefault("generate.first_token", _ms(start))
+                yield item
+                continue
+            timings["generate"] = _ms(start)
+            log.info("request %s streamed in %.0f ms", request_id,
+                     retrieve_ms + timings["generate"])
+            yield _response(question, retrieved, item, retrieve_ms, timings, request_id)
+
+    async def _retrieve(self, req: QARequest):
+        """``(question, generate request, retrieved, retrieve ms)`` for a question, checked."""
         question, top_k = self.check_question(req)
         retrieve = self.retrieve_request(question, top_k, req.retrieval)
         decoding, max_new_tokens = self.check_decoding(req.decoding)
-        timeout = self.settings.serve.request_timeout_s
         start = time.perf_counter()
         retrieved: RetrieveResult = await self.bus.request(
-            keys.RANKER, "retrieve", retrieve, timeout, RetrieveResult)
-        retrieve_ms = _ms(start)
-        start = time.perf_counter()
-        generated: GenerateResult = await self.bus.request(
-            keys.GENERATOR, "generate",
-            GenerateRequest(question=question, passages=retrieved.hits,
-                            max_new_tokens=max_new_tokens, decoding=decoding),
-            timeout, GenerateResult)
-        generate_ms = _ms(start)
-        log.info("request %s answered in %.0f ms", request_id, retrieve_ms + generate_ms)
-        return QAResponse(
-            question=question, answer=generated.answer, citations=generated.citations,
-            passages=[Passage(rank=i, doc_id=h.doc_id, title=h.title, text=h.text, score=h.score)
-                      for i, h in enumerate(retrieved.hits, start=1)],
-            timings_ms={"retrieve": retrieve_ms, **{f"retrieve.{k}": v for k, v in
-                                                    retrieved.timings_ms.items()},
-                        "generate": generate_ms, "total": round(retrieve_ms + generate_ms, 2)},
-            request_id=request_id)
+            keys.RANKER, "retrieve", retrieve, self.settings.serve.request_timeout_s,
+            RetrieveResult)
+        generate = GenerateRequest(question=question, passages=retrieved.hits,
+                                   max_new_tokens=max_new_tokens, decoding=decoding)
+        return question, generate, retrieved, _ms(start)
 
     # --- documents ----------------------------------------------------------------------
     def check_documents(self, documents: list[Document]) -> None:

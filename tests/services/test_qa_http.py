@@ -7,11 +7,18 @@ error mapping and ingestion protocol.
 
 from __future__ import annotations
 
+import json
+import threading
+
+import httpx
 import pytest
 import redis
+import uvicorn
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from deploy.workers import WorkerThread, generator_worker
+from services.generator.batching import Batcher
 from services.generator.service import GeneratorService
 from services.qa.http import create_app
 from services.qa.service import InputError, QAService
@@ -357,12 +364,19 @@ def tiny_generator(settings, flush):
     tok = byte_tokenizer()
     service = GeneratorService(tiny_model(tok), tok, 1_000, max_context_tokens=200,
                                max_new_tokens_limit=settings.generator.max_new_tokens_limit)
+    yield from _serve_generator(settings, service)
+
+
+def _serve_generator(settings, service):
+    batcher = Batcher(service, settings.generator.max_batch_size,
+                      settings.generator.batch_wait_ms)
     threads = [WorkerThread(_ranker, settings.redis.url, settings.redis, "ranker"),
-               WorkerThread(lambda bus: generator_worker(service, bus), settings.redis.url,
+               WorkerThread(lambda bus: generator_worker(batcher, bus), settings.redis.url,
                             settings.redis, "generator")]
-    yield
+    yield service
     for thread in threads:
         thread.stop()
+    batcher.close()
 
 
 @pytest.mark.usefixtures("tiny_generator")
@@ -376,3 +390,130 @@ def test_a_prompt_that_cannot_fit_is_400_naming_the_generator(client, options, b
     detail = r.json()["detail"]
     assert (detail["service"], detail["kind"]) == ("generator", "bad_request")
     assert f"prompt tokens, over the budget of {budget} tokens" in detail["message"]
+
+
+@pytest.mark.usefixtures("tiny_generator")
+def test_a_prompt_that_cannot_fit_is_400_before_any_event(client):
+    r = client.post("/v1/qa?stream=true", json={"question": "What is the capital of France?"})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/json")
+    assert r.json()["detail"]["service"] == "generator"
+
+
+# --- streaming: server-sent events ----------------------------------------------------------
+def read_events(lines) -> list[tuple[str, dict]]:
+    """``(event, data)`` pairs of a server-sent event stream."""
+    events, name = [], None
+    for line in lines:
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[len("data: "):])))
+    return events
+
+
+@pytest.fixture
+def tiny_streamer(settings, flush):
+    """The ranker stand-in and the real generator on a tiny random model."""
+    tok = byte_tokenizer()
+    yield from _serve_generator(settings, GeneratorService(tiny_model(tok), tok, 1_000))
+
+
+@pytest.mark.usefixtures("tiny_streamer")
+def test_sse_streams_tokens_then_the_answer_with_citations(client):
+    question = {"question": "What is the capital of France?", "decoding": {"max_new_tokens": 24}}
+    with client.stream("POST", "/v1/qa?stream=true", json=question) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = read_events(r.iter_lines())
+    *tokens, (last, answer) = events
+    assert last == "answer" and len(tokens) > 1 and {name for name, _ in tokens} == {"token"}
+    assert "".join(data["text"] for _, data in tokens) == answer["answer"]
+    unary = client.post("/v1/qa", json=question).json()
+    assert answer["answer"] == unary["answer"] and answer["passages"] == unary["passages"]
+    assert answer["citations"] == unary["citations"]
+    assert 0 < answer["timings_ms"]["generate.first_token"] <= answer["timings_ms"]["generate"]
+
+
+def test_sse_bad_input_is_422(client):
+    r = client.post("/v1/qa?stream=true", json={"question": "ok?", "decoding": {"top_k": 3}})
+    assert r.status_code == 422 and _field(r)[1:] == ["decoding"]
+
+
+def test_a_client_that_disconnects_stops_the_generation(settings, flush, qa):
+    """Over a real HTTP server: the client reads one token event and hangs up."""
+    tok = byte_tokenizer()
+    results: list = []
+
+    class Recording(GeneratorService):
+        def generate_batch(self, *args):
+            out = super().generate_batch(*args)
+            results.extend(out)
+            return out
+
+    service = Recording(tiny_model(tok, force_token="a"), tok, 1_000)
+    serving = _serve_generator(settings, service)
+    next(serving)
+    server = uvicorn.Server(uvicorn.Config(create_app(qa), host="127.0.0.1", port=0,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            thread.join(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/qa?stream=true", timeout=60,
+                          json={"question": "capital?", "decoding": {"max_new_tokens": 64}},
+                          ) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    assert json.loads(line[6:])["text"].startswith("a")
+                    break
+        while not results:  # the generation ends soon after the hang-up, not at 64 tokens
+            thread.join(0.05)
+        (result,) = results
+        assert result.completion_tokens < 64
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        next(serving, None)
+
+
+# --- API key -------------------------------------------------------------------------------
+KEY = "k" * 24
+
+
+@pytest.fixture
+def keyed_client(settings):
+    serve = settings.serve.model_copy(update={"api_key": SecretStr(KEY)})
+    qa = QAService(Bus.connect(settings.redis.url, settings.redis),
+                   settings.model_copy(update={"serve": serve}))
+    with TestClient(create_app(qa)) as c:
+        yield c
+
+
+@pytest.mark.usefixtures("backends")
+@pytest.mark.parametrize("headers, status", [
+    ({}, 401),
+    ({"Authorization": "Bearer wrong-key-wrong-key"}, 401),
+    ({"Authorization": KEY}, 401),  # not a bearer token
+    ({"x-api-key": KEY[:-1]}, 401),
+    ({"Authorization": f"Bearer {KEY}"}, 200),
+    ({"authorization": f"bearer {KEY}"}, 200),
+    ({"x-api-key": KEY}, 200),
+])
+def test_the_api_key_is_required_when_set(keyed_client, headers, status):
+    r = keyed_client.post("/v1/qa", json={"question": "capital?"}, headers=headers)
+    assert r.status_code == status, r.text
+    if status == 401:
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["detail"]["kind"] == "unauthenticated"
+        assert keyed_client.post("/v1/qa?stream=true", json={"question": "capital?"},
+                                 headers=headers).status_code == 401
+        assert keyed_client.get("/v1/status", headers=headers).status_code == 401
+        assert keyed_client.post("/v1/documents", json={"documents": [doc(1)]},
+                                 headers=headers).status_code == 401
+
+
+def test_health_and_docs_need_no_key(keyed_client):
+    assert keyed_client.get("/v1/health").status_code == 200
+    assert keyed_client.get("/openapi.json").status_code == 200

@@ -12,9 +12,19 @@ import time
 import pytest
 
 from shared import keys
-from shared.bus import FIELD, BadRequest, BusError, Busy, Worker, dead_letters, routes
+from shared.bus import (
+    FIELD,
+    BadRequest,
+    BusError,
+    Busy,
+    ReplyStream,
+    Route,
+    Worker,
+    dead_letters,
+    routes,
+)
 from shared.infra import InfraError, check_redis, free_port
-from shared.schemas import Envelope, Event, IngestBatch, SearchRequest, SearchResult
+from shared.schemas import AnswerChunk, Envelope, Event, IngestBatch, SearchRequest, SearchResult
 from tests.conftest import make_bus
 
 pytestmark = pytest.mark.usefixtures("flush")
@@ -346,3 +356,132 @@ def test_unreachable_redis_is_a_clear_error():
     with pytest.raises(InfraError, match=f"Redis is unreachable at {url}"):
         check_redis(url, timeout_s=0.5)
 
+
+
+# --- streamed replies ------------------------------------------------------------------------
+def stream_worker(bus, handler) -> Worker:
+    return Worker(bus, SERVICE, [keys.request_stream(SERVICE)],
+                  routes(search=Route(SearchRequest, handler, streams=True)))
+
+
+async def collect(stream, items: list) -> list:
+    async for item in stream:
+        items.append(item)
+    return items
+
+
+def _stream(bus, timeout_s: float = 5.0):
+    return bus.request_stream(SERVICE, "search", SearchRequest(query="q", top_k=1), timeout_s,
+                              AnswerChunk, SearchResult)
+
+
+def test_a_streamed_reply_yields_its_chunks_then_the_result(redis_url, redis_settings, run):
+    async def handler(req: SearchRequest, reply: ReplyStream) -> SearchResult:
+        for text in ("Par", "is", " [1]"):
+            assert await reply.send(AnswerChunk(text=text))
+        return SearchResult(hits=[], count=3)
+
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        task = asyncio.create_task(collect(_stream(bus), []))
+        await until(lambda: _has_entries(bus, keys.request_stream(SERVICE)))
+        await stream_worker(bus, handler).run(burst=True)
+        assert await task == [AnswerChunk(text="Par"), AnswerChunk(text="is"),
+                              AnswerChunk(text=" [1]"), SearchResult(hits=[], count=3)]
+        assert await bus.backlog(keys.request_stream(SERVICE), SERVICE) == 0
+        await bus.close()
+
+    run(main())
+
+
+def test_a_retried_stream_does_not_repeat_chunks(redis_url, redis_settings, run):
+    calls = []
+
+    async def handler(req: SearchRequest, reply: ReplyStream) -> SearchResult:
+        calls.append(1)
+        for text in ("a", "b"):
+            await reply.send(AnswerChunk(text=text))
+        if len(calls) == 1:
+            raise RuntimeError("replica lost its GPU")
+        await reply.send(AnswerChunk(text="c"))
+        return SearchResult(hits=[], count=len(calls))
+
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        worker = stream_worker(bus, handler)
+        task = asyncio.create_task(collect(_stream(bus), []))
+        await until(lambda: _has_entries(bus, keys.request_stream(SERVICE)))
+
+        async def answered():
+            await worker.run(burst=True)
+            return task.done()
+
+        await until(answered)
+        assert [getattr(i, "text", None) for i in task.result()] == ["a", "b", "c", None]
+        assert task.result()[-1] == SearchResult(hits=[], count=2)
+        await bus.close()
+
+    run(main())
+
+
+def test_closing_a_stream_early_stops_the_handler(redis_url, redis_settings, run):
+    sent = []
+
+    async def handler(req: SearchRequest, reply: ReplyStream) -> SearchResult:
+        while len(sent) < 10_000 and await reply.send(AnswerChunk(text="x")):
+            sent.append(1)
+        assert reply.cancelled.is_set() or len(sent) == 10_000
+        return SearchResult(hits=[], count=len(sent))
+
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        worker = asyncio.create_task(stream_worker(bus, handler).run(burst=False))
+        stream = _stream(bus)
+        first = await anext(stream)
+        await stream.aclose()  # the client went away
+        assert first == AnswerChunk(text="x")
+        await until(lambda: _exists(bus, keys.cancel_key("*")))
+
+        async def handled():
+            return await bus.backlog(keys.request_stream(SERVICE), SERVICE) == 0
+
+        await until(handled)
+        assert 1 <= len(sent) < 10_000
+        worker.cancel()
+        await bus.close()
+
+    run(main())
+
+
+async def _exists(bus, pattern: str) -> bool:
+    return bool(await bus.redis.keys(pattern))
+
+
+def test_an_error_after_some_chunks_reaches_the_caller(redis_url, redis_settings, run):
+    async def handler(req: SearchRequest, reply: ReplyStream) -> SearchResult:
+        await reply.send(AnswerChunk(text="Par"))
+        raise BadRequest("the prompt cannot fit")
+
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        items: list = []
+        task = asyncio.create_task(collect(_stream(bus), items))
+        await until(lambda: _has_entries(bus, keys.request_stream(SERVICE)))
+        await stream_worker(bus, handler).run(burst=True)
+        with pytest.raises(BusError, match="cannot fit") as err:
+            await task
+        assert items == [AnswerChunk(text="Par")] and err.value.info.kind == "bad_request"
+        await bus.close()
+
+    run(main())
+
+
+def test_a_stream_without_a_worker_times_out_and_is_cancelled(redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        with pytest.raises(BusError, match="did not finish within 0.2 s"):
+            await collect(_stream(bus, timeout_s=0.2), [])
+        await until(lambda: _exists(bus, keys.cancel_key("*")))
+        await bus.close()
+
+    run(main())

@@ -1,0 +1,119 @@
+"""Token streaming for the generator: the text of each answer while ``model.generate`` runs.
+
+``BatchStreamer`` is a transformers ``BaseStreamer`` for a batch: ``generate`` hands it the
+prompt once, then the next token of every row at each step; it decodes each row's tokens so
+far and passes the new text to that row's sink. ``streamable`` decides what of a partial
+answer is certain to stay in the final one, so the pieces a client receives concatenate to the
+final answer (see its docstring for the one exception). ``CancelRows`` is the stopping
+criterion that ends the rows whose caller went away.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+
+from services.generator.decoding import cut_at_stop
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[str], None]
+# What a byte-level tokenizer decodes an incomplete UTF-8 sequence to.
+_INCOMPLETE = "\ufffd"
+
+
+def streamable(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``(prefix, stopped)``: the part of a partial completion ``text`` that will begin the
+    answer whatever is generated next, and whether a stop string has ended it.
+
+    The answer is the completion stripped and cut before the first stop string, so leading
+    whitespace is dropped and held back at the end are: whitespace, an incomplete character
+    (U+FFFD of a partial UTF-8 sequence) and the longest suffix that could begin a stop
+    string. Each prefix returned for a growing ``text`` extends the previous one. The final
+    answer can still be shorter in one case: generation that hits ``max_new_tokens`` drops a
+    trailing unfinished sentence (``prompt.clean_answer``), which may have streamed already.
+    """
+    text = text.lstrip()
+    cut, stopped = cut_at_stop(text, stop)
+    if stopped:
+        return cut.rstrip(), True
+    held = 0
+    for s in stop:
+        held = max(held, next((k for k in range(min(len(s) - 1, len(text)), 0, -1)
+                               if text.endswith(s[:k])), 0))
+    return text[: len(text) - held].rstrip(_INCOMPLETE).rstrip(), False
+
+
+class BatchStreamer(BaseStreamer):
+    """Streams each row of a batch to its sink (``None``: that row is not streamed).
+
+    Called from the thread running ``model.generate``; sinks must be thread-safe. A row stops
+    streaming at an end-of-sequence token (``eos_ids``), a stop string, or once its event in
+    ``cancelled`` is set. ``emitted[row]`` is the text sent so far.
+    """
+
+    def __init__(self, tokenizer, sinks: Sequence[Sink | None], eos_ids: Sequence[int],
+                 stop: Sequence[str] = (), cancelled: Sequence[threading.Event | None] = ()):
+        self.tokenizer = tokenizer
+        self.sinks = list(sinks)
+        self.eos_ids = set(eos_ids)
+        self.stop = tuple(stop)
+        self.cancelled = list(cancelled) or [None] * len(self.sinks)
+        self.tokens: list[list[int]] = [[] for _ in self.sinks]
+        self.emitted = ["" for _ in self.sinks]
+        self.done = [sink is None for sink in self.sinks]
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate passes the prompt (or decoder start) first
+            self._prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self.sinks), -1)[:, -1].tolist()):
+            event = self.cancelled[row]
+            if self.done[row] or (event is not None and event.is_set()):
+                self.done[row] = True
+                continue
+            if token in self.eos_ids:
+                self.done[row] = True
+                continue
+            self.tokens[row].append(token)
+            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+            prefix, stopped = streamable(text, self.stop)
+            self.done[row] = stopped
+            self._send(row, prefix)
+
+    def end(self) -> None:
+        """Nothing to flush: what is held back is decided by the final answer (``finish``)."""
+
+    def finish(self, row: int, answer: str) -> None:
+        """Send what the final ``answer`` adds to the streamed text (all of it for a row that
+        streamed nothing: beam search, or an answer the model never produced)."""
+        self._send(row, answer)
+
+    def _send(self, row: int, prefix: str) -> None:
+        sink = self.sinks[row]
+        if sink is None or not prefix.startswith(self.emitted[row]):
+            return
+        delta = prefix[len(self.emitted[row]):]
+        if delta:
+            self.emitted[row] = prefix
+            sink(delta)
+
+
+class CancelRows(StoppingCriteria):
+    """Done for each row whose event is set (its caller went away); ``None``: never."""
+
+    def __init__(self, events: Sequence[threading.Event | None]):
+        self.events = list(events)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor,
+                 **kwargs) -> torch.BoolTensor:
+        done = torch.tensor([event is not None and event.is_set() for event in self.events],
+                            dtype=torch.bool, device=input_ids.device)
+        # beam search passes num_beams rows per request
+        return done.repeat_interleave(input_ids.shape[0] // len(self.events))

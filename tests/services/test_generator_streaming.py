@@ -1,0 +1,113 @@
+"""Token streaming: what of a partial answer may be sent (pure), and the generator service's
+streamed pieces on a tiny random Llama (they concatenate to its answer; a cancelled request
+stops early)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from services.generator.service import GeneratorService
+from services.generator.streaming import streamable
+from shared.prompt import NO_ANSWER
+from tests.services.test_generator import (
+    FRANCE,
+    GERMANY,
+    JAPAN,
+    byte_tokenizer,
+    request,
+    tiny_model,
+)
+
+
+@pytest.mark.parametrize("text, stop, expected", [
+    ("  Paris", (), ("Paris", False)),
+    ("Paris is \n", (), ("Paris is", False)),
+    ("Paris\ufffd", (), ("Paris", False)),
+    ("Paris.\nQu", ("\nQuestion:",), ("Paris.", False)),
+    ("Paris.\nQuestion: next", ("\nQuestion:",), ("Paris.", True)),
+    ("Paris END", ("END", "x"), ("Paris", True)),
+    ("Paris EN", ("END",), ("Paris", False)),
+    ("Paris ENDS", ("ENDS", "END"), ("Paris", True)),
+    ("", ("END",), ("", False)),
+])
+def test_streamable_holds_back_what_may_still_change(text, stop, expected):
+    assert streamable(text, stop) == expected
+
+
+def test_each_streamable_prefix_extends_the_last_and_ends_as_the_answer():
+    completion = " The capital is Paris. [2]\nQuestion: and Berlin?"
+    stop = ("\nQuestion:", "[3]")
+    sent = ""
+    for end in range(len(completion) + 1):
+        prefix, stopped = streamable(completion[:end], stop)
+        assert prefix.startswith(sent)
+        sent = prefix
+        if stopped:
+            break
+    assert sent == "The capital is Paris. [2]"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def service(tokenizer):
+    return GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+
+
+@pytest.mark.parametrize("decoding", [{}, {"strategy": "sample", "seed": 5, "top_k": 3},
+                                      {"strategy": "beam", "num_beams": 2}])
+def test_streamed_pieces_concatenate_to_the_answer(service, decoding):
+    # the random model does not end on its own within 16 tokens, so nothing is cut as
+    # unfinished: the pieces are the whole answer
+    req = request([FRANCE, GERMANY], max_new_tokens=16, **decoding)
+    pieces: list[str] = []
+    (streamed,) = service.generate_batch([req], sinks=[pieces.append])
+    assert streamed == service.generate(req)
+    assert "".join(pieces) == streamed.answer
+    if decoding.get("strategy") == "beam":
+        assert pieces == [streamed.answer]  # beam search ends before it knows its answer
+    else:
+        assert len(pieces) > 3
+
+
+def test_stop_strings_never_stream(service, tokenizer):
+    free = service.generate(request([FRANCE], max_new_tokens=16))
+    stop = free.answer[6:8]
+    pieces: list[str] = []
+    req = request([FRANCE], max_new_tokens=16, stop=[stop])
+    (result,) = service.generate_batch([req], sinks=[pieces.append])
+    assert "".join(pieces) == result.answer == service.generate(req).answer
+    assert stop not in "".join(pieces)
+
+
+def test_a_request_without_passages_streams_no_answer(service):
+    pieces: list[str] = []
+    service.generate_batch([request([])], sinks=[pieces.append])
+    assert pieces == [NO_ANSWER]
+
+
+def test_each_row_of_a_batch_streams_to_its_own_sink(service):
+    reqs = [request([FRANCE], max_new_tokens=12),
+            request([JAPAN], max_new_tokens=12, question="What is the capital of Japan, and why?")]
+    pieces: list[list[str]] = [[], []]
+    results = service.generate_batch(reqs, sinks=[p.append for p in pieces])
+    assert ["".join(p) for p in pieces] == [r.answer for r in results]
+    assert results[0].answer != results[1].answer
+
+
+def test_a_cancelled_request_stops_early_and_its_batch_goes_on(tokenizer):
+    forced = GeneratorService(tiny_model(tokenizer, force_token="a"), tokenizer, 1_000)
+    stop = threading.Event()
+
+    def sink(text: str) -> None:
+        stop.set()  # the caller goes away after its first piece
+
+    reqs = [request([FRANCE], max_new_tokens=64), request([GERMANY], max_new_tokens=64)]
+    cancelled, kept = forced.generate_batch(reqs, sinks=[sink, None], cancelled=[stop, None])
+    assert cancelled.completion_tokens < 5
+    assert kept.answer == "a" * 64
