@@ -180,15 +180,39 @@ class Trainer(_WorkerDeployment):
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class QAFront:
-    """HTTP ingress: ``/v1/qa``, ``/v1/documents``, ``/v1/status``, ``/v1/health``."""
+    """HTTP ingress: ``/v1/qa``, ``/v1/documents``, ``/v1/status``, ``/v1/health``; and the
+    gRPC API's methods (services/qa/proto/qa.proto), which Serve's gRPC proxy calls by the
+    RPC's name when ``serve.grpc_port`` is set."""
 
     def __init__(self, settings: Settings, *backends):
         # ``backends`` are the other deployments, bound here only so that they belong to
         # this application; the front reaches them over the bus, never through handles.
+        from services.qa.grpc_api import QAGrpc
         from services.qa.service import QAService
 
         redis_url, _ = _require_urls(settings)
         self.qa = QAService(Bus.connect(redis_url, settings.redis, name=None), settings)
+        self.grpc = QAGrpc(self.qa)
+
+    async def Answer(self, request, grpc_context):  # noqa: N802 - the RPC's name
+        from services.qa.grpc_api import serve_status
+
+        with serve_status(grpc_context):
+            return await self.grpc.answer(request, grpc_context.invocation_metadata())
+
+    async def AnswerStream(self, request, grpc_context):  # noqa: N802
+        from services.qa.grpc_api import serve_status
+
+        with serve_status(grpc_context):
+            async for event in self.grpc.answer_stream(request,
+                                                       grpc_context.invocation_metadata()):
+                yield event
+
+    async def IngestDocuments(self, request, grpc_context):  # noqa: N802
+        from services.qa.grpc_api import serve_status
+
+        with serve_status(grpc_context):
+            return await self.grpc.ingest_documents(request, grpc_context.invocation_metadata())
 
     def __serve_build_asgi_app__(self):
         from services.admin.http import admin_router

@@ -40,6 +40,10 @@ DEMO_QUESTIONS = (
 )
 
 
+# The API key header for every request, from serve.api_key (set by main from the settings).
+_AUTH: dict[str, str] = {}
+
+
 class CLIError(RuntimeError):
     """A failure to report as one line, exit code 1."""
 
@@ -81,7 +85,7 @@ def _require_state(settings: Settings) -> dict:
 
 def _request(method: str, url: str, timeout: float, **kwargs) -> dict:
     try:
-        response = httpx.request(method, url, timeout=timeout, **kwargs)
+        response = httpx.request(method, url, timeout=timeout, headers=_AUTH, **kwargs)
     except httpx.HTTPError as exc:
         raise CLIError(f"cannot reach ragtune at {url}: {exc}") from None
     if response.status_code >= 400:
@@ -406,6 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings()
+        _AUTH.clear()
+        if settings.serve.api_key is not None:
+            _AUTH["Authorization"] = f"Bearer {settings.serve.api_key.get_secret_value()}"
         COMMANDS[args.command](settings, args)
     except (CLIError, ValidationError) as exc:
         sys.stderr.write(f"ragtune: {exc}\n")

@@ -24,6 +24,8 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 APP_NAME = "ragtune"
+# What Serve's gRPC proxy registers (it imports this path in its own process).
+GRPC_SERVICER = "services.qa.grpc_api.add_servicer"
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Stack:
     infra: Infra
     http_url: str
     dashboard_url: str | None
+    grpc_target: str | None = None  # host:port of the gRPC API, when serve.grpc_port is set
 
     def stop(self) -> None:
         import ray
@@ -76,7 +79,8 @@ def _start_serve(settings: Settings, infra: Infra, dashboard: bool, timeout_s: f
     context = _init_ray(ray, dashboard)
     try:
         serve.start(http_options={"host": settings.serve.http_host,
-                                  "port": settings.serve.http_port})
+                                  "port": settings.serve.http_port},
+                    grpc_options=grpc_options(settings))
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
         http_url = f"http://{settings.serve.http_host}:{settings.serve.http_port}"
         _wait_healthy(http_url, timeout_s)
@@ -86,7 +90,25 @@ def _start_serve(settings: Settings, infra: Infra, dashboard: bool, timeout_s: f
     dashboard_url = getattr(context, "dashboard_url", None) or None
     if dashboard_url and not dashboard_url.startswith("http"):
         dashboard_url = f"http://{dashboard_url}"
-    return Stack(settings, infra, http_url, dashboard_url)
+    grpc_port = settings.serve.grpc_port
+    return Stack(settings, infra, http_url, dashboard_url,
+                 None if grpc_port is None else f"127.0.0.1:{grpc_port}")
+
+
+def grpc_options(settings: Settings):
+    """Serve's gRPC proxy options: the QA API on ``serve.grpc_port``, or None (no gRPC).
+
+    Ray Serve binds its gRPC proxy on every interface (``[::]``), whatever ``http_host``
+    says; settings therefore require ``serve.api_key`` whenever ``grpc_port`` is set.
+    """
+    from ray.serve.config import gRPCOptions
+
+    if settings.serve.grpc_port is None:
+        return None
+    from services.qa.proto import ensure_generated
+
+    ensure_generated()  # before Serve's proxy imports the servicer in its own process
+    return gRPCOptions(port=settings.serve.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
 
 
 def _init_ray(ray, dashboard: bool, attempts: int = 3):
@@ -145,6 +167,7 @@ def main() -> None:
     path.write_text(json.dumps({
         "pid": os.getpid(), "http_url": stack.http_url, "redis_url": stack.infra.redis_url,
         "milvus_uri": stack.infra.milvus_uri, "dashboard_url": stack.dashboard_url,
+        "grpc_target": stack.grpc_target,
         "started_s": round(time.time() - started, 1),
     }))
     log.info("ragtune is up at %s (dashboard %s)", stack.http_url, stack.dashboard_url)

@@ -75,3 +75,30 @@ def test_eval_retrieval_runs_a_beir_folder_in_process(tmp_path):
     report = json.loads(output.read_text())
     assert (report["dataset"], report["queries"], report["documents"]) == ("tiny-beir", 2, 3)
     assert list((tmp_path / "home" / "cache").glob("embeddings-*.npy"))
+
+
+def test_commands_send_the_configured_api_key(tmp_path, monkeypatch):
+    import json
+
+    import httpx
+
+    from deploy import cli
+
+    state = tmp_path / "run" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"pid": os.getpid(), "http_url": "http://127.0.0.1:9",
+                                 "redis_url": "redis://x", "milvus_uri": "http://x"}))
+    sent = []
+
+    def fake_request(method, url, **kwargs):
+        sent.append(dict(kwargs["headers"]))
+        return httpx.Response(200, json={"services": {}, "documents": {}, "streams": [],
+                                         "dead_letters": 0})
+
+    monkeypatch.setattr(httpx, "request", fake_request)
+    monkeypatch.setenv("RAGTUNE_HOME", str(tmp_path))
+    monkeypatch.setenv("RAGTUNE_SERVE__API_KEY", "k" * 20)
+    cli.main(["status"])
+    monkeypatch.delenv("RAGTUNE_SERVE__API_KEY")
+    cli.main(["status"])
+    assert sent == [{"Authorization": f"Bearer {'k' * 20}"}, {}]

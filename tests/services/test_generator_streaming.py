@@ -111,3 +111,24 @@ def test_a_cancelled_request_stops_early_and_its_batch_goes_on(tokenizer):
     cancelled, kept = forced.generate_batch(reqs, sinks=[sink, None], cancelled=[stop, None])
     assert cancelled.completion_tokens < 5
     assert kept.answer == "a" * 64
+
+
+# --- the real packaged model ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory):
+    from shared.settings import Settings
+
+    return GeneratorService.from_settings(Settings(home=tmp_path_factory.mktemp("home")))
+
+
+@pytest.mark.integration
+def test_the_packaged_model_streams_its_unary_answer(packaged):
+    reqs = [request([GERMANY, FRANCE], max_new_tokens=32),
+            request([JAPAN, FRANCE], max_new_tokens=32, question="What is the capital of Japan?")]
+    alone = [packaged.generate(r) for r in reqs]
+    assert "Paris" in alone[0].answer and "Tokyo" in alone[1].answer
+    pieces: list[list[str]] = [[], []]
+    batched = packaged.generate_batch(reqs, sinks=[p.append for p in pieces])
+    assert batched == alone  # batched, left-padded: the same greedy answers
+    assert ["".join(p) for p in pieces] == [r.answer for r in alone]
+    assert all(len(p) > 3 for p in pieces)

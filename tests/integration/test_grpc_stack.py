@@ -1,0 +1,104 @@
+"""End to end with gRPC and an API key: real Ray Serve (its gRPC proxy), valkey, milvus-lite
+and the packaged models. Documents go in over gRPC; the packaged generator's answer streamed
+over gRPC and over server-sent events equals its unary answer (greedy decoding)."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import httpx
+import pytest
+
+from deploy.grpc_client import QAClient
+from deploy.stack import start_stack
+from shared.datasets import load_corpus
+from shared.infra import free_port
+from shared.schemas import AnswerChunk, DecodingOptions, QARequest
+from shared.settings import RedisSettings, ServeSettings, Settings
+
+pytestmark = pytest.mark.integration
+
+KEY = "integration-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+COUNTRIES = ("France", "Germany", "Japan", "Kenya", "Peru", "Italy")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    settings = Settings(home=tmp_path_factory.mktemp("home"),
+                        serve=ServeSettings(http_port=free_port(), grpc_port=free_port(),
+                                            api_key=KEY),
+                        redis=RedisSettings(claim_idle_ms=5_000))
+    running = start_stack(settings, dashboard=False, timeout_s=900)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    with QAClient(stack.grpc_target, KEY, timeout_s=600) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ingested(client):
+    by_title = {d.title: d for d in load_corpus()}
+    documents = [by_title[t] for t in COUNTRIES]
+    accepted = client.ingest(documents, wait=True)
+    assert accepted.indexed and accepted.accepted == len(documents)
+    return documents
+
+
+def test_the_http_api_needs_the_key(stack):
+    question = {"question": "What is the capital of Kenya?"}
+    assert httpx.post(f"{stack.http_url}/v1/qa", json=question, timeout=60).status_code == 401
+    assert httpx.get(f"{stack.http_url}/v1/status", timeout=60).status_code == 401
+    assert httpx.get(f"{stack.http_url}/v1/status", headers=AUTH, timeout=60).status_code == 200
+    assert httpx.get(f"{stack.http_url}/v1/health", timeout=60).status_code == 200
+
+
+def test_streams_over_grpc_and_sse_equal_the_unary_answer(stack, client, ingested):
+    request = QARequest(question="What is the capital of Kenya?",
+                        decoding=DecodingOptions(max_new_tokens=48))
+    unary = client.answer(request)
+    assert "Nairobi" in unary.answer and "Kenya" in [c.doc_id for c in unary.citations]
+
+    *chunks, final = list(client.answer_stream(request))
+    assert all(isinstance(c, AnswerChunk) for c in chunks) and len(chunks) > 1
+    assert "".join(c.text for c in chunks) == final.answer == unary.answer
+    assert final.citations == unary.citations
+
+    tokens, answer = [], None
+    with httpx.stream("POST", f"{stack.http_url}/v1/qa?stream=true", headers=AUTH,
+                      json=request.model_dump(exclude_none=True), timeout=600) as r:
+        assert r.status_code == 200
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                if event == "token":
+                    tokens.append(data["text"])
+                else:
+                    answer = data
+    assert answer is not None and "".join(tokens) == answer["answer"] == unary.answer
+
+
+@pytest.mark.parametrize("key, request_, code, message", [
+    (KEY, QARequest.model_construct(question="capital?", top_k=None, retrieval=None,
+                                    decoding=DecodingOptions.model_construct(strategy="magic")),
+     grpc.StatusCode.INVALID_ARGUMENT, "unknown decoding strategy 'magic'"),
+    (KEY, QARequest.model_construct(question="capital?", top_k=None, retrieval=None,
+                                    decoding=DecodingOptions.model_construct(max_new_tokens=999)),
+     grpc.StatusCode.INVALID_ARGUMENT, "decoding.max_new_tokens: is 999; the limit is 512"),
+    (None, QARequest(question="capital?"), grpc.StatusCode.UNAUTHENTICATED, "API key"),
+])
+def test_the_serve_grpc_proxy_answers_refusals_with_their_codes(stack, key, request_, code,
+                                                                 message):
+    with QAClient(stack.grpc_target, key, timeout_s=60) as client:
+        for call in (client.answer, lambda r: list(client.answer_stream(r))):
+            with pytest.raises(grpc.RpcError) as err:
+                call(request_)
+            assert err.value.code() == code and message in err.value.details()
