@@ -1,0 +1,808 @@
+"""Supervised fine-tuning of the generator on retrieval-augmented prompts (nanoGPT-style loop).
+
+Each training example is the prompt serving builds (``services.evaluation.qa.prompt_ids``:
+system instruction, the question's top-k retrieved passages, the question) followed by the
+answer we want serving to give: a short answer and the marker of the passage holding it,
+``"Paris [2]"``, then the end-of-turn token. Only the answer tokens carry loss (the prompt's
+labels are -100). When no retrieved passage holds a gold answer the target is ``NO_ANSWER``.
+
+Abstention is taught with two kinds of examples: the unanswerable items (and the answerable
+ones whose passages hold no answer: ``not_found_fraction`` of them), and a fraction
+(``abstain_fraction``) of the answered ones again, with every passage that holds the answer
+(or is a gold document) replaced by the next retrieved hits. The second kind is the same
+question once answerable and once not, so the model learns to look for the answer in the
+passages rather than a question template that means "unknown" (the construction of RAFT,
+Zhang et al. 2024, "RAFT: Adapting Language Model to Domain Specific RAG", whose distractor-only
+examples here ask for a refusal as in R-Tuning, Zhang et al. 2023).
+
+``train_generator`` is the loop: warm-up + cosine schedule, gradient accumulation, clipping,
+bf16 autocast on CUDA, dev evaluation (generation + EM/F1 through ``services.evaluation.qa``)
+every ``eval_steps``, early stopping, the best checkpoint saved as a plain model (LoRA merged),
+resumable state, a JSON + PNG report. Decoder-only and encoder-decoder models both train.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from services.evaluation import qa
+from services.trainer import loop
+from shared.datasets import QAItem
+from shared.metrics import contains
+from shared.prompt import NO_ANSWER
+from shared.schemas import Hit
+
+log = logging.getLogger(__name__)
+
+KIND = "generator"
+REPORT_JSON = "report.json"
+REPORT_PNG = "report.png"
+IGNORE = -100  # label of a token that carries no loss (PyTorch's CrossEntropyLoss default)
+
+# Example kinds: what the target is and why.
+ANSWER = "answer"  # a retrieved passage holds the answer: "<answer> [n]"
+UNANSWERABLE = "unanswerable"  # the item is marked unanswerable: NO_ANSWER
+NOT_FOUND = "not_found"  # answerable, but no retrieved passage holds an answer: NO_ANSWER
+GOLD_REMOVED = "gold_removed"  # answerable, passages holding it removed: NO_ANSWER
+
+# A yes/no answer occurs as a word in almost any text ("no longer"): only a gold document
+# counts as holding it.
+_YES_NO = frozenset({"yes", "no"})
+
+
+class LoraOptions(BaseModel):
+    """LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") through
+    peft. ``target_modules`` "all-linear" adapts every linear layer but the output head."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value):
+        if isinstance(value, list) and (not value or not all(v.strip() for v in value)):
+            raise ValueError(f"has to name at least one module (non-empty names), but is "
+                             f"{value!r}")
+        return value
+
+
+class GeneratorTrainConfig(BaseModel):
+    """Everything that decides a generator fine-tuning run (saved with its checkpoint).
+
+    Steps are optimiser steps of ``batch_size * grad_accum`` examples. ``max_steps`` (when set)
+    replaces ``epochs`` as the run's length. ``eval_steps``: dev evaluation on at most
+    ``eval_questions`` dev questions (a fixed seeded sample); the best by ``select_metric`` is
+    kept; ``patience`` evaluations without improvement stop the run (None: never).
+    ``save_steps``: how often the resume state is written (None: at every evaluation).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["full", "lora"] = "full"
+    lora: LoraOptions = LoraOptions()
+    lr: float = Field(5e-5, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    schedule: loop.Schedule = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    batch_size: int = Field(8, ge=1, le=4096)
+    grad_accum: int = Field(1, ge=1, le=4096)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    epochs: int = Field(2, ge=1, le=1000)
+    max_steps: int | None = Field(None, ge=1)
+    # prompts: as serving builds them
+    top_k: int = Field(qa.SERVING_TOP_K, ge=1, le=100)
+    max_passage_chars: int = Field(qa.SERVING_MAX_PASSAGE_CHARS, ge=50)
+    max_seq_len: int = Field(1024, ge=16, description="prompt + answer tokens of an example")
+    max_answer_tokens: int = Field(32, ge=1, description="longest target answer (with its "
+                                   "citation marker, without the end token)")
+    # abstention examples
+    abstain_fraction: float = Field(0.25, ge=0, le=1, description="share of the answered "
+                                    "items added again with the passages holding the answer "
+                                    "removed (target NO_ANSWER)")
+    not_found_fraction: float = Field(1.0, ge=0, le=1, description="share of the answerable "
+                                      "items whose passages hold no answer kept as NO_ANSWER "
+                                      "examples (the rest are left out)")
+    extra_passages: int = Field(3, ge=0, description="hits retrieved beyond top_k to replace "
+                                "removed passages in abstention examples")
+    # evaluation and checkpoints
+    eval_steps: int = Field(50, ge=1)
+    eval_questions: int = Field(64, ge=1)
+    eval_batch_size: int = Field(16, ge=1)
+    eval_max_new_tokens: int = Field(32, ge=1)
+    select_metric: Literal["score", "em", "f1"] = "score"
+    patience: int | None = Field(3, ge=1)
+    save_steps: int | None = Field(None, ge=1)
+    log_steps: int = Field(10, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+# --- targets (pure) ---------------------------------------------------------------------------
+def held_answer(item: QAItem, hit: Hit) -> str | None:
+    """The first of ``item.answers`` that ``hit`` holds (whole words after SQuAD normalisation,
+    in its title or text), or None. A yes/no answer is held only by a gold document."""
+    text = f"{hit.title}\n{hit.text}"
+    for answer in item.answers:
+        if answer.strip().lower() in _YES_NO:
+            if hit.doc_id in item.doc_ids:
+                return answer
+            continue
+        if contains(text, [answer]):
+            return answer
+    return None
+
+
+def answer_target(item: QAItem, passages: Sequence[Hit]) -> str:
+    """What serving should answer from ``passages``: ``"<answer> [n]"`` for the first passage
+    that holds a gold answer (a gold document first, when several do), else ``NO_ANSWER``;
+    always ``NO_ANSWER`` for an unanswerable item."""
+    if not item.answerable:
+        return NO_ANSWER
+    holders = [(n, answer) for n, hit in enumerate(passages, start=1)
+               if (answer := held_answer(item, hit)) is not None]
+    if not holders:
+        return NO_ANSWER
+    gold = [(n, a) for n, a in holders if passages[n - 1].doc_id in item.doc_ids]
+    n, answer = (gold or holders)[0]
+    return f"{answer.strip()} [{n}]"
+
+
+def without_answer(item: QAItem, hits: Sequence[Hit]) -> list[Hit]:
+    """``hits`` without the gold documents and without every hit that holds an answer."""
+    return [h for h in hits if h.doc_id not in item.doc_ids and held_answer(item, h) is None]
+
+
+# --- examples ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Example:
+    """One tokenised training example. Decoder-only: ``input_ids`` = prompt + target, ``labels``
+    = -100 over the prompt, then the target ids. Encoder-decoder: ``input_ids`` = prompt,
+    ``labels`` = target ids. The target ends with the end token."""
+
+    id: str
+    kind: str
+    target: str
+    passages: tuple[str, ...]
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+
+def end_token(model, tokenizer) -> int:
+    """The token a target ends with: the tokenizer's eos (ChatML's end of turn), else the
+    model's."""
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    ids = qa.eos_ids(model, tokenizer)
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model names an eos token")
+    return ids[0]
+
+
+def encode_example(prompt: Sequence[int], target_ids: Sequence[int], *, seq2seq: bool,
+                   ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(input_ids, labels) of a prompt and its target ids (end token included)."""
+    if seq2seq:
+        return tuple(prompt), tuple(target_ids)
+    return tuple(prompt) + tuple(target_ids), (IGNORE,) * len(prompt) + tuple(target_ids)
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """What building examples needs to know about the model."""
+
+    tokenizer: Any
+    seq2seq: bool
+    end: int
+    context: int
+
+
+def _make_example(enc: Encoding, config: GeneratorTrainConfig, item: QAItem,
+                  hits: Sequence[Hit], kind: str | None, suffix: str = "") -> Example:
+    limit = min(config.max_seq_len, enc.context)
+    # Room for the longest answer allowed; an encoder-decoder's answer is not in its input.
+    budget = limit if enc.seq2seq else limit - config.max_answer_tokens - 1
+    try:
+        kept, prompt = qa.fit_prompt(enc.tokenizer, item.question, hits,
+                                     config.max_passage_chars, budget)
+    except qa.PromptTooLong as exc:
+        raise ValueError(f"item {item.id!r}: its prompt cannot fit max_seq_len="
+                         f"{config.max_seq_len} (context {enc.context}): {exc}") from None
+    target = NO_ANSWER if kind == GOLD_REMOVED else answer_target(item, kept)
+    if kind is None:
+        kind = ANSWER if target != NO_ANSWER else (
+            NOT_FOUND if item.answerable else UNANSWERABLE)
+    target_ids = list(enc.tokenizer(target, add_special_tokens=False)["input_ids"])
+    if len(target_ids) > config.max_answer_tokens:
+        raise ValueError(f"item {item.id!r}: the answer {target!r} is {len(target_ids)} tokens, "
+                         f"over max_answer_tokens={config.max_answer_tokens}")
+    input_ids, labels = encode_example(prompt, target_ids + [enc.end], seq2seq=enc.seq2seq)
+    return Example(id=item.id + suffix, kind=kind, target=target,
+                   passages=tuple(h.doc_id for h in kept), input_ids=input_ids, labels=labels)
+
+
+def build_examples(items: Sequence[QAItem], passages: Mapping[str, Sequence[Hit]],
+                   enc: Encoding, config: GeneratorTrainConfig, *, abstain_fraction: float,
+                   not_found_fraction: float = 1.0) -> list[Example]:
+    """One example per item from its first ``top_k`` hits — ``NOT_FOUND`` ones only for a
+    seeded ``not_found_fraction`` of them — plus, for a seeded ``abstain_fraction`` of the
+    ``ANSWER`` examples, a ``GOLD_REMOVED`` copy whose passages are the first ``top_k`` hits
+    that neither are gold nor hold an answer (skipped when none is left): the same question
+    once answerable, once not. Raises ValueError naming the item for an answer over
+    ``max_answer_tokens`` or a prompt that cannot fit."""
+    rng = random.Random(config.seed)
+    examples = []
+    for item in items:
+        hits = list(passages[item.question])
+        example = _make_example(enc, config, item, hits[:config.top_k], None)
+        # One draw per item for each choice, so either fraction leaves the other's picks alone.
+        keep, copy_ = rng.random() < not_found_fraction, rng.random() < abstain_fraction
+        if example.kind != NOT_FOUND or keep:
+            examples.append(example)
+        if example.kind == ANSWER and copy_:
+            others = without_answer(item, hits)[:config.top_k]
+            if others:
+                examples.append(_make_example(enc, config, item, others, GOLD_REMOVED,
+                                              "#gold_removed"))
+    return examples
+
+
+def collate(examples: Sequence[Example], pad: int, *, seq2seq: bool) -> dict[str, torch.Tensor]:
+    """Pad a batch on the right: ``input_ids``, ``attention_mask``, ``labels`` (-100 where
+    padded). Right, not left: a left-padded row's first pad attends to nothing (the causal
+    mask allows only itself, the padding mask not even that), and fused attention kernels
+    may return NaN for such a row, which the backward pass spreads into every gradient
+    (0 * NaN) even though no loss depends on it."""
+    n = len(examples)
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    label_width = max(len(e.labels) for e in examples)
+    labels = torch.full((n, label_width), IGNORE, dtype=torch.long)
+    for r, e in enumerate(examples):
+        ids[r, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[r, :len(e.input_ids)] = 1
+        labels[r, :len(e.labels)] = torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _keeps_logits(model) -> bool:
+    return "logits_to_keep" in inspect.signature(_base_model(model).forward).parameters
+
+
+def target_logprobs(model, batch: Mapping[str, torch.Tensor], *, seq2seq: bool,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each target token, mask) for a ``collate``d batch, both (batch, T) with T the
+    longest target, aligned at the target's start: column j is a row's j-th target token
+    (so rows with one target line up token by token, as RAG-Token needs); past a row's
+    target the mask is 0 and the log-prob 0. Log-probs are float32.
+
+    Decoder-only: only the logits from the batch's earliest target on are computed when the
+    model accepts ``logits_to_keep`` (the vocabulary projection of a whole long prompt is the
+    largest activation of a step), and only the target positions go through log-softmax.
+    """
+    labels = batch["labels"]
+    if seq2seq:
+        decoder_ids = _base_model(model).prepare_decoder_input_ids_from_labels(labels=labels)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=decoder_ids).logits
+        targets = labels
+        mask = targets != IGNORE
+    else:
+        labelled = labels != IGNORE
+        width = labels.shape[1]
+        lengths = labelled.sum(-1)
+        starts = labelled.int().argmax(-1)  # a target's tokens are contiguous
+        span, first = int(lengths.max()), int(starts.min())
+        keep = width - first + 1  # logits from position first - 1, which predicts token first
+        kwargs = {"logits_to_keep": keep} if _keeps_logits(model) else {}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       **kwargs).logits[:, -keep:]
+        steps = torch.arange(span, device=labels.device)
+        # target token j of row r sits at starts[r] + j; the logit before it is column
+        # starts[r] + j - first of the kept ones
+        columns = ((starts - first)[:, None] + steps[None, :]).clamp(max=keep - 1)
+        logits = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))
+        mask = steps[None, :] < lengths[:, None]
+        targets = labels.gather(1, (starts[:, None] + steps[None, :]).clamp(max=width - 1))
+        targets = targets.masked_fill(~mask, IGNORE)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * mask, mask
+
+
+def optimizer_step(optimizers: Sequence[torch.optim.Optimizer],
+                   param_groups: Sequence[Sequence[torch.nn.Parameter]],
+                   max_grad_norm: float | None, loss: float) -> bool:
+    """Clip each parameter group's gradient norm and step its optimiser; gradients are then
+    cleared. Returns False — and steps nothing — when the loss or a gradient norm is not
+    finite, so one bad batch cannot turn the weights into NaN (clipping an infinite norm
+    multiplies by 0 and makes NaN)."""
+    finite = math.isfinite(loss)
+    for params in param_groups:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
+        finite = finite and bool(torch.isfinite(norm))
+    if finite:
+        for optimizer in optimizers:
+            optimizer.step()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+MAX_SKIPPED_IN_A_ROW = 3
+
+
+def check_skipped(skipped_in_a_row: int, step: int) -> None:
+    """Raise FloatingPointError once ``MAX_SKIPPED_IN_A_ROW`` steps in a row had a non-finite
+    loss or gradient: the run diverged (or its data holds a broken example)."""
+    if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+        raise FloatingPointError(f"the loss or gradients were not finite in {skipped_in_a_row} "
+                                 f"steps in a row (up to step {step}): lower the learning rate "
+                                 "or check the data")
+
+
+# --- the loss (pure) --------------------------------------------------------------------------
+def answer_nll(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per answer token: -Σ mask·log p / Σ mask, a scalar.
+
+    Maximum likelihood of the reference answer given the prompt, the prompt itself carrying no
+    loss (instruction tuning as in Ouyang et al. 2022, "Training language models to follow
+    instructions with human feedback"; over retrieved passages as in RA-DIT, Lin et al. 2023).
+    Every answer token weighs the same, so long answers are not down-weighted per token.
+    """
+    mask = mask.to(token_logprobs.dtype)
+    return -(token_logprobs * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# --- LoRA and saving --------------------------------------------------------------------------
+def with_lora(model, options: LoraOptions):
+    """``model`` wrapped by peft with LoRA adapters (its base weights frozen, adapted in place)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    task = TaskType.SEQ_2_SEQ_LM if qa.is_seq2seq(model) else TaskType.CAUSAL_LM
+    config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                        target_modules=options.target_modules, task_type=task)
+    return get_peft_model(model, config)
+
+
+def plain_model(model):
+    """A plain transformers model to save: ``model`` itself, or for a peft model a copy with
+    the adapters merged into the base weights (serving loads it like any model)."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def load_weights(model, folder: Path) -> None:
+    """Copy the safetensors weights saved in ``folder`` into ``model`` (tied weights may be
+    absent from the file). Raises ValueError when the file names weights the model lacks."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        weights.update(load_file(path))
+    if not weights:
+        raise ValueError(f"{folder}: no safetensors weights")
+    result = model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{folder}: weights the model lacks, e.g. {result.unexpected_keys[:3]}")
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trained parameters by name, on the CPU (all of them, or only the LoRA adapters)."""
+    return {name: p.detach().to("cpu", copy=True)
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_trainable(model, state: Mapping[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [name for name in state if name not in params]
+    if missing:
+        raise ValueError(f"the saved state names parameters the model lacks, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_resumable(state: Mapping[str, Any], kind: str, config: BaseModel, data: str,
+                    run_dir: Path) -> None:
+    """Raise ValueError unless ``state`` is a run of this kind, config and data (the device may
+    change between runs)."""
+    if state.get("kind") != kind:
+        raise ValueError(f"{run_dir} holds a {state.get('kind')!r} run, not a {kind!r} run")
+    saved = {k: v for k, v in state["config"].items() if k != "device"}
+    now = {k: v for k, v in config.model_dump(mode="json").items() if k != "device"}
+    if saved != now:
+        diff = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
+                for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        raise ValueError(f"{run_dir} holds a run with another config ({'; '.join(diff)}): "
+                         "use another run_dir, or resume=False to start over")
+    if state["data"] != data:
+        raise ValueError(f"{run_dir} holds a run on other data (fingerprint {state['data']}, "
+                         f"now {data}): use another run_dir, or resume=False to start over")
+
+
+# --- the report -------------------------------------------------------------------------------
+def write_report(run_dir: Path, report: Mapping[str, Any], title: str) -> tuple[Path, Path]:
+    """``report.json`` and ``report.png`` (training loss, dev loss and dev metrics over steps,
+    the best step marked) in ``run_dir``; returns their paths."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    json_path = run_dir / REPORT_JSON
+    json_path.write_text(json.dumps(report, indent=2, default=str))
+    train = report["history"]["train"]
+    evals = report["history"]["eval"]
+    figure = Figure(figsize=(10, 4))
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    left.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals and any(r.get("dev_loss") is not None for r in evals):
+        left.plot([r["step"] for r in evals], [r.get("dev_loss") for r in evals], "o-",
+                  label="dev loss")
+    left.set_xlabel("step")
+    left.set_ylabel("loss (nats / answer token)")
+    left.legend()
+    for metric in ("em", "f1", "score", "abstention_rate", "answered_rate"):
+        values = [r.get(metric) for r in evals]
+        if any(v is not None for v in values):
+            right.plot([r["step"] for r in evals], values, "o-", label=metric)
+    right.set_xlabel("step")
+    right.set_ylabel("dev metric")
+    right.set_ylim(-0.02, 1.02)
+    best = report.get("best_step")
+    if best is not None:
+        for axis in (left, right):
+            axis.axvline(best, color="grey", linestyle=":")
+    if right.get_legend_handles_labels()[0]:
+        right.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    png_path = run_dir / REPORT_PNG
+    figure.savefig(png_path, dpi=100)
+    return json_path, png_path
+
+
+# --- the run ----------------------------------------------------------------------------------
+@dataclass
+class GeneratorTrainResult:
+    """What a run made. ``model_dir`` holds the best checkpoint (a plain model, LoRA merged);
+    ``best_metrics`` its dev metrics (empty without dev questions, when the last step is
+    saved). ``examples`` counts the training examples by kind; ``examples_per_s`` is over the
+    training steps alone (evaluation excluded)."""
+
+    model_dir: Path
+    steps: int
+    total_steps: int
+    best_step: int
+    best_metrics: dict[str, float | None]
+    stopped_early: bool
+    resumed_from: int | None
+    elapsed_s: float
+    train_s: float
+    examples: dict[str, int]
+    examples_per_s: float
+    report_path: Path
+    plot_path: Path
+    history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def total_steps(n_examples: int, config: GeneratorTrainConfig) -> int:
+    """Optimiser steps of a run: ``max_steps``, else ``epochs`` passes over the examples."""
+    if config.max_steps is not None:
+        return config.max_steps
+    batches = math.ceil(n_examples / config.batch_size)
+    return math.ceil(batches * config.epochs / config.grad_accum)
+
+
+class BatchOrder:
+    """Micro-batch ``g`` of the run: epoch ``g // per_epoch`` in that epoch's seeded order, so
+    the order depends only on (seed, g) and a resumed run sees the same batches."""
+
+    def __init__(self, examples: Sequence[Any], batch_size: int, seed: int) -> None:
+        self.examples = examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.per_epoch = math.ceil(len(examples) / batch_size)
+        self._epoch = -1
+        self._order: list[int] = []
+
+    def __call__(self, g: int) -> list[Any]:
+        epoch, index = divmod(g, self.per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = torch.randperm(len(self.examples), generator=gen).tolist()
+            self._epoch = epoch
+        rows = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+        return [self.examples[i] for i in rows]
+
+
+def _dev_sample(items: Sequence[QAItem], n: int, seed: int) -> list[QAItem]:
+    items = list(items)
+    if len(items) <= n:
+        return items
+    return random.Random(seed).sample(items, n)
+
+
+@dataclass
+class _Dev:
+    items: list[QAItem]
+    prompts: list[list[int]]
+    passages: list[list[Hit]]
+    examples: list[Example]
+
+
+def _evaluate(model, tokenizer, dev: _Dev, config: GeneratorTrainConfig, pad: int,
+              seq2seq: bool, device: torch.device, amp: torch.dtype) -> dict[str, float | None]:
+    """Dev metrics (``qa.summarise``) and the dev loss, the model left in train mode."""
+    model.eval()
+    answers = qa.generate_answers(model, tokenizer, dev.prompts,
+                                  max_new_tokens=config.eval_max_new_tokens,
+                                  batch_size=config.eval_batch_size)
+    rows = [qa.score_row(item, answer, hits)
+            for item, answer, hits in zip(dev.items, answers, dev.passages, strict=True)]
+    metrics: dict[str, float | None] = dict(asdict(qa.summarise(rows)))
+    total, count = 0.0, 0.0
+    with torch.no_grad(), _autocast(device, amp):
+        for start in range(0, len(dev.examples), config.eval_batch_size):
+            batch = collate(dev.examples[start:start + config.eval_batch_size], pad,
+                            seq2seq=seq2seq)
+            lp, mask = target_logprobs(model, _to(batch, device), seq2seq=seq2seq)
+            total += float(-(lp * mask).sum())
+            count += float(mask.sum())
+    metrics["dev_loss"] = round(total / count, 5) if count else None
+    model.train()
+    return metrics
+
+
+def _autocast(device: torch.device, amp: torch.dtype):
+    return torch.autocast(device.type, dtype=amp,
+                          enabled=device.type == "cuda" and amp != torch.float32)
+
+
+def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_generator(config: GeneratorTrainConfig, model, tokenizer,
+                    train_items: Sequence[QAItem], dev_items: Sequence[QAItem],
+                    retrieval: qa.Retrieval, run_dir: Path, *,
+                    progress: loop.ProgressFn | None = None,
+                    should_stop: Callable[[], bool] | None = None,
+                    resume: bool = True) -> GeneratorTrainResult:
+    """Fine-tune ``model`` (a causal or seq2seq LM, fp32) to answer from retrieved passages.
+
+    ``retrieval`` gives each question's hits, best first (a retriever or precomputed passages,
+    see ``services.evaluation.qa.retrieve``): the first ``top_k`` build the prompt, up to
+    ``extra_passages`` more replace removed ones in abstention examples. ``dev_items`` may be
+    empty (no evaluation; the last step is saved). With ``resume`` a state left in ``run_dir``
+    by an earlier run of the same config and data is continued (ValueError for another config
+    or data); without it the run starts over.
+
+    Writes into ``run_dir``: ``model/`` (the best checkpoint, ``loop.save_model`` with meta
+    kind="generator"), ``state.pt`` (resume state), ``report.json`` and ``report.png``. On
+    return ``model`` — the object passed in — holds the best checkpoint's weights as a plain
+    model (LoRA adapters merged). Progress goes to ``progress`` every ``log_steps`` steps and
+    after each evaluation; ``should_stop`` is asked between steps, and when it says so the
+    state is saved and ``loop.Cancelled`` raised.
+
+    Raises ValueError before training for no training item, an answer over
+    ``max_answer_tokens``, a prompt that cannot fit ``max_seq_len``, a retrieval without
+    passages for a question, or ``select_metric`` "em"/"f1" with no answerable dev question.
+    """
+    run_dir = Path(run_dir)
+    if not train_items:
+        raise ValueError("no training items: `train_items` is empty")
+    started_wall = time.perf_counter()
+    loop.seed_everything(config.seed)
+    device, amp = loop.pick_device(config.device)
+    seq2seq = qa.is_seq2seq(model)
+    eos = qa.eos_ids(model, tokenizer)
+    pad = qa.pad_id(tokenizer, eos)
+    enc = Encoding(tokenizer=tokenizer, seq2seq=seq2seq, end=end_token(model, tokenizer),
+                    context=qa.context_size(model, tokenizer))
+
+    # --- data: prompts built once, as serving builds them -------------------------------------
+    wanted = config.top_k + (config.extra_passages if config.abstain_fraction > 0 else 0)
+    passages = qa.retrieve(retrieval, [i.question for i in train_items], wanted)
+    examples = build_examples(train_items, passages, enc, config,
+                              abstain_fraction=config.abstain_fraction,
+                              not_found_fraction=config.not_found_fraction)
+    if not examples:
+        raise ValueError("no training example left (every item was a left-out not-found one)")
+    dev_subset = _dev_sample(dev_items, config.eval_questions, config.seed)
+    if config.select_metric in ("em", "f1") and dev_subset and not any(
+            i.answerable for i in dev_subset):
+        raise ValueError(f"select_metric {config.select_metric!r} needs answerable dev "
+                         "questions; the dev sample has none (use 'score')")
+    dev = _Dev([], [], [], [])
+    if dev_subset:
+        dev_passages = qa.retrieve(retrieval, [i.question for i in dev_subset], config.top_k)
+        budget = enc.context - (0 if seq2seq else config.eval_max_new_tokens)
+        fitted = [qa.fit_prompt(tokenizer, i.question, dev_passages[i.question],
+                                config.max_passage_chars, budget) for i in dev_subset]
+        dev = _Dev(dev_subset, [ids for _, ids in fitted], [kept for kept, _ in fitted],
+                   build_examples(dev_subset, dev_passages, enc, config, abstain_fraction=0.0))
+    counts: dict[str, int] = {}
+    for e in examples:
+        counts[e.kind] = counts.get(e.kind, 0) + 1
+    data = loop.fingerprint([{"id": e.id, "input_ids": e.input_ids, "labels": e.labels}
+                             for e in examples] + [{"dev": [i.id for i in dev.items]}])
+    steps_total = total_steps(len(examples), config)
+    log.info("generator SFT: %d examples %s, %d dev questions, %d steps", len(examples), counts,
+             len(dev.items), steps_total)
+
+    # --- model and optimiser ------------------------------------------------------------------
+    base_model = model
+    if config.method == "lora":
+        model = with_lora(model, config.lora)
+    model.to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    step, history = 0, {"train": [], "eval": []}
+    best: dict[str, Any] = {"value": None, "step": None, "metrics": {}}
+    bad_evals, seen, train_s, resumed_from = 0, 0, 0.0, None
+    clock = loop.Clock()
+    state = loop.load_state(run_dir) if resume else None
+    if state is not None:
+        check_resumable(state, KIND, config, data, run_dir)
+        restore_trainable(model, state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        step, history, best = state["step"], state["history"], state["best"]
+        bad_evals, seen, train_s = state["bad_evals"], state["seen"], state["train_s"]
+        clock = loop.Clock(state["elapsed_s"])
+        resumed_from = step
+        log.info("resuming %s at step %d of %d", run_dir, step, steps_total)
+
+    meta_base = {"kind": KIND, "method": config.method, "config": config.model_dump(mode="json"),
+                 "data": data, "base_model": str(getattr(base_model.config, "name_or_path", "")),
+                 "seq2seq": seq2seq, "target_format": "<answer> [<passage number>]",
+                 "no_answer": NO_ANSWER, "examples": counts}
+
+    def snapshot() -> dict[str, Any]:
+        return {"kind": KIND, "config": config.model_dump(mode="json"), "data": data,
+                "step": step, "trainable": trainable_state(model),
+                "optimizer": optimizer.state_dict(), "rng": rng_state(), "history": history,
+                "best": best, "bad_evals": bad_evals, "seen": seen, "train_s": train_s,
+                "elapsed_s": clock.elapsed()}
+
+    def report(kind: str, loss: float | None, lr: float, metrics=None) -> None:
+        if progress is not None:
+            progress(loop.Progress(kind=kind, step=step, total_steps=steps_total, loss=loss,
+                                   lr=lr, elapsed_s=clock.elapsed(), metrics=metrics or {}))
+
+    batches = BatchOrder(examples, config.batch_size, config.seed)
+    micro_total = (batches.per_epoch * config.epochs if config.max_steps is None
+                   else steps_total * config.grad_accum)
+    stopped_early = bool(state is not None and state.get("stopped_early"))
+    skipped_in_a_row = 0
+    while step < steps_total and not stopped_early:
+        try:
+            loop.check_cancel(should_stop)
+        except loop.Cancelled:
+            loop.save_state(run_dir, snapshot())
+            raise
+        step_started = time.perf_counter()
+        lr = loop.get_lr(step, lr=config.lr, warmup_steps=config.warmup_steps,
+                         total_steps=steps_total, schedule=config.schedule,
+                         min_ratio=config.min_lr_ratio)
+        loop.set_lr(optimizer, lr)
+        micro = [g for g in range(step * config.grad_accum, (step + 1) * config.grad_accum)
+                 if g < micro_total]
+        loss_value = 0.0
+        for g in micro:
+            batch = batches(g)
+            with _autocast(device, amp):
+                lp, mask = target_logprobs(model, _to(collate(batch, pad, seq2seq=seq2seq),
+                                                      device), seq2seq=seq2seq)
+            # Mean over the step's micro-batches: the same step size whatever grad_accum is.
+            loss = answer_nll(lp, mask) / len(micro)
+            loss.backward()
+            loss_value += float(loss.detach())
+            seen += len(batch)
+        stepped = optimizer_step([optimizer], [params], config.max_grad_norm, loss_value)
+        skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
+        if not stepped:
+            log.warning("step %d: loss or gradients not finite (loss %s); step skipped",
+                        step + 1, loss_value)
+        check_skipped(skipped_in_a_row, step + 1)
+        step += 1
+        train_s += time.perf_counter() - step_started
+        history["train"].append({"step": step, "loss": round(loss_value, 5), "lr": lr,
+                                 "elapsed_s": round(clock.elapsed(), 3),
+                                 **({} if stepped else {"skipped": True})})
+
+        evaluated = False
+        if dev.items and (step % config.eval_steps == 0 or step == steps_total):
+            metrics = _evaluate(model, tokenizer, dev, config, pad, seq2seq, device, amp)
+            history["eval"].append({"step": step, **metrics})
+            value = metrics[config.select_metric]
+            if value is not None and (best["value"] is None or value > best["value"]):
+                best = {"value": value, "step": step, "metrics": metrics}
+                bad_evals = 0
+                loop.save_model(run_dir, plain_model(model), tokenizer,
+                                {**meta_base, "step": step, "metrics": metrics,
+                                 "history": history["eval"]})
+            else:
+                bad_evals += 1
+                stopped_early = config.patience is not None and bad_evals >= config.patience
+            log.info("step %d: dev %s (best %s at step %s)", step,
+                     {k: v for k, v in metrics.items() if k in ("em", "f1", "score",
+                                                                "dev_loss")},
+                     best["value"], best["step"])
+            report(KIND, loss_value, lr, metrics)
+            evaluated = True
+        save_every = config.save_steps or (config.eval_steps if dev.items else None)
+        if (save_every and step % save_every == 0) or evaluated or stopped_early:
+            loop.save_state(run_dir, {**snapshot(), "stopped_early": stopped_early})
+        if not evaluated and (step % config.log_steps == 0 or step == steps_total):
+            report(KIND, loss_value, lr)
+
+    model_dir = run_dir / loop.MODEL_DIR
+    if best["step"] is None:  # no dev questions: the last step is the result
+        best = {"value": None, "step": step, "metrics": {}}
+        loop.save_model(run_dir, plain_model(model), tokenizer,
+                        {**meta_base, "step": step, "metrics": {}, "history": []})
+    # Hand the caller its own model object back, plain, with the best weights.
+    final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    if best["step"] != step:
+        load_weights(final, model_dir)
+    final.eval()
+    if final is not base_model:  # peft adapts the base model in place; this never happens
+        log.warning("the trained model is a new object; use the saved %s", model_dir)
+    elapsed = clock.elapsed()
+    result = GeneratorTrainResult(
+        model_dir=model_dir, steps=step, total_steps=steps_total, best_step=best["step"],
+        best_metrics=best["metrics"], stopped_early=stopped_early, resumed_from=resumed_from,
+        elapsed_s=round(elapsed, 3), train_s=round(train_s, 3), examples=counts,
+        examples_per_s=round(seen / train_s, 3) if train_s else 0.0,
+        report_path=run_dir / REPORT_JSON, plot_path=run_dir / REPORT_PNG, history=history)
+    write_report(run_dir, {**{k: v for k, v in asdict(result).items() if k != "history"},
+                           "config": config.model_dump(mode="json"), "data": data,
+                           "dev_questions": len(dev.items), "history": history,
+                           "wall_s": round(time.perf_counter() - started_wall, 3)},
+                 f"generator fine-tuning ({config.method}), best step {best['step']}")
+    return result

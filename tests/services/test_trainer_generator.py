@@ -1,0 +1,395 @@
+"""Generator fine-tuning: targets and the loss (pure), the SFT loop on tiny random models (a
+2-layer Llama with a byte-level chat tokenizer, a 2-layer T5 without a chat template), LoRA and
+full saves, early stopping, resume after cancel; domain pre-training (lm.py).
+
+The builders here (``byte_tokenizer``, ``tiny_llama``, ``tiny_t5``, ``toy_task``) serve the
+joint-training and QA-evaluation tests too.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pydantic
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from services.evaluation import qa
+from services.trainer import generator as sft
+from services.trainer import lm, loop
+from shared.datasets import QAItem
+from shared.prompt import NO_ANSWER, SYSTEM_PROMPT
+from shared.schemas import Hit
+
+# SmolLM2's chat template (ChatML).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+CITIES = ["Amber", "Bolt", "Cove", "Dune", "Elm", "Fjord", "Glen", "Haze", "Isle", "Jade"]
+
+
+# --- builders ---------------------------------------------------------------------------------
+def byte_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (encodes any text, offline) with merges learnt in-process from the
+    system prompt and the toy task's words, so a prompt is ~150 tokens rather than ~600
+    bytes: the tests train on many of them."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [SYSTEM_PROMPT, CHAT_TEMPLATE, "Passages:\n[1] [2] [3] Question: What is the "
+             "capital of Nowhere Erewhon Utopia? is a country. Its capital is"]
+    texts += [f"Land{i} {city}" for i, city in enumerate(CITIES)]
+    backend.train_from_iterator(texts * 3, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  unk_token="<|endoftext|>")
+    tok.chat_template = chat_template
+    return tok
+
+
+def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=128,
+                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def tiny_t5(tokenizer, seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                      num_heads=4, dropout_rate=0.0, n_positions=2048,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      decoder_start_token_id=tokenizer.pad_token_id)
+    return T5ForConditionalGeneration(config)
+
+
+def toy_task(n: int = 8) -> tuple[list[QAItem], dict[str, list[Hit]], list[QAItem]]:
+    """``n`` answerable capital questions about made-up countries, each with its passage and
+    two others (the gold one at a varying rank), and two unanswerable ones. Returns
+    (items, passages by question, unanswerable items)."""
+    hits = [Hit(doc_id=f"c{i}", title=f"Land{i}",
+                text=f"Land{i} is a country. Its capital is {CITIES[i]}.", score=1.0)
+            for i in range(len(CITIES))]
+    items, passages = [], {}
+    for i in range(n):
+        others = [hits[(i + 3) % len(hits)], hits[(i + 5) % len(hits)]]
+        ranked = others[:i % 3] + [hits[i]] + others[i % 3:]
+        question = f"What is the capital of Land{i}?"
+        items.append(QAItem(id=f"toy:{i}", question=question, answers=[CITIES[i]],
+                            doc_ids=[f"c{i}"], answerable=True))
+        passages[question] = ranked + [hits[(i + 7) % len(hits)]]
+    unknown = []
+    for name in ("Nowhere", "Erewhon"):
+        question = f"What is the capital of {name}?"
+        unknown.append(QAItem(id=f"toy:{name}", question=question, answers=["Utopia"],
+                              doc_ids=[], answerable=False))
+        passages[question] = hits[:4]
+    return items, passages, unknown
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+def config(**overrides) -> sft.GeneratorTrainConfig:
+    base = {"lr": 3e-3, "warmup_steps": 2, "batch_size": 4, "epochs": 4, "eval_steps": 6,
+            "eval_questions": 4, "eval_max_new_tokens": 6, "patience": None, "device": "cpu",
+            "max_seq_len": 768, "abstain_fraction": 0.25, "extra_passages": 1}
+    return sft.GeneratorTrainConfig(**{**base, **overrides})
+
+
+# --- targets (pure) ---------------------------------------------------------------------------
+PARIS = Hit(doc_id="fr", title="France", text="Its capital is Paris.", score=1.0)
+LYON = Hit(doc_id="lyon", title="Lyon", text="Lyon is not Paris, the capital.", score=0.9)
+BERLIN = Hit(doc_id="de", title="Germany", text="Its capital is Berlin.", score=0.8)
+FRANCE_Q = QAItem(id="q", question="What is the capital of France?", answers=["Paris"],
+                  doc_ids=["fr"], answerable=True)
+
+
+def test_answer_target_cites_the_passage_holding_the_answer_gold_first():
+    assert sft.answer_target(FRANCE_Q, [BERLIN, PARIS]) == "Paris [2]"
+    # Lyon's passage names Paris too; the gold document wins although it ranks lower.
+    assert sft.answer_target(FRANCE_Q, [LYON, BERLIN, PARIS]) == "Paris [3]"
+    assert sft.answer_target(FRANCE_Q, [LYON, BERLIN]) == "Paris [1]"
+    assert sft.answer_target(FRANCE_Q, [BERLIN]) == NO_ANSWER
+    unknown = QAItem(id="u", question="?", answers=["Paris"], doc_ids=[], answerable=False)
+    assert sft.answer_target(unknown, [PARIS]) == NO_ANSWER
+
+
+def test_yes_no_answers_are_held_only_by_gold_documents():
+    item = QAItem(id="y", question="Is Paris big?", answers=["yes"], doc_ids=["fr"],
+                  answerable=True)
+    yes = Hit(doc_id="x", title="Yes", text="yes yes", score=1.0)
+    assert sft.answer_target(item, [yes]) == NO_ANSWER
+    assert sft.answer_target(item, [yes, PARIS]) == "yes [2]"
+
+
+def test_without_answer_drops_gold_documents_and_passages_naming_the_answer():
+    assert sft.without_answer(FRANCE_Q, [LYON, PARIS, BERLIN]) == [BERLIN]
+
+
+def test_answer_nll_is_the_mean_over_answer_tokens_only():
+    logprobs = torch.tensor([[-1.0, -3.0, 0.0], [-2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert sft.answer_nll(logprobs, mask).item() == pytest.approx(2.0)
+    # what the mask hides never counts
+    assert sft.answer_nll(logprobs + (1 - mask) * -50.0, mask).item() == pytest.approx(2.0)
+
+
+# --- examples and the masked loss -------------------------------------------------------------
+def test_prompt_tokens_carry_no_loss_and_the_loss_is_cross_entropy_on_the_answer(tokenizer):
+    model = tiny_llama(tokenizer)
+    items, passages, unknown = toy_task(3)
+    enc = sft.Encoding(tokenizer=tokenizer, seq2seq=False, end=tokenizer.eos_token_id,
+                       context=2048)
+    examples = sft.build_examples(items + unknown, passages, enc, config(), abstain_fraction=0)
+    for example, item in zip(examples, items + unknown, strict=True):
+        prompt = qa.prompt_ids(tokenizer, item.question, passages[item.question][:3], 1200)
+        # the prompt is exactly serving's, and all of it is masked
+        assert list(example.input_ids[:len(prompt)]) == prompt
+        assert set(example.labels[:len(prompt)]) == {sft.IGNORE}
+        target = tokenizer.decode(example.labels[len(prompt):], skip_special_tokens=False)
+        assert target == example.target + tokenizer.eos_token
+    assert [e.target for e in examples] == ["Amber [1]", "Bolt [2]", "Cove [3]", NO_ANSWER,
+                                            NO_ANSWER]
+    batch = sft.collate(examples, tokenizer.pad_token_id, seq2seq=False)
+    lp, mask = sft.target_logprobs(model, batch, seq2seq=False)
+    ours = sft.answer_nll(lp, mask)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                ignore_index=sft.IGNORE)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+    # Padding changes nothing: each row scores the same alone, its target from column 0.
+    assert len({len(e.input_ids) for e in examples}) > 1
+    for r, example in enumerate(examples):
+        alone = sft.collate([example], tokenizer.pad_token_id, seq2seq=False)
+        lp_alone, mask_alone = sft.target_logprobs(model, alone, seq2seq=False)
+        n = len(example.labels) - example.labels.count(sft.IGNORE)
+        assert mask_alone[0].tolist() == [True] * n and mask[r, :n].all() and not mask[r, n:].any()
+        assert torch.allclose(lp_alone[0], lp[r, :n], atol=1e-4)
+
+
+def test_gold_removed_examples_keep_only_passages_without_the_answer(tokenizer):
+    items, passages, _ = toy_task(8)
+    enc = sft.Encoding(tokenizer=tokenizer, seq2seq=False, end=tokenizer.eos_token_id,
+                       context=2048)
+    examples = sft.build_examples(items, passages, enc, config(), abstain_fraction=1.0)
+    removed = [e for e in examples if e.kind == sft.GOLD_REMOVED]
+    assert len(removed) == len(items)
+    for e in removed:
+        item = next(i for i in items if e.id == i.id + "#gold_removed")
+        assert e.target == NO_ANSWER and item.doc_ids[0] not in e.passages and e.passages
+    # answerable, but no passage holds the answer: NO_ANSWER, kept for the share asked for
+    lost = [QAItem(id=f"lost:{n}", question=f"Where is Land{n} lost?", answers=["Atlantis"],
+                   doc_ids=[f"c{n}"], answerable=True) for n in range(20)]
+    hidden = {i.question: passages[items[0].question] for i in lost}
+    kept = sft.build_examples(lost, hidden, enc, config(), abstain_fraction=1.0,
+                              not_found_fraction=0.5)
+    assert {e.kind for e in kept} == {sft.NOT_FOUND} and 3 <= len(kept) <= 17
+    assert sft.build_examples(lost, hidden, enc, config(), abstain_fraction=1.0,
+                              not_found_fraction=0.0) == []
+
+
+def test_config_names_the_bad_value_and_refuses_unknown_fields():
+    with pytest.raises(pydantic.ValidationError, match="lr") as err:
+        sft.GeneratorTrainConfig(lr=0)
+    assert "input_value=0" in str(err.value)
+    with pytest.raises(pydantic.ValidationError, match="'full' or 'lora'"):
+        sft.GeneratorTrainConfig(method="qlora")
+    with pytest.raises(pydantic.ValidationError, match="learning_rate"):
+        sft.GeneratorTrainConfig(learning_rate=1e-4)
+    with pytest.raises(pydantic.ValidationError, match="target_modules"):
+        sft.GeneratorTrainConfig(lora={"target_modules": []})
+
+
+def test_bad_data_is_refused_before_training(tokenizer, tmp_path):
+    model = tiny_llama(tokenizer)
+    items, passages, _ = toy_task(2)
+    with pytest.raises(ValueError, match="no training items"):
+        sft.train_generator(config(), model, tokenizer, [], [], passages, tmp_path)
+    with pytest.raises(ValueError, match="toy:0.*over max_answer_tokens=3"):
+        sft.train_generator(config(max_answer_tokens=3), model, tokenizer, items, [], passages,
+                            tmp_path)
+    with pytest.raises(ValueError, match="toy:0.*cannot fit max_seq_len=64"):
+        sft.train_generator(config(max_seq_len=64), model, tokenizer, items, [], passages,
+                            tmp_path)
+    with pytest.raises(ValueError, match="no passages for 2 question"):
+        sft.train_generator(config(), model, tokenizer, items, [], {}, tmp_path)
+    assert not (tmp_path / "model").exists()
+
+
+# --- the loop ---------------------------------------------------------------------------------
+def test_sft_lowers_the_answer_loss_and_saves_a_loadable_model(tokenizer, tmp_path):
+    model = tiny_llama(tokenizer)
+    items, passages, unknown = toy_task(8)
+    seen = []
+    result = sft.train_generator(config(epochs=6, abstain_fraction=0.5), model, tokenizer,
+                                 items + unknown,
+                                 items[:2] + unknown[:1], passages, tmp_path,
+                                 progress=seen.append)
+    losses = [r["loss"] for r in result.history["train"]]
+    assert sum(losses[-3:]) < 0.7 * sum(losses[:3])
+    dev_losses = [r["dev_loss"] for r in result.history["eval"]]
+    assert dev_losses[-1] < dev_losses[0]
+    removed = result.examples["gold_removed"]
+    assert result.examples == {"answer": 8, "unanswerable": 2, "gold_removed": removed}
+    assert 1 <= removed <= 7
+    assert result.steps == result.total_steps == 6 * -(-(10 + removed) // 4)
+    assert seen and seen[-1].step == result.steps and isinstance(seen[-1], loop.Progress)
+    meta = loop.read_meta(result.model_dir)
+    assert meta["kind"] == "generator" and meta["method"] == "full"
+    assert meta["step"] == result.best_step and meta["config"]["lr"] == 3e-3
+    report = json.loads(result.report_path.read_text())
+    assert report["best_step"] == result.best_step
+    assert result.plot_path.read_bytes()[:4] == b"\x89PNG"
+    loaded = LlamaForCausalLM.from_pretrained(result.model_dir)
+    probe = torch.tensor([[5, 6, 7, 8]])
+    assert torch.allclose(loaded(probe).logits, model(probe).logits, atol=1e-5)
+
+
+def test_lora_trains_adapters_only_and_saves_a_plain_merged_model(tokenizer, tmp_path):
+    model = tiny_llama(tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    items, passages, unknown = toy_task(4)
+    result = sft.train_generator(
+        config(method="lora", epochs=2, lora={"r": 4, "alpha": 8, "dropout": 0.0}), model,
+        tokenizer, items + unknown, items[:2], passages, tmp_path)
+    assert loop.read_meta(result.model_dir)["method"] == "lora"
+    after = model.state_dict()
+    assert set(after) == set(before)  # the caller's object is plain again
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    loaded = LlamaForCausalLM.from_pretrained(result.model_dir)
+    assert not any("lora" in k for k in loaded.state_dict())
+    probe = torch.tensor([[5, 6, 7, 8]])
+    assert torch.allclose(loaded(probe).logits, model(probe).logits, atol=1e-5)
+
+
+def test_encoder_decoder_generators_train_without_a_chat_template(tmp_path):
+    tok = byte_tokenizer(chat_template=None)
+    model = tiny_t5(tok)
+    items, passages, unknown = toy_task(4)
+    result = sft.train_generator(config(epochs=3, abstain_fraction=0.0), model, tok,
+                                 items + unknown, items[:2], passages, tmp_path)
+    losses = [r["loss"] for r in result.history["train"]]
+    assert losses[-1] < losses[0]
+    assert loop.read_meta(result.model_dir)["seq2seq"] is True
+    loaded = T5ForConditionalGeneration.from_pretrained(result.model_dir)
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.allclose(loaded(input_ids=ids, decoder_input_ids=ids).logits,
+                          model(input_ids=ids, decoder_input_ids=ids).logits, atol=1e-5)
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tokenizer, tmp_path, monkeypatch):
+    scores = iter([0.2, 0.6, 0.4, 0.3, 0.9])
+    snapshots = {}
+
+    def scripted(model, *args, **kwargs):
+        step = len(snapshots) + 1
+        snapshots[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        return {"score": next(scores), "em": 0.0, "f1": 0.0, "dev_loss": 1.0}
+
+    monkeypatch.setattr(sft, "_evaluate", scripted)
+    model = tiny_llama(tokenizer)
+    items, passages, _ = toy_task(4)
+    result = sft.train_generator(config(eval_steps=1, patience=2, max_steps=10), model,
+                                 tokenizer, items, items[:1], passages, tmp_path)
+    assert result.stopped_early and result.steps == 4
+    assert result.best_step == 2 and result.best_metrics["score"] == 0.6
+    assert loop.read_meta(result.model_dir)["step"] == 2
+    for name, tensor in model.state_dict().items():  # the caller gets step 2's weights back
+        assert torch.equal(tensor, snapshots[2][name]), name
+
+
+def test_a_step_with_a_non_finite_loss_is_skipped_and_repeated_ones_stop_the_run(
+        tokenizer, tmp_path, monkeypatch):
+    calls = iter(range(100))
+    real = sft.answer_nll
+
+    def broken_second_batch(lp, mask):
+        loss = real(lp, mask)
+        return loss * float("nan") if next(calls) == 1 else loss
+
+    monkeypatch.setattr(sft, "answer_nll", broken_second_batch)
+    model = tiny_llama(tokenizer)
+    items, passages, _ = toy_task(4)
+    result = sft.train_generator(config(max_steps=3, abstain_fraction=0.0), model, tokenizer,
+                                 items, [], passages, tmp_path)
+    assert [r.get("skipped", False) for r in result.history["train"]] == [False, True, False]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    monkeypatch.setattr(sft, "answer_nll", lambda lp, mask: real(lp, mask) * float("inf"))
+    with pytest.raises(FloatingPointError, match="not finite in 3 steps in a row"):
+        sft.train_generator(config(max_steps=5), tiny_llama(tokenizer), tokenizer, items, [],
+                            passages, tmp_path / "diverged")
+
+
+def test_resume_after_cancel_continues_from_the_saved_step(tokenizer, tmp_path):
+    items, passages, unknown = toy_task(4)
+    data = items + unknown
+    straight = tiny_llama(tokenizer)
+    cfg = config(max_steps=6, eval_steps=3)
+    full_run = sft.train_generator(cfg, straight, tokenizer, data, items[:1], passages,
+                                   tmp_path / "straight")
+
+    calls = iter(range(100))
+    model = tiny_llama(tokenizer)
+    with pytest.raises(loop.Cancelled):
+        sft.train_generator(cfg, model, tokenizer, data, items[:1], passages,
+                            tmp_path / "run", should_stop=lambda: next(calls) == 4)
+    assert loop.load_state(tmp_path / "run")["step"] == 4
+    with pytest.raises(ValueError, match="another config.*lr: saved 0.003, now 0.001"):
+        sft.train_generator(cfg.model_copy(update={"lr": 1e-3}), tiny_llama(tokenizer),
+                            tokenizer, data, items[:1], passages, tmp_path / "run")
+    with pytest.raises(ValueError, match="other data"):
+        sft.train_generator(cfg, tiny_llama(tokenizer), tokenizer, items, items[:1], passages,
+                            tmp_path / "run")
+    resumed = tiny_llama(tokenizer, seed=1)  # the state, not the fresh weights, must count
+    result = sft.train_generator(cfg, resumed, tokenizer, data, items[:1], passages,
+                                 tmp_path / "run")
+    assert result.resumed_from == 4 and result.steps == 6
+    assert [r["step"] for r in result.history["train"]] == list(range(1, 7))
+    assert [r["loss"] for r in result.history["train"]] == pytest.approx(
+        [r["loss"] for r in full_run.history["train"]], abs=1e-4)
+    for name, tensor in straight.state_dict().items():
+        assert torch.allclose(resumed.state_dict()[name], tensor, atol=1e-5), name
+
+
+# --- domain pre-training ----------------------------------------------------------------------
+def test_pack_joins_documents_with_the_end_token_into_full_blocks():
+    blocks = lm.pack([[1, 2, 3], [4, 5], [6]], block_size=3, end=0)
+    assert blocks.tolist() == [[1, 2, 3], [0, 4, 5], [0, 6, 0]]
+    assert lm.pack([[1]], block_size=4, end=0).shape == (0, 4)
+
+
+def test_domain_pretraining_lowers_dev_loss_and_refuses_encoder_decoders(tokenizer, tmp_path):
+    texts = [f"Land{i}\nLand{i} is a country. Its capital is {c}." for i, c in
+             enumerate(CITIES)] * 6
+    model = tiny_llama(tokenizer)
+    cfg = lm.LMTrainConfig(block_size=64, batch_size=4, lr=3e-3, warmup_steps=2, max_steps=20,
+                           eval_steps=5, dev_fraction=0.2, device="cpu")
+    result = lm.train_lm(cfg, model, tokenizer, texts, tmp_path)
+    history = json.loads(result.report_path.read_text())["history"]["eval"]
+    assert history[-1]["dev_loss"] < history[0]["dev_loss"]
+    assert loop.read_meta(result.model_dir)["kind"] == "generator-lm"
+    with pytest.raises(ValueError, match="decoder-only"):
+        lm.train_lm(cfg, tiny_t5(tokenizer), tokenizer, texts, tmp_path / "t5")
