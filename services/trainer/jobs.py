@@ -83,14 +83,18 @@ def serving_encoders(settings: Settings, registry: Registry,
 
 
 def serving_generator(settings: Settings, registry: Registry):
-    """(model, tokenizer) of the serving generator version, else the configured/packaged one."""
+    """(model, tokenizer) of the serving generator version, else the configured/packaged one,
+    fp32 on the CPU."""
     from shared.models.generator import load_generator
 
+    # Loaded in fp32 on the CPU: the loops move it to their device and use bf16 autocast
+    # there (a bf16 copy, as serving loads it on CUDA, would train in bf16 throughout).
+    update: dict[str, Any] = {"device": "cpu"}
     path = registry.serving_path("generator")
     if path is not None:
-        settings = settings.model_copy(update={"generator": settings.generator.model_copy(
-            update={"model": str(path)})})
-    return load_generator(settings)
+        update["model"] = str(path)
+    return load_generator(settings.model_copy(update={
+        "generator": settings.generator.model_copy(update=update)}))
 
 
 def _retrieval(settings: Settings, registry: Registry, corpus: list[Document], device):

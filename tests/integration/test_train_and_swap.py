@@ -1,0 +1,184 @@
+"""Training and hot swap on the whole stack (real Ray Serve, valkey, milvus-lite), tiny models.
+
+A user submits a generator job over HTTP, follows it to the end, and promotes the version it
+made while a bounded load of questions is in flight: none of them fails, later answers come
+from the new model, and a rollback brings the previous answers back. The same for a retriever
+version (query encoder only: the passage vectors stay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from deploy.stack import start_stack
+from shared.datasets import load_corpus
+from shared.infra import free_port
+from shared.prompt import NO_ANSWER
+from shared.registry import Registry
+from shared.settings import Settings
+from tests.services.test_trainer_generator import byte_tokenizer, tiny_llama
+
+pytestmark = pytest.mark.integration
+
+N_DOCS = 30
+QUESTIONS = [f"What is known about {d.title}?" for d in load_corpus(8)]
+IN_FLIGHT = 24
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    models = tmp_path_factory.mktemp("tiny-models")
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, vocab_size=len(tokenizer),
+                                max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id))
+    bert.save_pretrained(models / "encoder")
+    tokenizer.save_pretrained(models / "encoder")
+    tiny_llama(tokenizer).save_pretrained(models / "generator")
+    tokenizer.save_pretrained(models / "generator")
+    settings = Settings(home=tmp_path_factory.mktemp("home"),
+                        serve={"http_port": free_port(), "request_timeout_s": 60},
+                        embedding={"model": str(models / "encoder"), "max_length": 48},
+                        generator={"model": str(models / "generator"), "max_new_tokens": 8},
+                        trainer={"device": "cpu"})
+    running = start_stack(settings, dashboard=False, timeout_s=600)
+    documents = [d.model_dump() for d in load_corpus(N_DOCS)]
+    r = httpx.post(f"{running.http_url}/v1/documents?wait=true", json={"documents": documents},
+                   timeout=300)
+    assert r.status_code == 202, r.text
+    yield running
+    running.stop()
+
+
+def answers(url: str) -> list[str]:
+    return [httpx.post(f"{url}/v1/qa", json={"question": q}, timeout=60).json()["answer"]
+            for q in QUESTIONS]
+
+
+def wait_for(condition, what: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout_s:.0f} s"
+        time.sleep(0.5)
+
+
+def train(url: str, job: dict) -> dict:
+    r = httpx.post(f"{url}/v1/train", json=job, timeout=60)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+
+    def finished() -> bool:
+        status = httpx.get(f"{url}/v1/train/{job_id}", timeout=30).json()
+        return status["state"] not in ("queued", "running")
+
+    wait_for(finished, f"job {job_id} finished", timeout_s=300)
+    status = httpx.get(f"{url}/v1/train/{job_id}", timeout=30).json()
+    assert status["state"] == "done", status
+    return status
+
+
+async def load_during(url: str, change) -> list[httpx.Response]:
+    """``IN_FLIGHT`` questions at once, with ``change()`` (a promotion) sent among them."""
+    async with httpx.AsyncClient(timeout=120) as client:
+        async def ask(i: int) -> httpx.Response:
+            return await client.post(f"{url}/v1/qa",
+                                     json={"question": QUESTIONS[i % len(QUESTIONS)]})
+
+        tasks = [asyncio.create_task(ask(i)) for i in range(IN_FLIGHT)]
+        await asyncio.sleep(0.2)
+        swap = await client.post(f"{url}/v1/models/{change[0]}", json=change[1])
+        assert swap.status_code == 200, swap.text
+        return await asyncio.gather(*tasks)
+
+
+def test_bad_job_is_refused_before_it_queues(stack):
+    r = httpx.post(f"{stack.http_url}/v1/train",
+                   json={"kind": "generator", "params": {"lr": -1}}, timeout=60)
+    assert r.status_code == 400 and "lr" in r.json()["detail"]["message"]
+    r = httpx.post(f"{stack.http_url}/v1/train", json={"kind": "teach"}, timeout=60)
+    assert r.status_code == 422
+
+
+def test_generator_promotion_under_load_loses_nothing_and_rollback_restores(stack, tmp_path):
+    url = stack.http_url
+    before = answers(url)
+    assert all(a != NO_ANSWER for a in before), before  # the random model babbles
+    # Every training answer is "I don't know.": the trained model learns to say it.
+    data = tmp_path / "abstain.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Where is {d.title} kept?",
+                                        "answer": NO_ANSWER}) + "\n"
+                            for d in load_corpus(N_DOCS)))
+    status = train(url, {"kind": "generator", "data": {"sets": [], "path": str(data),
+                                                       "corpus_limit": N_DOCS},
+                         "params": {"max_steps": 40, "lr": 3e-3, "batch_size": 4,
+                                    "warmup_steps": 0, "eval_steps": 40, "eval_questions": 2,
+                                    "abstain_fraction": 0.0}})
+    assert status["versions"] == ["generator/v0001"]
+
+    responses = asyncio.run(load_during(url, ("promote",
+                                              {"kind": "generator", "version": "v0001"})))
+    assert [r.status_code for r in responses] == [200] * IN_FLIGHT
+    wait_for(lambda: answers(url) == [NO_ANSWER] * len(QUESTIONS), "the new version answers")
+
+    responses = asyncio.run(load_during(url, ("rollback", {"kind": "generator"})))
+    assert [r.status_code for r in responses] == [200] * IN_FLIGHT
+    wait_for(lambda: answers(url) == before, "the previous answers are back")
+    models = httpx.get(f"{url}/v1/models", timeout=30).json()
+    assert models["generator"]["serving"] is None
+    assert [v["version"] for v in models["generator"]["versions"]] == ["v0001"]
+
+
+def test_retriever_query_version_swaps_in_without_reindexing(stack):
+    url = stack.http_url
+
+    def top_hits() -> list[list[str]]:
+        return [[p["doc_id"] for p in httpx.post(f"{url}/v1/qa", json={"question": q},
+                                                 timeout=60).json()["passages"]]
+                for q in QUESTIONS]
+
+    before = top_hits()
+    # A query encoder of other weights, registered as a query-only version (reindex false):
+    # the passage vectors in Milvus stay those of the base encoder.
+    settings = stack.settings
+    folder = settings.home / "other-encoder"
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(7)
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, vocab_size=len(tokenizer),
+                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+              ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "ragtune.json").write_text(json.dumps({"kind": "retriever", "reindex": False}))
+    version = Registry(settings.checkpoint_dir).register("retriever", folder)
+    responses = asyncio.run(load_during(url, ("promote", {"kind": "retriever",
+                                                          "version": version.version})))
+    assert [r.status_code for r in responses] == [200] * IN_FLIGHT
+    wait_for(lambda: top_hits() != before, "the new query encoder ranks")
+    counts = httpx.get(f"{url}/v1/status", timeout=60).json()["documents"]
+    assert counts == {"embedding": N_DOCS, "sparse": N_DOCS}  # nothing re-indexed or lost
+    asyncio.run(load_during(url, ("rollback", {"kind": "retriever"})))
+    wait_for(lambda: top_hits() == before, "the base ranking is back")
+
+
+def test_a_retriever_job_trains_and_registers_over_http(stack, tmp_path):
+    data = tmp_path / "lookup.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is known about {d.title}?",
+                                        "answer": d.title, "doc_ids": [d.doc_id]}) + "\n"
+                            for d in load_corpus(N_DOCS)))
+    status = train(stack.http_url, {
+        "kind": "retriever", "data": {"sets": [], "path": str(data), "corpus_limit": N_DOCS},
+        "params": {"mode": "query", "max_steps": 10, "epochs": 5, "lr": 3e-3, "batch_size": 8,
+                   "eval_steps": 5, "hard_negatives": 1, "max_length": 48}})
+    assert len(status["versions"]) == 1 and status["versions"][0].startswith("retriever/v")
+    assert status["total_steps"] == 10
+    version = status["versions"][0].split("/")[1]
+    listed = httpx.get(f"{stack.http_url}/v1/models", timeout=30).json()["retriever"]
+    assert version in [v["version"] for v in listed["versions"]]
