@@ -354,7 +354,7 @@ def cmd_eval_retrieval(settings: Settings, args: argparse.Namespace) -> None:
     _out(f"results written to {output}")
 
 
-EVAL_COMMANDS = {"retrieval": cmd_eval_retrieval}
+EVAL_COMMANDS = {"retrieval": cmd_eval_retrieval, "qa": train_cli.cmd_eval_qa}
 
 
 def cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
@@ -395,6 +395,7 @@ def parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--output", default=None,
                            help="JSON results file (default: <home>/eval/retrieval-<set>-"
                                 "<split>.json)")
+    train_cli.add_eval_qa_parser(eval_sub)
     train_cli.add_parsers(sub)
     return p
 
@@ -422,4 +423,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module's main, not this __main__ copy: deploy.train_cli raises
+    # deploy.cli.CLIError, which must be the class main catches.
+    from deploy import cli as _imported
+
+    _imported.main()

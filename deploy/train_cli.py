@@ -63,7 +63,8 @@ def build_job(args: argparse.Namespace) -> TrainJob:
         raise cli.CLIError(f"unknown question set(s) {', '.join(unknown)}; known: "
                            f"{', '.join(PACKAGED_SETS)} (or none)")
     try:
-        data = TrainData(sets=sets, path=str(Path(args.data).resolve()) if args.data else None)
+        data = TrainData(sets=sets, path=str(Path(args.data).resolve()) if args.data else None,
+                         corpus_limit=args.corpus_limit)
         fields = {"kind": args.kind, "data": data, "params": read_params(args.config),
                   "seed": args.seed, "promote": args.promote}
         if args.job_id:
@@ -251,6 +252,66 @@ def _print_models(view: RegistryView) -> None:
             cli._out(f"  {mark} {v.version}  {when}  job {v.job_id or '-'}  {metrics}")
 
 
+# --- eval qa ----------------------------------------------------------------------------------
+def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
+    """Answer the packaged question sets offline with the serving models (registry versions or
+    the packaged ones) through the serving pipeline, and print EM / F1 / contains /
+    abstention per set."""
+    cli = _cli()
+    import logging
+
+    from services.evaluation.qa import evaluate_qa
+    from services.trainer import jobs
+    from services.trainer.loop import pick_device
+    from shared import datasets
+    from shared.registry import Registry
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    names = [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = [s for s in names if s not in PACKAGED_SETS]
+    if unknown or not names:
+        raise cli.CLIError(f"unknown question set(s) {', '.join(unknown) or '(none)'}; known: "
+                           f"{', '.join(PACKAGED_SETS)}")
+    if args.limit is not None and args.limit < 1:
+        raise cli.CLIError(f"--limit has to be at least 1, but is {args.limit}")
+    try:
+        sets = {n: datasets.load_split(n, args.split)[:args.limit] for n in names}
+        registry = Registry(settings.checkpoint_dir)
+        device, _ = pick_device(settings.trainer.device)
+        model, tokenizer = jobs.serving_generator(settings, registry)
+        model.to(device)
+        corpus = datasets.load_corpus(args.limit_corpus)
+        with jobs._retrieval(settings, registry, corpus, device) as retrieval:
+            report = evaluate_qa(model, tokenizer, sets, retrieval,
+                                 top_k=settings.retrieval.top_k,
+                                 max_passage_chars=settings.generator.max_passage_chars,
+                                 max_new_tokens=settings.generator.max_new_tokens)
+    except ValueError as exc:
+        raise cli.CLIError(str(exc)) from None
+    serving = {k: getattr(registry.view(), k).serving or "base" for k in ("retriever",
+                                                                         "generator")}
+    cli._out(report.table(f"{args.split} split; retriever {serving['retriever']}, "
+                          f"generator {serving['generator']}"))
+    output = (Path(args.output) if args.output else
+              settings.home / "eval" / f"qa-{args.split}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"serving": serving, **report.to_json()}, indent=2) + "\n")
+    cli._out(f"results written to {output}")
+
+
+def add_eval_qa_parser(eval_sub) -> None:
+    qa = eval_sub.add_parser("qa", help="EM, F1, answer-contains and abstention of the serving "
+                                        "models on the packaged question sets")
+    qa.add_argument("--sets", default=",".join(PACKAGED_SETS),
+                    help="question sets, comma-separated (default: all)")
+    qa.add_argument("--split", default="test", choices=("train", "dev", "test"))
+    qa.add_argument("--limit", type=int, default=None, help="first N questions of each set")
+    qa.add_argument("--limit-corpus", type=int, default=None,
+                    help="only the first N documents (quick trial)")
+    qa.add_argument("--output", default=None,
+                    help="JSON results file (default: <home>/eval/qa-<split>.json)")
+
+
 # --- argument parsing --------------------------------------------------------------------------
 def add_parsers(sub) -> None:
     train = sub.add_parser("train", help="fine-tune the retriever and/or generator; "
@@ -265,6 +326,8 @@ def add_parsers(sub) -> None:
     train.add_argument("--sets", default=",".join(PACKAGED_SETS),
                        help="packaged question sets to train on, comma-separated, or none "
                             "(default: all)")
+    train.add_argument("--corpus-limit", type=int, default=None,
+                       help="only the first N packaged documents (a quick trial)")
     train.add_argument("--seed", type=int, default=13, help="split and training seed")
     train.add_argument("--promote", action="store_true",
                        help="serve the result when the job is done")

@@ -102,3 +102,66 @@ def test_commands_send_the_configured_api_key(tmp_path, monkeypatch):
     monkeypatch.delenv("RAGTUNE_SERVE__API_KEY")
     cli.main(["status"])
     assert sent == [{"Authorization": f"Bearer {'k' * 20}"}, {}]
+
+
+# --- train / models (no running ragtune: in this process, on tiny models) ------------------------
+def _tiny_models(root):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from tests.services.test_trainer_generator import byte_tokenizer, tiny_llama
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, vocab_size=len(tokenizer),
+                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+              ).save_pretrained(root / "encoder")
+    tokenizer.save_pretrained(root / "encoder")
+    tiny_llama(tokenizer).save_pretrained(root / "generator")
+    tokenizer.save_pretrained(root / "generator")
+    return {"RAGTUNE_EMBEDDING__MODEL": str(root / "encoder"),
+            "RAGTUNE_EMBEDDING__MAX_LENGTH": "48",
+            "RAGTUNE_GENERATOR__MODEL": str(root / "generator"),
+            "RAGTUNE_TRAINER__DEVICE": "cpu"}
+
+
+def test_train_locally_then_promote_list_and_roll_back(tmp_path):
+    import json
+
+    from shared.datasets import load_corpus
+
+    env = _tiny_models(tmp_path)
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is known about {d.title}?",
+                                        "answer": d.title, "doc_ids": [d.doc_id]}) + "\n"
+                            for d in load_corpus(20)))
+    config = tmp_path / "retriever.yaml"
+    config.write_text("max_steps: 2\nbatch_size: 4\neval_steps: 1\nhard_negatives: 1\n"
+                      "max_length: 48\n")
+    result = ragtune("train", "retriever", "--local", "--sets", "none", "--data", str(data),
+                     "--config", str(config), "--corpus-limit", "20", home=tmp_path / "home",
+                     **env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "done" in result.stdout and "registered retriever/v0001" in result.stdout
+    result = ragtune("models", "promote", "retriever", "v0001", home=tmp_path / "home")
+    assert result.returncode == 0 and "retriever: serving v0001" in result.stdout
+    result = ragtune("models", "rollback", "retriever", home=tmp_path / "home")
+    assert "retriever: serving base (packaged)" in result.stdout
+    result = ragtune("train", "status", home=tmp_path / "home")
+    assert result.returncode == 0 and "retriever done" in " ".join(result.stdout.split())
+
+
+def test_train_refuses_a_bad_job_in_one_line(tmp_path):
+    bad_config = tmp_path / "bad.json"
+    bad_config.write_text('{"lr": -1}')
+    result = ragtune("train", "generator", "--local", "--config", str(bad_config),
+                     home=tmp_path)
+    assert result.returncode == 1 and "params: lr" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = ragtune("train", "generator", "--sets", "trivia", home=tmp_path)
+    assert result.returncode == 1 and "unknown question set(s) trivia" in result.stderr
+    result = ragtune("models", "rollback", "generator", home=tmp_path)
+    assert result.returncode == 1 and "no earlier serving version" in result.stderr
+    result = ragtune("eval", "qa", "--sets", "trivia", home=tmp_path)
+    assert result.returncode == 1 and "unknown question set(s) trivia" in result.stderr
