@@ -115,9 +115,12 @@ def test_ray_pods_share_the_data_volume_and_the_environment():
         assert data["persistentVolumeClaim"]["claimName"] == "ragtune-data"
         assert container["resources"]["requests"] and container["resources"]["limits"]
     assert all(env == envs[0] for env in envs), "head and workers differ in env"
-    values = {item["name"]: item["value"] for item in envs[0]}
+    values = {item["name"]: item.get("value") for item in envs[0]}
     assert values["RAGTUNE_HOME"] == "/data/ragtune"
     assert values["HF_HUB_OFFLINE"] == "1"
+    # Beyond loopback the API key is required; it comes from a Secret, never a literal.
+    key = next(item for item in envs[0] if item["name"] == "RAGTUNE_SERVE__API_KEY")
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "ragtune-api-key", "key": "key"}
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in values
 
 
