@@ -51,6 +51,7 @@ class CrossEncoder(nn.Module):
             raise ValueError(f"{len(questions)} questions but {len(passages)} passages")
         batch = self.tokenizer(questions, passages, padding=True, truncation="only_second",
                                max_length=self.max_length, return_tensors="pt")
+        batch = batch.to(self.head.weight.device)  # the model may be on a GPU (training)
         hidden = self.encoder(**batch).last_hidden_state[:, 0]
         return self.head(hidden).squeeze(-1)
 

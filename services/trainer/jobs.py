@@ -19,9 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.evaluation.retrieval import corpus_embeddings
 from services.trainer import loop
+from services.trainer.distill import DistillConfig, distill_generator
 from services.trainer.generator import GeneratorTrainConfig, train_generator
 from services.trainer.joint import JointTrainConfig, train_joint
 from services.trainer.lm import LMTrainConfig, train_lm
+from services.trainer.rerank_distill import (
+    RankDistillConfig,
+    cached_reader_scores,
+    distill_retriever,
+    reader_loglik,
+)
 from services.trainer.retriever import RetrieverTrainConfig, pretrain_retriever, train_retriever
 from shared import datasets
 from shared.datasets import QAItem
@@ -193,6 +200,52 @@ def run_pretrain(p: Prepared, settings: Settings, run_dir: Path, progress, shoul
     return outputs
 
 
+def run_distill(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
+                ) -> list[Output]:
+    """Generator teacher -> student (``services/trainer/distill.py``): the serving generator
+    teaches a smaller one (a subset of its layers, or ``student_model``) on serving's prompts;
+    the student is a generator version."""
+    config: DistillConfig = p.config
+    registry = Registry(settings.checkpoint_dir)
+    device, _ = loop.pick_device(config.device)
+    corpus = datasets.load_corpus(p.job.data.corpus_limit)
+    with _retrieval(settings, registry, corpus, device) as retrieval:
+        result = distill_generator(config, lambda: serving_generator(settings, registry),
+                                   p.splits["train"], p.splits["dev"], retrieval, run_dir,
+                                   progress=progress, should_stop=should_stop)
+    return [("generator", result.model_dir, None)]
+
+
+def run_distill_retriever(p: Prepared, settings: Settings, run_dir: Path, progress,
+                          should_stop) -> list[Output]:
+    """Reader -> query encoder (``services/trainer/rerank_distill.py``): the serving
+    generator's answer likelihoods over each training question's retrieved passages teach the
+    serving query encoder; documents keep the serving passage vectors (no re-index). No
+    document labels needed. (The reranker's distillation has no job kind yet: the registry
+    holds no "reranker" kind to version it under.)"""
+    config: RankDistillConfig = p.config
+    registry = Registry(settings.checkpoint_dir)
+    device, _ = loop.pick_device(config.device)
+    corpus = datasets.load_corpus(p.job.data.corpus_limit)
+    passage_encoder, passage_version, query_encoder, _ = serving_encoders(settings, registry,
+                                                                         device)
+    vectors = corpus_embeddings(passage_encoder, corpus, settings.home / "cache", progress=True)
+
+    def score():
+        with _retrieval(settings, registry, corpus, device) as retrieval:
+            model, tokenizer = serving_generator(settings, registry)
+            return reader_loglik(model, tokenizer, p.splits["train"], retrieval,
+                                 config.n_passages, max_passage_chars=config.max_passage_chars,
+                                 batch_size=config.reader_batch_size)
+
+    lists = cached_reader_scores(run_dir, score)  # a resumed job does not load the reader
+    result = distill_retriever(config, query_encoder, lists, corpus, vectors, run_dir,
+                               dev_items=p.splits["dev"], progress=progress,
+                               should_stop=should_stop)
+    keep = None if passage_version is None else passage_version.version
+    return [("retriever", result.model_dir, keep)]
+
+
 # kind -> (config class validated from the job's params, runner)
 Runner = Callable[[Prepared, Settings, Path, loop.ProgressFn, Callable[[], bool]], list[Output]]
 KINDS: dict[str, tuple[type[BaseModel], Runner]] = {
@@ -200,6 +253,8 @@ KINDS: dict[str, tuple[type[BaseModel], Runner]] = {
     "generator": (GeneratorTrainConfig, run_generator),
     "pretrain": (PretrainParams, run_pretrain),
     "joint": (JointTrainConfig, run_joint),
+    "distill": (DistillConfig, run_distill),
+    "distill_retriever": (RankDistillConfig, run_distill_retriever),
 }
 
 
