@@ -18,7 +18,7 @@ from tqdm import tqdm
 from shared.schemas import JobStatus, RegistryView, TrainData, TrainJob
 from shared.settings import Settings
 
-TRAIN_KINDS = ("pretrain", "retriever", "generator", "joint")
+TRAIN_KINDS = ("pretrain", "retriever", "generator", "joint", "distill", "distill_retriever")
 PACKAGED_SETS = ("capitals", "capitals_unanswerable", "fanout")
 
 

@@ -486,7 +486,8 @@ class Event(Wire):
 
 # --- training and model versions ------------------------------------------------------------
 MODEL_KINDS = ("retriever", "generator")
-TrainKind = Literal["pretrain", "retriever", "generator", "joint"]
+TrainKind = Literal["pretrain", "retriever", "generator", "joint", "distill",
+                    "distill_retriever"]
 PackagedSet = Literal["capitals", "capitals_unanswerable", "fanout"]
 
 

@@ -31,6 +31,10 @@ QUICK = {
     "pretrain": {"retriever": {"max_steps": 1, "batch_size": 4, "max_length": 48},
                  "generator": {"max_steps": 1, "block_size": 32, "batch_size": 2,
                                "eval_steps": 1}},
+    "distill": {"max_steps": 2, "batch_size": 2, "eval_steps": 2, "eval_questions": 2,
+                "warmup_steps": 0, "cache_k": 8, "teacher_batch_size": 4},
+    "distill_retriever": {"max_steps": 2, "batch_size": 4, "n_passages": 2, "eval_steps": 2,
+                          "reader_batch_size": 4},
 }
 
 
@@ -75,7 +79,8 @@ def job(kind: str, data_file, **fields) -> TrainJob:
     return TrainJob(kind=kind, data=data, params=QUICK[kind], **fields)
 
 
-@pytest.mark.parametrize("kind", ["retriever", "generator", "joint", "pretrain"])
+@pytest.mark.parametrize("kind", ["retriever", "generator", "joint", "pretrain", "distill",
+                                  "distill_retriever"])
 def test_every_kind_trains_registers_and_promotes(settings, data_file, kind):
     trainer = TrainerService(settings)
     seen = []
@@ -83,7 +88,8 @@ def test_every_kind_trains_registers_and_promotes(settings, data_file, kind):
     assert status.state == "done", status.error
     expected = {"retriever": ["retriever/v0001"], "generator": ["generator/v0001"],
                 "joint": ["retriever/v0001", "generator/v0001"],
-                "pretrain": ["retriever/v0001", "generator/v0001"]}[kind]
+                "pretrain": ["retriever/v0001", "generator/v0001"],
+                "distill": ["generator/v0001"], "distill_retriever": ["retriever/v0001"]}[kind]
     assert status.versions == expected
     assert seen[0].state == "running" and seen[-1].state == "done"
     registry = Registry(settings.checkpoint_dir)
