@@ -45,6 +45,7 @@ from services.sparse.service import SparseService
 from shared.datasets import QAItem
 from shared.metrics import contains, exact_match, token_f1
 from shared.models.encoder import Encoder
+from shared.models.generator import eos_ids
 from shared.prompt import NO_ANSWER, build_messages, clean_answer, is_no_answer, parse_citations
 from shared.schemas import Document, Hit, IngestBatch, SearchRequest
 from shared.settings import GeneratorSettings, RetrievalSettings
@@ -228,19 +229,6 @@ def context_size(model, tokenizer) -> int:
         if isinstance(value, int) and value > 1:
             return value
     return int(min(tokenizer.model_max_length, 1_000_000))
-
-
-def eos_ids(model, tokenizer) -> list[int]:
-    """Token ids that end an answer: the model's eos id(s) and the tokenizer's (as serving)."""
-    ids: list[int] = []
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        for i in value if isinstance(value, list) else [value]:
-            if i is not None and i not in ids:
-                ids.append(i)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def pad_id(tokenizer, eos: Sequence[int]) -> int:

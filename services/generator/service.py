@@ -23,7 +23,7 @@ from transformers import StoppingCriteriaList
 from services.generator.decoding import StopOnStrings, cut_at_stop, make_plan
 from services.generator.streaming import BatchStreamer, CancelRows, Sink
 from shared.bus import BadRequest
-from shared.models.generator import load_generator
+from shared.models.generator import eos_ids, load_generator
 from shared.prompt import (
     NO_ANSWER,
     build_messages,
@@ -117,7 +117,7 @@ class GeneratorService:
         self.max_new_tokens_limit = max_new_tokens_limit
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.chat = getattr(tokenizer, "chat_template", None) is not None
-        self._eos_ids = _eos_ids(model, tokenizer)
+        self._eos_ids = eos_ids(model, tokenizer)
         self._pad_id = (
             tokenizer.pad_token_id
             if tokenizer.pad_token_id is not None
@@ -380,15 +380,3 @@ def _context_window(model, tokenizer) -> int | None:
     value = getattr(tokenizer, "model_max_length", None)
     return int(value) if value and value < _UNSET_MAX_LENGTH else None
 
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    """Token ids that end an answer: the model's eos id(s) and the tokenizer's."""
-    ids: list[int] = []
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        for i in value if isinstance(value, list) else [value]:
-            if i is not None and i not in ids:
-                ids.append(i)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids

