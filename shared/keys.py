@@ -7,6 +7,7 @@ EVENTS = "rag:events"
 DEAD = "rag:dead"
 ERRORS = "rag:errors"  # hash: "<stream>|<entry id>" -> last handler error, for dead letters
 CANCEL_PREFIX = "rag:cancel:"  # a key per streamed request whose caller stopped listening
+FEEDBACK = "rag:feedback"  # judged answers for continual learning; read by the trainer group
 
 # Consumer groups, one per backend service; their replicas are the consumers.
 EMBEDDING = "embedding"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import math
 import re
+import uuid
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
@@ -487,7 +488,7 @@ class Event(Wire):
 # --- training and model versions ------------------------------------------------------------
 MODEL_KINDS = ("retriever", "generator")
 TrainKind = Literal["pretrain", "retriever", "generator", "joint", "distill",
-                    "distill_retriever"]
+                    "distill_retriever", "continual"]
 PackagedSet = Literal["capitals", "capitals_unanswerable", "fanout"]
 
 
@@ -535,6 +536,10 @@ class JobStatus(Wire):
     eta_s: float | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     versions: list[str] = Field(default_factory=list, description="registered, as kind/vNNNN")
+    promoted: list[str] = Field(default_factory=list, description="of ``versions``, those "
+                                "the job put into serving")
+    note: str | None = Field(None, description="why a version was or was not promoted (the "
+                             "continual update's gate)")
     error: str | None = None
     updated: float = 0.0
 
@@ -587,3 +592,78 @@ class ModelsQuery(Wire):
 
 class RollbackRequest(Wire):
     kind: Literal["retriever", "generator"]
+
+
+# --- feedback: the production loop --------------------------------------------------------------
+_ID = r"^[A-Za-z0-9._:-]{1,64}$"
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Feedback(Wire):
+    """A judged answer: ``right`` (``answer`` is correct; it is reinforced) or ``wrong`` (then
+    ``correct_answer`` says what it should have been). One ``rag:feedback`` entry; the trainer
+    keeps it (idempotent by ``feedback_id``) until a continual update trains on it as the
+    question/answer pair ``(question, target())``. Lengths are checked against
+    ``limits.max_question_chars`` / ``trainer.max_answer_chars`` where it enters."""
+
+    feedback_id: str = Field(default_factory=_new_id, pattern=_ID)
+    question: NonBlank
+    answer: str = Field("", description="the answer that was given")
+    verdict: Literal["right", "wrong"]
+    correct_answer: str | None = Field(None, description="required when the verdict is "
+                                       "wrong: the answer it should have been")
+    doc_ids: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=20, description="documents that hold the answer")
+    request_id: str | None = Field(None, max_length=64, description="the answered request")
+
+    @model_validator(mode="after")
+    def _verdict_has_its_answer(self) -> Feedback:
+        if self.verdict == "wrong" and not (self.correct_answer or "").strip():
+            raise ValueError("a `wrong` verdict needs `correct_answer`: the answer it should "
+                             "have been")
+        if self.verdict == "right" and not self.answer.strip():
+            raise ValueError("a `right` verdict needs `answer`: the answer that was right")
+        if self.verdict == "right" and self.correct_answer is not None:
+            raise ValueError("`correct_answer` is for a `wrong` verdict; a `right` one "
+                             "confirms `answer`")
+        return self
+
+    def target(self) -> str:
+        """The answer a model should give: the correction, else the confirmed answer."""
+        return (self.correct_answer if self.verdict == "wrong" else self.answer).strip()
+
+
+class FeedbackRequest(Wire):
+    """Body of ``POST /v1/feedback``."""
+
+    items: list[Feedback] = Field(min_length=1, max_length=100)
+
+
+class FeedbackAccepted(Wire):
+    """Reply to ``POST /v1/feedback``: the ``rag:feedback`` entries that carry the items."""
+
+    accepted: int
+    feedback_ids: list[str]
+    entries: list[str]
+
+
+class FeedbackQuery(Wire):
+    """Ask the trainer what feedback it holds."""
+
+
+class UpdateRequest(Wire):
+    """Start a continual update on the stored feedback now (``ragtune feedback update``)."""
+
+    promote: bool = Field(True, description="serve the candidate if the gate passes it")
+
+
+class FeedbackState(Wire):
+    """What the trainer holds: ``stored`` items waiting for an update, which starts by itself
+    at ``update_after`` (0 = only on demand), and the newest update job, if any."""
+
+    stored: int
+    update_after: int
+    last_update: JobStatus | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -114,6 +114,21 @@ class TrainerSettings(BaseModel):
     torch_threads: int = Field(0, ge=0, description="threads of the trainer's torch; 0 = all")
 
 
+class FeedbackSettings(BaseModel):
+    """The production loop: judged answers (``POST /v1/feedback``) go through ``rag:feedback``
+    to the trainer, which keeps them until an update (a ``continual`` job) trains on them."""
+
+    max_pending: int = Field(10_000, ge=1, description="feedback entries waiting for the "
+                             "trainer before POST /v1/feedback answers 429; also the exact cap "
+                             "of the rag:feedback stream")
+    update_after: int = Field(200, ge=0, description="stored feedback items that start a "
+                              "continual update by themselves; 0 = only on demand "
+                              "(`ragtune feedback update`)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the update job's "
+                                   "params (services/trainer/jobs.py ContinualJobConfig: "
+                                   "method, tolerance, regression set, ...)")
+
+
 class LimitSettings(BaseModel):
     max_question_chars: int = Field(1_000, ge=1)
     max_title_chars: int = Field(1_000, ge=1)
@@ -188,6 +203,7 @@ class Settings(BaseSettings):
     retrieval: RetrievalSettings = RetrievalSettings()
     rerank: RerankSettings = RerankSettings()
     trainer: TrainerSettings = TrainerSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
     limits: LimitSettings = LimitSettings()
     serve: ServeSettings = ServeSettings()
 
