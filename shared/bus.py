@@ -117,12 +117,18 @@ class Bus:
         )
         return _decode(entry)
 
-    async def add_many(self, stream: str, models: list[BaseModel]) -> list[str]:
-        """Append several entries atomically (all or none: nothing is half-ingested)."""
+    async def add_many(self, stream: str, models: list[BaseModel], *, maxlen: int | None = None,
+                       approximate: bool = True) -> list[str]:
+        """Append several entries atomically (all or none: nothing is half-ingested).
+
+        The stream is capped at ``maxlen`` (default ``stream_maxlen``), roughly unless
+        ``approximate`` is False: an exact cap trims the oldest entries down to ``maxlen``.
+        """
         pipe = self.redis.pipeline(transaction=True)
+        cap = self.settings.stream_maxlen if maxlen is None else maxlen
         for model in models:
-            pipe.xadd(stream, {FIELD: model.model_dump_json()},
-                      maxlen=self.settings.stream_maxlen, approximate=True)
+            pipe.xadd(stream, {FIELD: model.model_dump_json()}, maxlen=cap,
+                      approximate=approximate)
         return [_decode(entry) for entry in await pipe.execute()]
 
     async def ensure_group(self, stream: str, group: str) -> None:

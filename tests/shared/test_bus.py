@@ -321,6 +321,21 @@ def test_streams_are_capped(redis_url, redis_settings, run):
     run(main())
 
 
+def test_add_many_can_cap_a_stream_exactly(redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        for i in range(0, 12, 4):
+            await bus.add_many("rag:test", [Event(kind=f"e{j}") for j in range(i, i + 4)],
+                               maxlen=5, approximate=False)
+        entries = await bus.redis.xrange("rag:test")
+        # the oldest go first: the newest five are kept, in order
+        assert [Event.model_validate_json(f[FIELD.encode()]).kind for _, f in entries] == [
+            f"e{j}" for j in range(7, 12)]
+        await bus.close()
+
+    run(main())
+
+
 def test_events_reach_every_listener(redis_url, redis_settings, run):
     async def main():
         bus = make_bus(redis_url, redis_settings)
