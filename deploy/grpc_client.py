@@ -25,7 +25,15 @@ import grpc
 from google.protobuf import json_format
 
 from services.qa.proto import qa_pb2, qa_pb2_grpc
-from shared.schemas import AnswerChunk, Document, IngestAccepted, QARequest, QAResponse
+from shared.schemas import (
+    AnswerChunk,
+    Document,
+    Feedback,
+    FeedbackAccepted,
+    IngestAccepted,
+    QARequest,
+    QAResponse,
+)
 from shared.settings import Settings
 
 
@@ -74,6 +82,15 @@ class QAClient:
                                           timeout=self.timeout_s)
         return IngestAccepted(accepted=reply.accepted, doc_ids=list(reply.doc_ids),
                               entries=list(reply.entries), indexed=reply.indexed)
+
+    def submit_feedback(self, items: list[Feedback]) -> FeedbackAccepted:
+        """Queue judged answers for the trainer, all or none; RESOURCE_EXHAUSTED when its
+        feedback backlog has no room for them (retry later)."""
+        request = qa_pb2.FeedbackRequest(items=[_to_message(f, qa_pb2.Feedback) for f in items])
+        reply = self.stub.SubmitFeedback(request, metadata=self.metadata,
+                                         timeout=self.timeout_s)
+        return FeedbackAccepted(accepted=reply.accepted, feedback_ids=list(reply.feedback_ids),
+                                entries=list(reply.entries))
 
     def close(self) -> None:
         self.channel.close()

@@ -6,13 +6,15 @@ a message). Two thin hosts call it: ``QAServicer`` on a plain ``grpc.aio`` serve
 a standalone server) and the Serve ingress (``deploy.app.QAFront``), whose gRPC proxy calls
 methods named as the RPCs and reads the status from ``serve_status``.
 
-Requests become the pydantic wire models (``QARequest``, ``IngestRequest``) and are checked
-by them and by ``QAService``, so what HTTP refuses with 422 is INVALID_ARGUMENT here, its
-message naming the field (``decoding.top_p: ...``). Bytes that do not parse as the request
-message reach the API as ``Unparsed`` (``add_servicer`` installs that lenient parsing) and are
-INVALID_ARGUMENT too, never a server error. Other codes: UNAUTHENTICATED (missing or wrong
-API key), INVALID_ARGUMENT also for a prompt the generator cannot fit, RESOURCE_EXHAUSTED (a
-busy service), DEADLINE_EXCEEDED (a backend too slow), UNAVAILABLE (a backend failed).
+Requests become the pydantic wire models (``QARequest``, ``IngestRequest``,
+``FeedbackRequest``) and are checked by them and by ``QAService``, so what HTTP refuses with
+422 is INVALID_ARGUMENT here, its message naming the field (``decoding.top_p: ...``,
+``items.0: Value error, a `wrong` verdict needs `correct_answer` ...``). Bytes that do not
+parse as the request message reach the API as ``Unparsed`` (``add_servicer`` installs that
+lenient parsing) and are INVALID_ARGUMENT too, never a server error. Other codes:
+UNAUTHENTICATED (missing or wrong API key), INVALID_ARGUMENT also for a prompt the generator
+cannot fit, RESOURCE_EXHAUSTED (a busy service, or feedback the trainer's backlog has no room
+for: retry later), DEADLINE_EXCEEDED (a backend too slow), UNAVAILABLE (a backend failed).
 """
 
 from __future__ import annotations
@@ -30,9 +32,16 @@ from pydantic import ValidationError
 
 from services.qa.auth import UNAUTHENTICATED, authorized
 from services.qa.proto import qa_pb2
-from services.qa.service import InputError, QAService
+from services.qa.service import FeedbackFull, InputError, QAService
 from shared.bus import BusError, Busy, RequestTimeout
-from shared.schemas import AnswerChunk, IngestRequest, QARequest, QAResponse
+from shared.schemas import (
+    AnswerChunk,
+    FeedbackAccepted,
+    FeedbackRequest,
+    IngestRequest,
+    QARequest,
+    QAResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +80,8 @@ def _lenient(message_type):
 
 
 def add_servicer(servicer, server) -> None:
-    """Register ``servicer``'s ``Answer``, ``AnswerStream`` and ``IngestDocuments`` on
-    ``server`` (a ``grpc.aio`` server, or Serve's gRPC proxy through
+    """Register ``servicer``'s ``Answer``, ``AnswerStream``, ``IngestDocuments`` and
+    ``SubmitFeedback`` on ``server`` (a ``grpc.aio`` server, or Serve's gRPC proxy through
     ``gRPCOptions.grpc_servicer_functions``): the generated ``add_QAServicer_to_server``, but
     a request that does not parse reaches the servicer as ``Unparsed``."""
     pb = qa_pb2
@@ -86,6 +95,9 @@ def add_servicer(servicer, server) -> None:
         "IngestDocuments": grpc.unary_unary_rpc_method_handler(
             servicer.IngestDocuments, request_deserializer=_lenient(pb.IngestDocumentsRequest),
             response_serializer=pb.IngestDocumentsResponse.SerializeToString),
+        "SubmitFeedback": grpc.unary_unary_rpc_method_handler(
+            servicer.SubmitFeedback, request_deserializer=_lenient(pb.FeedbackRequest),
+            response_serializer=pb.FeedbackAccepted.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
@@ -103,6 +115,20 @@ def ingest_request(message) -> IngestRequest:
         {"doc_id": d.doc_id, "title": d.title, "text": d.text, "topic": d.topic,
          "source": d.source, "date": d.date if d.HasField("date") else None}
         for d in message.documents]})
+
+
+def feedback_request(message) -> FeedbackRequest:
+    """The ``FeedbackRequest`` of one; unset optional fields stay unset, an empty question or
+    verdict is the schema's to refuse."""
+    return FeedbackRequest.model_validate({"items": [
+        {**json_format.MessageToDict(item, preserving_proto_field_name=True),
+         "question": item.question, "verdict": item.verdict}
+        for item in message.items]})
+
+
+def feedback_message(accepted: FeedbackAccepted):
+    return qa_pb2.FeedbackAccepted(accepted=accepted.accepted,
+                                   feedback_ids=accepted.feedback_ids, entries=accepted.entries)
 
 
 def answer_message(response: QAResponse):
@@ -124,6 +150,9 @@ def _failures() -> Iterator[None]:
         raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, _validation_message(exc)) from None
     except InputError as exc:
         raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+    except FeedbackFull as exc:
+        log.warning("feedback refused: %s", exc)
+        raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
     except BusError as exc:
         code = {Busy: grpc.StatusCode.RESOURCE_EXHAUSTED,
                 RequestTimeout: grpc.StatusCode.DEADLINE_EXCEEDED}.get(
@@ -186,6 +215,11 @@ class QAGrpc:
                                               entries=accepted.entries,
                                               indexed=accepted.indexed)
 
+    async def submit_feedback(self, request, metadata: Metadata):
+        self._check(request, metadata)
+        with _failures():
+            return feedback_message(await self.qa.feedback(feedback_request(request).items))
+
 
 class QAServicer:
     """``QAGrpc`` on a plain ``grpc.aio`` server: ``add_servicer(QAServicer(api), server)``."""
@@ -210,6 +244,12 @@ class QAServicer:
     async def IngestDocuments(self, request, context):  # noqa: N802
         try:
             return await self.api.ingest_documents(request, context.invocation_metadata() or ())
+        except RpcFailure as failure:
+            await context.abort(failure.code, failure.message)
+
+    async def SubmitFeedback(self, request, context):  # noqa: N802
+        try:
+            return await self.api.submit_feedback(request, context.invocation_metadata() or ())
         except RpcFailure as failure:
             await context.abort(failure.code, failure.message)
 

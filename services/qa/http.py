@@ -1,9 +1,12 @@
 """HTTP API of the QA front (FastAPI). ``deploy.app`` serves it as the Ray Serve ingress.
 
 Errors: bad input → 422 with FastAPI's ``detail`` shape (``loc`` names the field), decoding
-options included; input a backend refuses (a prompt that cannot fit the generator's context)
-→ 400 naming the service; a busy service → 503; a backend that did not answer in time → 504;
-a backend failure → 502; a missing or wrong API key (when ``serve.api_key`` is set) → 401.
+options and feedback items included; input a backend refuses (a prompt that cannot fit the
+generator's context) → 400 naming the service; a busy service → 503; feedback the trainer's
+backlog has no room for (``feedback.max_pending``) → 429 with ``Retry-After`` and ``{"detail":
+ErrorInfo}`` (kind ``busy``), nothing of the request kept; a backend that did not answer in
+time → 504; a backend failure → 502; a missing or wrong API key (when ``serve.api_key`` is
+set) → 401.
 
 ``POST /v1/qa?stream=true`` answers with server-sent events instead: ``token`` events (an
 ``AnswerChunk``: the answer's next piece) while the answer is generated, then one ``answer``
@@ -23,11 +26,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.qa.auth import UNAUTHENTICATED, authorized
-from services.qa.service import InputError, QAService
+from services.qa.service import FeedbackFull, InputError, QAService
 from shared.bus import BusError, Busy, RequestTimeout
 from shared.schemas import (
     AnswerChunk,
     ErrorInfo,
+    FeedbackAccepted,
+    FeedbackRequest,
     IngestAccepted,
     IngestRequest,
     QARequest,
@@ -39,6 +44,10 @@ log = logging.getLogger(__name__)
 
 # Probes (Serve's, Kubernetes') and the API docs need no key.
 OPEN_PATHS = frozenset({"/v1/health"})
+
+# Retry-After of a 429 on /v1/feedback, in seconds: the backlog drains as the trainer reads
+# it (it stores each item; training on them is a separate job), so a short wait suffices.
+FEEDBACK_RETRY_AFTER_S = 10
 
 _SSE_DOC = {200: {"description": "with `stream=true`: server-sent events `token` (an "
                                  "AnswerChunk), then `answer` (the QAResponse) or `error`",
@@ -83,6 +92,14 @@ def create_app(qa: QAService) -> FastAPI:
         return JSONResponse(status_code=422, content={"detail": [
             {"loc": loc, "msg": exc.message, "type": "value_error"}]})
 
+    @app.exception_handler(FeedbackFull)
+    async def _feedback_full(_request: Request, exc: FeedbackFull) -> JSONResponse:
+        log.warning("feedback refused: %s", exc)
+        return JSONResponse(status_code=429,
+                            headers={"Retry-After": str(FEEDBACK_RETRY_AFTER_S)},
+                            content={"detail": ErrorInfo(service="qa", kind="busy",
+                                                         message=str(exc)).model_dump()})
+
     @app.exception_handler(BusError)
     async def _bus_error(_request: Request, exc: BusError) -> JSONResponse:
         status = {Busy: 503, RequestTimeout: 504}.get(type(exc), 502)
@@ -118,6 +135,14 @@ def create_app(qa: QAService) -> FastAPI:
                                                            "dropped it")) -> IngestAccepted:
         """Remove a document from both the dense and the sparse index."""
         return await qa.delete([doc_id], wait=wait)
+
+    @app.post("/v1/feedback", response_model=FeedbackAccepted, status_code=202,
+              responses={429: {"description": "the trainer's feedback backlog is full; retry "
+                                              "after `Retry-After` seconds"}})
+    async def feedback(req: FeedbackRequest) -> FeedbackAccepted:
+        """Judge answers (``right``, or ``wrong`` with the correct answer) for the trainer's
+        next continual update; the items are queued all or none."""
+        return await qa.feedback(req.items)
 
     @app.exception_handler(TimeoutError)
     async def _timeout(_request: Request, exc: TimeoutError) -> JSONResponse:

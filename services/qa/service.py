@@ -1,4 +1,4 @@
-"""The question-answering front: validate, retrieve, generate; and accept documents.
+"""The question-answering front: validate, retrieve, generate; accept documents and feedback.
 
 Plain class over an injected ``Bus``; ``services.qa.http`` puts HTTP in front of it and
 ``deploy.app`` makes it a Ray Serve ingress. It never imports another service: everything it
@@ -24,6 +24,8 @@ from shared.schemas import (
     DeleteBatch,
     Document,
     Envelope,
+    Feedback,
+    FeedbackAccepted,
     GenerateRequest,
     GenerateResult,
     IndexStats,
@@ -51,6 +53,33 @@ class InputError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class FeedbackFull(RuntimeError):
+    """The trainer's feedback backlog has no room for the items; the caller should retry
+    later (HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, waiting: int, items: int, cap: int):
+        super().__init__(f"{waiting} feedback items wait for the trainer and {items} more would "
+                         f"pass the cap of {cap}; retry later")
+        self.waiting = waiting
+        self.items = items
+        self.cap = cap
+
+
+def check_feedback(item: Feedback, settings: Settings, prefix: str = "") -> None:
+    """InputError (field ``<prefix>question``, ``answer`` or ``correct_answer``) for stripped
+    text over ``limits.max_question_chars`` (the question) or ``trainer.max_answer_chars`` (the
+    answer and the target); the schema has checked everything else."""
+    max_answer = settings.trainer.max_answer_chars
+    texts = [("question", item.question.strip(), settings.limits.max_question_chars),
+             ("answer", item.answer.strip(), max_answer)]
+    if item.verdict == "wrong":  # a right verdict's target is its answer
+        texts.append(("correct_answer", item.target(), max_answer))
+    for field, text, limit in texts:
+        if len(text) > limit:
+            raise InputError(f"{prefix}{field}",
+                             f"is {len(text)} characters; the limit is {limit}")
 
 
 def _ms(start: float) -> float:
@@ -245,11 +274,55 @@ class QAService:
                 while not await self.bus.processed(keys.INGEST, group, entry):
                     await asyncio.sleep(poll_s)
 
+    # --- feedback -----------------------------------------------------------------------
+    def check_feedback(self, items: list[Feedback]) -> None:
+        """InputError naming the first bad field (``items.3.correct_answer``); checks every
+        item before any is sent."""
+        cap = self.settings.feedback.max_pending
+        if not items:
+            raise InputError("items", "must hold at least one item")
+        if len(items) > cap:
+            raise InputError("items", f"holds {len(items)} items; at most {cap} can wait for "
+                                      "the trainer (feedback.max_pending)")
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            if item.feedback_id in seen:
+                raise InputError(f"items.{i}.feedback_id",
+                                 f"{item.feedback_id!r} appears twice")
+            seen.add(item.feedback_id)
+            check_feedback(item, self.settings, prefix=f"items.{i}.")
+
+    async def feedback(self, items: list[Feedback]) -> FeedbackAccepted:
+        """Put judged answers on ``rag:feedback`` for the trainer, all or none.
+
+        Raises InputError for a bad item and FeedbackFull when the trainer's backlog (entries
+        it has not finished) plus the items would pass ``feedback.max_pending``; then nothing
+        is added.
+        """
+        self.check_feedback(items)
+        cap = self.settings.feedback.max_pending
+        await self.bus.ensure_group(keys.FEEDBACK, keys.TRAINER)
+        waiting = await self.bus.backlog(keys.FEEDBACK, keys.TRAINER)
+        if waiting + len(items) > cap:
+            raise FeedbackFull(waiting, len(items), cap)
+        envelopes = [Envelope(id=f"feedback-{item.feedback_id}", kind="feedback",
+                              body=item.model_dump()) for item in items]
+        # Exact, not approximate: fronts that pass the check above at the same moment still
+        # cannot grow the stream past the cap (the oldest entries are trimmed instead).
+        entries = await self.bus.add_many(keys.FEEDBACK, envelopes, maxlen=cap,
+                                          approximate=False)
+        log.info("feedback: %d items queued (%d were waiting)", len(items), waiting)
+        return FeedbackAccepted(accepted=len(items),
+                                feedback_ids=[item.feedback_id for item in items],
+                                entries=entries)
+
     # --- status -------------------------------------------------------------------------
     async def status(self) -> Status:
-        """Stream lengths, pending entries and lag per group, index sizes, dead letters."""
+        """Stream lengths, pending entries and lag per group (the feedback backlog included),
+        index sizes, dead letters."""
         pairs = [(keys.request_stream(s), s) for s in keys.SERVICES]
         pairs += [(keys.INGEST, g) for g in keys.INGEST_GROUPS]
+        pairs += [(keys.FEEDBACK, keys.TRAINER)]
         streams = [await self._stream_status(stream, group) for stream, group in pairs]
         services = {s.group: f"{s.consumers} consumer(s)" if s.consumers else "no consumers"
                     for s in streams[: len(keys.SERVICES)]}

@@ -17,7 +17,7 @@ from services.qa.grpc_api import SERVICE, QAGrpc, QAServicer, RpcFailure, add_se
 from services.qa.proto import qa_pb2
 from services.qa.service import QAService
 from shared.bus import Bus
-from shared.schemas import AnswerChunk, DecodingOptions, Document, QARequest
+from shared.schemas import AnswerChunk, DecodingOptions, Document, Feedback, QARequest
 from tests.services.test_generator import byte_tokenizer, tiny_model
 from tests.services.test_qa_http import INDEXED, _retriever, _serve_generator
 from tests.services.test_qa_http import settings as settings  # noqa: F401 - a fixture
@@ -209,11 +209,73 @@ def test_cancelling_the_stream_stops_the_generation(keyed, flush):
     assert result.completion_tokens < 64
 
 
+@pytest.fixture
+def feedback_client(keyed, flush):
+    """The gRPC API with no backend at all: feedback needs none."""
+    server = GrpcServer(keyed)
+    with QAClient(server.target, KEY, timeout_s=30) as c:
+        yield c
+    server.stop()
+
+
+def test_feedback_is_queued_then_refused_at_the_cap(feedback_client, keyed):
+    import redis
+
+    from shared import keys
+    from shared.schemas import Envelope
+
+    wrong = Feedback(question="Capital of Kenya?", answer="Mombasa", verdict="wrong",
+                     correct_answer="Nairobi", doc_ids=["Kenya"])
+    right = Feedback(question="Capital of France?", answer="Paris", verdict="right")
+    accepted = feedback_client.submit_feedback([wrong, right, right.model_copy(
+        update={"feedback_id": "fb-3"})])
+    assert accepted.accepted == 3 and len(accepted.entries) == 3
+    assert accepted.feedback_ids == [wrong.feedback_id, right.feedback_id, "fb-3"]
+    entries = redis.Redis.from_url(keyed.redis.url).xrange(keys.FEEDBACK)
+    sent = Envelope.model_validate_json(entries[0][1][b"msg"])
+    assert sent.kind == "feedback" and Feedback.model_validate(sent.body) == wrong
+    with pytest.raises(grpc.RpcError) as err:  # max_pending is 5: three more do not fit
+        feedback_client.submit_feedback([Feedback(question="Capital?", answer=a,
+                                                  verdict="right") for a in "ABC"])
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.value.details() == ("3 feedback items wait for the trainer and 3 more would "
+                                   "pass the cap of 5; retry later")
+    assert redis.Redis.from_url(keyed.redis.url).xlen(keys.FEEDBACK) == 3
+
+
+@pytest.mark.parametrize("item, message", [
+    (Feedback.model_construct(question="Capital?", answer="Mombasa", verdict="wrong",
+                              doc_ids=[]),
+     "items.0: Value error, a `wrong` verdict needs `correct_answer`"),
+    (Feedback.model_construct(question="Capital?", answer="Paris", verdict="maybe",
+                              doc_ids=[]),
+     "items.0.verdict: Input should be 'right' or 'wrong'"),
+    (Feedback.model_construct(question="", answer="Paris", verdict="right", doc_ids=[]),
+     "items.0.question: String should have at least 1 character"),
+    (Feedback(question="Capital?", answer="x" * 501, verdict="right"),
+     "items.0.answer: is 501 characters; the limit is 500"),
+])
+def test_bad_feedback_is_invalid_argument_naming_the_problem(feedback_client, keyed, item,
+                                                             message):
+    import redis
+
+    from shared import keys
+
+    with pytest.raises(grpc.RpcError) as err:
+        feedback_client.submit_feedback([item])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(message), err.value.details()
+    assert redis.Redis.from_url(keyed.redis.url).xlen(keys.FEEDBACK) == 0
+
+
 def test_the_proto_and_the_schemas_name_the_same_fields():
     from shared.schemas import DecodingOptions as Wire
+    from shared.schemas import FeedbackAccepted
 
-    proto = {f.name for f in qa_pb2.DecodingOptions.DESCRIPTOR.fields}
-    assert proto == set(Wire.model_fields) - {"schema_version"}
+    for message, model in [(qa_pb2.DecodingOptions, Wire), (qa_pb2.Feedback, Feedback),
+                           (qa_pb2.FeedbackAccepted, FeedbackAccepted)]:
+        proto = {f.name for f in message.DESCRIPTOR.fields}
+        assert proto == set(model.model_fields) - {"schema_version"}, message
 
 
 def test_a_failure_survives_pickling():

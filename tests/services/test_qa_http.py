@@ -28,6 +28,8 @@ from shared.schemas import (
     Citation,
     DecodingOptions,
     DeleteBatch,
+    Envelope,
+    Feedback,
     Filters,
     GenerateRequest,
     GenerateResult,
@@ -38,7 +40,7 @@ from shared.schemas import (
     RetrieveResult,
     StatsRequest,
 )
-from shared.settings import GeneratorSettings, LimitSettings, Settings
+from shared.settings import FeedbackSettings, GeneratorSettings, LimitSettings, Settings
 from tests.services.test_generator import byte_tokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("flush")
@@ -98,7 +100,8 @@ def settings(redis_url, redis_settings, tmp_path) -> Settings:
                     limits=LimitSettings(max_question_chars=200, max_document_chars=500,
                                          max_documents_per_request=5, max_top_k=5,
                                          ingest_batch=2),
-                    generator=GeneratorSettings(max_new_tokens=48, max_new_tokens_limit=64))
+                    generator=GeneratorSettings(max_new_tokens=48, max_new_tokens_limit=64),
+                    feedback=FeedbackSettings(max_pending=5))
 
 
 @pytest.fixture
@@ -517,3 +520,104 @@ def test_the_api_key_is_required_when_set(keyed_client, headers, status):
 def test_health_and_docs_need_no_key(keyed_client):
     assert keyed_client.get("/v1/health").status_code == 200
     assert keyed_client.get("/openapi.json").status_code == 200
+
+
+# --- feedback --------------------------------------------------------------------------------
+RIGHT = {"question": "What is the capital of France?", "answer": "Paris", "verdict": "right"}
+WRONG = {"question": "What is the capital of Kenya?", "answer": "Mombasa", "verdict": "wrong",
+         "correct_answer": "Nairobi", "doc_ids": ["Kenya"], "request_id": "r1"}
+
+
+def queued(redis_url) -> list[Envelope]:
+    """The envelopes on rag:feedback, oldest first."""
+    entries = redis.Redis.from_url(redis_url).xrange(keys.FEEDBACK)
+    return [Envelope.model_validate_json(fields[b"msg"]) for _id, fields in entries]
+
+
+def test_feedback_is_queued_for_the_trainer(client, redis_url):
+    r = client.post("/v1/feedback", json={"items": [RIGHT, WRONG | {"feedback_id": "fb-1"}]})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["accepted"] == 2 and len(body["entries"]) == 2
+    assert body["feedback_ids"][1] == "fb-1"
+    envelopes = queued(redis_url)
+    assert [e.kind for e in envelopes] == ["feedback", "feedback"]
+    items = [Feedback.model_validate(e.body) for e in envelopes]
+    assert [e.id for e in envelopes] == [f"feedback-{i}" for i in body["feedback_ids"]]
+    assert [f.feedback_id for f in items] == body["feedback_ids"]
+    assert [f.target() for f in items] == ["Paris", "Nairobi"]
+    assert (items[1].doc_ids, items[1].request_id) == (["Kenya"], "r1")
+    (backlog,) = [s for s in client.get("/v1/status").json()["streams"]
+                  if s["stream"] == keys.FEEDBACK]
+    assert (backlog["group"], backlog["length"], backlog["lag"]) == ("trainer", 2, 2)
+
+
+@pytest.mark.parametrize("items, loc, message", [
+    ([RIGHT | {"verdict": "wrong"}], ["items", 0],
+     "a `wrong` verdict needs `correct_answer`: the answer it should have been"),
+    ([WRONG | {"correct_answer": "  "}], ["items", 0], "a `wrong` verdict needs"),
+    ([RIGHT | {"answer": ""}], ["items", 0], "a `right` verdict needs `answer`"),
+    ([RIGHT | {"correct_answer": "Lyon"}], ["items", 0], "is for a `wrong` verdict"),
+    ([RIGHT | {"verdict": "maybe"}], ["items", 0, "verdict"], "'right' or 'wrong'"),
+    ([RIGHT | {"question": " "}], ["items", 0, "question"], "at least 1 character"),
+    ([RIGHT | {"feedback_id": "has space"}], ["items", 0, "feedback_id"], "pattern"),
+    ([RIGHT | {"colour": "red"}], ["items", 0, "colour"], "Extra inputs"),
+    ([], ["items"], "at least 1 item"),
+    ([RIGHT, RIGHT | {"answer": "x" * 501}], ["items", 1, "answer"],
+     "is 501 characters; the limit is 500"),
+    ([WRONG | {"correct_answer": "y" * 501}], ["items", 0, "correct_answer"],
+     "is 501 characters; the limit is 500"),
+    ([RIGHT | {"question": "q" * 201}], ["items", 0, "question"],
+     "is 201 characters; the limit is 200"),
+    ([WRONG | {"feedback_id": "same"}, RIGHT | {"feedback_id": "same"}],
+     ["items", 1, "feedback_id"], "'same' appears twice"),
+    ([RIGHT] * 6, ["items"], "holds 6 items; at most 5 can wait for the trainer"),
+])
+def test_bad_feedback_is_422_naming_the_problem_and_adds_nothing(client, redis_url, items,
+                                                                loc, message):
+    r = client.post("/v1/feedback", json={"items": items})
+    assert r.status_code == 422, r.text
+    assert _field(r)[1:] == loc and message in r.json()["detail"][0]["msg"], r.text
+    assert redis.Redis.from_url(redis_url).xlen(keys.FEEDBACK) == 0
+
+
+def test_a_feedback_flood_is_refused_at_the_cap(client, redis_url):
+    # max_pending is 5 and no trainer reads: the sixth item on is refused, nothing is lost
+    statuses = [client.post("/v1/feedback", json={"items": [RIGHT | {"answer": f"Paris {i}"}]})
+                for i in range(8)]
+    assert [r.status_code for r in statuses] == [202] * 5 + [429] * 3
+    for refused in statuses[5:]:
+        assert int(refused.headers["retry-after"]) > 0
+        detail = refused.json()["detail"]
+        assert (detail["service"], detail["kind"]) == ("qa", "busy")
+        assert detail["message"] == ("5 feedback items wait for the trainer and 1 more would "
+                                     "pass the cap of 5; retry later")
+    assert redis.Redis.from_url(redis_url).xlen(keys.FEEDBACK) == 5
+    assert [Feedback.model_validate(e.body).answer for e in queued(redis_url)] == [
+        f"Paris {i}" for i in range(5)]
+
+
+def test_feedback_over_the_room_left_adds_none_of_it(client, redis_url, settings, run):
+    assert client.post("/v1/feedback", json={"items": [RIGHT] * 3}).status_code == 202
+    r = client.post("/v1/feedback", json={"items": [WRONG, RIGHT, WRONG]})
+    assert r.status_code == 429 and "3 feedback items wait" in r.json()["detail"]["message"]
+    assert len(queued(redis_url)) == 3
+    assert client.post("/v1/feedback", json={"items": [WRONG] * 2}).status_code == 202
+
+    # the trainer reading (and acking) the backlog makes room again
+    read: list[Feedback] = []
+
+    async def drain():
+        bus = Bus.connect(settings.redis.url, settings.redis)
+
+        async def store(item: Feedback) -> None:
+            read.append(item)
+
+        await Worker(bus, keys.TRAINER, [keys.FEEDBACK],
+                     routes(feedback=(Feedback, store))).run(burst=True)
+        await bus.close()
+
+    run(drain())
+    assert [f.verdict for f in read] == ["right"] * 3 + ["wrong"] * 2
+    assert client.post("/v1/feedback", json={"items": [WRONG] * 5}).status_code == 202
+    assert redis.Redis.from_url(redis_url).xlen(keys.FEEDBACK) == 5  # the exact cap
