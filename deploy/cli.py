@@ -1,4 +1,4 @@
-"""The ``ragtune`` command: up, ask, ingest, status, down, eval, train, models.
+"""The ``ragtune`` command: up, ask, ingest, status, down, eval, train, models, feedback.
 
 ``up`` starts a background supervisor (``deploy.stack``) that owns the embedded servers, Ray
 and the Serve application; the other commands talk to it over HTTP (and read ingestion
@@ -18,13 +18,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
-from deploy import train_cli
+from deploy import feedback_cli, train_cli
 from deploy.stack import state_path
 from shared import keys
 from shared.bus import Bus
@@ -32,6 +33,8 @@ from shared.schemas import Document
 from shared.settings import Settings
 
 log = logging.getLogger("ragtune")
+
+M = TypeVar("M", bound=BaseModel)
 
 DEMO_QUESTIONS = (
     "What is the capital of France?",
@@ -247,24 +250,33 @@ async def _done_prefix(bus: Bus, group: str, entries: list[str]) -> int:
     return lo
 
 
-def read_jsonl(path: Path) -> list[Document]:
-    """Documents from a JSONL file (one object per line: doc_id, title, text, [topic, source]).
+def read_models(path: Path, model: type[M]) -> list[tuple[int, M]]:
+    """``(line number, model)`` for each non-blank line of a JSONL file, one JSON object a line.
 
-    Raises CLIError naming the line and the field for the first bad line; nothing is sent.
+    Raises CLIError naming the line and the field for the first bad line.
     """
-    if not path.exists():
+    if not path.is_file():
         raise CLIError(f"{path}: no such file")
-    documents = []
+    models = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                documents.append(Document.model_validate_json(line))
+                models.append((number, model.model_validate_json(line)))
             except ValidationError as exc:
                 err = exc.errors()[0]
                 field = ".".join(str(p) for p in err["loc"]) or "line"
                 raise CLIError(f"{path}:{number}: {field}: {err['msg']}") from None
+    return models
+
+
+def read_jsonl(path: Path) -> list[Document]:
+    """Documents from a JSONL file (one object per line: doc_id, title, text, [topic, source]).
+
+    Raises CLIError naming the line and the field for the first bad line; nothing is sent.
+    """
+    documents = [document for _number, document in read_models(path, Document)]
     if not documents:
         raise CLIError(f"{path}: no documents")
     return documents
@@ -397,13 +409,14 @@ def parser() -> argparse.ArgumentParser:
                                 "<split>.json)")
     train_cli.add_eval_qa_parser(eval_sub)
     train_cli.add_parsers(sub)
+    feedback_cli.add_parsers(sub)
     return p
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "ask": cmd_ask, "ingest": cmd_ingest,
             "delete": cmd_delete,
             "status": cmd_status, "eval": cmd_eval, "train": train_cli.cmd_train,
-            "models": train_cli.cmd_models}
+            "models": train_cli.cmd_models, "feedback": feedback_cli.cmd_feedback}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -423,8 +436,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy: deploy.train_cli raises
-    # deploy.cli.CLIError, which must be the class main catches.
+    # Run the imported module's main, not this __main__ copy: deploy.train_cli and
+    # deploy.feedback_cli raise deploy.cli.CLIError, which must be the class main catches.
     from deploy import cli as _imported
 
     _imported.main()

@@ -26,7 +26,9 @@ def test_up_with_unreachable_redis_names_the_url(tmp_path):
 
 
 def test_commands_need_a_running_ragtune(tmp_path):
-    for args in (["ask", "hello?"], ["status"], ["ingest", "docs.jsonl"]):
+    for args in (["ask", "hello?"], ["status"], ["ingest", "docs.jsonl"],
+                 ["feedback", "status"], ["feedback", "update"],
+                 ["feedback", "send", "--question", "q?", "--right", "--answer", "a"]):
         result = ragtune(*args, home=tmp_path)
         assert result.returncode == 1
         assert "ragtune is not running; start it with `ragtune up`" in result.stderr
