@@ -18,6 +18,8 @@ from shared.schemas import (
     AnswerChunk,
     DeleteBatch,
     Event,
+    Feedback,
+    FeedbackQuery,
     GenerateRequest,
     IndexStats,
     IngestBatch,
@@ -31,6 +33,7 @@ from shared.schemas import (
     SearchResult,
     StatsRequest,
     TrainJob,
+    UpdateRequest,
 )
 from shared.settings import RedisSettings
 
@@ -103,8 +106,10 @@ def generator_worker(batcher, bus: Bus) -> Worker:
 
 
 def trainer_worker(runner, bus: Bus) -> Worker:
-    """The trainer's requests; each returns at once (training runs in the runner's thread).
-    A job or registry request that cannot be done is a ``BadRequest`` with the reason."""
+    """The trainer's requests, and the judged answers of ``rag:feedback`` (stored, an update
+    started when enough arrived); each returns at once (training runs in the runner's
+    thread). A job or registry request that cannot be done is a ``BadRequest`` with the
+    reason."""
     from services.trainer.service import JobError
     from shared.registry import RegistryError
 
@@ -116,11 +121,14 @@ def trainer_worker(runner, bus: Bus) -> Worker:
                 raise BadRequest(str(exc)) from None
         return handler
 
-    return Worker(bus, keys.TRAINER, [keys.request_stream(keys.TRAINER)], routes(
+    return Worker(bus, keys.TRAINER, [keys.request_stream(keys.TRAINER), keys.FEEDBACK], routes(
         submit=(TrainJob, call(runner.submit)), cancel=(JobRef, call(runner.cancel)),
         jobs=(JobQuery, call(runner.jobs)), models=(ModelsQuery, call(lambda _q: runner.models())),
         promote=(PromoteRequest, call(runner.promote)),
-        rollback=(RollbackRequest, call(runner.rollback))), concurrency=4)
+        rollback=(RollbackRequest, call(runner.rollback)),
+        feedback=(Feedback, call(runner.feedback)),
+        feedback_state=(FeedbackQuery, call(runner.feedback_state)),
+        feedback_update=(UpdateRequest, call(runner.update))), concurrency=4)
 
 
 def publish_sync(redis_url: str, settings: RedisSettings) -> Callable[[Event], None]:

@@ -98,6 +98,7 @@ _NOT_WORD = ".,;:!?)]\"'"
 _YES_NO = frozenset({"yes", "no"})
 
 SPLITS = ("train", "dev", "test")
+SPLIT_FRACTIONS = (0.7, 0.15, 0.15)  # expected shares of train / dev / test
 
 
 @dataclass(frozen=True)
@@ -364,7 +365,7 @@ def _unit_interval(seed: int, item_id: str) -> float:
 
 
 def split(items: Sequence[_ItemT], seed: int = 13,
-          fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> dict[str, list[_ItemT]]:
+          fractions: tuple[float, float, float] = SPLIT_FRACTIONS) -> dict[str, list[_ItemT]]:
     """Items into "train" / "dev" / "test" (every key present), in input order within each.
 
     An item's split depends only on (seed, item.id) through SHA-256, never on the other items

@@ -9,16 +9,17 @@ vectors of the version it started from; its record says which (``passage_version
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.evaluation.retrieval import corpus_embeddings
-from services.trainer import loop
+from services.trainer import continual, loop
 from services.trainer.distill import DistillConfig, distill_generator
 from services.trainer.generator import GeneratorTrainConfig, train_generator
 from services.trainer.joint import JointTrainConfig, train_joint
@@ -33,14 +34,27 @@ from services.trainer.retriever import RetrieverTrainConfig, pretrain_retriever,
 from shared import datasets
 from shared.datasets import QAItem
 from shared.models.encoder import Encoder
-from shared.registry import Registry
-from shared.schemas import Document, ModelVersion, TrainJob
+from shared.registry import META_FILE, Registry
+from shared.schemas import Document, ModelVersion, PackagedSet, TrainJob
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# A job's result: (model kind, saved model folder, passage_version for query-only retrievers)
-Output = tuple[str, Path, str | None]
+GATE_FILE = "gate.json"  # a continual update's gate: both models' metrics and the decision
+
+
+
+class Output(NamedTuple):
+    """One model a job made: its kind, its saved folder, the passage version a query-only
+    retriever was trained against; ``promote`` False keeps it out of serving even when the
+    job asks to promote, ``note`` says why (the continual update's gate)."""
+
+    kind: str
+    folder: Path
+    passage_version: str | None = None
+    promote: bool = True
+    note: str | None = None
+
 
 
 @dataclass
@@ -57,6 +71,9 @@ def load_questions(job: TrainJob, settings: Settings) -> dict[str, list[QAItem]]
     """train/dev/test questions of the job's packaged sets and JSONL file (split by seed).
     Raises ``DataFileError`` (a ValueError) for a bad file."""
     splits: dict[str, list[QAItem]] = {name: [] for name in datasets.SPLITS}
+    # A continual update trains on every new item it is given (its gate checks them, and a
+    # frozen regression set); of packaged sets it takes the train split, as other kinds do.
+    fractions = (1.0, 0.0, 0.0) if job.kind == "continual" else datasets.SPLIT_FRACTIONS
     for name in job.data.sets:
         for split in datasets.SPLITS:
             splits[split] += datasets.load_split(name, split, seed=job.seed)
@@ -64,7 +81,7 @@ def load_questions(job: TrainJob, settings: Settings) -> dict[str, list[QAItem]]
         items = datasets.load_qa_jsonl(Path(job.data.path),
                                        max_answer_chars=settings.trainer.max_answer_chars,
                                        max_question_chars=settings.limits.max_question_chars)
-        for split, part in datasets.split(items, seed=job.seed).items():
+        for split, part in datasets.split(items, seed=job.seed, fractions=fractions).items():
             splits[split] += part
     if not splits["train"]:
         raise ValueError("the training split is empty: give more questions")
@@ -131,7 +148,7 @@ def run_retriever(p: Prepared, settings: Settings, run_dir: Path, progress, shou
                              run_dir, progress, should_stop,
                              cache_dir=settings.home / "cache")
     keep = None if result.reindex or passage_version is None else passage_version.version
-    return [("retriever", result.model_dir, keep)]
+    return [Output("retriever", result.model_dir, keep)]
 
 
 def run_generator(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
@@ -144,7 +161,7 @@ def run_generator(p: Prepared, settings: Settings, run_dir: Path, progress, shou
     with _retrieval(settings, registry, corpus, device) as retrieval:
         result = train_generator(config, model, tokenizer, p.splits["train"], p.splits["dev"],
                                  retrieval, run_dir, progress=progress, should_stop=should_stop)
-    return [("generator", result.model_dir, None)]
+    return [Output("generator", result.model_dir)]
 
 
 def run_joint(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
@@ -162,7 +179,8 @@ def run_joint(p: Prepared, settings: Settings, run_dir: Path, progress, should_s
     result = train_joint(config, query_encoder, model, tokenizer, corpus, vectors,
                          p.splits["train"], run_dir, progress=progress, should_stop=should_stop)
     keep = None if passage_version is None else passage_version.version
-    return [("retriever", result.retriever_dir, keep), ("generator", result.generator_dir, None)]
+    return [Output("retriever", result.retriever_dir, keep),
+            Output("generator", result.generator_dir)]
 
 
 class PretrainParams(BaseModel):
@@ -189,14 +207,14 @@ def run_pretrain(p: Prepared, settings: Settings, run_dir: Path, progress, shoul
                                     run_dir / "retriever", progress, should_stop,
                                     dev_items=p.splits["dev"], cache_dir=settings.home / "cache")
         keep = None if result.reindex or passage_version is None else passage_version.version
-        outputs.append(("retriever", result.model_dir, keep))
+        outputs.append(Output("retriever", result.model_dir, keep))
     if params.target in ("generator", "both"):
         config = LMTrainConfig.model_validate(
             {"device": settings.trainer.device, "seed": p.job.seed, **params.generator})
         model, tokenizer = serving_generator(settings, registry)
         result = train_lm(config, model, tokenizer, [datasets.document_text(d) for d in corpus],
                           run_dir / "generator", progress=progress, should_stop=should_stop)
-        outputs.append(("generator", result.model_dir, None))
+        outputs.append(Output("generator", result.model_dir))
     return outputs
 
 
@@ -213,7 +231,7 @@ def run_distill(p: Prepared, settings: Settings, run_dir: Path, progress, should
         result = distill_generator(config, lambda: serving_generator(settings, registry),
                                    p.splits["train"], p.splits["dev"], retrieval, run_dir,
                                    progress=progress, should_stop=should_stop)
-    return [("generator", result.model_dir, None)]
+    return [Output("generator", result.model_dir)]
 
 
 def run_distill_retriever(p: Prepared, settings: Settings, run_dir: Path, progress,
@@ -243,7 +261,111 @@ def run_distill_retriever(p: Prepared, settings: Settings, run_dir: Path, progre
                                dev_items=p.splits["dev"], progress=progress,
                                should_stop=should_stop)
     keep = None if passage_version is None else passage_version.version
-    return [("retriever", result.model_dir, keep)]
+    return [Output("retriever", result.model_dir, keep)]
+
+
+class ContinualJobConfig(continual.ContinualConfig):
+    """``continual`` job: one production update of the serving generator on new
+    question/answer pairs (``ContinualConfig``), then the promotion gate.
+
+    The gate answers a frozen regression set — ``regression_path`` (a question/answer JSONL
+    file), else the first ``regression_limit`` answerable questions of the ``regression_sets``'
+    dev split drawn with ``regression_seed`` (never trained on: updates take train splits) —
+    and the new items, with the serving model and with the candidate; the candidate may serve
+    only if its regression accuracy drops by at most ``tolerance`` and it is not worse on the
+    new items (``continual.gate``).
+
+    The replay reservoir is the one saved by the update that made the serving generator; with
+    none (the serving model came from elsewhere), it starts from the ``regression_sets``'
+    train split (unless ``seed_buffer`` is off), the questions that model learnt, so that
+    replay has earlier examples from the first update on.
+    """
+
+    tolerance: float = Field(0.02, ge=0, le=1, description="regression accuracy the "
+                             "candidate may lose (absolute)")
+    regression_sets: list[PackagedSet] = Field(default_factory=lambda: ["capitals", "fanout"])
+    regression_path: str | None = None
+    regression_limit: int = Field(40, ge=1)
+    regression_seed: int = 13
+    seed_buffer: bool = Field(True, description="start an empty reservoir from the "
+                              "regression sets' train split")
+
+    @field_validator("regression_path")
+    @classmethod
+    def _file_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"no such regression file {value!r}")
+        return value
+
+
+def regression_set(config: ContinualJobConfig, settings: Settings) -> list[QAItem]:
+    """The gate's frozen regression questions (see ``ContinualJobConfig``)."""
+    if config.regression_path is not None:
+        items = datasets.load_qa_jsonl(Path(config.regression_path),
+                                       max_answer_chars=settings.trainer.max_answer_chars,
+                                       max_question_chars=settings.limits.max_question_chars)
+        return [i for i in items if i.answerable][:config.regression_limit]
+    items = [i for name in config.regression_sets
+             for i in datasets.load_split(name, "dev", seed=config.regression_seed)
+             if i.answerable]
+    return items[:config.regression_limit]
+
+
+def serving_buffer(config: ContinualJobConfig, registry: Registry,
+                   retrieval) -> continual.Reservoir:
+    """The replay reservoir saved by the update that made the serving generator, else one
+    seeded with the regression sets' train split, retrieved with ``retrieval`` (see
+    ``ContinualJobConfig``)."""
+    serving = registry.serving("generator")
+    if serving is not None and serving.job_id is not None:
+        path = registry.run_dir(serving.job_id) / continual.BUFFER_FILE
+        if path.is_file():
+            return continual.load_buffer(path, config.buffer_size, config.seed)
+    buffer: continual.Reservoir = continual.Reservoir(config.buffer_size, config.seed)
+    if not config.seed_buffer:
+        return buffer
+    earlier = [i for name in config.regression_sets
+               for i in datasets.load_split(name, "train", seed=config.regression_seed)]
+    buffer.extend(continual.records(earlier, retrieval, continual.hits_needed(config)))
+    return buffer
+
+
+def run_continual(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
+                  ) -> list[Output]:
+    """One continual update of the serving generator on the job's questions, gated: the
+    candidate is registered either way, promoted (with ``job.promote``) only if the gate
+    passes it; the gate's metrics and reason go into the version, ``gate.json`` and the job's
+    note."""
+    config: ContinualJobConfig = p.config
+    registry = Registry(settings.checkpoint_dir)
+    device, _ = loop.pick_device(config.device)
+    corpus = datasets.load_corpus(p.job.data.corpus_limit)
+    new = p.splits["train"]
+    regression = regression_set(config, settings)
+    with _retrieval(settings, registry, corpus, device) as retrieval:
+        buffer = serving_buffer(config, registry, retrieval)
+        model, tokenizer = serving_generator(settings, registry)
+        model.to(device)
+        serving = continual.gate_metrics(model, tokenizer, regression, new, retrieval, config)
+        result = continual.continual_update(config, model, tokenizer, new, buffer, retrieval,
+                                            run_dir, progress=progress,
+                                            should_stop=should_stop)
+        candidate = continual.gate_metrics(result.model, tokenizer, regression, new,
+                                           retrieval, config)
+    promote, reason = continual.gate(candidate, serving, config.tolerance)
+    metrics = {**{f"serving_{k}": v for k, v in serving.items()},
+               **{f"candidate_{k}": v for k, v in candidate.items()}}
+    meta = loop.read_meta(result.model_dir)
+    meta["metrics"] = metrics
+    (result.model_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    (run_dir / GATE_FILE).write_text(json.dumps(
+        {"promote": promote, "reason": reason, "tolerance": config.tolerance,
+         "regression_items": len(regression), "new_items": len(new), **metrics}, indent=1))
+    log.info("continual update %s: %s", p.job.job_id, reason)
+    progress(loop.Progress(kind=continual.KIND, step=result.steps, total_steps=result.steps,
+                           loss=result.history[-1]["loss"] if result.history else None,
+                           lr=0.0, elapsed_s=result.seconds, metrics=metrics))
+    return [Output("generator", result.model_dir, promote=promote, note=reason)]
 
 
 # kind -> (config class validated from the job's params, runner)
@@ -255,6 +377,7 @@ KINDS: dict[str, tuple[type[BaseModel], Runner]] = {
     "joint": (JointTrainConfig, run_joint),
     "distill": (DistillConfig, run_distill),
     "distill_retriever": (RankDistillConfig, run_distill_retriever),
+    "continual": (ContinualJobConfig, run_continual),
 }
 
 

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
 
+from services.trainer.feedback import DATA_FILE, STORE_DIR, FeedbackStore
 from services.trainer.service import JobError, TrainerService
 from shared.registry import RegistryError
 from shared.schemas import (
     Event,
+    Feedback,
+    FeedbackQuery,
+    FeedbackState,
     JobList,
     JobQuery,
     JobRef,
@@ -28,13 +33,16 @@ from shared.schemas import (
     PromoteRequest,
     RegistryView,
     RollbackRequest,
+    TrainData,
     TrainJob,
+    UpdateRequest,
 )
 
 log = logging.getLogger(__name__)
 
 PublishFn = Callable[[Event], None]
 PROGRESS_EVERY_S = 1.0
+UPDATE_PREFIX = "feedback-"  # job ids of the updates the feedback loop starts
 
 
 class TrainerRunner:
@@ -45,6 +53,12 @@ class TrainerRunner:
         self.publish = publish
         self._jobs: queue.Queue[TrainJob | None] = queue.Queue()
         self._last_progress: dict[str, float] = {}
+        self.feedback_store = FeedbackStore(service.registry.root / STORE_DIR)
+        self._update_lock = threading.Lock()
+        # the newest feedback update, also across a restart
+        updates = [st for st in service.statuses(limit=10_000)
+                   if st.kind == "continual" and st.job_id.startswith(UPDATE_PREFIX)]
+        self._last_update: str | None = updates[0].job_id if updates else None
         self._thread = threading.Thread(target=self._main, name="trainer", daemon=True)
         for job in service.pending():
             log.info("resuming interrupted job %s", job.job_id)
@@ -83,6 +97,69 @@ class TrainerRunner:
         self._announce(req.kind, version)
         return self.models()
 
+    # --- feedback: the production loop ------------------------------------------------------
+    def feedback(self, fb: Feedback) -> None:
+        """Store one judged answer (idempotent by id); at ``feedback.update_after`` stored
+        items, start an update unless one is queued or running. Raises ``JobError`` for a
+        question or answer over the limits (the front checks them too; an entry put on the
+        stream by hand must not stall every later update)."""
+        settings = self.service.settings
+        if len(fb.question) > settings.limits.max_question_chars:
+            raise JobError(f"feedback {fb.feedback_id}: question of {len(fb.question)} "
+                           f"characters is over the limit of "
+                           f"{settings.limits.max_question_chars}")
+        if len(fb.target()) > settings.trainer.max_answer_chars:
+            raise JobError(f"feedback {fb.feedback_id}: answer of {len(fb.target())} "
+                           f"characters is over the limit of {settings.trainer.max_answer_chars}")
+        stored = self.feedback_store.add(fb)
+        after = self.service.settings.feedback.update_after
+        if after and stored >= after and self._running_update() is None:
+            try:
+                status = self.update(UpdateRequest())
+                log.info("%d feedback items stored: started update %s", stored, status.job_id)
+            except JobError as exc:
+                log.warning("feedback update not started: %s", exc)
+
+    def feedback_state(self, _query: FeedbackQuery | None = None) -> FeedbackState:
+        last = None if self._last_update is None else self.service.status(self._last_update)
+        return FeedbackState(stored=self.feedback_store.count(),
+                             update_after=self.service.settings.feedback.update_after,
+                             last_update=last)
+
+    def update(self, req: UpdateRequest) -> JobStatus:
+        """Queue a continual update on every stored feedback item now (job kind
+        ``continual``, params ``settings.feedback.params``). Raises ``JobError`` when nothing
+        is stored, an update is still queued or running, or the job does not pass its checks
+        (the items are then stored again: nothing is lost)."""
+        with self._update_lock:
+            running = self._running_update()
+            if running is not None:
+                raise JobError(f"update {running.job_id} is still {running.state}; "
+                               "feedback keeps arriving in the store meanwhile")
+            job_id = UPDATE_PREFIX + time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + \
+                f"-{time.time_ns() % 1_000_000:06d}"
+            run_dir = self.service.registry.run_dir(job_id)
+            if self.feedback_store.take(run_dir) == 0:
+                raise JobError("no feedback stored: send some first (POST /v1/feedback or "
+                               "`ragtune feedback send`)")
+            job = TrainJob(job_id=job_id, kind="continual",
+                           data=TrainData(sets=[], path=str(run_dir / DATA_FILE)),
+                           params=self.service.settings.feedback.params, promote=req.promote)
+            try:
+                status = self.submit(job)
+            except JobError:
+                self.feedback_store.restore(run_dir)
+                shutil.rmtree(run_dir, ignore_errors=True)
+                raise
+            self._last_update = job_id
+            return status
+
+    def _running_update(self) -> JobStatus | None:
+        if self._last_update is None:
+            return None
+        status = self.service.status(self._last_update)
+        return status if status is not None and status.state in ("queued", "running") else None
+
     def stop(self, timeout_s: float = 5.0) -> None:
         self._jobs.put(None)
         self._thread.join(timeout_s)
@@ -98,8 +175,8 @@ class TrainerRunner:
             except (JobError, RegistryError) as exc:
                 log.error("job %s refused: %s", job.job_id, exc)
                 continue
-            if status.state == "done" and job.promote:
-                for ref in status.versions:
+            if status.state == "done":
+                for ref in status.promoted:
                     kind, version = ref.split("/")
                     self._announce(kind, self.service.registry.get(kind, version))
 

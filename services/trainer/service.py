@@ -77,7 +77,8 @@ class TrainerService:
     # --- training --------------------------------------------------------------------------
     def run(self, job: TrainJob, on_status: StatusFn | None = None) -> JobStatus:
         """Train ``job`` to the end (resuming from its saved state if it was interrupted),
-        register the models it made and, with ``job.promote``, serve them.
+        register the models it made and, with ``job.promote``, serve those its kind lets
+        through (a continual update's gate may keep its candidate out: ``note`` says why).
 
         Never raises for a training failure: the returned status says ``failed`` and why, or
         ``cancelled``. Raises ``JobError`` only when the job does not pass ``check``.
@@ -102,13 +103,17 @@ class TrainerService:
 
         try:
             outputs = jobs.execute(prepared, self.settings, run_dir, progress, should_stop)
-            versions = [self.registry.register(kind, folder, job_id=job.job_id,
-                                               passage_version=passage_version)
-                        for kind, folder, passage_version in outputs]
+            versions = [self.registry.register(out.kind, out.folder, job_id=job.job_id,
+                                               passage_version=out.passage_version)
+                        for out in outputs]
             now["versions"] = [f"{v.kind}/{v.version}" for v in versions]
+            notes = [out.note for out in outputs if out.note]
+            now["note"] = "; ".join(notes) if notes else None
             if job.promote:
-                for version in versions:
+                promoted = [v for v, out in zip(versions, outputs, strict=True) if out.promote]
+                for version in promoted:
                     self.promote(version)
+                now["promoted"] = [f"{v.kind}/{v.version}" for v in promoted]
             now["state"] = "done"
         except Cancelled:
             now["state"] = "cancelled"

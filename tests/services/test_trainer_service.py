@@ -35,6 +35,9 @@ QUICK = {
                 "warmup_steps": 0, "cache_k": 8, "teacher_batch_size": 4},
     "distill_retriever": {"max_steps": 2, "batch_size": 4, "n_passages": 2, "eval_steps": 2,
                           "reader_batch_size": 4},
+    "continual": {"steps_per_task": 2, "batch_size": 2, "buffer_size": 8, "top_k": 1,
+                  "max_passage_chars": 100, "max_seq_len": 512, "eval_max_new_tokens": 4,
+                  "regression_limit": 3},
 }
 
 
@@ -80,7 +83,7 @@ def job(kind: str, data_file, **fields) -> TrainJob:
 
 
 @pytest.mark.parametrize("kind", ["retriever", "generator", "joint", "pretrain", "distill",
-                                  "distill_retriever"])
+                                  "distill_retriever", "continual"])
 def test_every_kind_trains_registers_and_promotes(settings, data_file, kind):
     trainer = TrainerService(settings)
     seen = []
@@ -89,8 +92,9 @@ def test_every_kind_trains_registers_and_promotes(settings, data_file, kind):
     expected = {"retriever": ["retriever/v0001"], "generator": ["generator/v0001"],
                 "joint": ["retriever/v0001", "generator/v0001"],
                 "pretrain": ["retriever/v0001", "generator/v0001"],
-                "distill": ["generator/v0001"], "distill_retriever": ["retriever/v0001"]}[kind]
-    assert status.versions == expected
+                "distill": ["generator/v0001"], "distill_retriever": ["retriever/v0001"],
+                "continual": ["generator/v0001"]}[kind]
+    assert status.versions == status.promoted == expected
     assert seen[0].state == "running" and seen[-1].state == "done"
     registry = Registry(settings.checkpoint_dir)
     for ref in expected:

@@ -1,0 +1,185 @@
+"""The production feedback loop on the trainer's side, with tiny random models: the feedback
+store (idempotent, nothing lost), the runner starting an update when enough arrived or on
+demand, the ``continual`` job's promotion gate blocking a deliberately bad update and
+promoting a good one, and the trainer's worker reading ``rag:feedback`` from a real valkey."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from deploy.workers import trainer_worker
+from services.trainer import jobs
+from services.trainer.feedback import DATA_FILE, ITEMS_FILE, FeedbackStore
+from services.trainer.runner import TrainerRunner
+from services.trainer.service import JobError, TrainerService
+from shared import keys
+from shared.bus import FIELD, dead_letters
+from shared.datasets import load_corpus, load_qa_jsonl
+from shared.registry import Registry
+from shared.schemas import Envelope, Feedback, TrainData, TrainJob, UpdateRequest
+from tests.conftest import make_bus
+from tests.services.test_trainer_generator import CITIES
+from tests.services.test_trainer_service import N_DOCS, models, settings  # noqa: F401
+
+TINY = {"top_k": 1, "max_passage_chars": 100, "max_seq_len": 512, "max_answer_tokens": 16,
+        "eval_max_new_tokens": 12, "batch_size": 2, "buffer_size": 8, "seed_buffer": False}
+
+
+def wrong(n: int, **fields) -> Feedback:
+    return Feedback(question=f"What is the capital of Land{n}?", answer="Paris",
+                    verdict="wrong", correct_answer=CITIES[n], **fields)
+
+
+def wait_done(runner: TrainerRunner, job_id: str, timeout_s: float = 120.0):
+    deadline = time.monotonic() + timeout_s
+    while (status := runner.service.status(job_id)).state in ("queued", "running"):
+        assert time.monotonic() < deadline, f"job {job_id} did not finish in {timeout_s} s"
+        time.sleep(0.2)
+    return status
+
+
+# --- the store --------------------------------------------------------------------------------
+def test_the_store_keeps_each_item_once_and_hands_all_of_it_to_an_update(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback")
+    first = wrong(0, feedback_id="a")
+    assert store.add(first) == 1
+    assert store.add(first) == 1  # a re-delivered entry is not stored twice
+    right = Feedback(question="Capital of Land1?", answer=CITIES[1], verdict="right",
+                     feedback_id="b", doc_ids=["d1"])
+    assert store.add(right) == 2
+    assert FeedbackStore(tmp_path / "feedback").count() == 2  # it is on disk
+    run_dir = tmp_path / "runs" / "u1"
+    assert store.take(run_dir) == 2 and store.count() == 0
+    items = load_qa_jsonl(run_dir / DATA_FILE)
+    assert [(i.id, i.answers, i.doc_ids) for i in items] == [
+        ("feedback:a", [CITIES[0]], []), ("feedback:b", [CITIES[1]], ["d1"])]
+    assert store.take(tmp_path / "runs" / "u2") == 0
+    assert not (tmp_path / "runs" / "u2").exists()
+    # an update that could not be queued gives everything back
+    assert store.restore(run_dir) == 2
+    assert [json.loads(x)["feedback_id"] for x in store.path.read_text().splitlines()] == \
+        ["a", "b"]
+    assert (run_dir / ITEMS_FILE).is_file()
+    store.path.write_text(store.path.read_text() + "{not json\n")
+    with pytest.raises(ValueError, match=r"pending.jsonl:3: not a stored feedback item"):
+        FeedbackStore(tmp_path / "feedback").count()
+
+
+# --- the runner: enough feedback, or on demand, starts an update -------------------------------
+def test_enough_feedback_starts_a_gated_update_and_nothing_is_lost(settings, tmp_path):  # noqa: F811
+    params = {**TINY, "steps_per_task": 2, "regression_sets": ["capitals"],
+              "regression_limit": 2}
+    settings = settings.model_copy(update={"feedback": settings.feedback.model_copy(
+        update={"update_after": 3, "params": params})})
+    runner = TrainerRunner(TrainerService(settings), lambda _event: None)
+    try:
+        with pytest.raises(JobError, match="no feedback stored"):
+            runner.update(UpdateRequest())
+        with pytest.raises(JobError, match="answer of 501 characters is over the limit"):
+            runner.feedback(wrong(0).model_copy(update={"correct_answer": "x" * 501}))
+        runner.feedback(wrong(0))
+        runner.feedback(wrong(1))
+        state = runner.feedback_state()
+        assert state.stored == 2 and state.update_after == 3 and state.last_update is None
+        runner.feedback(wrong(2))  # the third starts the update
+        state = runner.feedback_state()
+        assert state.stored == 0 and state.last_update is not None
+        job_id = state.last_update.job_id
+        assert job_id.startswith("feedback-") and state.last_update.kind == "continual"
+        runner.feedback(wrong(3))  # arrives while the update runs: kept for the next one
+        status = wait_done(runner, job_id)
+        assert status.state == "done", status.error
+        assert status.versions == ["generator/v0001"]
+        assert status.note and status.note.startswith(("promoted", "kept serving"))
+        assert {"serving_regression", "candidate_new_data"} <= set(status.metrics)
+        gate = json.loads((runner.service.registry.run_dir(job_id) / jobs.GATE_FILE)
+                          .read_text())
+        assert gate["new_items"] == 3 and gate["regression_items"] == 2
+        assert runner.feedback_state().stored == 1
+        # a job that cannot pass its checks puts the items back
+        runner.service.settings = settings.model_copy(update={"feedback": settings.feedback
+                                                       .model_copy(update={"params": {
+                                                           "method": "forgetful"}})})
+        with pytest.raises(JobError, match="unknown method 'forgetful'"):
+            runner.update(UpdateRequest())
+        assert runner.feedback_state().stored == 1
+    finally:
+        runner.stop()
+
+
+# --- the gate, end to end through continual jobs ----------------------------------------------
+# Training is grounded: an answer the retrieved passages do not hold is trained as "not in the
+# knowledge base". So these questions name a packaged document's title (BM25 alone retrieves
+# it first) and their answer is the longest word its passage shows.
+def qa_file(path, docs):
+    def answer(doc) -> str:
+        return max((w.strip(".,;:()") for w in doc.text[:90].split()), key=len)
+
+    path.write_text("".join(json.dumps({"question": f"What is {d.title} about?",
+                                        "answer": answer(d)}) + "\n" for d in docs))
+    return path
+
+
+def test_the_gate_blocks_a_deliberately_bad_update_and_promotes_a_good_one(
+        settings, tmp_path):  # noqa: F811
+    settings = settings.model_copy(update={"retrieval": settings.retrieval.model_copy(
+        update={"mode": "sparse"})})
+    trainer = TrainerService(settings)
+    registry = Registry(settings.checkpoint_dir)
+    docs = load_corpus(N_DOCS)
+    regression = qa_file(tmp_path / "regression.jsonl", docs[3:5])
+    new = qa_file(tmp_path / "new.jsonl", docs[5:7])
+    base = {**TINY, "regression_path": str(regression), "tolerance": 0.5}
+
+    def update(job_id: str, data, **params):
+        return trainer.run(TrainJob(job_id=job_id, kind="continual", promote=True,
+                                    data=TrainData(sets=[], path=str(data),
+                                                   corpus_limit=N_DOCS),
+                                    params={**base, **params}))
+
+    # teach the serving model the regression questions (its gate sees them learnt)
+    taught = update("teach", regression, method="naive", lr=3e-3, steps_per_task=40)
+    assert taught.promoted == ["generator/v0001"], taught.note
+    assert taught.metrics["candidate_regression"] == 1.0, taught.metrics
+    # a deliberately bad update (a huge learning rate, no clipping) wrecks it: kept out
+    bad = update("bad", new, method="naive", lr=0.5, max_grad_norm=None, steps_per_task=5)
+    assert bad.state == "done" and bad.versions == ["generator/v0002"] and bad.promoted == []
+    assert bad.note.startswith("kept serving: regression dropped from 1.0000"), bad.note
+    assert registry.serving("generator").version == "v0001"
+    # a sound update (replaying what the serving model knew) learns the new items: served
+    good = update("good", new, method="replay", lr=3e-3, steps_per_task=40)
+    assert good.promoted == ["generator/v0003"], good.note
+    assert good.note.startswith("promoted") and good.metrics["candidate_new_data"] == 1.0
+    assert registry.serving("generator").version == "v0003"
+
+
+# --- the trainer's worker reads rag:feedback ---------------------------------------------------
+def test_the_trainer_worker_stores_feedback_from_the_stream_and_dead_letters_bad_entries(
+        settings, redis_url, redis_settings, flush, run):  # noqa: F811
+    runner = TrainerRunner(TrainerService(settings), lambda _event: None)
+
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        worker = trainer_worker(runner, bus)
+        await bus.ensure_group(keys.FEEDBACK, keys.TRAINER)
+        good = [wrong(n) for n in range(3)]
+        await bus.add_many(keys.FEEDBACK, [
+            Envelope(id=f"feedback-{fb.feedback_id}", kind="feedback", body=fb.model_dump())
+            for fb in [*good, good[0]]])  # the first twice, as a re-delivery would
+        bad = {"question": "Capital?", "verdict": "wrong", "schema_version": 1}
+        await bus.redis.xadd(keys.FEEDBACK, {FIELD: Envelope(
+            id="feedback-bad", kind="feedback", body=bad).model_dump_json()})
+        await worker.run(burst=True)
+        dead = await dead_letters(bus)
+        await bus.close()
+        return dead
+
+    try:
+        dead = run(main())
+        assert runner.feedback_state().stored == 3
+        assert len(dead) == 1 and "needs `correct_answer`" in dead[0].reason
+    finally:
+        runner.stop()
