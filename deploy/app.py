@@ -180,9 +180,9 @@ class Trainer(_WorkerDeployment):
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class QAFront:
-    """HTTP ingress: ``/v1/qa``, ``/v1/documents``, ``/v1/status``, ``/v1/health``; and the
-    gRPC API's methods (services/qa/proto/qa.proto), which Serve's gRPC proxy calls by the
-    RPC's name when ``serve.grpc_port`` is set."""
+    """HTTP ingress: ``/v1/qa``, ``/v1/documents``, ``/v1/feedback``, ``/v1/status``,
+    ``/v1/health``; and the gRPC API's methods (services/qa/proto/qa.proto), which Serve's
+    gRPC proxy calls by the RPC's name when ``serve.grpc_port`` is set."""
 
     def __init__(self, settings: Settings, *backends):
         # ``backends`` are the other deployments, bound here only so that they belong to
@@ -213,6 +213,12 @@ class QAFront:
 
         with serve_status(grpc_context):
             return await self.grpc.ingest_documents(request, grpc_context.invocation_metadata())
+
+    async def SubmitFeedback(self, request, grpc_context):  # noqa: N802
+        from services.qa.grpc_api import serve_status
+
+        with serve_status(grpc_context):
+            return await self.grpc.submit_feedback(request, grpc_context.invocation_metadata())
 
     def __serve_build_asgi_app__(self):
         from services.admin.http import admin_router

@@ -1,10 +1,13 @@
 """End to end with gRPC and an API key: real Ray Serve (its gRPC proxy), valkey, milvus-lite
 and the packaged models. Documents go in over gRPC; the packaged generator's answer streamed
-over gRPC and over server-sent events equals its unary answer (greedy decoding)."""
+over gRPC and over server-sent events equals its unary answer (greedy decoding); feedback sent
+over gRPC and HTTP reaches the trainer deployment's store."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import grpc
 import httpx
@@ -12,9 +15,18 @@ import pytest
 
 from deploy.grpc_client import QAClient
 from deploy.stack import start_stack
+from shared import keys
+from shared.bus import Bus
 from shared.datasets import load_corpus
 from shared.infra import free_port
-from shared.schemas import AnswerChunk, DecodingOptions, QARequest
+from shared.schemas import (
+    AnswerChunk,
+    DecodingOptions,
+    Feedback,
+    FeedbackQuery,
+    FeedbackState,
+    QARequest,
+)
 from shared.settings import RedisSettings, ServeSettings, Settings
 
 pytestmark = pytest.mark.integration
@@ -102,3 +114,36 @@ def test_the_serve_grpc_proxy_answers_refusals_with_their_codes(stack, key, requ
             with pytest.raises(grpc.RpcError) as err:
                 call(request_)
             assert err.value.code() == code and message in err.value.details()
+
+
+def test_feedback_over_grpc_and_http_reaches_the_trainer(stack, client):
+    wrong = Feedback(question="What is the capital of Kenya?", answer="Mombasa",
+                     verdict="wrong", correct_answer="Nairobi")
+    right = Feedback(question="What is the capital of Peru?", answer="Lima", verdict="right")
+    assert client.submit_feedback([wrong]).feedback_ids == [wrong.feedback_id]
+    r = httpx.post(f"{stack.http_url}/v1/feedback", headers=AUTH, timeout=60,
+                   json={"items": [right.model_dump(mode="json")]})
+    assert r.status_code == 202, r.text
+    malformed = Feedback.model_construct(question="Capital?", answer="", verdict="wrong",
+                                         correct_answer=None, doc_ids=[], request_id=None,
+                                         feedback_id="x")
+    with pytest.raises(grpc.RpcError) as err:
+        client.submit_feedback([malformed])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "correct_answer" in err.value.details()
+
+    async def stored_once_read() -> FeedbackState:
+        settings = stack.settings
+        bus = Bus.connect(settings.redis.url, settings.redis)
+        try:
+            deadline = time.monotonic() + 120
+            while await bus.backlog(keys.FEEDBACK, keys.TRAINER):  # the trainer reads them
+                assert time.monotonic() < deadline, "the trainer did not read its feedback"
+                await asyncio.sleep(0.2)
+            return await bus.request(keys.TRAINER, "feedback_state", FeedbackQuery(), 60.0,
+                                     FeedbackState)
+        finally:
+            await bus.close()
+
+    state = asyncio.run(stored_once_read())
+    assert state.stored == 2 and state.update_after == stack.settings.feedback.update_after
