@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
+from deploy.train_cli import job_line
 from shared import keys
 from shared.bus import Bus, BusError
 from shared.schemas import Feedback, FeedbackQuery, FeedbackState, JobStatus, UpdateRequest
@@ -136,19 +137,6 @@ async def _ask_trainer(settings: Settings, state: dict, kind: str, body: BaseMod
         await bus.close()
 
 
-def _job_line(job: JobStatus) -> str:
-    parts = [f"{job.job_id} {job.state}", f"step {job.step}/{job.total_steps}"]
-    if job.versions:
-        parts.append(f"registered {', '.join(job.versions)}")
-    if job.promoted:
-        parts.append(f"serving {', '.join(job.promoted)}")
-    line = ", ".join(parts)
-    for extra in (job.note, job.error):
-        if extra:
-            line += f"\n    {extra}"
-    return line
-
-
 def _status(settings: Settings, _args: argparse.Namespace) -> None:
     cli = _cli()
     state = cli._require_state(settings)
@@ -158,7 +146,7 @@ def _status(settings: Settings, _args: argparse.Namespace) -> None:
              else "updates start only on demand (`ragtune feedback update`)")
     cli._out(f"feedback: {held.stored} items stored for the next update; {start}")
     cli._out(f"waiting on {keys.FEEDBACK}: {unread} (cap {settings.feedback.max_pending})")
-    cli._out("last update: " + (_job_line(held.last_update) if held.last_update else "none yet"))
+    cli._out("last update: " + (job_line(held.last_update) if held.last_update else "none yet"))
 
 
 def _update(settings: Settings, args: argparse.Namespace) -> None:

@@ -11,14 +11,15 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import get_args
 
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from shared.schemas import JobStatus, RegistryView, TrainData, TrainJob
+from shared.schemas import JobStatus, RegistryView, TrainData, TrainJob, TrainKind
 from shared.settings import Settings
 
-TRAIN_KINDS = ("pretrain", "retriever", "generator", "joint", "distill", "distill_retriever")
+TRAIN_KINDS = get_args(TrainKind)
 PACKAGED_SETS = ("capitals", "capitals_unanswerable", "fanout")
 
 
@@ -157,8 +158,13 @@ def _report_finished(status: JobStatus, run_dir: Path) -> None:
     if status.metrics:
         cli._out("dev metrics: " + ", ".join(f"{k} {v:.3f}" for k, v in status.metrics.items()))
     for version in status.versions:
-        cli._out(f"registered {version} (serve it: `ragtune models promote "
-                 f"{version.replace('/', ' ')}`)")
+        if version in status.promoted:
+            cli._out(f"registered {version}, now serving")
+        else:
+            cli._out(f"registered {version} (serve it: `ragtune models promote "
+                     f"{version.replace('/', ' ')}`)")
+    if status.note:
+        cli._out(status.note)
     cli._out(f"run folder: {run_dir}")
 
 
@@ -185,10 +191,18 @@ def _train_status(settings: Settings, args: argparse.Namespace) -> None:
     if not statuses:
         cli._out("no training jobs yet")
     for s in statuses:
-        loss = f"loss {s.loss:.4f}" if s.loss is not None else ""
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.updated))
-        cli._out(f"{s.job_id}  {s.kind:<9} {s.state:<9} step {s.step}/{s.total_steps} {loss}"
-                 f"  {' '.join(s.versions)}  {when}" + (f"\n    {s.error}" if s.error else ""))
+        cli._out(job_line(s))
+
+
+def job_line(s: JobStatus) -> str:
+    """One job as ``ragtune train status`` prints it: id, kind, state, step, loss, the versions
+    it registered (those it put into serving starred) and when; then its note and error."""
+    loss = f"loss {s.loss:.4f}" if s.loss is not None else ""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.updated))
+    versions = " ".join(v + ("*" if v in s.promoted else "") for v in s.versions)
+    line = (f"{s.job_id}  {s.kind:<9} {s.state:<9} step {s.step}/{s.total_steps} {loss}"
+            f"  {versions}  {when}")
+    return line + "".join(f"\n    {extra}" for extra in (s.note, s.error) if extra)
 
 
 def _train_cancel(settings: Settings, args: argparse.Namespace) -> None:

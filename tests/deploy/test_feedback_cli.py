@@ -141,7 +141,7 @@ def test_send_then_status_then_update(stack, server_settings, redis_url, capsys,
     assert "update update-1 queued on the trainer; it registers the candidate" in out
     assert stack.updates == [UpdateRequest(promote=False)]
     assert ragtune("feedback", "status") == 0
-    assert "last update: update-1 queued, step 0/0" in capsys.readouterr().out
+    assert "last update: update-1  continual queued    step 0/0" in capsys.readouterr().out
 
 
 def test_update_with_nothing_stored_is_one_line(stack, capsys):
