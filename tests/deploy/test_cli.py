@@ -108,23 +108,12 @@ def test_commands_send_the_configured_api_key(tmp_path, monkeypatch):
 
 # --- train / models (no running ragtune: in this process, on tiny models) ------------------------
 def _tiny_models(root):
-    import torch
-    from transformers import BertConfig, BertModel
+    from tests.tiny import save_tiny_models
 
-    from tests.services.test_trainer_generator import byte_tokenizer, tiny_llama
-
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, vocab_size=len(tokenizer),
-                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
-              ).save_pretrained(root / "encoder")
-    tokenizer.save_pretrained(root / "encoder")
-    tiny_llama(tokenizer).save_pretrained(root / "generator")
-    tokenizer.save_pretrained(root / "generator")
-    return {"RAGTUNE_EMBEDDING__MODEL": str(root / "encoder"),
+    encoder, generator = save_tiny_models(root)
+    return {"RAGTUNE_EMBEDDING__MODEL": str(encoder),
             "RAGTUNE_EMBEDDING__MAX_LENGTH": "48",
-            "RAGTUNE_GENERATOR__MODEL": str(root / "generator"),
+            "RAGTUNE_GENERATOR__MODEL": str(generator),
             "RAGTUNE_TRAINER__DEVICE": "cpu"}
 
 

@@ -14,8 +14,6 @@ import time
 
 import httpx
 import pytest
-import torch
-from transformers import BertConfig, BertModel
 
 from deploy.stack import start_stack
 from shared.datasets import load_corpus
@@ -23,7 +21,7 @@ from shared.infra import free_port
 from shared.prompt import NO_ANSWER
 from shared.registry import Registry
 from shared.settings import Settings
-from tests.services.test_trainer_generator import byte_tokenizer, tiny_llama
+from tests.tiny import bpe_tokenizer, save_tiny_models, tiny_bert
 
 pytestmark = pytest.mark.integration
 
@@ -34,20 +32,11 @@ IN_FLIGHT = 24
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    models = tmp_path_factory.mktemp("tiny-models")
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=64, vocab_size=len(tokenizer),
-                                max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id))
-    bert.save_pretrained(models / "encoder")
-    tokenizer.save_pretrained(models / "encoder")
-    tiny_llama(tokenizer).save_pretrained(models / "generator")
-    tokenizer.save_pretrained(models / "generator")
+    encoder, generator = save_tiny_models(tmp_path_factory.mktemp("tiny-models"))
     settings = Settings(home=tmp_path_factory.mktemp("home"),
                         serve={"http_port": free_port(), "request_timeout_s": 60},
-                        embedding={"model": str(models / "encoder"), "max_length": 48},
-                        generator={"model": str(models / "generator"), "max_new_tokens": 8},
+                        embedding={"model": str(encoder), "max_length": 48},
+                        generator={"model": str(generator), "max_new_tokens": 8},
                         trainer={"device": "cpu"})
     running = start_stack(settings, dashboard=False, timeout_s=600)
     documents = [d.model_dump() for d in load_corpus(N_DOCS)]
@@ -149,12 +138,8 @@ def test_retriever_query_version_swaps_in_without_reindexing(stack):
     # the passage vectors in Milvus stay those of the base encoder.
     settings = stack.settings
     folder = settings.home / "other-encoder"
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(7)
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, vocab_size=len(tokenizer),
-                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
-              ).save_pretrained(folder)
+    tokenizer = bpe_tokenizer()
+    tiny_bert(tokenizer, seed=7).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / "ragtune.json").write_text(json.dumps({"kind": "retriever", "reindex": False}))
     version = Registry(settings.checkpoint_dir).register("retriever", folder)

@@ -15,7 +15,7 @@ from services.evaluation import qa
 from shared.datasets import QAItem
 from shared.prompt import NO_ANSWER, build_messages
 from shared.schemas import Hit
-from tests.services.test_trainer_generator import byte_tokenizer, tiny_llama, tiny_t5
+from tests.tiny import bpe_tokenizer, tiny_llama, tiny_t5
 
 PARIS = Hit(doc_id="geo-paris", title="Paris", text="Paris is the capital of France.", score=1)
 TOKYO = Hit(doc_id="geo-tokyo", title="Tokyo", text="Tokyo is the capital of Japan.", score=.5)
@@ -23,7 +23,7 @@ TOKYO = Hit(doc_id="geo-tokyo", title="Tokyo", text="Tokyo is the capital of Jap
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return byte_tokenizer()
+    return bpe_tokenizer()
 
 
 # --- scoring (pure) ---------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def test_prompt_is_serving_chat_prompt_or_plain_text_without_a_template(tokenize
                                             add_generation_prompt=True, return_dict=True,
                                             return_tensors="pt")["input_ids"][0].tolist()
     assert ids == serving
-    plain = byte_tokenizer(chat_template=None)
+    plain = bpe_tokenizer(chat_template=None)
     text = plain.decode(qa.prompt_ids(plain, question, [PARIS], 1200))
     system, user = (m["content"] for m in build_messages(question, [PARIS], 1200))
     assert text == f"{system}\n\n{user}"
@@ -88,7 +88,7 @@ def test_fit_prompt_drops_the_lowest_ranked_passages_then_refuses(tokenizer):
 # --- decoding ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("seq2seq", [False, True])
 def test_batched_decoding_equals_one_prompt_at_a_time(seq2seq):
-    tok = byte_tokenizer(chat_template=None if seq2seq else byte_tokenizer().chat_template)
+    tok = bpe_tokenizer(chat_template=None if seq2seq else bpe_tokenizer().chat_template)
     model = tiny_t5(tok) if seq2seq else tiny_llama(tok)
     prompts = [qa.prompt_ids(tok, q, passages, 1200) for q, passages in [
         ("What is the capital of France?", [PARIS, TOKYO]),

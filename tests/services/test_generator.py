@@ -13,14 +13,7 @@ import time
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    T5Config,
-    T5ForConditionalGeneration,
-)
+from transformers import T5ForConditionalGeneration
 
 from services.generator.service import (
     MIN_PARTIAL_CHARS,
@@ -47,15 +40,7 @@ from shared.prompt import (
 )
 from shared.schemas import DecodingOptions, GenerateRequest, Hit
 from shared.settings import Settings
-
-# SmolLM2's own chat template (ChatML with a default system turn).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+from tests.tiny import CHAT_TEMPLATE, per_byte_tokenizer, serving_llama, serving_t5
 
 FRANCE = Hit(
     doc_id="wiki:France",
@@ -190,58 +175,9 @@ def test_parse_citations_gives_none_for_no_answer(answer):
 
 
 # --- service mechanics: tiny random Llama + byte-level tokenizer ---------------------------
-def byte_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with no merges (every byte one token): encodes any text, offline."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {token: i for i, token in enumerate(SPECIALS + alphabet)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-    )
-    tok.chat_template = chat_template
-    return tok
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    return byte_tokenizer()
-
-
-def tiny_model(tokenizer, force_token: str | None = None) -> LlamaForCausalLM:
-    """A 2-layer random Llama; with ``force_token`` it predicts that token at every step.
-
-    Forcing: embedding dim 0 is a large constant for every token, the final norm keeps only
-    dim 0 and the head reads dim 0 into one row, so that logit alone is positive.
-    """
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    if force_token is not None:
-        token_id = tokenizer.convert_tokens_to_ids(force_token)
-        with torch.no_grad():
-            model.model.embed_tokens.weight[:, 0] = 100.0
-            model.model.norm.weight.zero_()
-            model.model.norm.weight[0] = 1.0
-            model.lm_head.weight.zero_()
-            model.lm_head.weight[token_id, 0] = 1.0
-    return model.eval()
+    return per_byte_tokenizer()
 
 
 def prompt_length(tokenizer, question, passages, max_chars):
@@ -260,7 +196,7 @@ def request(passages, max_new_tokens=8, question="What is the capital of France?
 
 
 def test_generate_decodes_only_new_tokens_and_counts_them(tokenizer):
-    service = GeneratorService(tiny_model(tokenizer, force_token="a"), tokenizer, 1_000)
+    service = GeneratorService(serving_llama(tokenizer, force_token="a"), tokenizer, 1_000)
     result = service.generate(request([FRANCE, GERMANY], max_new_tokens=7))
     assert result.answer == "a" * 7
     assert result.completion_tokens == 7
@@ -271,7 +207,8 @@ def test_generate_decodes_only_new_tokens_and_counts_them(tokenizer):
 
 
 def test_generate_stops_at_eos_and_reports_an_empty_completion_as_no_answer(tokenizer):
-    service = GeneratorService(tiny_model(tokenizer, force_token="<|im_end|>"), tokenizer, 1_000)
+    model = serving_llama(tokenizer, force_token="<|im_end|>")
+    service = GeneratorService(model, tokenizer, 1_000)
     result = service.generate(request([FRANCE], max_new_tokens=12))
     assert result.answer == NO_ANSWER
     assert result.completion_tokens == 0
@@ -279,7 +216,7 @@ def test_generate_stops_at_eos_and_reports_an_empty_completion_as_no_answer(toke
 
 
 def test_generate_is_greedy_and_repeatable(tokenizer):
-    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    service = GeneratorService(serving_llama(tokenizer), tokenizer, 1_000)
     first = service.generate(request([FRANCE, GERMANY], max_new_tokens=10))
     second = service.generate(request([FRANCE, GERMANY], max_new_tokens=10))
     assert first == second
@@ -288,7 +225,7 @@ def test_generate_is_greedy_and_repeatable(tokenizer):
 
 def test_generate_cuts_passages_to_max_passage_chars(tokenizer):
     long = FRANCE.model_copy(update={"text": "word " * 500})
-    service = GeneratorService(tiny_model(tokenizer, force_token="a"), tokenizer, 60)
+    service = GeneratorService(serving_llama(tokenizer, force_token="a"), tokenizer, 60)
     result = service.generate(request([long], max_new_tokens=2))
     assert result.prompt_tokens == prompt_length(
         tokenizer, "What is the capital of France?", [long], 60
@@ -301,7 +238,7 @@ QUESTION = "What is the capital of France?"
 
 
 def test_pack_keeps_every_passage_whole_when_they_fit(tokenizer):
-    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    service = GeneratorService(serving_llama(tokenizer), tokenizer, 1_000)
     kept, inputs = service.pack(QUESTION, [FRANCE, GERMANY, JAPAN], budget=2_000)
     assert kept == [FRANCE, GERMANY, JAPAN]
     assert inputs["input_ids"].shape[1] == prompt_length(tokenizer, QUESTION, kept, 1_000)
@@ -310,7 +247,7 @@ def test_pack_keeps_every_passage_whole_when_they_fit(tokenizer):
 def test_pack_cuts_the_first_passage_that_does_not_fit_at_a_word_boundary(tokenizer):
     two = prompt_length(tokenizer, QUESTION, [FRANCE, GERMANY], 1_000)
     budget = two - 1  # all of Germany's text but its last word fits
-    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    service = GeneratorService(serving_llama(tokenizer), tokenizer, 1_000)
     kept, inputs = service.pack(QUESTION, [FRANCE, GERMANY, JAPAN], budget)
     assert [h.doc_id for h in kept] == ["wiki:France", "wiki:Germany"]  # Japan dropped
     assert kept[0] == FRANCE
@@ -325,7 +262,7 @@ def test_pack_drops_the_passage_when_too_little_of_it_would_fit(tokenizer):
     one = prompt_length(tokenizer, QUESTION, [FRANCE], 1_000)
     # one token is one byte here: room for the header of passage 2 and under 100 characters
     budget = one + len("\n\n[2] Germany\n") + MIN_PARTIAL_CHARS - 10
-    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    service = GeneratorService(serving_llama(tokenizer), tokenizer, 1_000)
     kept, inputs = service.pack(QUESTION, [FRANCE, GERMANY, JAPAN], budget)
     assert kept == [FRANCE]
     assert inputs["input_ids"].shape[1] == one
@@ -335,7 +272,7 @@ def test_generate_cuts_even_the_first_passage_and_still_cites_its_document(token
     long = Hit(doc_id="wiki:Long", title="Long", text="Paris is the capital. " * 60, score=1.0)
     whole = prompt_length(tokenizer, QUESTION, [long], 2_000)
     max_new = 4
-    service = GeneratorService(tiny_model(tokenizer, force_token="a"), tokenizer, 2_000,
+    service = GeneratorService(serving_llama(tokenizer, force_token="a"), tokenizer, 2_000,
                                max_context_tokens=whole - 500 + max_new)
     result = service.generate(request([long, FRANCE], max_new_tokens=max_new))
     assert whole - 500 - len("capital. ") <= result.prompt_tokens <= whole - 500
@@ -350,7 +287,7 @@ def test_generate_refuses_a_request_whose_first_passage_cannot_fit(tokenizer):
     least = FRANCE.model_copy(update={"text": truncate_text(FRANCE.text, MIN_PARTIAL_CHARS)})
     shortest = prompt_length(tokenizer, QUESTION, [least], 1_000)
     service = GeneratorService(
-        tiny_model(tokenizer), tokenizer, 1_000, max_context_tokens=shortest - 1 + 4
+        serving_llama(tokenizer), tokenizer, 1_000, max_context_tokens=shortest - 1 + 4
     )
     with pytest.raises(GenerationError, match=r"even the first passage cut to 100 characters "
                                               rf"needs {shortest} prompt tokens, over the budget "
@@ -360,13 +297,14 @@ def test_generate_refuses_a_request_whose_first_passage_cannot_fit(tokenizer):
 
 
 def test_generate_refuses_max_new_tokens_that_fill_the_context(tokenizer):
-    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000, max_context_tokens=64)
+    service = GeneratorService(serving_llama(tokenizer), tokenizer, 1_000, max_context_tokens=64)
     with pytest.raises(GenerationError, match=r"max_new_tokens \(64\) leaves no room"):
         service.generate(request([FRANCE], max_new_tokens=64))
 
 
 def test_generate_refuses_max_new_tokens_over_its_limit(tokenizer):
-    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000, max_new_tokens_limit=16)
+    service = GeneratorService(serving_llama(tokenizer), tokenizer, 1_000,
+                               max_new_tokens_limit=16)
     with pytest.raises(GenerationError, match=r"max_new_tokens \(17\) is over the limit of 16"):
         service.generate(request([FRANCE], max_new_tokens=17))
     assert service.generate(request([FRANCE], max_new_tokens=16)).completion_tokens <= 16
@@ -386,13 +324,13 @@ def test_generate_turns_options_that_bypassed_validation_into_a_generation_error
     decoding = DecodingOptions.model_construct(**options)
     req = GenerateRequest.model_construct(question=QUESTION, passages=[FRANCE], max_new_tokens=4,
                                           decoding=decoding)
-    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    service = GeneratorService(serving_llama(tokenizer), tokenizer, 1_000)
     with pytest.raises(GenerationError, match=re.escape(f"generator: {message}")):
         service.generate(req)
 
 
 def test_generate_without_passages_answers_no_answer_without_the_model(tokenizer, monkeypatch):
-    model = tiny_model(tokenizer)
+    model = serving_llama(tokenizer)
     service = GeneratorService(model, tokenizer, 1_000)
 
     def fail(*args, **kwargs):
@@ -405,7 +343,7 @@ def test_generate_without_passages_answers_no_answer_without_the_model(tokenizer
 
 
 def test_service_validates_its_arguments(tokenizer):
-    model = tiny_model(tokenizer)
+    model = serving_llama(tokenizer)
     with pytest.raises(ValueError, match="max_passage_chars.*but is 0"):
         GeneratorService(model, tokenizer, 0)
     with pytest.raises(ValueError, match="max_context_tokens.*but is 1"):
@@ -417,7 +355,7 @@ def test_service_validates_its_arguments(tokenizer):
 
 # --- decoding strategies through the service -----------------------------------------------
 def test_beam_search_with_one_beam_equals_greedy(tokenizer):
-    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    service = GeneratorService(serving_llama(tokenizer), tokenizer, 1_000)
     greedy = service.generate(request([FRANCE], max_new_tokens=12))
     beam = service.generate(request([FRANCE], max_new_tokens=12, strategy="beam", num_beams=1))
     assert beam == greedy
@@ -425,16 +363,16 @@ def test_beam_search_with_one_beam_equals_greedy(tokenizer):
 
 
 def test_beam_search_with_several_beams_runs_within_the_token_limit(tokenizer):
-    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    service = GeneratorService(serving_llama(tokenizer), tokenizer, 1_000)
     result = service.generate(request([FRANCE], max_new_tokens=6, strategy="beam", num_beams=3,
                                       length_penalty=0.5, early_stopping=True))
     assert 0 <= result.completion_tokens <= 6
-    forced = GeneratorService(tiny_model(tokenizer, force_token="a"), tokenizer, 1_000)
+    forced = GeneratorService(serving_llama(tokenizer, force_token="a"), tokenizer, 1_000)
     assert forced.generate(request([FRANCE], max_new_tokens=5, strategy="beam")).answer == "aaaaa"
 
 
 def test_sampling_with_top_k_1_is_greedy(tokenizer):
-    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    service = GeneratorService(serving_llama(tokenizer), tokenizer, 1_000)
     greedy = service.generate(request([FRANCE], max_new_tokens=10))
     for seed in (0, 1):
         sampled = service.generate(request([FRANCE], max_new_tokens=10, strategy="sample",
@@ -443,7 +381,7 @@ def test_sampling_with_top_k_1_is_greedy(tokenizer):
 
 
 def test_a_seeded_sample_is_reproducible_and_another_seed_may_differ(tokenizer):
-    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    service = GeneratorService(serving_llama(tokenizer), tokenizer, 1_000)
 
     def sample(seed):
         return service.generate(request([FRANCE], max_new_tokens=10, strategy="sample",
@@ -458,10 +396,10 @@ def test_a_seeded_sample_is_reproducible_and_another_seed_may_differ(tokenizer):
 
 
 def test_stop_sequences_cut_the_answer_before_them(tokenizer):
-    service = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    service = GeneratorService(serving_llama(tokenizer), tokenizer, 1_000)
     free = service.generate(request([FRANCE], max_new_tokens=16))
     assert free.completion_tokens == 16, "the random model must not stop on its own here"
-    text = tokenizer.decode(tiny_model(tokenizer).generate(
+    text = tokenizer.decode(serving_llama(tokenizer).generate(
         **tokenizer.apply_chat_template(build_messages(QUESTION, [FRANCE], 1_000),
                                         add_generation_prompt=True, return_dict=True,
                                         return_tensors="pt"),
@@ -475,46 +413,22 @@ def test_stop_sequences_cut_the_answer_before_them(tokenizer):
 
 
 def test_stop_sequences_in_the_prompt_do_not_stop_the_answer(tokenizer):
-    service = GeneratorService(tiny_model(tokenizer, force_token="a"), tokenizer, 1_000)
+    service = GeneratorService(serving_llama(tokenizer, force_token="a"), tokenizer, 1_000)
     result = service.generate(request([FRANCE], max_new_tokens=4, stop=["France"]))
     assert result.answer == "aaaa"
 
 
 # --- encoder-decoder models: a tiny random T5 ---------------------------------------------
-def tiny_t5(tokenizer, force_token: str | None = None) -> T5ForConditionalGeneration:
-    """A 2-layer random T5; with ``force_token`` its decoder predicts that token at every step.
-
-    T5's head is tied to its embeddings, so forcing differs from ``tiny_model``'s: embedding
-    dim 0 is large for every token and twice as large for the forced one, and the decoder's
-    final norm keeps only dim 0, so the forced token's logit is far ahead of all others.
-    """
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=16, num_layers=2, num_heads=2, d_ff=64,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    model = T5ForConditionalGeneration(config)
-    if force_token is not None:
-        token_id = tokenizer.convert_tokens_to_ids(force_token)
-        with torch.no_grad():
-            model.shared.weight[:, 0] = 100.0
-            model.shared.weight[token_id, 0] = 200.0
-            model.decoder.final_layer_norm.weight.zero_()
-            model.decoder.final_layer_norm.weight[0] = 1.0
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def plain_tokenizer():
     """The byte-level tokenizer without a chat template, as many seq2seq tokenizers are."""
-    return byte_tokenizer(chat_template=None)
+    return per_byte_tokenizer(chat_template=None)
 
 
 @pytest.mark.parametrize("decoding", [{}, {"strategy": "beam", "num_beams": 2},
                                       {"strategy": "sample", "seed": 3, "top_k": 5}])
 def test_encoder_decoder_generates_from_a_plain_text_prompt(plain_tokenizer, decoding):
-    service = GeneratorService(tiny_t5(plain_tokenizer, force_token="b"), plain_tokenizer,
+    service = GeneratorService(serving_t5(plain_tokenizer, force_token="b"), plain_tokenizer,
                                1_000, max_context_tokens=1_024)
     assert service.encoder_decoder and not service.chat
     result = service.generate(request([FRANCE, GERMANY], max_new_tokens=3, **decoding))
@@ -529,7 +443,7 @@ def test_encoder_decoder_generates_from_a_plain_text_prompt(plain_tokenizer, dec
 def test_encoder_decoder_budget_is_the_encoder_window(plain_tokenizer):
     prompt = plain_prompt(build_messages(QUESTION, [FRANCE], 1_000))
     length = len(plain_tokenizer(prompt)["input_ids"])
-    model = tiny_t5(plain_tokenizer)
+    model = serving_t5(plain_tokenizer)
     # the new tokens do not share the encoder's window: the whole prompt fits
     service = GeneratorService(model, plain_tokenizer, 1_000, max_context_tokens=length)
     result = service.generate(request([FRANCE], max_new_tokens=8))
@@ -542,9 +456,9 @@ def test_encoder_decoder_budget_is_the_encoder_window(plain_tokenizer):
 
 
 def test_the_context_window_falls_back_to_the_tokenizers_model_max_length():
-    tok = byte_tokenizer(chat_template=None)
+    tok = per_byte_tokenizer(chat_template=None)
     tok.model_max_length = 300
-    assert GeneratorService(tiny_t5(tok), tok, 1_000).max_context_tokens == 300
+    assert GeneratorService(serving_t5(tok), tok, 1_000).max_context_tokens == 300
 
 
 # --- choosing the device --------------------------------------------------------------------
@@ -573,7 +487,7 @@ def test_pick_device_refuses_cuda_without_a_gpu_and_unknown_names(monkeypatch):
 # --- model loading --------------------------------------------------------------------------
 def test_load_generator_reads_a_configured_local_model(tmp_path, tokenizer):
     folder = tmp_path / "tiny"
-    tiny_model(tokenizer, force_token="b").save_pretrained(folder)
+    serving_llama(tokenizer, force_token="b").save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     settings = Settings(home=tmp_path / "home", generator={"model": str(folder)})
     model, tok = load_generator(settings)
@@ -588,7 +502,7 @@ def test_load_generator_reads_a_configured_local_model(tmp_path, tokenizer):
 
 def test_load_generator_reads_an_encoder_decoder_model(tmp_path, plain_tokenizer):
     folder = tmp_path / "tiny-t5"
-    tiny_t5(plain_tokenizer, force_token="c").save_pretrained(folder)
+    serving_t5(plain_tokenizer, force_token="c").save_pretrained(folder)
     plain_tokenizer.save_pretrained(folder)
     settings = Settings(home=tmp_path / "home", generator={"model": str(folder), "device": "cpu"})
     model, tok = load_generator(settings)

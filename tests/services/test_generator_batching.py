@@ -18,11 +18,10 @@ from tests.services.test_generator import (
     FRANCE,
     GERMANY,
     JAPAN,
-    byte_tokenizer,
     request,
-    tiny_model,
 )
 from tests.shared.test_bus import until
+from tests.tiny import per_byte_tokenizer, serving_llama
 
 QUESTIONS = ["What is the capital of France?", "Who?", "What is the capital of Japan, and why?"]
 
@@ -36,12 +35,12 @@ def mixed_requests(**decoding) -> list[GenerateRequest]:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return byte_tokenizer()
+    return per_byte_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def service(tokenizer):
-    return GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    return GeneratorService(serving_llama(tokenizer), tokenizer, 1_000)
 
 
 @pytest.mark.parametrize("decoding", [{}, {"strategy": "beam", "num_beams": 3},
@@ -54,7 +53,7 @@ def test_a_batch_answers_as_each_request_alone(service, decoding):
 
 
 def test_a_request_that_cannot_fit_fails_alone(tokenizer):
-    small = GeneratorService(tiny_model(tokenizer), tokenizer, 1_000, max_context_tokens=500)
+    small = GeneratorService(serving_llama(tokenizer), tokenizer, 1_000, max_context_tokens=500)
     reqs = mixed_requests()
     reqs[1] = request([FRANCE], max_new_tokens=12, question="Why " * 150)  # ~900 tokens
     results = small.generate_batch(reqs)
@@ -192,7 +191,7 @@ def test_a_stream_over_the_bus_equals_the_unary_answer(worker, service, redis_ur
 
 def test_a_client_that_goes_away_stops_its_generation(redis_url, redis_settings, flush,
                                                       tokenizer, run):
-    results = Results(GeneratorService(tiny_model(tokenizer, force_token="a"), tokenizer,
+    results = Results(GeneratorService(serving_llama(tokenizer, force_token="a"), tokenizer,
                                        1_000))
     batcher = Batcher(results, max_batch_size=4, max_wait_ms=0)
     thread = WorkerThread(lambda bus: generator_worker(batcher, bus), redis_url, redis_settings,

@@ -15,10 +15,9 @@ from tests.services.test_generator import (
     FRANCE,
     GERMANY,
     JAPAN,
-    byte_tokenizer,
     request,
-    tiny_model,
 )
+from tests.tiny import per_byte_tokenizer, serving_llama
 
 
 @pytest.mark.parametrize("text, stop, expected", [
@@ -51,12 +50,12 @@ def test_each_streamable_prefix_extends_the_last_and_ends_as_the_answer():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return byte_tokenizer()
+    return per_byte_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def service(tokenizer):
-    return GeneratorService(tiny_model(tokenizer), tokenizer, 1_000)
+    return GeneratorService(serving_llama(tokenizer), tokenizer, 1_000)
 
 
 @pytest.mark.parametrize("decoding", [{}, {"strategy": "sample", "seed": 5, "top_k": 3},
@@ -101,7 +100,7 @@ def test_each_row_of_a_batch_streams_to_its_own_sink(service):
 
 
 def test_a_cancelled_request_stops_early_and_its_batch_goes_on(tokenizer):
-    forced = GeneratorService(tiny_model(tokenizer, force_token="a"), tokenizer, 1_000)
+    forced = GeneratorService(serving_llama(tokenizer, force_token="a"), tokenizer, 1_000)
     stop = threading.Event()
 
     def sink(text: str) -> None:

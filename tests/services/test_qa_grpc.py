@@ -18,9 +18,9 @@ from services.qa.proto import qa_pb2
 from services.qa.service import QAService
 from shared.bus import Bus
 from shared.schemas import AnswerChunk, DecodingOptions, Document, Feedback, QARequest
-from tests.services.test_generator import byte_tokenizer, tiny_model
 from tests.services.test_qa_http import INDEXED, _retriever, _serve_generator
 from tests.services.test_qa_http import settings as settings  # noqa: F401 - a fixture
+from tests.tiny import per_byte_tokenizer, serving_llama
 
 KEY = "g" * 20
 
@@ -70,8 +70,8 @@ def _serve(keyed, service):
 
 @pytest.fixture
 def target(keyed, flush):
-    tok = byte_tokenizer()
-    yield from _serve(keyed, GeneratorService(tiny_model(tok), tok, 1_000))
+    tok = per_byte_tokenizer()
+    yield from _serve(keyed, GeneratorService(serving_llama(tok), tok, 1_000))
 
 
 @pytest.fixture
@@ -125,8 +125,8 @@ def test_bad_input_is_invalid_argument_on_both_calls(client, request_, message):
 
 
 def test_a_prompt_that_cannot_fit_is_invalid_argument(keyed, flush):
-    tok = byte_tokenizer()
-    small = GeneratorService(tiny_model(tok), tok, 1_000, max_context_tokens=200)
+    tok = per_byte_tokenizer()
+    small = GeneratorService(serving_llama(tok), tok, 1_000, max_context_tokens=200)
     for target in _serve(keyed, small):
         with QAClient(target, KEY) as client, pytest.raises(grpc.RpcError) as err:
             list(client.answer_stream(QUESTION))
@@ -187,7 +187,7 @@ def test_ingest_documents_reaches_both_indexes(client):
 
 
 def test_cancelling_the_stream_stops_the_generation(keyed, flush):
-    tok = byte_tokenizer()
+    tok = per_byte_tokenizer()
     results: list = []
 
     class Recording(GeneratorService):
@@ -196,7 +196,7 @@ def test_cancelling_the_stream_stops_the_generation(keyed, flush):
             results.extend(out)
             return out
 
-    service = Recording(tiny_model(tok, force_token="a"), tok, 1_000)
+    service = Recording(serving_llama(tok, force_token="a"), tok, 1_000)
     for target in _serve(keyed, service):
         with QAClient(target, KEY) as client:
             for item in client.answer_stream(QARequest(

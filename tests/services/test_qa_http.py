@@ -41,7 +41,7 @@ from shared.schemas import (
     StatsRequest,
 )
 from shared.settings import FeedbackSettings, GeneratorSettings, LimitSettings, Settings
-from tests.services.test_generator import byte_tokenizer, tiny_model
+from tests.tiny import per_byte_tokenizer, serving_llama
 
 pytestmark = pytest.mark.usefixtures("flush")
 
@@ -364,8 +364,8 @@ def test_the_front_resolves_and_limits_max_new_tokens(qa):
 def tiny_generator(settings, flush):
     """The ranker stand-in and the real generator service on a tiny random model whose
     context window (200 tokens) the chat prompt alone overflows."""
-    tok = byte_tokenizer()
-    service = GeneratorService(tiny_model(tok), tok, 1_000, max_context_tokens=200,
+    tok = per_byte_tokenizer()
+    service = GeneratorService(serving_llama(tok), tok, 1_000, max_context_tokens=200,
                                max_new_tokens_limit=settings.generator.max_new_tokens_limit)
     yield from _serve_generator(settings, service)
 
@@ -417,8 +417,8 @@ def read_events(lines) -> list[tuple[str, dict]]:
 @pytest.fixture
 def tiny_streamer(settings, flush):
     """The ranker stand-in and the real generator on a tiny random model."""
-    tok = byte_tokenizer()
-    yield from _serve_generator(settings, GeneratorService(tiny_model(tok), tok, 1_000))
+    tok = per_byte_tokenizer()
+    yield from _serve_generator(settings, GeneratorService(serving_llama(tok), tok, 1_000))
 
 
 @pytest.mark.usefixtures("tiny_streamer")
@@ -443,7 +443,7 @@ def test_sse_bad_input_is_422(client):
 
 def test_a_client_that_disconnects_stops_the_generation(settings, flush, qa):
     """Over a real HTTP server: the client reads one token event and hangs up."""
-    tok = byte_tokenizer()
+    tok = per_byte_tokenizer()
     results: list = []
 
     class Recording(GeneratorService):
@@ -452,7 +452,7 @@ def test_a_client_that_disconnects_stops_the_generation(settings, flush, qa):
             results.extend(out)
             return out
 
-    service = Recording(tiny_model(tok, force_token="a"), tok, 1_000)
+    service = Recording(serving_llama(tok, force_token="a"), tok, 1_000)
     serving = _serve_generator(settings, service)
     next(serving)
     server = uvicorn.Server(uvicorn.Config(create_app(qa), host="127.0.0.1", port=0,

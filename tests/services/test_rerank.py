@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer
 
 from services.ranker.rerank import CrossEncoder, rerank
 from shared.schemas import Hit
+from tests.tiny import tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +20,8 @@ def tokenizer():
 
 @pytest.fixture
 def model(tokenizer) -> CrossEncoder:
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64)
-    return CrossEncoder(tokenizer, BertModel(config), max_length=64)
+    return CrossEncoder(tokenizer, tiny_bert(tokenizer, layers=2, max_positions=512),
+                        max_length=64)
 
 
 def hits(*texts: str) -> list[Hit]:

@@ -16,12 +16,12 @@ from services.trainer import continual as cl
 from services.trainer import loop
 from shared.datasets import QAItem
 from shared.schemas import Document, Hit
-from tests.services.test_trainer_generator import CITIES, byte_tokenizer, tiny_llama
+from tests.tiny import CITIES, bpe_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return byte_tokenizer()
+    return bpe_tokenizer()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
-    BertConfig,
     BertModel,
     LlamaConfig,
     LlamaForCausalLM,
@@ -39,7 +38,7 @@ from services.trainer.retriever import dev_metrics
 from shared.datasets import QAItem
 from shared.models.encoder import Encoder
 from shared.schemas import Document, Hit
-from tests.services.test_trainer_generator import byte_tokenizer, tiny_llama, toy_task
+from tests.tiny import bpe_tokenizer, tiny_bert, tiny_llama, toy_task
 
 V = 20  # vocabulary of the hand-made logits
 
@@ -183,7 +182,7 @@ def deep_llama(tokenizer, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
 
 @pytest.fixture(scope="module")
 def tok():
-    return byte_tokenizer()
+    return bpe_tokenizer()
 
 
 def test_layer_subset_copies_the_chosen_layers_exactly_and_runs(tok):
@@ -217,9 +216,9 @@ def test_layer_subset_copies_the_chosen_layers_exactly_and_runs(tok):
 
 
 def test_a_student_must_read_the_teachers_tokenizer(tok):
-    distill.check_same_tokenizer(tok, byte_tokenizer())
+    distill.check_same_tokenizer(tok, bpe_tokenizer())
     with pytest.raises(ValueError, match="chat template differs"):
-        distill.check_same_tokenizer(tok, byte_tokenizer(chat_template=None))
+        distill.check_same_tokenizer(tok, bpe_tokenizer(chat_template=None))
     backend = Tokenizer(models.WordLevel(vocab={"[PAD]": 0, "[UNK]": 1, "a": 2},
                                          unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -350,7 +349,7 @@ def test_bad_students_and_data_are_refused_before_training(tok, tmp_path):
                                   student=(bigger, tok))
     with pytest.raises(ValueError, match="chat template differs"):
         distill.distill_generator(kd_config(), Loader(tok), items, [], passages, tmp_path,
-                                  student=(tiny_llama(tok), byte_tokenizer(chat_template=None)))
+                                  student=(tiny_llama(tok), bpe_tokenizer(chat_template=None)))
     with pytest.raises(ValueError, match=r"0\.\.3"):
         distill.distill_generator(kd_config(layers=[0, 7]), Loader(tok), items, [], passages,
                                   tmp_path)
@@ -415,11 +414,7 @@ def test_pointwise_bce_uses_the_teachers_list_softmax_as_labels():
 
 # --- reader scores and reader -> query encoder ------------------------------------------------
 def bert_encoder(tokenizer, seed: int = 0, max_length: int = 64) -> Encoder:
-    torch.manual_seed(seed)
-    model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32,
-                                 num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=64, max_position_embeddings=512,
-                                 pad_token_id=tokenizer.pad_token_id), add_pooling_layer=False)
+    model = tiny_bert(tokenizer, seed=seed, max_positions=512, pooler=False)
     return Encoder(tokenizer, model.eval(), batch_size=8, max_length=max_length)
 
 
@@ -556,10 +551,7 @@ def answer_lists(n: int = 12) -> tuple[list[Document], list[rd.ReaderList], list
 
 def test_reranker_distillation_improves_a_toy_ranking(words, tmp_path):
     docs, lists, dev = answer_lists(8)
-    torch.manual_seed(0)
-    reranker = CrossEncoder(words, BertModel(BertConfig(
-        vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64)), max_length=32)
+    reranker = CrossEncoder(words, tiny_bert(words, layers=2, max_positions=64), max_length=32)
     by_id = {d.doc_id: d for d in docs}
     candidates = {r.question: [Hit(doc_id=d, title=by_id[d].title, text=by_id[d].text,
                                    score=1.0) for d in r.doc_ids] for r in lists}

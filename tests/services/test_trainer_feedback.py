@@ -21,8 +21,8 @@ from shared.datasets import load_corpus, load_qa_jsonl
 from shared.registry import Registry
 from shared.schemas import Envelope, Feedback, TrainData, TrainJob, UpdateRequest
 from tests.conftest import make_bus
-from tests.services.test_trainer_generator import CITIES
 from tests.services.test_trainer_service import N_DOCS, models, settings  # noqa: F401
+from tests.tiny import CITIES
 
 TINY = {"top_k": 1, "max_passage_chars": 100, "max_seq_len": 512, "max_answer_tokens": 16,
         "eval_max_new_tokens": 12, "batch_size": 2, "buffer_size": 8, "seed_buffer": False}

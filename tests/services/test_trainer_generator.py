@@ -1,9 +1,7 @@
 """Generator fine-tuning: targets and the loss (pure), the SFT loop on tiny random models (a
-2-layer Llama with a byte-level chat tokenizer, a 2-layer T5 without a chat template), LoRA and
-full saves, early stopping, resume after cancel; domain pre-training (lm.py).
-
-The builders here (``byte_tokenizer``, ``tiny_llama``, ``tiny_t5``, ``toy_task``) serve the
-joint-training and QA-evaluation tests too.
+2-layer Llama with a byte-level BPE chat tokenizer, a 2-layer T5 without a chat template; see
+tests/tiny.py), LoRA and full saves, early stopping, resume after cancel; domain pre-training
+(lm.py).
 """
 
 from __future__ import annotations
@@ -14,102 +12,20 @@ import pydantic
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    T5Config,
-    T5ForConditionalGeneration,
-)
+from transformers import LlamaForCausalLM, T5ForConditionalGeneration
 
 from services.evaluation import qa
 from services.trainer import generator as sft
 from services.trainer import lm, loop
 from shared.datasets import QAItem
-from shared.prompt import NO_ANSWER, SYSTEM_PROMPT
+from shared.prompt import NO_ANSWER
 from shared.schemas import Hit
-
-# SmolLM2's chat template (ChatML).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-CITIES = ["Amber", "Bolt", "Cove", "Dune", "Elm", "Fjord", "Glen", "Haze", "Isle", "Jade"]
-
-
-# --- builders ---------------------------------------------------------------------------------
-def byte_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (encodes any text, offline) with merges learnt in-process from the
-    system prompt and the toy task's words, so a prompt is ~150 tokens rather than ~600
-    bytes: the tests train on many of them."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    texts = [SYSTEM_PROMPT, CHAT_TEMPLATE, "Passages:\n[1] [2] [3] Question: What is the "
-             "capital of Nowhere Erewhon Utopia? is a country. Its capital is"]
-    texts += [f"Land{i} {city}" for i, city in enumerate(CITIES)]
-    backend.train_from_iterator(texts * 3, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                  unk_token="<|endoftext|>")
-    tok.chat_template = chat_template
-    return tok
-
-
-def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, intermediate_size=128,
-                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config)
-
-
-def tiny_t5(tokenizer, seed: int = 0) -> T5ForConditionalGeneration:
-    torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2,
-                      num_heads=4, dropout_rate=0.0, n_positions=2048,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      decoder_start_token_id=tokenizer.pad_token_id)
-    return T5ForConditionalGeneration(config)
-
-
-def toy_task(n: int = 8) -> tuple[list[QAItem], dict[str, list[Hit]], list[QAItem]]:
-    """``n`` answerable capital questions about made-up countries, each with its passage and
-    two others (the gold one at a varying rank), and two unanswerable ones. Returns
-    (items, passages by question, unanswerable items)."""
-    hits = [Hit(doc_id=f"c{i}", title=f"Land{i}",
-                text=f"Land{i} is a country. Its capital is {CITIES[i]}.", score=1.0)
-            for i in range(len(CITIES))]
-    items, passages = [], {}
-    for i in range(n):
-        others = [hits[(i + 3) % len(hits)], hits[(i + 5) % len(hits)]]
-        ranked = others[:i % 3] + [hits[i]] + others[i % 3:]
-        question = f"What is the capital of Land{i}?"
-        items.append(QAItem(id=f"toy:{i}", question=question, answers=[CITIES[i]],
-                            doc_ids=[f"c{i}"], answerable=True))
-        passages[question] = ranked + [hits[(i + 7) % len(hits)]]
-    unknown = []
-    for name in ("Nowhere", "Erewhon"):
-        question = f"What is the capital of {name}?"
-        unknown.append(QAItem(id=f"toy:{name}", question=question, answers=["Utopia"],
-                              doc_ids=[], answerable=False))
-        passages[question] = hits[:4]
-    return items, passages, unknown
+from tests.tiny import CITIES, bpe_tokenizer, tiny_llama, tiny_t5, toy_task
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return byte_tokenizer()
+    return bpe_tokenizer()
 
 
 def config(**overrides) -> sft.GeneratorTrainConfig:
@@ -286,7 +202,7 @@ def test_lora_trains_adapters_only_and_saves_a_plain_merged_model(tokenizer, tmp
 
 
 def test_encoder_decoder_generators_train_without_a_chat_template(tmp_path):
-    tok = byte_tokenizer(chat_template=None)
+    tok = bpe_tokenizer(chat_template=None)
     model = tiny_t5(tok)
     items, passages, unknown = toy_task(4)
     result = sft.train_generator(config(epochs=3, abstain_fraction=0.0), model, tok,

@@ -9,14 +9,14 @@ import numpy as np
 import pydantic
 import pytest
 import torch
-from transformers import BertConfig, BertModel, LlamaForCausalLM, T5ForConditionalGeneration
+from transformers import BertModel, LlamaForCausalLM, T5ForConditionalGeneration
 
 from services.trainer import joint, loop
 from shared.datasets import QAItem
 from shared.models.encoder import Encoder
 from shared.prompt import NO_ANSWER
 from shared.schemas import Document
-from tests.services.test_trainer_generator import CITIES, byte_tokenizer, tiny_llama, tiny_t5
+from tests.tiny import CITIES, bpe_tokenizer, tiny_bert, tiny_llama, tiny_t5
 
 LOG = math.log
 
@@ -118,11 +118,7 @@ def toy_corpus() -> tuple[list[Document], list[QAItem]]:
 
 
 def tiny_encoder(tokenizer) -> Encoder:
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32,
-                                 num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=64, max_position_embeddings=256,
-                                 pad_token_id=tokenizer.pad_token_id))
+    model = tiny_bert(tokenizer, max_positions=256)
     return Encoder(tokenizer, model.eval(), batch_size=8, max_length=64)
 
 
@@ -135,7 +131,7 @@ def test_joint_target_follows_the_gold_document():
 
 @pytest.mark.parametrize(("variant", "seq2seq"), [("sequence", False), ("token", True)])
 def test_joint_training_moves_both_models_and_saves_them(variant, seq2seq, tmp_path):
-    tok = byte_tokenizer(chat_template=None if seq2seq else byte_tokenizer().chat_template)
+    tok = bpe_tokenizer(chat_template=None if seq2seq else bpe_tokenizer().chat_template)
     generator = tiny_t5(tok) if seq2seq else tiny_llama(tok)
     encoder = tiny_encoder(tok)
     docs, items = toy_corpus()
@@ -170,7 +166,7 @@ def test_joint_training_moves_both_models_and_saves_them(variant, seq2seq, tmp_p
 
 
 def test_joint_training_refuses_bad_inputs_and_resumes_after_cancel(tmp_path):
-    tok = byte_tokenizer()
+    tok = bpe_tokenizer()
     docs, items = toy_corpus()
     encoder = tiny_encoder(tok)
     vectors = encoder.encode([d.title for d in docs])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+from transformers import BertModel, PreTrainedTokenizerFast
 
 from services.trainer import loop
 from services.trainer.mining import mine_hard_negatives
@@ -30,6 +30,7 @@ from services.trainer.retriever import (
 from shared.datasets import QAItem
 from shared.models.encoder import Encoder
 from shared.schemas import Document
+from tests.tiny import tiny_bert
 
 N_DOCS = 30
 
@@ -170,10 +171,7 @@ def tokenizer():
 
 
 def _encoder(tokenizer) -> Encoder:
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=64, vocab_size=len(tokenizer),
-                                 max_position_embeddings=64), add_pooling_layer=False)
+    model = tiny_bert(tokenizer, layers=2, max_positions=64, pooler=False)
     model.eval()
     return Encoder(tokenizer, model, batch_size=16, max_length=32)
 

@@ -9,8 +9,6 @@ import json
 import time
 
 import pytest
-import torch
-from transformers import BertConfig, BertModel
 
 from services.trainer.runner import TrainerRunner
 from services.trainer.service import JobError, TrainerService
@@ -18,7 +16,7 @@ from shared.datasets import load_corpus
 from shared.registry import Registry
 from shared.schemas import JobQuery, JobRef, PromoteRequest, RollbackRequest, TrainData, TrainJob
 from shared.settings import Settings
-from tests.services.test_trainer_generator import byte_tokenizer, tiny_llama
+from tests.tiny import save_tiny_models
 
 N_DOCS = 40
 
@@ -45,15 +43,7 @@ QUICK = {
 def models(tmp_path_factory):
     """Folders of a tiny BERT encoder and a tiny Llama generator (one byte-level tokenizer)."""
     root = tmp_path_factory.mktemp("tiny-models")
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=64, vocab_size=len(tokenizer),
-                                max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id))
-    bert.save_pretrained(root / "encoder")
-    tokenizer.save_pretrained(root / "encoder")
-    tiny_llama(tokenizer).save_pretrained(root / "generator")
-    tokenizer.save_pretrained(root / "generator")
+    save_tiny_models(root)
     return root
 
 
