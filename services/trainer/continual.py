@@ -65,10 +65,8 @@ from services.trainer.generator import (
     GeneratorTrainConfig,
     answer_nll,
     build_examples,
-    check_skipped,
     collate,
     end_token,
-    optimizer_step,
     plain_model,
     target_logprobs,
 )
@@ -471,15 +469,12 @@ def train_task(config: ContinualConfig, model, new: Sequence[Any], memory: Seque
     order = BatchOrder(new, config.batch_size, config.seed * 1_000_003 + task)
     count = replay_count(config.batch_size, config.replay_ratio) if method.replay else 0
     model.train()
-    clock = loop.Clock()
+    report = loop.Reporter(progress, KIND, steps, loop.Clock())
     history: list[dict[str, Any]] = []
-    skipped_in_a_row = 0
+    nonfinite = loop.NonFinite()
     for step in range(steps):
         loop.check_cancel(should_stop)
-        lr = loop.get_lr(step, lr=config.lr, warmup_steps=config.warmup_steps,
-                         total_steps=steps, schedule=config.schedule,
-                         min_ratio=config.min_lr_ratio)
-        loop.set_lr(optimizer, lr)
+        lr = loop.set_scheduled_lr(optimizer, config, step, steps)
         # One generator per (seed, task, step): the draw does not depend on earlier draws, so a
         # task's batches are the same whatever ran before it.
         rng = random.Random(f"{config.seed}:{task}:{step}")
@@ -490,18 +485,15 @@ def train_task(config: ContinualConfig, model, new: Sequence[Any], memory: Seque
         loss = data_loss + reg
         loss.backward()
         value = float(loss.detach())
-        stepped = optimizer_step([optimizer], [list(params.values())], config.max_grad_norm,
-                                 value)
-        skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
-        check_skipped(skipped_in_a_row, step + 1)
+        stepped = loop.optimizer_step([optimizer], [list(params.values())],
+                                      config.max_grad_norm, value)
+        nonfinite.count(stepped, step + 1)
         history.append({"task": task, "step": step + 1,
                         "loss": round(float(data_loss.detach()), 5),
                         "penalty": round(float(reg.detach()), 6),
                         "replayed": len(batch) - len(fresh), "lr": lr,
                         **({} if stepped else {"skipped": True})})
-        if progress is not None:
-            progress(loop.Progress(kind=KIND, step=step + 1, total_steps=steps, loss=value,
-                                   lr=lr, elapsed_s=clock.elapsed()))
+        report(step + 1, value, lr)
     model.eval()
     return history
 

@@ -90,15 +90,8 @@ from services.trainer.generator import (
     Example,
     GeneratorTrainConfig,
     build_examples,
-    check_resumable,
-    check_skipped,
     collate,
     end_token,
-    optimizer_step,
-    restore_trainable,
-    rng_state,
-    set_rng_state,
-    trainable_state,
     write_report,
 )
 from shared.datasets import QAItem
@@ -646,10 +639,8 @@ def distill_generator(config: DistillConfig, load_teacher: Callable[[], tuple[An
     clock = loop.Clock()
     state = loop.load_state(run_dir) if resume else None
     if state is not None:
-        check_resumable(state, KIND, config, data, run_dir)
-        restore_trainable(model, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        loop.check_resumable(state, KIND, config, data, run_dir)
+        loop.restore_training_state(state, model, optimizer)
         step, history, best, train_s = (state["step"], state["history"], state["best"],
                                         state["train_s"])
         clock = loop.Clock(state["elapsed_s"])
@@ -666,29 +657,17 @@ def distill_generator(config: DistillConfig, load_teacher: Callable[[], tuple[An
 
     def snapshot() -> dict[str, Any]:
         return {"kind": KIND, "config": config.model_dump(mode="json"), "data": data,
-                "step": step, "trainable": trainable_state(model),
-                "optimizer": optimizer.state_dict(), "rng": rng_state(), "history": history,
+                "step": step, **loop.training_state(model, optimizer), "history": history,
                 "best": best, "train_s": train_s, "elapsed_s": clock.elapsed()}
 
-    def report(loss: float | None, lr: float, metrics=None) -> None:
-        if progress is not None:
-            progress(loop.Progress(kind=KIND, step=step, total_steps=steps_total, loss=loss,
-                                   lr=lr, elapsed_s=clock.elapsed(), metrics=metrics or {}))
-
+    report = loop.Reporter(progress, KIND, steps_total, clock)
     index = {e.id: i for i, e in enumerate(examples)}
     batches = BatchOrder(examples, config.batch_size, config.seed)
-    skipped_in_a_row = 0
+    nonfinite = loop.NonFinite()
     while step < steps_total:
-        try:
-            loop.check_cancel(should_stop)
-        except loop.Cancelled:
-            loop.save_state(run_dir, snapshot())
-            raise
+        loop.stop_if_asked(should_stop, run_dir, snapshot)
         step_started = time.perf_counter()
-        lr = loop.get_lr(step, lr=config.lr, warmup_steps=config.warmup_steps,
-                         total_steps=steps_total, schedule=config.schedule,
-                         min_ratio=config.min_lr_ratio)
-        loop.set_lr(optimizer, lr)
+        lr = loop.set_scheduled_lr(optimizer, config, step, steps_total)
         batch = batches(step)
         tensors = {k: v.to(device) for k, v in collate(batch, pad, seq2seq=False).items()}
         with _autocast(device, amp):
@@ -699,12 +678,11 @@ def distill_generator(config: DistillConfig, load_teacher: Callable[[], tuple[An
                                kl=config.loss)
         loss.backward()
         loss_value = float(loss.detach())
-        stepped = optimizer_step([optimizer], [params], config.max_grad_norm, loss_value)
-        skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
+        stepped = loop.optimizer_step([optimizer], [params], config.max_grad_norm, loss_value)
         if not stepped:
             log.warning("step %d: loss or gradients not finite (loss %s); step skipped",
                         step + 1, loss_value)
-        check_skipped(skipped_in_a_row, step + 1)
+        nonfinite.count(stepped, step + 1)
         step += 1
         train_s += time.perf_counter() - step_started
         history["train"].append({"step": step, "loss": round(loss_value, 5), "kl": round(kl, 5),
@@ -722,13 +700,13 @@ def distill_generator(config: DistillConfig, load_teacher: Callable[[], tuple[An
                 best = {"value": value, "step": step, "metrics": metrics}
                 loop.save_model(run_dir, model, tokenizer,
                                 {**meta_base, "step": step, "metrics": metrics})
-            report(loss_value, lr, {k: v for k, v in metrics.items() if v is not None})
+            report(step, loss_value, lr, {k: v for k, v in metrics.items() if v is not None})
             evaluated = True
         save_every = config.save_steps or (config.eval_steps if dev_subset else None)
         if (save_every and step % save_every == 0) or evaluated:
             loop.save_state(run_dir, snapshot())
         if not evaluated and (step % config.log_steps == 0 or step == steps_total):
-            report(loss_value, lr)
+            report(step, loss_value, lr)
 
     if best["step"] is None:  # no dev questions (or none scored): the last step is the result
         best = {"value": None, "step": step, "metrics": {}}

@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -333,37 +332,6 @@ def target_logprobs(model, batch: Mapping[str, torch.Tensor], *, seq2seq: bool,
     return picked * mask, mask
 
 
-def optimizer_step(optimizers: Sequence[torch.optim.Optimizer],
-                   param_groups: Sequence[Sequence[torch.nn.Parameter]],
-                   max_grad_norm: float | None, loss: float) -> bool:
-    """Clip each parameter group's gradient norm and step its optimiser; gradients are then
-    cleared. Returns False — and steps nothing — when the loss or a gradient norm is not
-    finite, so one bad batch cannot turn the weights into NaN (clipping an infinite norm
-    multiplies by 0 and makes NaN)."""
-    finite = math.isfinite(loss)
-    for params in param_groups:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
-        finite = finite and bool(torch.isfinite(norm))
-    if finite:
-        for optimizer in optimizers:
-            optimizer.step()
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    return finite
-
-
-MAX_SKIPPED_IN_A_ROW = 3
-
-
-def check_skipped(skipped_in_a_row: int, step: int) -> None:
-    """Raise FloatingPointError once ``MAX_SKIPPED_IN_A_ROW`` steps in a row had a non-finite
-    loss or gradient: the run diverged (or its data holds a broken example)."""
-    if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-        raise FloatingPointError(f"the loss or gradients were not finite in {skipped_in_a_row} "
-                                 f"steps in a row (up to step {step}): lower the learning rate "
-                                 "or check the data")
-
-
 # --- the loss (pure) --------------------------------------------------------------------------
 def answer_nll(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood per answer token: -Σ mask·log p / Σ mask, a scalar.
@@ -409,56 +377,6 @@ def load_weights(model, folder: Path) -> None:
     result = model.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"{folder}: weights the model lacks, e.g. {result.unexpected_keys[:3]}")
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The trained parameters by name, on the CPU (all of them, or only the LoRA adapters)."""
-    return {name: p.detach().to("cpu", copy=True)
-            for name, p in model.named_parameters() if p.requires_grad}
-
-
-def restore_trainable(model, state: Mapping[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    missing = [name for name in state if name not in params]
-    if missing:
-        raise ValueError(f"the saved state names parameters the model lacks, e.g. {missing[:3]}")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def check_resumable(state: Mapping[str, Any], kind: str, config: BaseModel, data: str,
-                    run_dir: Path) -> None:
-    """Raise ValueError unless ``state`` is a run of this kind, config and data (the device may
-    change between runs)."""
-    if state.get("kind") != kind:
-        raise ValueError(f"{run_dir} holds a {state.get('kind')!r} run, not a {kind!r} run")
-    saved = {k: v for k, v in state["config"].items() if k != "device"}
-    now = {k: v for k, v in config.model_dump(mode="json").items() if k != "device"}
-    if saved != now:
-        diff = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
-                for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-        raise ValueError(f"{run_dir} holds a run with another config ({'; '.join(diff)}): "
-                         "use another run_dir, or resume=False to start over")
-    if state["data"] != data:
-        raise ValueError(f"{run_dir} holds a run on other data (fingerprint {state['data']}, "
-                         f"now {data}): use another run_dir, or resume=False to start over")
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -687,10 +605,8 @@ def train_generator(config: GeneratorTrainConfig, model, tokenizer,
     clock = loop.Clock()
     state = loop.load_state(run_dir) if resume else None
     if state is not None:
-        check_resumable(state, KIND, config, data, run_dir)
-        restore_trainable(model, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        loop.check_resumable(state, KIND, config, data, run_dir)
+        loop.restore_training_state(state, model, optimizer)
         step, history, best = state["step"], state["history"], state["best"]
         bad_evals, seen, train_s = state["bad_evals"], state["seen"], state["train_s"]
         clock = loop.Clock(state["elapsed_s"])
@@ -704,32 +620,20 @@ def train_generator(config: GeneratorTrainConfig, model, tokenizer,
 
     def snapshot() -> dict[str, Any]:
         return {"kind": KIND, "config": config.model_dump(mode="json"), "data": data,
-                "step": step, "trainable": trainable_state(model),
-                "optimizer": optimizer.state_dict(), "rng": rng_state(), "history": history,
+                "step": step, **loop.training_state(model, optimizer), "history": history,
                 "best": best, "bad_evals": bad_evals, "seen": seen, "train_s": train_s,
                 "elapsed_s": clock.elapsed()}
 
-    def report(kind: str, loss: float | None, lr: float, metrics=None) -> None:
-        if progress is not None:
-            progress(loop.Progress(kind=kind, step=step, total_steps=steps_total, loss=loss,
-                                   lr=lr, elapsed_s=clock.elapsed(), metrics=metrics or {}))
-
+    report = loop.Reporter(progress, KIND, steps_total, clock)
     batches = BatchOrder(examples, config.batch_size, config.seed)
     micro_total = (batches.per_epoch * config.epochs if config.max_steps is None
                    else steps_total * config.grad_accum)
     stopped_early = bool(state is not None and state.get("stopped_early"))
-    skipped_in_a_row = 0
+    nonfinite = loop.NonFinite()
     while step < steps_total and not stopped_early:
-        try:
-            loop.check_cancel(should_stop)
-        except loop.Cancelled:
-            loop.save_state(run_dir, snapshot())
-            raise
+        loop.stop_if_asked(should_stop, run_dir, snapshot)
         step_started = time.perf_counter()
-        lr = loop.get_lr(step, lr=config.lr, warmup_steps=config.warmup_steps,
-                         total_steps=steps_total, schedule=config.schedule,
-                         min_ratio=config.min_lr_ratio)
-        loop.set_lr(optimizer, lr)
+        lr = loop.set_scheduled_lr(optimizer, config, step, steps_total)
         micro = [g for g in range(step * config.grad_accum, (step + 1) * config.grad_accum)
                  if g < micro_total]
         loss_value = 0.0
@@ -743,12 +647,11 @@ def train_generator(config: GeneratorTrainConfig, model, tokenizer,
             loss.backward()
             loss_value += float(loss.detach())
             seen += len(batch)
-        stepped = optimizer_step([optimizer], [params], config.max_grad_norm, loss_value)
-        skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
+        stepped = loop.optimizer_step([optimizer], [params], config.max_grad_norm, loss_value)
         if not stepped:
             log.warning("step %d: loss or gradients not finite (loss %s); step skipped",
                         step + 1, loss_value)
-        check_skipped(skipped_in_a_row, step + 1)
+        nonfinite.count(stepped, step + 1)
         step += 1
         train_s += time.perf_counter() - step_started
         history["train"].append({"step": step, "loss": round(loss_value, 5), "lr": lr,
@@ -773,13 +676,13 @@ def train_generator(config: GeneratorTrainConfig, model, tokenizer,
                      {k: v for k, v in metrics.items() if k in ("em", "f1", "score",
                                                                 "dev_loss")},
                      best["value"], best["step"])
-            report(KIND, loss_value, lr, metrics)
+            report(step, loss_value, lr, metrics)
             evaluated = True
         save_every = config.save_steps or (config.eval_steps if dev.items else None)
         if (save_every and step % save_every == 0) or evaluated or stopped_early:
             loop.save_state(run_dir, {**snapshot(), "stopped_early": stopped_early})
         if not evaluated and (step % config.log_steps == 0 or step == steps_total):
-            report(KIND, loss_value, lr)
+            report(step, loss_value, lr)
 
     model_dir = run_dir / loop.MODEL_DIR
     if best["step"] is None:  # no dev questions: the last step is the result

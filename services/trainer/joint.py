@@ -49,19 +49,12 @@ from services.trainer.generator import (
     Encoding,
     Example,
     LoraOptions,
-    check_resumable,
-    check_skipped,
     collate,
     encode_example,
     end_token,
     held_answer,
-    optimizer_step,
     plain_model,
-    restore_trainable,
-    rng_state,
-    set_rng_state,
     target_logprobs,
-    trainable_state,
     with_lora,
     write_report,
 )
@@ -276,12 +269,12 @@ def train_joint(config: JointTrainConfig, encoder: Encoder, generator, tokenizer
     clock = loop.Clock()
     state = loop.load_state(run_dir) if resume else None
     if state is not None:
-        check_resumable(state, KIND, config, data, run_dir)
-        restore_trainable(generator, state["generator"])
-        restore_trainable(encoder.model, state["retriever"])
+        loop.check_resumable(state, KIND, config, data, run_dir)
+        loop.restore_trainable(generator, state["generator"])
+        loop.restore_trainable(encoder.model, state["retriever"])
         gen_opt.load_state_dict(state["generator_optimizer"])
         ret_opt.load_state_dict(state["retriever_optimizer"])
-        set_rng_state(state["rng"])
+        loop.set_rng_state(state["rng"])
         step, history, seen, train_s = (state["step"], state["history"], state["seen"],
                                         state["train_s"])
         clock = loop.Clock(state["elapsed_s"])
@@ -289,28 +282,23 @@ def train_joint(config: JointTrainConfig, encoder: Encoder, generator, tokenizer
 
     def snapshot() -> dict[str, Any]:
         return {"kind": KIND, "config": config.model_dump(mode="json"), "data": data,
-                "step": step, "generator": trainable_state(generator),
-                "retriever": trainable_state(encoder.model),
+                "step": step, "generator": loop.trainable_state(generator),
+                "retriever": loop.trainable_state(encoder.model),
                 "generator_optimizer": gen_opt.state_dict(),
-                "retriever_optimizer": ret_opt.state_dict(), "rng": rng_state(),
+                "retriever_optimizer": ret_opt.state_dict(), "rng": loop.rng_state(),
                 "history": history, "seen": seen, "train_s": train_s,
                 "elapsed_s": clock.elapsed()}
 
+    report = loop.Reporter(progress, KIND, steps_total, clock)
     batches = BatchOrder(targets, config.batch_size, config.seed)
-    skipped_in_a_row = 0
+    nonfinite = loop.NonFinite()
     while step < steps_total:
-        try:
-            loop.check_cancel(should_stop)
-        except loop.Cancelled:
-            loop.save_state(run_dir, snapshot())
-            raise
+        loop.stop_if_asked(should_stop, run_dir, snapshot)
         started = time.perf_counter()
-        schedule = {"warmup_steps": config.warmup_steps, "total_steps": steps_total,
-                    "schedule": config.schedule, "min_ratio": config.min_lr_ratio}
-        gen_lr = loop.get_lr(step, lr=config.generator_lr, **schedule)
-        loop.set_lr(gen_opt, gen_lr)
-        loop.set_lr(ret_opt, loop.get_lr(step, lr=config.retriever_lr, **schedule)
-                    if config.retriever_lr > 0 else 0.0)
+        gen_lr = loop.set_scheduled_lr(gen_opt, config, step, steps_total,
+                                       lr=config.generator_lr)
+        # retriever_lr 0 keeps the query encoder's rate at 0: frozen
+        loop.set_scheduled_lr(ret_opt, config, step, steps_total, lr=config.retriever_lr)
         micro = [g for g in range(step * config.grad_accum, (step + 1) * config.grad_accum)
                  if g < micro_total]
         loss_value, gold_mass, recalled, with_gold = 0.0, 0.0, 0, 0
@@ -349,12 +337,11 @@ def train_joint(config: JointTrainConfig, encoder: Encoder, generator, tokenizer
                     recalled += bool(gold)
                     with_gold += bool(t.item.doc_ids)
             seen += len(batch)
-        stepped = optimizer_step([gen_opt, ret_opt], [gen_params, ret_params],
-                                 config.max_grad_norm, loss_value)
-        skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
+        stepped = loop.optimizer_step([gen_opt, ret_opt], [gen_params, ret_params],
+                                      config.max_grad_norm, loss_value)
         if not stepped:
             log.warning("step %d: loss or gradients not finite; step skipped", step + 1)
-        check_skipped(skipped_in_a_row, step + 1)
+        nonfinite.count(stepped, step + 1)
         step += 1
         train_s += time.perf_counter() - started
         # Over the questions that have a gold document (the unanswerable ones have none).
@@ -363,10 +350,9 @@ def train_joint(config: JointTrainConfig, encoder: Encoder, generator, tokenizer
                                  "gold_recall": round(recalled / max(with_gold, 1), 4)})
         if config.save_steps and step % config.save_steps == 0:
             loop.save_state(run_dir, snapshot())
-        if progress is not None and (step % config.log_steps == 0 or step == steps_total):
-            progress(loop.Progress(kind=KIND, step=step, total_steps=steps_total,
-                                   loss=loss_value, lr=gen_lr, elapsed_s=clock.elapsed(),
-                                   metrics={"gold_prior": history["train"][-1]["gold_prior"]}))
+        if step % config.log_steps == 0 or step == steps_total:
+            report(step, loss_value, gen_lr,
+                   {"gold_prior": history["train"][-1]["gold_prior"]})
 
     if config.save_steps:
         loop.save_state(run_dir, snapshot())

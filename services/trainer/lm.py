@@ -25,17 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.evaluation import qa
 from services.trainer import loop
-from services.trainer.generator import (
-    check_resumable,
-    check_skipped,
-    end_token,
-    optimizer_step,
-    restore_trainable,
-    rng_state,
-    set_rng_state,
-    trainable_state,
-    write_report,
-)
+from services.trainer.generator import end_token, write_report
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +90,7 @@ def train_lm(config: LMTrainConfig, model, tokenizer, texts: Sequence[str], run_
     the last step without dev blocks) goes to ``run_dir/model`` with meta kind="generator-lm".
 
     Resumes a state of the same config and data in ``run_dir`` (ValueError otherwise; see
-    ``generator.check_resumable``). Raises ValueError for an encoder-decoder model or texts
+    ``loop.check_resumable``). Raises ValueError for an encoder-decoder model or texts
     too short for one training block; ``loop.Cancelled`` (state saved) when ``should_stop``.
     """
     run_dir = Path(run_dir)
@@ -133,10 +123,8 @@ def train_lm(config: LMTrainConfig, model, tokenizer, texts: Sequence[str], run_
     clock = loop.Clock()
     state = loop.load_state(run_dir) if resume else None
     if state is not None:
-        check_resumable(state, KIND, config, data, run_dir)
-        restore_trainable(model, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        loop.check_resumable(state, KIND, config, data, run_dir)
+        loop.restore_training_state(state, model, optimizer)
         step, history, best, best_step = (state["step"], state["history"], state["best"],
                                           state["best_step"])
         tokens, train_s = state["tokens"], state["train_s"]
@@ -144,8 +132,7 @@ def train_lm(config: LMTrainConfig, model, tokenizer, texts: Sequence[str], run_
 
     def snapshot():
         return {"kind": KIND, "config": config.model_dump(mode="json"), "data": data,
-                "step": step, "trainable": trainable_state(model),
-                "optimizer": optimizer.state_dict(), "rng": rng_state(), "history": history,
+                "step": step, **loop.training_state(model, optimizer), "history": history,
                 "best": best, "best_step": best_step, "tokens": tokens, "train_s": train_s,
                 "elapsed_s": clock.elapsed()}
 
@@ -159,16 +146,14 @@ def train_lm(config: LMTrainConfig, model, tokenizer, texts: Sequence[str], run_
         model.train()
         return total / len(dev)
 
-    skipped_in_a_row = 0
+    report = loop.Reporter(progress, KIND, steps_total, clock)
+    nonfinite = loop.NonFinite()
     meta = {"kind": KIND, "config": config.model_dump(mode="json"), "data": data,
             "base_model": str(getattr(model.config, "name_or_path", ""))}
     while step < steps_total:
-        try:
-            loop.check_cancel(should_stop)
-        except loop.Cancelled:
-            loop.save_state(run_dir, snapshot())
-            raise
+        loop.stop_if_asked(should_stop, run_dir, snapshot)
         started = time.perf_counter()
+        # this config has no `schedule`: get_lr's default, cosine
         lr = loop.get_lr(step, lr=config.lr, warmup_steps=config.warmup_steps,
                          total_steps=steps_total, min_ratio=config.min_lr_ratio)
         loop.set_lr(optimizer, lr)
@@ -184,9 +169,8 @@ def train_lm(config: LMTrainConfig, model, tokenizer, texts: Sequence[str], run_
             loss.backward()
             loss_value += float(loss.detach())
             tokens += chunk.numel()
-        stepped = optimizer_step([optimizer], [params], config.max_grad_norm, loss_value)
-        skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
-        check_skipped(skipped_in_a_row, step + 1)
+        stepped = loop.optimizer_step([optimizer], [params], config.max_grad_norm, loss_value)
+        nonfinite.count(stepped, step + 1)
         step += 1
         train_s += time.perf_counter() - started
         history["train"].append({"step": step, "loss": round(loss_value, 5), "lr": lr})
@@ -201,11 +185,8 @@ def train_lm(config: LMTrainConfig, model, tokenizer, texts: Sequence[str], run_
                                 {**meta, "step": step, "metrics": metrics,
                                  "history": history["eval"]})
             loop.save_state(run_dir, snapshot())
-        if progress is not None and (metrics or step % config.log_steps == 0
-                                     or step == steps_total):
-            progress(loop.Progress(kind=KIND, step=step, total_steps=steps_total,
-                                   loss=loss_value, lr=lr, elapsed_s=clock.elapsed(),
-                                   metrics=metrics))
+        if metrics or step % config.log_steps == 0 or step == steps_total:
+            report(step, loss_value, lr, metrics)
     if best is None:
         best_step = step
         loop.save_model(run_dir, model, tokenizer, {**meta, "step": step, "metrics": {},

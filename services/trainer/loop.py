@@ -1,8 +1,9 @@
 """What every training loop of the trainer shares: the learning-rate schedule, seeding, progress
-reports, cancellation, resumable state and the saved model folder.
+reports, cancellation, the guarded optimiser step, resumable state and the saved model folder.
 
-The loops themselves (``retriever.py``, ``generator.py``, ``joint.py``, ``pretrain.py``) are
-explicit, nanoGPT-style: read them top to bottom. This module holds only the pieces they all use.
+The loops themselves (``generator.py``, ``distill.py``, ``joint.py``, ``lm.py``, ``continual.py``,
+``retriever.py``, ``rerank_distill.py``) are explicit, nanoGPT-style: read them top to bottom.
+This module holds only the scaffolding around their steps.
 
 A *run folder* is where one training run writes:
   ``state.pt``      everything needed to resume (model and optimiser state, step, RNG, config)
@@ -20,13 +21,14 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 
 from shared.registry import META_FILE
 
@@ -55,11 +57,40 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def set_scheduled_lr(optimizer: torch.optim.Optimizer, config: Any, step: int,
+                     total_steps: int, lr: float | None = None) -> float:
+    """Set every parameter group of ``optimizer`` to ``get_lr`` at ``step`` and return it: the
+    peak is ``lr`` (default ``config.lr``), the shape ``config``'s ``warmup_steps``,
+    ``schedule`` and ``min_lr_ratio`` (a loop whose config lacks one calls ``get_lr``)."""
+    value = get_lr(step, lr=config.lr if lr is None else lr, warmup_steps=config.warmup_steps,
+                   total_steps=total_steps, schedule=config.schedule,
+                   min_ratio=config.min_lr_ratio)
+    set_lr(optimizer, value)
+    return value
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) so a run is repeatable."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The Python, NumPy, torch (and CUDA) generators' states, for ``set_rng_state``."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def pick_device(setting: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -124,10 +155,76 @@ class Clock:
         return time.perf_counter() - self.started
 
 
+@dataclass(frozen=True)
+class Reporter:
+    """Sends a run's ``Progress`` to ``progress`` (nothing when it is None), its elapsed time
+    read from ``clock`` (make the reporter after a resume has set the clock)."""
+
+    progress: ProgressFn | None
+    kind: str
+    total_steps: int
+    clock: Clock
+
+    def __call__(self, step: int, loss: float | None, lr: float,
+                 metrics: dict[str, float] | None = None) -> None:
+        if self.progress is not None:
+            self.progress(Progress(kind=self.kind, step=step, total_steps=self.total_steps,
+                                   loss=loss, lr=lr, elapsed_s=self.clock.elapsed(),
+                                   metrics=metrics or {}))
+
+
 def check_cancel(should_stop: Callable[[], bool] | None) -> None:
     """Raise ``Cancelled`` when the caller's ``should_stop`` says so (between steps only)."""
     if should_stop is not None and should_stop():
         raise Cancelled("training cancelled")
+
+
+def stop_if_asked(should_stop: Callable[[], bool] | None, run_dir: Path,
+                  snapshot: Callable[[], dict[str, Any]]) -> None:
+    """``check_cancel``, saving ``snapshot()`` as ``run_dir``'s resume state before
+    ``Cancelled`` is raised (``snapshot`` is called only then)."""
+    if should_stop is not None and should_stop():
+        save_state(run_dir, snapshot())
+        raise Cancelled("training cancelled")
+
+
+def optimizer_step(optimizers: Sequence[torch.optim.Optimizer],
+                   param_groups: Sequence[Sequence[torch.nn.Parameter]],
+                   max_grad_norm: float | None, loss: float) -> bool:
+    """Clip each parameter group's gradient norm and step its optimiser; gradients are then
+    cleared. Returns False — and steps nothing — when the loss or a gradient norm is not
+    finite, so one bad batch cannot turn the weights into NaN (clipping an infinite norm
+    multiplies by 0 and makes NaN)."""
+    finite = math.isfinite(loss)
+    for params in param_groups:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
+        finite = finite and bool(torch.isfinite(norm))
+    if finite:
+        for optimizer in optimizers:
+            optimizer.step()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+MAX_SKIPPED_IN_A_ROW = 3
+
+
+class NonFinite:
+    """Counts the optimiser steps skipped in a row (``optimizer_step`` returned False)."""
+
+    def __init__(self) -> None:
+        self.in_a_row = 0
+
+    def count(self, stepped: bool, step: int) -> None:
+        """Count optimiser step ``step`` (1-based). Raises FloatingPointError once
+        ``MAX_SKIPPED_IN_A_ROW`` steps in a row were skipped: the run diverged (or its data
+        holds a broken example)."""
+        self.in_a_row = 0 if stepped else self.in_a_row + 1
+        if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise FloatingPointError(f"the loss or gradients were not finite in {self.in_a_row} "
+                                     f"steps in a row (up to step {step}): lower the learning "
+                                     "rate or check the data")
 
 
 def save_state(run_dir: Path, state: dict[str, Any]) -> None:
@@ -144,6 +241,58 @@ def load_state(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def check_resumable(state: Mapping[str, Any], kind: str, config: BaseModel, data: str,
+                    run_dir: Path) -> None:
+    """Raise ValueError unless ``state`` is a run of this kind, config and data (the device may
+    change between runs)."""
+    if state.get("kind") != kind:
+        raise ValueError(f"{run_dir} holds a {state.get('kind')!r} run, not a {kind!r} run")
+    saved = {k: v for k, v in state["config"].items() if k != "device"}
+    now = {k: v for k, v in config.model_dump(mode="json").items() if k != "device"}
+    if saved != now:
+        diff = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
+                for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        raise ValueError(f"{run_dir} holds a run with another config ({'; '.join(diff)}): "
+                         "use another run_dir, or resume=False to start over")
+    if state["data"] != data:
+        raise ValueError(f"{run_dir} holds a run on other data (fingerprint {state['data']}, "
+                         f"now {data}): use another run_dir, or resume=False to start over")
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trained parameters by name, on the CPU (all of them, or only the LoRA adapters)."""
+    return {name: p.detach().to("cpu", copy=True)
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_trainable(model, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``trainable_state``'s tensors back into ``model``; ValueError when it names a
+    parameter the model lacks."""
+    params = dict(model.named_parameters())
+    missing = [name for name in state if name not in params]
+    if missing:
+        raise ValueError(f"the saved state names parameters the model lacks, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+def training_state(model, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The part of a resume state that one optimiser's run holds: ``trainable``
+    (``trainable_state``), ``optimizer`` (its state dict) and ``rng`` (``rng_state``)."""
+    return {"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+            "rng": rng_state()}
+
+
+def restore_training_state(state: Mapping[str, Any], model,
+                           optimizer: torch.optim.Optimizer) -> None:
+    """Put back what ``training_state`` saved into ``state``: the trained parameters, the
+    optimiser's state and the random generators'."""
+    restore_trainable(model, state["trainable"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
 
 
 def save_model(run_dir: Path, model, tokenizer, meta: dict[str, Any],

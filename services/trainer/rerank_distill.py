@@ -63,11 +63,8 @@ from services.ranker.rerank import CrossEncoder
 from services.trainer import loop
 from services.trainer.generator import (
     Example,
-    check_resumable,
     collate,
     encode_example,
-    rng_state,
-    set_rng_state,
     target_logprobs,
 )
 from services.trainer.retriever import dev_metrics
@@ -353,10 +350,10 @@ def _fit(run_kind: str, config: RankDistillConfig, model: torch.nn.Module,
     clock = loop.Clock()
     state = loop.load_state(run_dir) if resume else None
     if state is not None:
-        check_resumable(state, run_kind, config, data, run_dir)
+        loop.check_resumable(state, run_kind, config, data, run_dir)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        loop.set_rng_state(state["rng"])
         step, best, best_step = state["step"], state["best"], state["best_step"]
         history, losses, kl_start = state["history"], state["losses"], state["kl_start"]
         clock = loop.Clock(state["elapsed_s"])
@@ -371,20 +368,18 @@ def _fit(run_kind: str, config: RankDistillConfig, model: torch.nn.Module,
             history.append({"step": 0, **best})
             store.save(0, best, history)
 
-    def save_state() -> None:
-        loop.save_state(run_dir, {
-            "kind": run_kind, "config": config.model_dump(mode="json"), "data": data,
-            "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": rng_state(), "best": best, "best_step": best_step, "history": history,
-            "losses": losses, "kl_start": kl_start, "elapsed_s": clock.elapsed()})
+    def snapshot() -> dict[str, Any]:
+        return {"kind": run_kind, "config": config.model_dump(mode="json"), "data": data,
+                "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": loop.rng_state(), "best": best, "best_step": best_step,
+                "history": history, "losses": losses, "kl_start": kl_start,
+                "elapsed_s": clock.elapsed()}
 
+    report = loop.Reporter(progress, run_kind, steps, clock)
     model.train()
     while step < steps:
-        try:
-            loop.check_cancel(should_stop)
-        except loop.Cancelled:
-            save_state()
-            raise
+        loop.stop_if_asked(should_stop, run_dir, snapshot)
+        # this config has no `min_lr_ratio`: get_lr's default floor
         lr = loop.get_lr(step, lr=config.lr, warmup_steps=config.warmup_steps,
                          total_steps=steps, schedule=config.schedule)
         loop.set_lr(optimizer, lr)
@@ -414,12 +409,9 @@ def _fit(run_kind: str, config: RankDistillConfig, model: torch.nn.Module,
         if evaluate is None and step == steps:
             best_step = step
             store.save(step, {}, history)
-        if progress is not None:
-            progress(loop.Progress(kind=run_kind, step=step, total_steps=steps,
-                                   loss=losses[-1], lr=lr, elapsed_s=clock.elapsed(),
-                                   metrics=metrics))
+        report(step, losses[-1], lr, metrics)
         if step % config.save_steps == 0 or step == steps:
-            save_state()
+            loop.save_state(run_dir, snapshot())
 
     if best_step != step:  # hand the best weights back, as saved
         store.load()

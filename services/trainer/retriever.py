@@ -597,9 +597,11 @@ def _fit(run_kind: str, config: RetrieverTrainConfig, encoder: Encoder,
         history.append({"step": 0, **best})
         loop.save_model(run_dir, model, encoder.tokenizer, meta(0, best))
         log.info("%s: step 0 dev %s", run_kind, _fmt(best))
+    report = loop.Reporter(progress, run_kind, steps, clock)
     examples_seen = 0  # by this call, for throughput
     while step < steps:
         loop.check_cancel(should_stop)
+        # this config has no `min_lr_ratio`: get_lr's default floor
         lr = loop.get_lr(step, lr=config.lr, warmup_steps=config.warmup_steps,
                          total_steps=steps, schedule=config.schedule)
         loop.set_lr(optimizer, lr)
@@ -637,9 +639,7 @@ def _fit(run_kind: str, config: RetrieverTrainConfig, encoder: Encoder,
         if not judged_dev and step == steps:
             best_step = step
             loop.save_model(run_dir, model, encoder.tokenizer, meta(step, {}))
-        if progress is not None:
-            progress(loop.Progress(kind=run_kind, step=step, total_steps=steps, loss=losses[-1],
-                                   lr=lr, elapsed_s=clock.elapsed(), metrics=metrics))
+        report(step, losses[-1], lr, metrics)
         if step % config.save_steps == 0 or step == steps:
             save_state()
 

@@ -1,6 +1,9 @@
-"""Trainer loop helpers: the schedule (pure), fingerprints, resumable state, saved models."""
+"""Trainer loop helpers: the schedule (pure), fingerprints, resumable state, saved models, the
+step's scaffolding (scheduled lr, cancel with a saved state, non-finite steps, progress)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -54,3 +57,58 @@ def test_unknown_device_is_refused():
     with pytest.raises(ValueError, match="known: auto, cpu, cuda"):
         loop.pick_device("tpu")
     assert loop.pick_device("cpu") == (torch.device("cpu"), torch.float32)
+
+
+def test_scheduled_lr_is_set_on_every_group_from_the_config():
+    config = SimpleNamespace(lr=1.0, warmup_steps=4, schedule="linear", min_lr_ratio=0.5)
+    weights = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([{"params": [weights]}, {"params": [], "lr": 9.0}], lr=0.1)
+    assert loop.set_scheduled_lr(optimizer, config, 1, 14) == 0.5
+    lr = loop.set_scheduled_lr(optimizer, config, 9, 14, lr=2.0)
+    assert lr == pytest.approx(loop.get_lr(9, lr=2.0, warmup_steps=4, total_steps=14,
+                                           schedule="linear", min_ratio=0.5))
+    assert [g["lr"] for g in optimizer.param_groups] == [lr, lr]
+
+
+def test_stop_if_asked_saves_the_snapshot_then_raises(tmp_path):
+    def snapshot():
+        raise AssertionError("a run that goes on needs no snapshot")
+
+    loop.stop_if_asked(None, tmp_path, snapshot)
+    loop.stop_if_asked(lambda: False, tmp_path, snapshot)
+    assert loop.load_state(tmp_path) is None
+    with pytest.raises(loop.Cancelled):
+        loop.stop_if_asked(lambda: True, tmp_path, lambda: {"step": 7})
+    assert loop.load_state(tmp_path) == {"step": 7}
+
+
+def test_a_non_finite_loss_or_gradient_skips_the_step_and_clears_the_gradients():
+    weights = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weights], lr=1.0)
+    (weights * float("nan")).sum().backward()
+    assert not loop.optimizer_step([optimizer], [[weights]], 1.0, 0.5)
+    assert weights.grad is None and torch.equal(weights.detach(), torch.ones(2))
+    (weights * 3.0).sum().backward()
+    assert loop.optimizer_step([optimizer], [[weights]], 1.0, 0.5)
+    # the gradient (3, 3) clipped to norm 1
+    assert torch.allclose(weights.detach(), torch.ones(2) - 2 ** -0.5)
+
+
+def test_non_finite_steps_raise_only_when_they_come_in_a_row():
+    nonfinite = loop.NonFinite()
+    for step, stepped in enumerate([False, False, True, False, False], start=1):
+        nonfinite.count(stepped, step)
+    assert nonfinite.in_a_row == 2
+    with pytest.raises(FloatingPointError, match="not finite in 3 steps in a row .up to step 6"):
+        nonfinite.count(False, 6)
+
+
+def test_reporter_sends_progress_timed_by_its_clock_or_nothing():
+    sent = []
+    report = loop.Reporter(sent.append, "generator", 10, loop.Clock(offset=5.0))
+    report(2, 0.5, 1e-3)
+    report(4, None, 2e-3, {"em": 0.25})
+    assert [(p.kind, p.step, p.total_steps, p.loss, p.lr, p.metrics) for p in sent] == [
+        ("generator", 2, 10, 0.5, 1e-3, {}), ("generator", 4, 10, None, 2e-3, {"em": 0.25})]
+    assert all(p.elapsed_s >= 5.0 for p in sent)
+    loop.Reporter(None, "generator", 10, loop.Clock())(1, 0.5, 1e-3)  # no progress: nothing
