@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from services.evaluation.retrieval import corpus_embeddings
 from services.trainer import continual, loop
 from services.trainer.distill import DistillConfig, distill_generator
-from services.trainer.generator import GeneratorTrainConfig, train_generator
+from services.trainer.generator import GeneratorTrainConfig, answer_target, train_generator
 from services.trainer.joint import JointTrainConfig, train_joint
 from services.trainer.lm import LMTrainConfig, train_lm
 from services.trainer.rerank_distill import (
@@ -34,6 +34,7 @@ from services.trainer.retriever import RetrieverTrainConfig, pretrain_retriever,
 from shared import datasets
 from shared.datasets import QAItem
 from shared.models.encoder import Encoder
+from shared.prompt import NO_ANSWER, truncate_text
 from shared.registry import META_FILE, Registry
 from shared.schemas import Document, ModelVersion, PackagedSet, TrainJob
 from shared.settings import Settings
@@ -277,8 +278,8 @@ class ContinualJobConfig(continual.ContinualConfig):
 
     The replay reservoir is the one saved by the update that made the serving generator; with
     none (the serving model came from elsewhere), it starts from the ``regression_sets``'
-    train split (unless ``seed_buffer`` is off), the questions that model learnt, so that
-    replay has earlier examples from the first update on.
+    train split (unless ``seed_buffer`` is off) — the questions whose passages show their
+    answer —, so that replay has earlier examples from the first update on.
     """
 
     tolerance: float = Field(0.02, ge=0, le=1, description="regression accuracy the "
@@ -326,8 +327,20 @@ def serving_buffer(config: ContinualJobConfig, registry: Registry,
         return buffer
     earlier = [i for name in config.regression_sets
                for i in datasets.load_split(name, "train", seed=config.regression_seed)]
-    buffer.extend(continual.records(earlier, retrieval, continual.hits_needed(config)))
+    recs = continual.records(earlier, retrieval, continual.hits_needed(config))
+    # Only questions whose prompt shows their answer: the others would train "I don't know."
+    # (grounded targets), a behaviour the serving model may never have had; replaying them
+    # taught the packaged model to abstain on questions it answered.
+    buffer.extend(r for r in recs if shows_answer(r, config))
     return buffer
+
+
+def shows_answer(rec: continual.Record, config: continual.ContinualConfig) -> bool:
+    """Whether ``rec``'s first ``top_k`` passages, cut as the prompt shows them, hold one of
+    its answers (its training target is an answer, not "I don't know.")."""
+    shown = [h.model_copy(update={"text": truncate_text(h.text, config.max_passage_chars)})
+             for h in rec.passages[:config.top_k]]
+    return answer_target(rec.item, shown) != NO_ANSWER
 
 
 def run_continual(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,

@@ -165,20 +165,39 @@ class TrainerRunner:
         self._thread.join(timeout_s)
 
     # --- the training thread ---------------------------------------------------------------
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until every job queued so far has run and its events are published (what a
+        test or a benchmark waits for, instead of polling); False if ``timeout_s`` passed
+        first."""
+        deadline = time.monotonic() + timeout_s
+        with self._jobs.all_tasks_done:
+            while self._jobs.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._jobs.all_tasks_done.wait(left)
+        return True
+
     def _main(self) -> None:
         while True:
             job = self._jobs.get()
-            if job is None:
-                return
             try:
-                status = self.service.run(job, on_status=self._on_status)
-            except (JobError, RegistryError) as exc:
-                log.error("job %s refused: %s", job.job_id, exc)
-                continue
-            if status.state == "done":
-                for ref in status.promoted:
-                    kind, version = ref.split("/")
-                    self._announce(kind, self.service.registry.get(kind, version))
+                if job is None:
+                    return
+                self._run(job)
+            finally:
+                self._jobs.task_done()
+
+    def _run(self, job: TrainJob) -> None:
+        try:
+            status = self.service.run(job, on_status=self._on_status)
+        except (JobError, RegistryError) as exc:
+            log.error("job %s refused: %s", job.job_id, exc)
+            return
+        if status.state == "done":
+            for ref in status.promoted:
+                kind, version = ref.split("/")
+                self._announce(kind, self.service.registry.get(kind, version))
 
     def _on_status(self, status: JobStatus) -> None:
         now = time.monotonic()

@@ -6,18 +6,18 @@ promoting a good one, and the trainer's worker reading ``rag:feedback`` from a r
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from deploy.workers import trainer_worker
+from services.trainer import continual as cl
 from services.trainer import jobs
 from services.trainer.feedback import DATA_FILE, ITEMS_FILE, FeedbackStore
 from services.trainer.runner import TrainerRunner
 from services.trainer.service import JobError, TrainerService
 from shared import keys
 from shared.bus import FIELD, dead_letters
-from shared.datasets import load_corpus, load_qa_jsonl
+from shared.datasets import load_corpus, load_qa_jsonl, load_split
 from shared.registry import Registry
 from shared.schemas import Envelope, Feedback, TrainData, TrainJob, UpdateRequest
 from tests.conftest import make_bus
@@ -34,11 +34,8 @@ def wrong(n: int, **fields) -> Feedback:
 
 
 def wait_done(runner: TrainerRunner, job_id: str, timeout_s: float = 120.0):
-    deadline = time.monotonic() + timeout_s
-    while (status := runner.service.status(job_id)).state in ("queued", "running"):
-        assert time.monotonic() < deadline, f"job {job_id} did not finish in {timeout_s} s"
-        time.sleep(0.2)
-    return status
+    assert runner.wait_idle(timeout_s), f"job {job_id} did not finish in {timeout_s} s"
+    return runner.service.status(job_id)
 
 
 # --- the store --------------------------------------------------------------------------------
@@ -154,6 +151,29 @@ def test_the_gate_blocks_a_deliberately_bad_update_and_promotes_a_good_one(
     assert good.promoted == ["generator/v0003"], good.note
     assert good.note.startswith("promoted") and good.metrics["candidate_new_data"] == 1.0
     assert registry.serving("generator").version == "v0003"
+
+
+def test_a_first_update_replays_only_packaged_questions_whose_passages_show_the_answer(
+        settings):  # noqa: F811
+    """With no reservoir yet, replay starts from the packaged train split, but not from the
+    questions whose passages miss the answer: their grounded target is "I don't know.", and
+    replaying them taught the packaged model to abstain (bench/feedback.py)."""
+    config = jobs.ContinualJobConfig(**{**TINY, "seed_buffer": True, "buffer_size": 2000,
+                                        "regression_sets": ["capitals"]})
+    # BM25 finds the capitals' country articles among the first 3,000 (by title) documents (a
+    # tiny random encoder would not)
+    settings = settings.model_copy(update={"retrieval": settings.retrieval.model_copy(
+        update={"mode": "sparse"})})
+    registry = Registry(settings.checkpoint_dir)
+    with jobs._retrieval(settings, registry, load_corpus(3000), "cpu") as retrieval:
+        buffer = jobs.serving_buffer(config, registry, retrieval)
+    assert buffer.items and all(jobs.shows_answer(r, config) for r in buffer.items)
+    assert buffer.seen == len(buffer) < len(load_split("capitals", "train"))
+    shown = buffer.items[0]
+    hidden = cl.Record(shown.item, tuple(
+        h.model_copy(update={"title": "Elsewhere", "text": "Nothing here."})
+        for h in shown.passages))
+    assert not jobs.shows_answer(hidden, config)
 
 
 # --- the trainer's worker reads rag:feedback ---------------------------------------------------

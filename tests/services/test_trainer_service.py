@@ -6,7 +6,6 @@ progress and promotions and resumes jobs a crash left behind. Real files, the pa
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -133,10 +132,7 @@ def test_runner_publishes_progress_and_promotion_and_answers_requests(settings, 
     try:
         status = runner.submit(job("retriever", data_file, promote=True, job_id="r1"))
         assert status.state == "queued"
-        deadline = time.monotonic() + 120
-        while runner.jobs(JobQuery(job_id="r1")).jobs[0].state in ("queued", "running"):
-            assert time.monotonic() < deadline, "the job did not finish in 120 s"
-            time.sleep(0.2)
+        assert runner.wait_idle(120), "the job did not finish in 120 s"
         assert runner.jobs(JobQuery(job_id="r1")).jobs[0].state == "done"
         kinds = [e.kind for e in events]
         assert kinds[-2:] == ["train.finished", "model.promoted"]
@@ -160,10 +156,7 @@ def test_a_job_left_running_by_a_crash_is_resumed_at_start(settings, data_file):
     assert [j.job_id for j in trainer.pending()] == ["crashed"]
     runner = TrainerRunner(trainer, lambda _event: None)
     try:
-        deadline = time.monotonic() + 120
-        while trainer.status("crashed").state in ("queued", "running"):
-            assert time.monotonic() < deadline, "the resumed job did not finish in 120 s"
-            time.sleep(0.2)
+        assert runner.wait_idle(120), "the resumed job did not finish in 120 s"
         assert trainer.status("crashed").state == "done"
     finally:
         runner.stop()
