@@ -68,13 +68,10 @@ def feedback_items(n: int, wrong: bool) -> list[Feedback]:
 def run_update(runner: TrainerRunner, items: list[Feedback], timeout_s: float) -> JobStatus:
     for fb in items:
         runner.feedback(fb)
-    status = runner.update(UpdateRequest(promote=True))
-    deadline = time.monotonic() + timeout_s
-    while (status := runner.service.status(status.job_id)).state in ("queued", "running"):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"update {status.job_id} did not finish in {timeout_s:.0f} s")
-        time.sleep(1.0)
-    return status
+    job_id = runner.update(UpdateRequest(promote=True)).job_id
+    if not runner.wait_idle(timeout_s):
+        raise TimeoutError(f"update {job_id} did not finish in {timeout_s:.0f} s")
+    return runner.service.status(job_id)
 
 
 def main() -> None:
