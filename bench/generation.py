@@ -3,16 +3,25 @@ dynamic batching against one request at a time, time to first token. One run, si
 
     python bench/generation.py [--quick] [--device auto|cpu|cuda] [--model PATH] [--no-bus]
 
-Rows (greedy decoding, the same prompts everywhere: a question and two or three short
-passages, packed by the service; up to ``--max-new-tokens`` new tokens each):
-  plain model.generate, batch 1      the model alone, in process: the baseline
-  service via Batcher, batch 1       GeneratorService behind its Batcher, in process
-  service via worker + bus, batch 1  the same through the generator's bus worker and valkey,
-                                     as a front calls it; overhead vs plain (target <= 15%)
-  8 one after another                 8 requests, each sent when the last one is answered
-  8 concurrent, dynamic batching     the same 8 at once: batched by the Batcher
-                                     (speed-up vs one after another: target >= 2.5x)
-  time to first token p50            streamed requests, from send to the first text piece
+Two workloads, greedy decoding, the same requests on every path (a question and two or three
+short passages, packed by the service):
+  QA    a question about one fact: answers of about ten tokens (at most ``--max-new-tokens``),
+        so reading the prompt (prefill) is most of the work
+  long  a long paragraph about two countries asked for: answers of up to
+        ``--long-max-new-tokens``, so the decoding steps are most of the work
+Rows:
+  QA: plain model.generate, batch 1      the model alone, in process: the baseline
+  QA: service via Batcher, batch 1       GeneratorService behind its Batcher, in process
+  QA: service via worker + bus, batch 1  the same through the generator's bus worker and
+                                         valkey, as a front calls it; overhead vs plain
+                                         (target <= 15%)
+  <workload>: 8 one after another        8 requests, each sent when the last one is answered
+  <workload>: 8 concurrent, batched      the same 8 at once, batched by the Batcher (speed-up
+                                         vs one after another: target >= 2.5x); the note
+                                         counts the answers equal both ways, so a shorter
+                                         batched answer cannot pass for a speed-up
+  QA: time to first token p50            streamed requests, from send to the first text piece
+Columns prompt and answer are mean tokens per request, tokens the generated tokens in all.
 The batching and first-token rows go through the bus when valkey can start here; without a
 valkey binary (or redis-py) the bus rows are skipped, said so, and those rows run in process
 through the Batcher. Starts its own embedded valkey; needs no running ragtune.
@@ -26,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -66,11 +76,26 @@ QUESTIONS = [
 ]
 
 
-def requests(max_new_tokens: int) -> list[GenerateRequest]:
-    return [GenerateRequest(question=q, max_new_tokens=max_new_tokens,
-                            passages=[Hit(doc_id=t, title=t, text=PASSAGES[t], score=1.0)
-                                      for t in titles])
-            for q, titles in QUESTIONS]
+# (country, country): eight requests for a long paragraph; with this wording every answer of
+# the packaged SmolLM2 runs to the token limit instead of stopping after a sentence
+LONG_PAIRS = [("Kenya", "Peru"), ("France", "Germany"), ("Japan", "Canada"), ("Egypt", "Italy"),
+              ("Peru", "Japan"), ("Germany", "Egypt"), ("Canada", "France"), ("Italy", "Kenya")]
+LONG_QUESTION = ("Write a long, detailed paragraph of at least eight sentences about {} and {}: "
+                 "where each lies, its capital, its largest city, and how the two compare.")
+
+
+def _request(question: str, titles: list[str], max_new_tokens: int) -> GenerateRequest:
+    return GenerateRequest(question=question, max_new_tokens=max_new_tokens,
+                           passages=[Hit(doc_id=t, title=t, text=PASSAGES[t], score=1.0)
+                                     for t in titles])
+
+
+def qa_requests(max_new_tokens: int) -> list[GenerateRequest]:
+    return [_request(q, titles, max_new_tokens) for q, titles in QUESTIONS]
+
+
+def long_requests(max_new_tokens: int) -> list[GenerateRequest]:
+    return [_request(LONG_QUESTION.format(a, b), [a, b], max_new_tokens) for a, b in LONG_PAIRS]
 
 
 def sync(device: torch.device) -> None:
@@ -78,22 +103,41 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+@dataclass
 class Row:
-    def __init__(self, name: str, requests: int, tokens: int, seconds: float,
-                 batches: list[int] | None = None):
-        self.name, self.requests, self.tokens, self.seconds = name, requests, tokens, seconds
-        self.batches = batches or []
-        self.note = ""
+    """Totals of one row: requests, their prompt and generated tokens, wall seconds.
+    ``same`` counts answers (text and token count) equal to the one-after-another run's."""
+
+    name: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    batches: list[int] = field(default_factory=list)
+    same: int = 0
+    note: str = ""
+
+    def add(self, counts: list[tuple[int, int]], seconds: float) -> None:
+        """``counts``: (prompt tokens, generated tokens) of each request answered in
+        ``seconds``."""
+        self.requests += len(counts)
+        self.prompt_tokens += sum(p for p, _ in counts)
+        self.tokens += sum(n for _, n in counts)
+        self.seconds += seconds
 
     @property
     def rate(self) -> float:
         return self.tokens / self.seconds
 
 
+def counts(results: list[GenerateResult]) -> list[tuple[int, int]]:
+    return [(r.prompt_tokens, r.completion_tokens) for r in results]
+
+
 # --- the three ways to call the model -------------------------------------------------------
-def plain_generate(service: GeneratorService, req: GenerateRequest) -> int:
+def plain_generate(service: GeneratorService, req: GenerateRequest) -> tuple[int, int]:
     """``model.generate`` on exactly the prompt the service builds (and its stop tokens);
-    returns the tokens generated, not counting a final end-of-sequence token."""
+    returns (prompt tokens, tokens generated not counting a final end-of-sequence token)."""
     budget = service.max_context_tokens - req.max_new_tokens
     _, inputs = service.pack(req.question, req.passages, budget)
     with torch.inference_mode():
@@ -102,8 +146,9 @@ def plain_generate(service: GeneratorService, req: GenerateRequest) -> int:
                                      eos_token_id=service._eos_ids, pad_token_id=service._pad_id,
                                      temperature=None, top_p=None, top_k=None)
     sync(service.model.device)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
-    return len(new) - int(bool(new) and new[-1] in service._eos_ids)
+    prompt = inputs["input_ids"].shape[1]
+    new = out[0, prompt:].tolist()
+    return prompt, len(new) - int(bool(new) and new[-1] in service._eos_ids)
 
 
 class InProcess:
@@ -114,11 +159,11 @@ class InProcess:
     def __init__(self, batcher: Batcher):
         self.batcher = batcher
 
-    def one(self, req: GenerateRequest) -> int:
-        return self.batcher.submit(req).result().completion_tokens
+    def one(self, req: GenerateRequest) -> GenerateResult:
+        return self.batcher.submit(req).result()
 
-    def concurrent(self, reqs: list[GenerateRequest]) -> int:
-        return sum(f.result().completion_tokens for f in [self.batcher.submit(r) for r in reqs])
+    def concurrent(self, reqs: list[GenerateRequest]) -> list[GenerateResult]:
+        return [f.result() for f in [self.batcher.submit(r) for r in reqs]]
 
     def first_token_ms(self, req: GenerateRequest) -> float:
         stamp: list[float] = []
@@ -153,27 +198,25 @@ class OverBus:
 
         return await self.bus.request(keys.GENERATOR, "generate", req, 600, GenerateResult)
 
-    def one(self, req: GenerateRequest) -> int:
-        return self.loop.run_until_complete(self._ask(req)).completion_tokens
+    def one(self, req: GenerateRequest) -> GenerateResult:
+        return self.loop.run_until_complete(self._ask(req))
 
-    def concurrent(self, reqs: list[GenerateRequest]) -> int:
+    def concurrent(self, reqs: list[GenerateRequest]) -> list[GenerateResult]:
         async def all_at_once():
             return await asyncio.gather(*[self._ask(r) for r in reqs])
-        return sum(r.completion_tokens for r in self.loop.run_until_complete(all_at_once()))
+        return list(self.loop.run_until_complete(all_at_once()))
 
     def first_token_ms(self, req: GenerateRequest) -> float:
         from shared import keys
         from shared.schemas import AnswerChunk
 
         async def first() -> float:
+            # read to the end: a stream closed early sends its cancel from a task of its own,
+            # which the last request's would race with closing the connection
             start = time.perf_counter()
-            stream = self.bus.request_stream(keys.GENERATOR, "generate_stream", req, 600,
-                                             AnswerChunk, GenerateResult)
-            async for _item in stream:
-                elapsed = (time.perf_counter() - start) * 1000
-                await stream.aclose()
-                return elapsed
-            raise RuntimeError("the stream ended without a piece")
+            stamps = [time.perf_counter() async for _item in self.bus.request_stream(
+                keys.GENERATOR, "generate_stream", req, 600, AnswerChunk, GenerateResult)]
+            return (stamps[0] - start) * 1000
         return self.loop.run_until_complete(first())
 
     def close(self) -> None:
@@ -183,42 +226,51 @@ class OverBus:
         self.server.stop()
 
 
-def timed(fn, *args) -> tuple[int, float]:
+def timed(fn, *args):
     start = time.perf_counter()
-    tokens = fn(*args)
-    return tokens, time.perf_counter() - start
+    out = fn(*args)
+    return out, time.perf_counter() - start
 
 
-def measure(service, batcher, caller, reqs, batch1, first_token, rounds: int) -> list:
-    """The rows, then the first-token times. Paths that are compared run interleaved (one
+def measure(service, batcher, caller, workloads: dict[str, list[GenerateRequest]], batch1,
+            first_token, rounds: int) -> tuple[list[Row], list[float]]:
+    """The rows and the first-token times. Paths that are compared run interleaved (one
     request of each in turn, or one round of each), so a machine whose load changes meanwhile
     slows them alike."""
-    rows = {name: Row(name, 0, 0, 0.0) for name in (
-        "plain model.generate, batch 1", "service via Batcher, batch 1",
-        "service via worker + bus, batch 1", "8 one after another",
-        "8 concurrent, dynamic batching")}
-    batch1_paths = [("plain model.generate, batch 1", lambda r: plain_generate(service, r)),
-                    ("service via Batcher, batch 1", InProcess(batcher).one)]
+    rows: dict[str, Row] = {}
+
+    def row(name: str) -> Row:
+        return rows.setdefault(name, Row(name))
+
+    in_process = InProcess(batcher)
+    batch1_paths = [("QA: plain model.generate, batch 1", lambda r: plain_generate(service, r)),
+                    ("QA: service via Batcher, batch 1", lambda r: counts([in_process.one(r)])[0])]
     if isinstance(caller, OverBus):
-        batch1_paths.append(("service via worker + bus, batch 1", caller.one))
+        batch1_paths.append(("QA: service via worker + bus, batch 1",
+                             lambda r: counts([caller.one(r)])[0]))
+    for _name, call in batch1_paths:  # warm-up: a path's first call pays one-off costs
+        call(batch1[0])
     for req in batch1:
         for name, call in batch1_paths:
-            tokens, seconds = timed(call, req)
-            rows[name].requests += 1
-            rows[name].tokens += tokens
-            rows[name].seconds += seconds
+            count, seconds = timed(call, req)
+            row(name).add([count], seconds)
+    # An untimed burst first: a client opens its pooled connections during its first burst,
+    # which spreads that burst's arrivals over about the batcher's whole wait (batch_wait_ms).
+    burst = next(iter(workloads.values()))
+    caller.concurrent([r.model_copy(update={"max_new_tokens": 1}) for r in burst])
     for _ in range(rounds):
-        for name, call in (("8 one after another", lambda rs: sum(caller.one(r) for r in rs)),
-                           ("8 concurrent, dynamic batching", caller.concurrent)):
+        for workload, reqs in workloads.items():
+            alone, seconds = timed(lambda rs: [caller.one(r) for r in rs], reqs)
+            row(f"{workload}: 8 one after another").add(counts(alone), seconds)
             before = len(batcher.sizes)
-            tokens, seconds = timed(call, reqs)
-            row = rows[name]
-            row.requests, row.tokens, row.seconds = (row.requests + len(reqs),
-                                                     row.tokens + tokens, row.seconds + seconds)
-            if name.startswith("8 concurrent"):
-                row.batches += list(batcher.sizes)[before:]
+            together, seconds = timed(caller.concurrent, reqs)
+            batched = row(f"{workload}: 8 concurrent, batched")
+            batched.add(counts(together), seconds)
+            batched.batches += list(batcher.sizes)[before:]
+            batched.same += sum((a.answer, a.completion_tokens) == (b.answer, b.completion_tokens)
+                                for a, b in zip(alone, together, strict=True))
     firsts = [caller.first_token_ms(r) for r in first_token]
-    return [r for r in rows.values() if r.requests] + [firsts]
+    return list(rows.values()), firsts
 
 
 # --- the table --------------------------------------------------------------------------------
@@ -228,7 +280,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--model", default=None, help="HF id or local path (default: the "
                                                       "packaged SmolLM2-135M-Instruct)")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="QA answers")
+    parser.add_argument("--long-max-new-tokens", type=int, default=128, help="long answers")
     parser.add_argument("--no-bus", action="store_true", help="skip the bus rows, as on a "
                                                               "machine without valkey")
     parser.add_argument("--home", default=None, help="ragtune home holding the converted "
@@ -242,10 +295,10 @@ def main() -> None:
         service = GeneratorService(model, tokenizer, settings.generator.max_passage_chars)
         batcher = Batcher(service, settings.generator.max_batch_size,
                           settings.generator.batch_wait_ms)
-        reqs = requests(args.max_new_tokens)
-        batch1 = reqs[:3] if args.quick else reqs
-        first_token = reqs[:3] if args.quick else reqs
-        service.generate(reqs[0])  # warm-up
+        qa = qa_requests(args.max_new_tokens)
+        workloads = {"QA": qa, "long": long_requests(args.long_max_new_tokens)}
+        batch1 = qa[:3] if args.quick else qa
+        first_token = qa[:3] if args.quick else qa
         why_not = "--no-bus" if args.no_bus else None
         caller: InProcess | OverBus = InProcess(batcher)
         if not args.no_bus:
@@ -254,37 +307,40 @@ def main() -> None:
             except (ImportError, OSError, RuntimeError) as exc:  # no valkey binary, no redis-py
                 why_not = f"{type(exc).__name__}: {exc}"
         try:
-            rows = measure(service, batcher, caller, reqs, batch1, first_token,
-                           rounds=1 if args.quick else 2)
+            rows, firsts = measure(service, batcher, caller, workloads, batch1, first_token,
+                                   rounds=1 if args.quick else 2)
         finally:
             caller.close()
-        firsts = rows.pop()
-        prompt_tokens = statistics.mean(
-            len(service.pack(r.question, r.passages, 10**6)[1]["input_ids"][0]) for r in reqs)
         batcher.close()
 
     by = {r.name: r for r in rows}
-    plain = by["plain model.generate, batch 1"]
-    for name in ("service via Batcher, batch 1", "service via worker + bus, batch 1"):
+    plain = by["QA: plain model.generate, batch 1"]
+    for name in ("QA: service via Batcher, batch 1", "QA: service via worker + bus, batch 1"):
         if name in by:
             by[name].note = f"overhead {1 - by[name].rate / plain.rate:+.1%} (target <= 15%)"
-    concurrent = by["8 concurrent, dynamic batching"]
-    concurrent.note = (f"{concurrent.rate / by['8 one after another'].rate:.2f}x one after "
-                       f"another (target >= 2.5x); batches of {concurrent.batches}")
+    for workload in workloads:
+        alone = by[f"{workload}: 8 one after another"]
+        batched = by[f"{workload}: 8 concurrent, batched"]
+        batched.note = (f"{batched.rate / alone.rate:.2f}x one after another (target >= 2.5x); "
+                        f"same answers {batched.same}/{batched.requests}; batches "
+                        f"{batched.batches}")
 
     name = args.model or "packaged SmolLM2-135M-Instruct"
-    print(f"generation bench: {name} on {model.device} ({model.dtype}), greedy, up to "
-          f"{args.max_new_tokens} new tokens, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads{', quick' if args.quick else ''}; prompts of "
-          f"~{prompt_tokens:.0f} tokens")
+    print(f"generation bench: {name} on {model.device} ({model.dtype}), greedy, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads"
+          f"{', quick' if args.quick else ''}; QA answers up to {args.max_new_tokens} new "
+          f"tokens, long answers up to {args.long_max_new_tokens}; prompt and answer: mean "
+          f"tokens per request")
     if why_not is not None:
         print(f"bus rows skipped: no valkey here ({why_not}); the batching and first-token "
               f"rows run in process through the Batcher")
-    print(f"{'row':<36}{'reqs':>5}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}  note")
+    print(f"{'row':<38}{'reqs':>5}{'prompt':>7}{'answer':>7}{'tokens':>7}{'seconds':>8}"
+          f"{'tokens/s':>9}  note")
     for r in rows:
-        print(f"{r.name:<36}{r.requests:>5}{r.tokens:>8}{r.seconds:>9.2f}{r.rate:>10.1f}  "
+        print(f"{r.name:<38}{r.requests:>5}{r.prompt_tokens / r.requests:>7.0f}"
+              f"{r.tokens / r.requests:>7.1f}{r.tokens:>7}{r.seconds:>8.2f}{r.rate:>9.1f}  "
               f"{r.note}")
-    print(f"{'time to first token p50':<36}{len(firsts):>5}{statistics.median(firsts):>17.0f} "
+    print(f"{'QA: time to first token p50':<38}{len(firsts):>5}{statistics.median(firsts):>24.0f} "
           f"ms  (streamed {caller.where}, from send to the first piece)")
 
 
