@@ -65,7 +65,7 @@ def build_job(args: argparse.Namespace) -> TrainJob:
                            f"{', '.join(PACKAGED_SETS)} (or none)")
     try:
         data = TrainData(sets=sets, path=str(Path(args.data).resolve()) if args.data else None,
-                         corpus_limit=args.corpus_limit)
+                         corpus=args.corpus, corpus_limit=args.corpus_limit)
         fields = {"kind": args.kind, "data": data, "params": read_params(args.config),
                   "seed": args.seed, "promote": args.promote}
         if args.job_id:
@@ -340,8 +340,11 @@ def add_parsers(sub) -> None:
     train.add_argument("--sets", default=",".join(PACKAGED_SETS),
                        help="packaged question sets to train on, comma-separated, or none "
                             "(default: all)")
+    train.add_argument("--corpus", default="packaged", choices=("packaged", "indexed"),
+                       help="retrieve passages from the packaged corpus or from every "
+                            "document the indexes hold (ingested ones included)")
     train.add_argument("--corpus-limit", type=int, default=None,
-                       help="only the first N packaged documents (a quick trial)")
+                       help="only the first N documents (a quick trial)")
     train.add_argument("--seed", type=int, default=13, help="split and training seed")
     train.add_argument("--promote", action="store_true",
                        help="serve the result when the job is done")

@@ -499,8 +499,12 @@ class TrainData(Wire):
     sets: list[PackagedSet] = Field(
         default_factory=lambda: ["capitals", "capitals_unanswerable", "fanout"])
     path: str | None = Field(None, description="a question/answer JSONL file")
-    corpus_limit: int | None = Field(None, ge=1, description="only the first N packaged "
-                                     "documents (a quick trial; questions keep their splits)")
+    corpus: Literal["packaged", "indexed"] = Field(
+        "packaged", description="what training retrieves passages from: the packaged corpus, "
+        "or every document the indexes hold (ingested ones included; read from the sparse "
+        "store under the trainer's home)")
+    corpus_limit: int | None = Field(None, ge=1, description="only the first N documents (a "
+                                     "quick trial; questions keep their splits)")
 
     @model_validator(mode="after")
     def _some_data(self) -> TrainData:

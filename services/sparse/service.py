@@ -30,7 +30,7 @@ import bm25s
 import numpy as np
 
 from services.sparse.tokenizer import stopword_list, tokenize
-from shared.schemas import Filters, Hit, IngestBatch, SearchRequest, SearchResult
+from shared.schemas import Document, Filters, Hit, IngestBatch, SearchRequest, SearchResult
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -192,6 +192,16 @@ class SparseService:
         """Number of documents stored."""
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM docs").fetchone()[0]
+
+    def documents(self) -> list[Document]:
+        """Every stored document, ordered by doc_id (what both indexes hold: the trainer
+        retrieves from them for a job on the indexed corpus)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT doc_id, title, text, topic, source, date FROM docs ORDER BY doc_id"
+            ).fetchall()
+        return [Document(doc_id=r[0], title=r[1], text=r[2], topic=r[3], source=r[4],
+                         date=r[5]) for r in rows]
 
     def search(self, req: SearchRequest) -> SearchResult:
         """The req.top_k best BM25 matches among the documents req.filters allows: scores > 0,

@@ -89,6 +89,36 @@ def load_questions(job: TrainJob, settings: Settings) -> dict[str, list[QAItem]]
     return splits
 
 
+def job_corpus(job: TrainJob, settings: Settings) -> list[Document]:
+    """The documents the job retrieves passages from (``TrainData.corpus``): the packaged
+    corpus, or every document the sparse store under ``settings.home`` holds — what serving
+    retrieves from, documents ingested since included. ``corpus_limit`` keeps the first N.
+    Raises ValueError when the indexed corpus is asked for and the store holds none."""
+    if job.data.corpus == "packaged":
+        return datasets.load_corpus(job.data.corpus_limit)
+    from services.sparse.service import SparseService
+
+    if not has_indexed_corpus(settings):
+        raise ValueError(f"no indexed documents under {settings.sparse_dir}: ingest some "
+                         "first, or train on the packaged corpus (data.corpus: packaged)")
+    store = SparseService.from_settings(settings)
+    try:
+        docs = store.documents()
+    finally:
+        store.close()
+    if not docs:
+        raise ValueError(f"no indexed documents in {settings.sparse_dir}: ingest some first, "
+                         "or train on the packaged corpus (data.corpus: packaged)")
+    return docs[:job.data.corpus_limit] if job.data.corpus_limit else docs
+
+
+def has_indexed_corpus(settings: Settings) -> bool:
+    """Whether a sparse store (what ``ragtune up`` indexes into) lies under ``settings``' home."""
+    from services.sparse.service import DB_NAME
+
+    return (settings.sparse_dir / DB_NAME).is_file()
+
+
 # --- models: what serves now ------------------------------------------------------------------
 def serving_encoders(settings: Settings, registry: Registry,
                      device) -> tuple[Encoder, ModelVersion | None, Encoder, ModelVersion | None]:
@@ -143,7 +173,7 @@ def run_retriever(p: Prepared, settings: Settings, run_dir: Path, progress, shou
     config: RetrieverTrainConfig = p.config
     registry = Registry(settings.checkpoint_dir)
     device, _ = loop.pick_device(settings.trainer.device)
-    corpus = datasets.load_corpus(p.job.data.corpus_limit)
+    corpus = job_corpus(p.job, settings)
     passage_encoder, passage_version, _, _ = serving_encoders(settings, registry, device)
     result = train_retriever(config, passage_encoder, p.splits["train"], p.splits["dev"], corpus,
                              run_dir, progress, should_stop,
@@ -157,7 +187,7 @@ def run_generator(p: Prepared, settings: Settings, run_dir: Path, progress, shou
     config: GeneratorTrainConfig = p.config
     registry = Registry(settings.checkpoint_dir)
     device, _ = loop.pick_device(config.device)
-    corpus = datasets.load_corpus(p.job.data.corpus_limit)
+    corpus = job_corpus(p.job, settings)
     model, tokenizer = serving_generator(settings, registry)
     with _retrieval(settings, registry, corpus, device) as retrieval:
         result = train_generator(config, model, tokenizer, p.splits["train"], p.splits["dev"],
@@ -172,7 +202,7 @@ def run_joint(p: Prepared, settings: Settings, run_dir: Path, progress, should_s
     config: JointTrainConfig = p.config
     registry = Registry(settings.checkpoint_dir)
     device, _ = loop.pick_device(config.device)
-    corpus = datasets.load_corpus(p.job.data.corpus_limit)
+    corpus = job_corpus(p.job, settings)
     passage_encoder, passage_version, query_encoder, _ = serving_encoders(settings, registry,
                                                                          device)
     vectors = corpus_embeddings(passage_encoder, corpus, settings.home / "cache", progress=True)
@@ -200,7 +230,7 @@ def run_pretrain(p: Prepared, settings: Settings, run_dir: Path, progress, shoul
     params: PretrainParams = p.config
     registry = Registry(settings.checkpoint_dir)
     device, _ = loop.pick_device(settings.trainer.device)
-    corpus = datasets.load_corpus(p.job.data.corpus_limit)
+    corpus = job_corpus(p.job, settings)
     outputs: list[Output] = []
     if params.target in ("retriever", "both"):
         passage_encoder, passage_version, _, _ = serving_encoders(settings, registry, device)
@@ -227,7 +257,7 @@ def run_distill(p: Prepared, settings: Settings, run_dir: Path, progress, should
     config: DistillConfig = p.config
     registry = Registry(settings.checkpoint_dir)
     device, _ = loop.pick_device(config.device)
-    corpus = datasets.load_corpus(p.job.data.corpus_limit)
+    corpus = job_corpus(p.job, settings)
     with _retrieval(settings, registry, corpus, device) as retrieval:
         result = distill_generator(config, lambda: serving_generator(settings, registry),
                                    p.splits["train"], p.splits["dev"], retrieval, run_dir,
@@ -245,7 +275,7 @@ def run_distill_retriever(p: Prepared, settings: Settings, run_dir: Path, progre
     config: RankDistillConfig = p.config
     registry = Registry(settings.checkpoint_dir)
     device, _ = loop.pick_device(config.device)
-    corpus = datasets.load_corpus(p.job.data.corpus_limit)
+    corpus = job_corpus(p.job, settings)
     passage_encoder, passage_version, query_encoder, _ = serving_encoders(settings, registry,
                                                                          device)
     vectors = corpus_embeddings(passage_encoder, corpus, settings.home / "cache", progress=True)
@@ -352,7 +382,7 @@ def run_continual(p: Prepared, settings: Settings, run_dir: Path, progress, shou
     config: ContinualJobConfig = p.config
     registry = Registry(settings.checkpoint_dir)
     device, _ = loop.pick_device(config.device)
-    corpus = datasets.load_corpus(p.job.data.corpus_limit)
+    corpus = job_corpus(p.job, settings)
     new = p.splits["train"]
     regression = regression_set(config, settings)
     with _retrieval(settings, registry, corpus, device) as retrieval:
@@ -406,6 +436,8 @@ def prepare(job: TrainJob, settings: Settings) -> Prepared:
     if "device" in config_class.model_fields and "device" not in params:
         params["device"] = settings.trainer.device
     config = config_class.model_validate(params)
+    if job.data.corpus == "indexed":
+        job_corpus(job, settings)  # refused now, not after the questions and models load
     return Prepared(job=job, config=config, splits=load_questions(job, settings))
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from services.trainer.feedback import DATA_FILE, STORE_DIR, FeedbackStore
+from services.trainer.jobs import has_indexed_corpus
 from services.trainer.service import JobError, TrainerService
 from shared.registry import RegistryError
 from shared.schemas import (
@@ -142,8 +143,13 @@ class TrainerRunner:
             if self.feedback_store.take(run_dir) == 0:
                 raise JobError("no feedback stored: send some first (POST /v1/feedback or "
                                "`ragtune feedback send`)")
+            # What serving retrieves from, documents ingested since included (a correction
+            # whose answer is only in a new document is learnt as that answer, not as "I
+            # don't know."); the packaged corpus where this trainer sees no index.
+            corpus = "indexed" if has_indexed_corpus(self.service.settings) else "packaged"
             job = TrainJob(job_id=job_id, kind="continual",
-                           data=TrainData(sets=[], path=str(run_dir / DATA_FILE)),
+                           data=TrainData(sets=[], path=str(run_dir / DATA_FILE),
+                                          corpus=corpus),
                            params=self.service.settings.feedback.params, promote=req.promote)
             try:
                 status = self.submit(job)

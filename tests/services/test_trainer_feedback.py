@@ -10,6 +10,7 @@ import json
 import pytest
 
 from deploy.workers import trainer_worker
+from services.sparse.service import SparseService
 from services.trainer import continual as cl
 from services.trainer import jobs
 from services.trainer.feedback import DATA_FILE, ITEMS_FILE, FeedbackStore
@@ -19,7 +20,15 @@ from shared import keys
 from shared.bus import FIELD, dead_letters
 from shared.datasets import load_corpus, load_qa_jsonl, load_split
 from shared.registry import Registry
-from shared.schemas import Envelope, Feedback, TrainData, TrainJob, UpdateRequest
+from shared.schemas import (
+    Document,
+    Envelope,
+    Feedback,
+    IngestBatch,
+    TrainData,
+    TrainJob,
+    UpdateRequest,
+)
 from tests.conftest import make_bus
 from tests.services.test_trainer_service import N_DOCS, models, settings  # noqa: F401
 from tests.tiny import CITIES
@@ -105,6 +114,40 @@ def test_enough_feedback_starts_a_gated_update_and_nothing_is_lost(settings, tmp
         assert runner.feedback_state().stored == 1
     finally:
         runner.stop()
+
+
+def test_an_update_retrieves_from_the_indexed_documents_ingested_ones_included(
+        settings, tmp_path):  # noqa: F811
+    """A correction whose answer only a newly ingested document holds is trained as that
+    answer, not as "I don't know.": the update retrieves from what the indexes hold."""
+    settings = settings.model_copy(update={
+        "retrieval": settings.retrieval.model_copy(update={"mode": "sparse"}),
+        "feedback": settings.feedback.model_copy(update={"params": {
+            **TINY, "steps_per_task": 1, "regression_sets": ["capitals"],
+            "regression_limit": 2}})})
+    trainer = TrainerService(settings)
+    with pytest.raises(JobError, match="no indexed documents under"):
+        trainer.check(TrainJob(kind="continual", data=TrainData(
+            sets=["capitals"], corpus="indexed")))
+    new_doc = Document(doc_id="Zubrowka", title="Zubrowka",
+                       text="Zubrowka is a small country. Its capital is Qwertyville.")
+    store = SparseService.from_settings(settings)
+    store.ingest(IngestBatch(documents=[*load_corpus(20), new_doc]))
+    store.close()
+    runner = TrainerRunner(trainer, lambda _event: None)
+    try:
+        runner.feedback(Feedback(question="What is the capital of Zubrowka?", answer="Paris",
+                                 verdict="wrong", correct_answer="Qwertyville"))
+        job_id = runner.update(UpdateRequest(promote=False)).job_id
+        status = wait_done(runner, job_id)
+    finally:
+        runner.stop()
+    assert status.state == "done", status.error
+    assert trainer.job(job_id).data.corpus == "indexed"
+    buffer = cl.load_buffer(trainer.registry.run_dir(job_id) / cl.BUFFER_FILE, 8)
+    [record] = [r for r in buffer.items if r.item.question.endswith("Zubrowka?")]
+    assert record.passages[0].doc_id == "Zubrowka"
+    assert jobs.shows_answer(record, jobs.ContinualJobConfig(**TINY))
 
 
 # --- the gate, end to end through continual jobs ----------------------------------------------
