@@ -639,6 +639,19 @@ class Feedback(Wire):
         """The answer a model should give: the correction, else the confirmed answer."""
         return (self.correct_answer if self.verdict == "wrong" else self.answer).strip()
 
+    def over_limits(self, max_question_chars: int,
+                    max_answer_chars: int) -> list[tuple[str, int, int]]:
+        """``(field, characters, limit)`` of each stripped text over its limit: the question,
+        the answer given and, for a wrong verdict, the correction (so ``target()`` is always
+        covered). One rule for the front that receives feedback and the trainer that stores
+        it."""
+        texts = [("question", self.question.strip(), max_question_chars),
+                 ("answer", self.answer.strip(), max_answer_chars)]
+        if self.verdict == "wrong":  # a right verdict's target is its answer
+            texts.append(("correct_answer", self.target(), max_answer_chars))
+        return [(field, len(text), limit) for field, text, limit in texts
+                if len(text) > limit]
+
 
 class FeedbackRequest(Wire):
     """Body of ``POST /v1/feedback``."""

@@ -71,15 +71,11 @@ def check_feedback(item: Feedback, settings: Settings, prefix: str = "") -> None
     """InputError (field ``<prefix>question``, ``answer`` or ``correct_answer``) for stripped
     text over ``limits.max_question_chars`` (the question) or ``trainer.max_answer_chars`` (the
     answer and the target); the schema has checked everything else."""
-    max_answer = settings.trainer.max_answer_chars
-    texts = [("question", item.question.strip(), settings.limits.max_question_chars),
-             ("answer", item.answer.strip(), max_answer)]
-    if item.verdict == "wrong":  # a right verdict's target is its answer
-        texts.append(("correct_answer", item.target(), max_answer))
-    for field, text, limit in texts:
-        if len(text) > limit:
-            raise InputError(f"{prefix}{field}",
-                             f"is {len(text)} characters; the limit is {limit}")
+    over = item.over_limits(settings.limits.max_question_chars,
+                            settings.trainer.max_answer_chars)
+    if over:
+        field, length, limit = over[0]
+        raise InputError(f"{prefix}{field}", f"is {length} characters; the limit is {limit}")
 
 
 def _ms(start: float) -> float:

@@ -105,15 +105,14 @@ class TrainerRunner:
         question or answer over the limits (the front checks them too; an entry put on the
         stream by hand must not stall every later update)."""
         settings = self.service.settings
-        if len(fb.question) > settings.limits.max_question_chars:
-            raise JobError(f"feedback {fb.feedback_id}: question of {len(fb.question)} "
-                           f"characters is over the limit of "
-                           f"{settings.limits.max_question_chars}")
-        if len(fb.target()) > settings.trainer.max_answer_chars:
-            raise JobError(f"feedback {fb.feedback_id}: answer of {len(fb.target())} "
-                           f"characters is over the limit of {settings.trainer.max_answer_chars}")
+        over = fb.over_limits(settings.limits.max_question_chars,
+                              settings.trainer.max_answer_chars)
+        if over:
+            field, length, limit = over[0]
+            raise JobError(f"feedback {fb.feedback_id}: {field} of {length} characters is over "
+                           f"the limit of {limit}")
         stored = self.feedback_store.add(fb)
-        after = self.service.settings.feedback.update_after
+        after = settings.feedback.update_after
         if after and stored >= after and self._running_update() is None:
             try:
                 status = self.update(UpdateRequest())
