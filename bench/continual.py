@@ -57,7 +57,7 @@ from services.trainer import continual as cl
 from services.trainer import loop
 from services.trainer.generator import answer_target
 from shared.datasets import QAItem
-from shared.prompt import NO_ANSWER, truncate_text
+from shared.prompt import NO_ANSWER, cut_hit
 from shared.schemas import Document, Hit
 from shared.settings import Settings
 
@@ -76,8 +76,7 @@ def learnable(item: QAItem, hits: Sequence[Hit], tokenizer, top_k: int, max_char
               max_answer_tokens: int) -> bool:
     """Whether the item's first ``top_k`` passages, cut to ``max_chars`` as the prompt shows
     them, hold a gold answer whose target ("<answer> [n]") fits ``max_answer_tokens``."""
-    shown = [h.model_copy(update={"text": truncate_text(h.text, max_chars)})
-             for h in hits[:top_k]]
+    shown = [cut_hit(h, max_chars) for h in hits[:top_k]]
     target = answer_target(item, shown)
     return target != NO_ANSWER and len(
         tokenizer(target, add_special_tokens=False)["input_ids"]) <= max_answer_tokens

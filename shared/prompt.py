@@ -80,6 +80,12 @@ def truncate_text(text: str, max_chars: int) -> str:
     return cut.rstrip()
 
 
+def cut_hit(hit: Hit, max_chars: int) -> Hit:
+    """``hit`` with its text cut as ``truncate_text`` cuts it: the passage as a prompt shows
+    it (what the generator can see, cite and be trained to answer from)."""
+    return hit.model_copy(update={"text": truncate_text(hit.text, max_chars)})
+
+
 def format_passages(passages: list[Hit], max_chars: int) -> str:
     """Passages numbered from 1 as ``"[n] Title\\ntext"``, separated by blank lines.
 

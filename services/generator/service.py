@@ -28,6 +28,7 @@ from shared.prompt import (
     NO_ANSWER,
     build_messages,
     clean_answer,
+    cut_hit,
     parse_citations,
     truncate_text,
 )
@@ -332,7 +333,7 @@ class GeneratorService:
         if partial is not None:
             kept, inputs = [*kept, partial[0]], partial[1]
         if not kept:
-            shortest = self._encode(question, [_cut(passages[0], MIN_PARTIAL_CHARS)])
+            shortest = self._encode(question, [cut_hit(passages[0], MIN_PARTIAL_CHARS)])
             raise GenerationError(
                 f"generator: the question with even the first passage cut to "
                 f"{MIN_PARTIAL_CHARS} characters needs {_length(shortest)} prompt tokens, over "
@@ -354,17 +355,13 @@ class GeneratorService:
         low, high, best = MIN_PARTIAL_CHARS, len(text) - 1, None
         while low <= high:
             middle = (low + high) // 2
-            cut = _cut(hit, middle)
+            cut = cut_hit(hit, middle)
             inputs = self._encode(question, [*kept, cut])
             if _length(inputs) <= budget:
                 best, low = (cut, inputs), middle + 1
             else:
                 high = middle - 1
         return best
-
-
-def _cut(hit: Hit, max_chars: int) -> Hit:
-    return hit.model_copy(update={"text": truncate_text(hit.text, max_chars)})
 
 
 def _length(inputs) -> int:

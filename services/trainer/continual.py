@@ -73,7 +73,7 @@ from services.trainer.generator import (
 from shared import datasets
 from shared.datasets import QAItem
 from shared.metrics import contains
-from shared.prompt import truncate_text
+from shared.prompt import cut_hit
 from shared.schemas import Document, Hit
 
 log = logging.getLogger(__name__)
@@ -655,9 +655,7 @@ class ExampleCache:
             if key not in self._built:
                 # Targets from the passages as the prompt shows them (cut to
                 # max_passage_chars): an answer past the cut is not in the prompt to cite.
-                shown = [h.model_copy(update={"text": truncate_text(h.text, self.sft
-                                                                    .max_passage_chars)})
-                         for h in rec.passages]
+                shown = [cut_hit(h, self.sft.max_passage_chars) for h in rec.passages]
                 self._built[key] = build_examples(
                     [rec.item], {rec.item.question: shown}, self.enc, self.sft,
                     abstain_fraction=self.sft.abstain_fraction)

@@ -34,7 +34,7 @@ from services.trainer.retriever import RetrieverTrainConfig, pretrain_retriever,
 from shared import datasets
 from shared.datasets import QAItem
 from shared.models.encoder import Encoder
-from shared.prompt import NO_ANSWER, truncate_text
+from shared.prompt import NO_ANSWER, cut_hit
 from shared.registry import META_FILE, Registry
 from shared.schemas import Document, ModelVersion, PackagedSet, TrainJob
 from shared.settings import Settings
@@ -98,17 +98,16 @@ def job_corpus(job: TrainJob, settings: Settings) -> list[Document]:
         return datasets.load_corpus(job.data.corpus_limit)
     from services.sparse.service import SparseService
 
-    if not has_indexed_corpus(settings):
+    docs: list[Document] = []
+    if has_indexed_corpus(settings):  # never create a store just to find it empty
+        store = SparseService.from_settings(settings)
+        try:
+            docs = store.documents()
+        finally:
+            store.close()
+    if not docs:
         raise ValueError(f"no indexed documents under {settings.sparse_dir}: ingest some "
                          "first, or train on the packaged corpus (data.corpus: packaged)")
-    store = SparseService.from_settings(settings)
-    try:
-        docs = store.documents()
-    finally:
-        store.close()
-    if not docs:
-        raise ValueError(f"no indexed documents in {settings.sparse_dir}: ingest some first, "
-                         "or train on the packaged corpus (data.corpus: packaged)")
     return docs[:job.data.corpus_limit] if job.data.corpus_limit else docs
 
 
@@ -368,8 +367,7 @@ def serving_buffer(config: ContinualJobConfig, registry: Registry,
 def shows_answer(rec: continual.Record, config: continual.ContinualConfig) -> bool:
     """Whether ``rec``'s first ``top_k`` passages, cut as the prompt shows them, hold one of
     its answers (its training target is an answer, not "I don't know.")."""
-    shown = [h.model_copy(update={"text": truncate_text(h.text, config.max_passage_chars)})
-             for h in rec.passages[:config.top_k]]
+    shown = [cut_hit(h, config.max_passage_chars) for h in rec.passages[:config.top_k]]
     return answer_target(rec.item, shown) != NO_ANSWER
 
 
