@@ -64,7 +64,6 @@ Decoder-only generators only: the layer subset and the target alignment assume o
 from __future__ import annotations
 
 import gc
-import inspect
 import logging
 import math
 import os
@@ -84,7 +83,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from services.evaluation import qa
 from services.trainer import loop
 from services.trainer.generator import (
-    IGNORE,
     BatchOrder,
     Encoding,
     Example,
@@ -92,6 +90,7 @@ from services.trainer.generator import (
     build_examples,
     collate,
     end_token,
+    target_logits,
     write_report,
 )
 from shared.datasets import QAItem
@@ -262,33 +261,6 @@ def parameter_count(model) -> int:
 
 
 # --- the teacher cache ------------------------------------------------------------------------
-def target_logits(model, batch: Mapping[str, torch.Tensor],
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits (B, S, V) float32, targets (B, S), mask (B, S) bool) of a decoder-only model on a
-    ``collate``d batch: column j holds the logits that predict a row's j-th target token
-    (aligned at the target's start, as ``generator.target_logprobs`` aligns its log-probs);
-    past a row's target the mask is False and the target -100. Only the logits from the
-    batch's earliest target on are computed when the model accepts ``logits_to_keep``."""
-    labels = batch["labels"]
-    labelled = labels != IGNORE
-    width = labels.shape[1]
-    lengths = labelled.sum(-1)
-    starts = labelled.int().argmax(-1)  # a target's tokens are contiguous
-    span, first = int(lengths.max()), int(starts.min())
-    keep = width - first + 1  # from position first - 1, which predicts token first
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kwargs = ({"logits_to_keep": keep}
-              if "logits_to_keep" in inspect.signature(base.forward).parameters else {})
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   **kwargs).logits[:, -keep:]
-    steps = torch.arange(span, device=labels.device)
-    columns = ((starts - first)[:, None] + steps[None, :]).clamp(max=keep - 1)
-    logits = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))
-    mask = steps[None, :] < lengths[:, None]
-    targets = labels.gather(1, (starts[:, None] + steps[None, :]).clamp(max=width - 1))
-    return logits.float(), targets.masked_fill(~mask, IGNORE), mask
-
-
 @dataclass
 class TeacherCache:
     """The teacher's top-k logits on every target token of ``examples``: row ``offsets[i] + j``

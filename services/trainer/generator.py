@@ -291,6 +291,34 @@ def _keeps_logits(model) -> bool:
     return "logits_to_keep" in inspect.signature(_base_model(model).forward).parameters
 
 
+def target_logits(model, batch: Mapping[str, torch.Tensor],
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (B, S, V) float32, targets (B, S), mask (B, S) bool) of a decoder-only model on a
+    ``collate``d batch: column j holds the logits that predict a row's j-th target token
+    (aligned at the target's start, as ``target_logprobs`` aligns its log-probs); past a row's
+    target the mask is False and the target -100. Only the logits from the batch's earliest
+    target on are computed when the model accepts ``logits_to_keep`` (the vocabulary
+    projection of a whole long prompt is the largest activation of a step)."""
+    labels = batch["labels"]
+    labelled = labels != IGNORE
+    width = labels.shape[1]
+    lengths = labelled.sum(-1)
+    starts = labelled.int().argmax(-1)  # a target's tokens are contiguous
+    span, first = int(lengths.max()), int(starts.min())
+    keep = width - first + 1  # logits from position first - 1, which predicts token first
+    kwargs = {"logits_to_keep": keep} if _keeps_logits(model) else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   **kwargs).logits[:, -keep:]
+    steps = torch.arange(span, device=labels.device)
+    # target token j of row r sits at starts[r] + j; the logit before it is column
+    # starts[r] + j - first of the kept ones
+    columns = ((starts - first)[:, None] + steps[None, :]).clamp(max=keep - 1)
+    logits = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))
+    mask = steps[None, :] < lengths[:, None]
+    targets = labels.gather(1, (starts[:, None] + steps[None, :]).clamp(max=width - 1))
+    return logits.float(), targets.masked_fill(~mask, IGNORE), mask
+
+
 def target_logprobs(model, batch: Mapping[str, torch.Tensor], *, seq2seq: bool,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each target token, mask) for a ``collate``d batch, both (batch, T) with T the
@@ -298,9 +326,7 @@ def target_logprobs(model, batch: Mapping[str, torch.Tensor], *, seq2seq: bool,
     (so rows with one target line up token by token, as RAG-Token needs); past a row's
     target the mask is 0 and the log-prob 0. Log-probs are float32.
 
-    Decoder-only: only the logits from the batch's earliest target on are computed when the
-    model accepts ``logits_to_keep`` (the vocabulary projection of a whole long prompt is the
-    largest activation of a step), and only the target positions go through log-softmax.
+    Decoder-only: ``target_logits``, so only the target positions go through log-softmax.
     """
     labels = batch["labels"]
     if seq2seq:
@@ -310,23 +336,7 @@ def target_logprobs(model, batch: Mapping[str, torch.Tensor], *, seq2seq: bool,
         targets = labels
         mask = targets != IGNORE
     else:
-        labelled = labels != IGNORE
-        width = labels.shape[1]
-        lengths = labelled.sum(-1)
-        starts = labelled.int().argmax(-1)  # a target's tokens are contiguous
-        span, first = int(lengths.max()), int(starts.min())
-        keep = width - first + 1  # logits from position first - 1, which predicts token first
-        kwargs = {"logits_to_keep": keep} if _keeps_logits(model) else {}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       **kwargs).logits[:, -keep:]
-        steps = torch.arange(span, device=labels.device)
-        # target token j of row r sits at starts[r] + j; the logit before it is column
-        # starts[r] + j - first of the kept ones
-        columns = ((starts - first)[:, None] + steps[None, :]).clamp(max=keep - 1)
-        logits = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))
-        mask = steps[None, :] < lengths[:, None]
-        targets = labels.gather(1, (starts[:, None] + steps[None, :]).clamp(max=width - 1))
-        targets = targets.masked_fill(~mask, IGNORE)
+        logits, targets, mask = target_logits(model, batch)
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked * mask, mask
