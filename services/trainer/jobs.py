@@ -267,9 +267,10 @@ def run_distill(p: Prepared, settings: Settings, run_dir: Path, progress, should
 def run_distill_retriever(p: Prepared, settings: Settings, run_dir: Path, progress,
                           should_stop) -> list[Output]:
     """Reader -> query encoder (``services/trainer/rerank_distill.py``): the serving
-    generator's answer likelihoods over each training question's retrieved passages teach the
-    serving query encoder; documents keep the serving passage vectors (no re-index). No
-    document labels needed. (The reranker's distillation has no job kind yet: the registry
+    generator's likelihoods (``reader_signal``) over each training question's retrieved
+    passages, with the serving query encoder as the prior (``prior_weight``), teach that
+    encoder; documents keep the serving passage vectors (no re-index). No document labels
+    needed. (The reranker's distillation has no job kind yet: the registry
     holds no "reranker" kind to version it under.)"""
     config: RankDistillConfig = p.config
     registry = Registry(settings.checkpoint_dir)
@@ -283,7 +284,8 @@ def run_distill_retriever(p: Prepared, settings: Settings, run_dir: Path, progre
         with _retrieval(settings, registry, corpus, device) as retrieval:
             model, tokenizer = serving_generator(settings, registry)
             return reader_loglik(model, tokenizer, p.splits["train"], retrieval,
-                                 config.n_passages, max_passage_chars=config.max_passage_chars,
+                                 config.n_passages, signal=config.reader_signal,
+                                 max_passage_chars=config.max_passage_chars,
                                  batch_size=config.reader_batch_size)
 
     lists = cached_reader_scores(run_dir, score)  # a resumed job does not load the reader

@@ -2,21 +2,31 @@
 and the cross-encoder reranker — which passages help it answer.
 
 For a training question x with gold answer y and its top ``n_passages`` retrieved passages
-z_1..z_n, the reader scores each passage by the answer's log-likelihood given that passage
-alone, in serving's prompt (one passage per prompt, as ``services/trainer/joint.py`` reads
-them):
+z_1..z_n, the reader reads each passage alone, in serving's prompt (one passage per prompt, as
+``services/trainer/joint.py`` reads them), followed by y, and scores it by a log-likelihood
+(``reader_signal``; one forward gives all three, ``reader_signals``):
 
-    ℓ_i = log p_reader(y | x, z_i)            (sum over y's tokens, no end token)
-    p_reader(z_i | x) = softmax_i(ℓ_i / reader_temperature)
+    answer           ℓ_i = log p_reader(y | x, z_i)   (sum over y's tokens, no end token)
+    question         ℓ_i = log p_reader(x | z_i)      (x as serving's prompt words it)
+    question_answer  ℓ_i = log p_reader(x, y | z_i)   (both sums)
 
-and the ranker's distribution over the same passages is trained towards it with a loss chosen
-by name from ``LOSSES`` (Izacard & Grave 2021, "Distilling Knowledge from Reader to
-Retriever for Question Answering": the reader's relevance as a soft target over the retrieved
-passages, KL to the retriever's softmax). Their reader signal is the cross-attention of a
-fusion-in-decoder model; a decoder-only reader has none over separate passages, so the signal
-here is the answer likelihood, as in REPLUG's LM-supervised retrieval (Shi et al. 2023,
-"REPLUG: Retrieval-Augmented Black-Box Language Models", eq. 4). Only question/answer pairs are
-needed: no labelled positive document (``doc_ids`` are used by dev metrics only, when present).
+The target over the list is
+
+    p(z_i | x, y) = softmax_i(ℓ_i / reader_temperature + w · s⁰_i)
+
+with s⁰ the starting query encoder's logits and w = ``prior_weight``: w = 0 is the reader's
+own distribution (Izacard & Grave 2021, "Distilling Knowledge from Reader to Retriever for
+Question Answering"; with the answer signal, REPLUG's LM-supervised retrieval, Shi et al.
+2023, eq. 4); w = 1 is Bayes' rule with the retriever as the prior — the posterior RAG
+marginalises over (Lewis et al. 2020) and EMDR² trains towards (Sachan et al. 2021) — so the
+reader reorders what the retriever ranks rather than replacing it. The question signal is how
+well a passage explains the question (UPR, Sachan et al. 2022, "Improving Passage Retrieval
+with Zero-Shot Question Generation"; ART, Sachan et al. 2023, trains a retriever from it).
+The ranker's distribution over the same passages is trained towards the target with a loss
+chosen by name from ``LOSSES`` (KL to the ranker's softmax by default). Izacard & Grave's
+reader signal is the cross-attention of a fusion-in-decoder model; a decoder-only reader has
+none over separate passages, hence likelihoods. Only question/answer pairs are needed: no
+labelled positive document (``doc_ids`` are used by dev metrics only, when present).
 
 The reader scores are computed once (``reader_loglik``) and kept in the run folder
 (``cached_reader_scores``: ``reader_scores.json``, so a resumed job does not load the reader
@@ -56,12 +66,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tqdm import tqdm
 
 from services.evaluation import qa
 from services.evaluation.retrieval import ndcg_at_k
 from services.ranker.rerank import CrossEncoder
 from services.trainer import loop
 from services.trainer.generator import (
+    IGNORE,
     Example,
     collate,
     encode_example,
@@ -78,6 +90,7 @@ log = logging.getLogger(__name__)
 RETRIEVER_RUN = "distill_retriever"
 RERANKER_RUN = "distill_reranker"
 READER_FILE = "reader_scores.json"
+SIGNALS = ("answer", "question", "question_answer")
 RERANKER_DIR = "reranker"
 
 
@@ -135,15 +148,31 @@ def answer_target(item: QAItem) -> str:
     return item.answers[0].strip()
 
 
-@torch.no_grad()
-def reader_loglik(generator, tokenizer, items: Sequence[QAItem], retrieval: qa.Retrieval,
-                  n_passages: int, *, max_passage_chars: int = qa.SERVING_MAX_PASSAGE_CHARS,
-                  batch_size: int = 8) -> list[ReaderList]:
-    """For every answerable item (the others are skipped: they have no answer to score), the
-    reader's log p(answer | question, passage) for each of its first ``n_passages`` hits,
-    each passage alone in serving's prompt. ``generator`` is a decoder-only or encoder-decoder
-    LM; it is put in eval mode. Raises ValueError for ``n_passages`` < 1 and for a retrieval
-    without passages for a question."""
+def question_start(tokenizer, question: str, hit: Hit, max_passage_chars: int,
+                   prompt: Sequence[int]) -> int:
+    """Index in ``prompt`` (serving's prompt for ``question`` and ``hit`` alone) of the
+    question's first token: where it parts from the same prompt with an empty question.
+    Everything from there on is the question and the template's fixed end of the turn."""
+    empty = qa.prompt_ids(tokenizer, "", [hit], max_passage_chars)
+    shared = min(len(prompt), len(empty))
+    start = next((k for k in range(shared) if prompt[k] != empty[k]), shared)
+    if start >= len(prompt):
+        raise ValueError(f"question {question!r} not found in its prompt")
+    return start
+
+
+def reader_signals(generator, tokenizer, items: Sequence[QAItem], retrieval: qa.Retrieval,
+                   n_passages: int, *, max_passage_chars: int = qa.SERVING_MAX_PASSAGE_CHARS,
+                   batch_size: int = 8, progress: bool = False) -> dict[str, list[ReaderList]]:
+    """Every ``SIGNALS`` entry's lists from one forward per (question, passage): for every
+    answerable item (the others are skipped: they have no answer to score), each of its
+    first ``n_passages`` hits alone in serving's prompt, followed by the gold answer's tokens;
+    "answer" sums the answer's log-probs, "question" the question's (from its first token to
+    the end of the prompt: the template's end of turn is the same after every passage), and
+    "question_answer" both. ``generator`` is a decoder-only or encoder-decoder LM, put in eval
+    mode; an encoder-decoder reads the question in its encoder and gives "answer" only.
+    ``progress`` shows a bar over the forwards. Raises ValueError for ``n_passages`` < 1 and
+    for a retrieval without passages for a question."""
     if n_passages < 1:
         raise ValueError(f"`n_passages` has to be a positive integer, but is {n_passages}")
     usable = [i for i in items if i.answerable and i.answers and answer_target(i)]
@@ -152,7 +181,7 @@ def reader_loglik(generator, tokenizer, items: Sequence[QAItem], retrieval: qa.R
     pad = qa.pad_id(tokenizer, qa.eos_ids(generator, tokenizer))
     generator.eval()
     device = next(generator.parameters()).device
-    rows: list[tuple[int, int, Example]] = []
+    rows: list[tuple[int, int, int, Example]] = []  # (item, passage, answer tokens, example)
     for r, item in enumerate(usable):
         hits = found[item.question]
         if not hits:
@@ -163,25 +192,54 @@ def reader_loglik(generator, tokenizer, items: Sequence[QAItem], retrieval: qa.R
             # The answer's tokens only: what follows them (an end token, a citation marker,
             # the rest of a sentence) depends on the reader's answer format, not the passage.
             input_ids, labels = encode_example(prompt, answer, seq2seq=seq2seq)
-            rows.append((r, c, Example(id=item.id, kind="reader", target="",
-                                       passages=(hit.doc_id,), input_ids=input_ids,
-                                       labels=labels)))
-    scores: dict[tuple[int, int], float] = {}
+            if not seq2seq:
+                start = question_start(tokenizer, item.question, hit, max_passage_chars,
+                                       prompt)
+                labels = (IGNORE,) * start + input_ids[start:]
+            rows.append((r, c, len(answer), Example(
+                id=item.id, kind="reader", target="", passages=(hit.doc_id,),
+                input_ids=input_ids, labels=labels)))
+    scores: dict[tuple[int, int], tuple[float, float]] = {}  # (question, answer) sums
     # Similar lengths together: less padding per batch.
-    rows.sort(key=lambda row: len(row[2].input_ids))
-    for start in range(0, len(rows), batch_size):
+    rows.sort(key=lambda row: len(row[3].input_ids))
+    for start in tqdm(range(0, len(rows), batch_size), desc="reader scores", unit="batch",
+                      disable=not progress):
         chunk = rows[start:start + batch_size]
         batch = {k: v.to(device) for k, v in
-                 collate([e for _, _, e in chunk], pad, seq2seq=seq2seq).items()}
-        lp, mask = target_logprobs(generator, batch, seq2seq=seq2seq)
-        sums = (lp * mask).sum(-1).tolist()
-        for (r, c, _), value in zip(chunk, sums, strict=True):
-            scores[(r, c)] = value
-    return [ReaderList(item_id=item.id, question=item.question,
-                       doc_ids=tuple(h.doc_id for h in found[item.question]),
-                       loglik=tuple(round(scores[(r, c)], 5)
-                                    for c in range(len(found[item.question]))))
-            for r, item in enumerate(usable)]
+                 collate([e for *_, e in chunk], pad, seq2seq=seq2seq).items()}
+        with torch.no_grad():
+            lp, mask = target_logprobs(generator, batch, seq2seq=seq2seq)
+        for (r, c, n_answer, _), row, n in zip(chunk, lp.tolist(), mask.sum(-1).tolist(),
+                                               strict=True):
+            n = int(n)
+            scores[(r, c)] = (sum(row[:n - n_answer]), sum(row[n - n_answer:n]))
+    parts = {"answer": lambda q, a: a, "question": lambda q, a: q,
+             "question_answer": lambda q, a: q + a}
+    signals = ("answer",) if seq2seq else SIGNALS
+    return {signal: [
+        ReaderList(item_id=item.id, question=item.question,
+                   doc_ids=tuple(h.doc_id for h in found[item.question]),
+                   loglik=tuple(round(parts[signal](*scores[(r, c)]), 5)
+                                for c in range(len(found[item.question]))))
+        for r, item in enumerate(usable)] for signal in signals}
+
+
+def reader_loglik(generator, tokenizer, items: Sequence[QAItem], retrieval: qa.Retrieval,
+                  n_passages: int, *, signal: str = "answer",
+                  max_passage_chars: int = qa.SERVING_MAX_PASSAGE_CHARS,
+                  batch_size: int = 8, progress: bool = False) -> list[ReaderList]:
+    """``reader_signals``' lists for one ``signal``: ℓ_i = log p(answer | question, z_i)
+    ("answer"), log p(question | z_i) ("question") or their sum, log p(question, answer | z_i)
+    ("question_answer"). Raises ValueError for an unknown signal and for a question signal
+    with an encoder-decoder reader (its question is encoder input, not scored)."""
+    if signal not in SIGNALS:
+        raise ValueError(f"unknown reader signal {signal!r}; known: {', '.join(SIGNALS)}")
+    if signal != "answer" and qa.is_seq2seq(generator):
+        raise ValueError(f"reader signal {signal!r} needs a decoder-only reader: an "
+                         "encoder-decoder reads the question, it does not predict it")
+    return reader_signals(generator, tokenizer, items, retrieval, n_passages,
+                          max_passage_chars=max_passage_chars, batch_size=batch_size,
+                          progress=progress)[signal]
 
 
 def save_reader_scores(path: Path, lists: Sequence[ReaderList]) -> None:
@@ -219,8 +277,17 @@ class RankDistillConfig(BaseModel):
     """A reader → ranker run (either ranker; saved with its state and model).
 
     ``n_passages``: passages per question the reader scores and the ranker is trained over.
-    ``reader_temperature`` divides the reader's log-likelihoods (1: the likelihoods themselves,
-    REPLUG); ``temperature`` divides the query encoder's cosine similarities (0.05 as in the
+    ``reader_signal`` (``reader_signals``): which tokens' log-likelihood scores a passage — the
+    answer's (REPLUG, Atlas's perplexity distillation), the question's (UPR/ART: how well
+    the passage explains the question) or both. ``reader_temperature`` divides the reader's
+    log-likelihoods (1: the likelihoods themselves, REPLUG). ``prior_weight`` > 0 adds the
+    starting query encoder's logits (query encoder only, see ``distill_retriever``). The
+    defaults, question and 1, are the best on the packaged dev splits with the packaged
+    reader (``bench/distill.py``, every signal with and without the prior): its answer
+    likelihood follows how often a passage names the answer, not whether it is the one that
+    answers (the Vilnius article outscores the Lithuania article for Lithuania's capital), and
+    taught alone it lowers recall.
+    ``temperature`` divides the query encoder's cosine similarities (0.05 as in the
     supervised retriever; the reranker's logits carry their own scale and use none).
     ``eval_steps``: dev evaluation period (retriever: dense MRR@10 on dev items with
     ``doc_ids``; reranker: nDCG@10 on dev candidate lists with ``doc_ids``), the best kept.
@@ -230,7 +297,9 @@ class RankDistillConfig(BaseModel):
 
     loss: str = "kl"
     n_passages: int = Field(8, ge=2, le=200)
+    reader_signal: Literal["answer", "question", "question_answer"] = "question"
     reader_temperature: float = Field(1.0, gt=0, le=100)
+    prior_weight: float = Field(1.0, ge=0, le=100)
     temperature: float = Field(0.05, gt=0, le=10)
     lr: float = Field(2e-5, gt=0, le=1)
     weight_decay: float = Field(0.01, ge=0, le=1)
@@ -255,7 +324,7 @@ class RankDistillConfig(BaseModel):
                              f"{', '.join(LOSSES)}")
         return value
 
-    @field_validator("reader_temperature", "temperature", "lr", "grad_clip")
+    @field_validator("reader_temperature", "prior_weight", "temperature", "lr", "grad_clip")
     @classmethod
     def _finite(cls, value: float, info) -> float:
         if not math.isfinite(value):
@@ -286,14 +355,18 @@ class RankDistillResult:
 
 
 def _tensors(lists: Sequence[ReaderList], rows: Sequence[int], config: RankDistillConfig,
+             prior: Sequence[Sequence[float]] | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(teacher logits (B, n) = loglik / reader_temperature, mask (B, n)) for ``rows``."""
+    """(teacher logits (B, n) = loglik / reader_temperature [+ prior_weight · prior], mask
+    (B, n)) for ``rows``."""
     width = max(len(lists[r].loglik) for r in rows)
     teacher = torch.zeros((len(rows), width))
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for b, r in enumerate(rows):
         n = len(lists[r].loglik)
         teacher[b, :n] = torch.tensor(lists[r].loglik) / config.reader_temperature
+        if prior is not None:
+            teacher[b, :n] += config.prior_weight * torch.tensor(prior[r])
         mask[b, :n] = True
     return teacher, mask
 
@@ -317,12 +390,15 @@ def _fit(run_kind: str, config: RankDistillConfig, model: torch.nn.Module,
          student_scores: Callable[[Sequence[ReaderList]], torch.Tensor],
          evaluate: Callable[[], dict[str, float]] | None, best_metric: str, store: _Store,
          run_dir: Path, data: str, progress: loop.ProgressFn | None,
-         should_stop: Callable[[], bool] | None, resume: bool) -> RankDistillResult:
+         should_stop: Callable[[], bool] | None, resume: bool,
+         prior: Sequence[Sequence[float]] | None = None) -> RankDistillResult:
     """The loop both rankers share. Reads top to bottom: set-up, resume, steps, the result.
 
     ``model`` holds the trained weights; ``student_scores`` gives (B, n) logits for a batch of
     lists (padding columns are masked by the loss); ``evaluate`` (None: no dev data) returns
-    dev metrics, the best by ``best_metric`` is saved, else the last step is."""
+    dev metrics, the best by ``best_metric`` is saved, else the last step is. ``prior``:
+    per list, the starting ranker's logits over its passages (the target is then the
+    posterior, ``_tensors``)."""
     loss_fn = LOSSES[config.loss]
     device = next(model.parameters()).device
     per_epoch = math.ceil(len(lists) / config.batch_size)
@@ -334,13 +410,14 @@ def _fit(run_kind: str, config: RankDistillConfig, model: torch.nn.Module,
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
 
     def mean_kl() -> float:
-        """Mean listwise KL to the reader over every training list (eval mode, no dropout)."""
+        """Mean listwise KL to the target over every training list (eval mode, no
+        dropout)."""
         model.eval()
         total = 0.0
         with torch.no_grad():
             for start in range(0, len(lists), config.batch_size):
                 rows = list(range(start, min(start + config.batch_size, len(lists))))
-                teacher, mask = _tensors(lists, rows, config)
+                teacher, mask = _tensors(lists, rows, config, prior)
                 scores = student_scores([lists[r] for r in rows]).float().cpu()
                 total += float(listwise_kl(scores, teacher, mask)) * len(rows)
         model.train()
@@ -386,7 +463,7 @@ def _fit(run_kind: str, config: RankDistillConfig, model: torch.nn.Module,
         epoch, index = divmod(step, per_epoch)
         rows = _order(config.seed, epoch, len(lists))[index * config.batch_size:
                                                      (index + 1) * config.batch_size]
-        teacher, mask = _tensors(lists, rows, config)
+        teacher, mask = _tensors(lists, rows, config, prior)
         scores = student_scores([lists[r] for r in rows])
         loss = loss_fn(scores.float(), teacher.to(device), mask.to(device))
         optimizer.zero_grad(set_to_none=True)
@@ -456,6 +533,9 @@ def distill_retriever(config: RankDistillConfig, encoder: Encoder, lists: Sequen
     Saves ``run_dir/model`` (``loop.save_model``; meta kind="retriever", mode="query",
     reindex=false, objective="reader_distillation"): the best by dev MRR@10 over the
     ``dev_items`` that have ``doc_ids`` (the starting encoder included), else the last.
+    With ``prior_weight`` w > 0 the target over a list is the posterior
+    softmax(ℓ / reader_temperature + w · s⁰), s⁰ the starting encoder's logits (fixed): the
+    reader reorders what the retriever already ranks rather than replacing it.
     Resumes a state of the same config and data. Raises ValueError for no list, a passage not
     in ``corpus``, ``doc_vectors`` of the wrong shape; ``loop.Cancelled`` on cancel.
     """
@@ -484,6 +564,16 @@ def distill_retriever(config: RankDistillConfig, encoder: Encoder, lists: Sequen
         # Only the query side carries gradients: the passage vectors are the index's.
         return (queries[:, None, :] * index[rows]).sum(-1) / config.temperature
 
+    prior: list[list[float]] | None = None
+    if config.prior_weight:  # the starting encoder's logits, fixed: p(z | x) of the posterior
+        model.eval()
+        prior = []
+        with torch.no_grad():
+            for start in range(0, len(lists), config.batch_size):
+                batch = lists[start:start + config.batch_size]
+                logits = student_scores(batch).float().cpu().tolist()
+                prior += [row[:len(r.loglik)] for row, r in zip(logits, batch, strict=True)]
+
     def evaluate() -> dict[str, float]:
         model.eval()
         return dev_metrics(trained, doc_vectors, corpus, judged)
@@ -506,7 +596,7 @@ def distill_retriever(config: RankDistillConfig, encoder: Encoder, lists: Sequen
     store = _Store(run_dir / loop.MODEL_DIR, save, load)
     return _fit(RETRIEVER_RUN, config, model, lists, student_scores,
                 evaluate if judged else None, "mrr@10", store, run_dir, data, progress,
-                should_stop, resume)
+                should_stop, resume, prior)
 
 
 # --- reader -> cross-encoder reranker ---------------------------------------------------------
@@ -553,10 +643,15 @@ def distill_reranker(config: RankDistillConfig, reranker: CrossEncoder,
     reordered, over the ``dev_items`` with ``doc_ids`` (the starting reranker included), else
     the last. On return ``reranker`` holds the saved weights. Resumes a state of the same
     config and data. Raises ValueError for no list or a passage not in ``corpus``;
-    ``loop.Cancelled`` on cancel.
+    ``loop.Cancelled`` on cancel. The target is the reader's own distribution: a new
+    reranker's head is random, with no prior ranking to keep, so ``prior_weight`` (the query
+    encoder's) is not used, and setting it above 0 for a reranker is refused.
     """
     from services.ranker.rerank import HEAD_FILE
 
+    if "prior_weight" in config.model_fields_set and config.prior_weight:
+        raise ValueError("`prior_weight` is for the query encoder: a new reranker has no "
+                         "prior ranking to keep; use 0")
     run_dir = Path(run_dir)
     texts = {d.doc_id: passage_text(d) for d in corpus}
     _check_lists(lists, texts)

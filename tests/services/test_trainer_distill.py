@@ -38,7 +38,7 @@ from services.trainer.retriever import dev_metrics
 from shared.datasets import QAItem
 from shared.models.encoder import Encoder
 from shared.schemas import Document, Hit
-from tests.tiny import bpe_tokenizer, tiny_bert, tiny_llama, toy_task
+from tests.tiny import bpe_tokenizer, tiny_bert, tiny_llama, tiny_t5, toy_task
 
 V = 20  # vocabulary of the hand-made logits
 
@@ -153,6 +153,8 @@ def test_distill_config_refuses_bad_values_by_name(kwargs, message):
     ({"loss": "mse"}, "unknown ranking distillation loss 'mse'; known: kl, bce"),
     ({"n_passages": 1}, "input_value=1"),
     ({"reader_temperature": -1}, "input_value=-1"),
+    ({"reader_signal": "words"}, "reader_signal"),
+    ({"prior_weight": float("nan")}, "prior_weight"),
     ({"doc_ids": ["a"]}, "Extra inputs are not permitted"),
 ])
 def test_rank_distill_config_refuses_bad_values_by_name(kwargs, message):
@@ -441,6 +443,41 @@ def test_reader_scores_each_passage_alone_and_skips_unanswerable_items(tok, tmp_
         rd.reader_loglik(reader, tok, items, passages, 0)
 
 
+def test_reader_signals_score_the_question_and_the_answer_in_one_forward(tok):
+    """"question" sums the log-probs from the question's first token to the end of the
+    prompt, "answer" the answer's, "question_answer" both: each checked against a hand-built
+    example of the same prompt."""
+    items, passages, _ = toy_task(2)
+    reader = tiny_llama(tok)
+    signals = rd.reader_signals(reader, tok, items, passages, 3, batch_size=2)
+    assert set(signals) == set(rd.SIGNALS)
+    assert signals["answer"] == rd.reader_loglik(reader, tok, items, passages, 3)
+    item, hit = items[1], passages[items[1].question][2]
+    prompt = qa.prompt_ids(tok, item.question, [hit], qa.SERVING_MAX_PASSAGE_CHARS)
+    start = rd.question_start(tok, item.question, hit, qa.SERVING_MAX_PASSAGE_CHARS, prompt)
+    assert tok.decode(prompt[start:]).strip().startswith(item.question.strip())
+    assert item.question not in tok.decode(prompt[:start])
+    example = Example(id="x", kind="x", target="", passages=(), input_ids=tuple(prompt),
+                      labels=tuple([IGNORE] * start + prompt[start:]))
+    with torch.no_grad():
+        lp, mask = target_logprobs(reader, collate([example], tok.pad_token_id, seq2seq=False),
+                                   seq2seq=False)
+    question = float((lp * mask).sum())
+    assert signals["question"][1].loglik[2] == pytest.approx(question, abs=1e-3)
+    assert signals["question_answer"][1].loglik[2] == pytest.approx(
+        question + signals["answer"][1].loglik[2], abs=2e-3)
+    with pytest.raises(ValueError, match="unknown reader signal 'words'"):
+        rd.reader_loglik(reader, tok, items, passages, 3, signal="words")
+
+
+def test_an_encoder_decoder_reader_gives_the_answer_signal_only(tok):
+    items, passages, _ = toy_task(2)
+    reader = tiny_t5(tok)
+    assert set(rd.reader_signals(reader, tok, items, passages, 2)) == {"answer"}
+    with pytest.raises(ValueError, match="needs a decoder-only reader"):
+        rd.reader_loglik(reader, tok, items, passages, 2, signal="question")
+
+
 def toy_lists(n: int = 12, width: int = 4) -> tuple[list[Document], list[rd.ReaderList],
                                                   list[QAItem]]:
     """Documents "k<i> holds m<i>"; question i's list holds its document and ``width - 1``
@@ -468,8 +505,9 @@ def words():
                                    unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
 
 
+# The reader's own target (prior_weight 0): these toy readers are what the rankers must learn.
 FAST = {"lr": 3e-3, "batch_size": 4, "temperature": 0.1, "device": "cpu", "warmup_steps": 1,
-        "n_passages": 4}
+        "n_passages": 4, "prior_weight": 0.0}
 
 
 def test_reader_to_retriever_lowers_the_kl_and_leaves_the_index_alone(words, tmp_path):
@@ -507,6 +545,32 @@ def test_reader_to_retriever_needs_no_doc_ids(tok, tmp_path):
                                   dev_items=no_labels)
     assert result.kl_end < result.kl_start and result.best_step == result.steps
     assert result.metrics == {} and loop.read_meta(result.model_dir)["kind"] == "retriever"
+
+
+def test_with_the_retriever_as_prior_an_uninformative_reader_keeps_its_ranking(words, tmp_path):
+    """A reader that scores every passage alike: its target alone is uniform and unlearns the
+    ranking; with prior_weight 1 the target is the starting encoder's own distribution, so
+    the run starts at KL 0 and keeps the dev ranking."""
+    docs, lists, dev = toy_lists()
+    flat = [rd.ReaderList(r.item_id, r.question, r.doc_ids, (-2.0,) * len(r.doc_ids))
+            for r in lists]
+    encoder = bert_encoder(words)
+    vectors = encoder.encode([rd.passage_text(d) for d in docs])
+    taught = rd.distill_retriever(rd.RankDistillConfig(epochs=12, save_steps=100, **FAST),
+                                  encoder, lists, docs, vectors, tmp_path / "taught")
+    trained = Encoder(encoder.tokenizer, BertModel.from_pretrained(
+        taught.model_dir, add_pooling_layer=False).eval(), 8, 64)
+    start = dev_metrics(trained, vectors, docs, dev)
+    config = rd.RankDistillConfig(epochs=6, save_steps=100, **{**FAST, "prior_weight": 1.0})
+    kept = rd.distill_retriever(config, trained, flat, docs, vectors, tmp_path / "kept")
+    assert kept.kl_start == pytest.approx(0.0, abs=1e-4)
+    again = Encoder(encoder.tokenizer, BertModel.from_pretrained(
+        kept.model_dir, add_pooling_layer=False).eval(), 8, 64)
+    assert dev_metrics(again, vectors, docs, dev)["mrr@10"] == pytest.approx(
+        start["mrr@10"], abs=0.05)
+    alone = rd.distill_retriever(config.model_copy(update={"prior_weight": 0.0}), trained,
+                                 flat, docs, vectors, tmp_path / "alone")
+    assert alone.kl_start > 0.1
 
 
 def test_ranking_distillation_refuses_bad_inputs_and_resumes_after_cancel(words, tmp_path):
@@ -572,6 +636,9 @@ def test_reranker_distillation_improves_a_toy_ranking(words, tmp_path):
     assert loaded.score(question, texts) == pytest.approx(reranker.score(question, texts),
                                                           abs=1e-4)
     assert loop.read_meta(result.model_dir)["kind"] == "reranker"
+    with pytest.raises(ValueError, match="`prior_weight` is for the query encoder"):
+        rd.distill_reranker(config.model_copy(update={"prior_weight": 1.0}), reranker, lists,
+                            docs, tmp_path / "prior")
 
 
 def test_job_kinds_wire_the_distillation_configs():
