@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 
 import pytest
 
@@ -48,3 +49,26 @@ def run():
 
 def make_bus(redis_url: str, settings: RedisSettings, name: str | None = None) -> Bus:
     return Bus.connect(redis_url, settings, name)
+
+
+# --- leaving ---------------------------------------------------------------------------------
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave with pytest's exit status once everything is reported, without the interpreter's
+    finalisation: a native library (torch, gRPC, Ray's core worker) has been seen to crash
+    while Python tears its modules down after every test had passed, which turned a green run
+    into exit 139. Every server and child process a test started is stopped by its fixture
+    before this point; nothing is left to finalise but the interpreter itself."""
+    if _EXIT_STATUS not in config.stash:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(config.stash[_EXIT_STATUS])
+
