@@ -305,6 +305,10 @@ def _ask(state: dict, question: str, top_k: int | None, settings: Settings) -> d
 
 def _print_answer(answer: dict) -> None:
     _out(f"\nQ: {answer['question']}\nA: {answer['answer']}")
+    if answer.get("draft"):
+        _out(f"   (withheld, trust {answer['trust']:.2f}: {answer['draft']})")
+    elif answer.get("trust") is not None:
+        _out(f"   trust {answer['trust']:.2f}")
     for c in answer["citations"]:
         _out(f"   [{c['passage']}] {c['title']} ({c['doc_id']})")
     t = answer["timings_ms"]

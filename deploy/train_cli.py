@@ -269,8 +269,9 @@ def _print_models(view: RegistryView) -> None:
 # --- eval qa ----------------------------------------------------------------------------------
 def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
     """Answer the packaged question sets offline with the serving models (registry versions or
-    the packaged ones) through the serving pipeline, and print EM / F1 / contains /
-    abstention per set."""
+    the packaged ones) through the serving pipeline, withholding answers below
+    ``answer.min_trust`` as the QA front does, and print EM / F1 / contains / abstention per
+    set."""
     cli = _cli()
     import logging
 
@@ -299,13 +300,15 @@ def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
             report = evaluate_qa(model, tokenizer, sets, retrieval,
                                  top_k=settings.retrieval.top_k,
                                  max_passage_chars=settings.generator.max_passage_chars,
-                                 max_new_tokens=settings.generator.max_new_tokens)
+                                 max_new_tokens=settings.generator.max_new_tokens,
+                                 min_trust=settings.answer.min_trust)
     except ValueError as exc:
         raise cli.CLIError(str(exc)) from None
     serving = {k: getattr(registry.view(), k).serving or "base" for k in ("retriever",
                                                                          "generator")}
     cli._out(report.table(f"{args.split} split; retriever {serving['retriever']}, "
-                          f"generator {serving['generator']}"))
+                          f"generator {serving['generator']}, "
+                          f"min_trust {settings.answer.min_trust}"))
     output = (Path(args.output) if args.output else
               settings.home / "eval" / f"qa-{args.split}.json")
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -157,6 +157,36 @@ def parse_citations(answer: str, passages: list[Hit], *, question: str = "") -> 
     ]
 
 
+def support(answer: str, passages: list[Hit], *, question: str = "") -> float | None:
+    """How much of ``answer`` the passages back: the share of its content words (as
+    ``parse_citations`` counts them: ``\\w+`` tokens, lower-cased, without citation markers,
+    stopwords and words of ``question``) that occur in the passages' titles and texts.
+
+    1.0 when every such word is there; 0.0 when none is, or when the answer has no content
+    word at all (it only restates the question, e.g. "Denmark is the capital of Denmark.").
+    None for a ``NO_ANSWER`` or empty answer: there is nothing to back. A lexical check: an
+    answer that paraphrases its passage scores lower than one that quotes it.
+    """
+    if is_no_answer(answer):
+        return None
+    content = _words(_MARKER.sub(" ", answer)) - STOPWORDS - _words(question)
+    if not content:
+        return 0.0
+    evidence = set().union(*(_words(f"{hit.title} {hit.text}") for hit in passages))
+    return len(content & evidence) / len(content)
+
+
+def withhold(answer: str, passages: list[Hit], *, question: str,
+             min_trust: float) -> tuple[str, float | None, str | None]:
+    """``(answer, trust, draft)``: the answer to give, its ``support`` and, when that is below
+    ``min_trust``, ``NO_ANSWER`` in its place with the generator's words as ``draft``
+    (else ``draft`` is None). The QA front and the offline evaluation both apply it."""
+    trust = support(answer, passages, question=question)
+    if trust is not None and trust < min_trust:
+        return NO_ANSWER, trust, answer
+    return answer, trust, None
+
+
 def _words(text: str) -> set[str]:
     return {w.lower() for w in _WORD.findall(text)}
 

@@ -416,6 +416,12 @@ class QAResponse(Wire):
     passages: list[Passage]
     timings_ms: dict[str, float]
     request_id: str
+    trust: float | None = Field(None, description="share of the generator's answer that its "
+                                "passages back (shared.prompt.support), 0..1; None when it "
+                                "said it does not know")
+    draft: str | None = Field(None, description="the generator's answer when its trust was "
+                              "below answer.min_trust and `answer` says \"I don't know.\" "
+                              "instead; None otherwise")
 
 
 class StreamStatus(Wire):

@@ -129,6 +129,15 @@ class FeedbackSettings(BaseModel):
                                    "method, tolerance, regression set, ...)")
 
 
+class AnswerSettings(BaseModel):
+    """What the QA front does with the generator's answer before it returns it."""
+
+    min_trust: float = Field(0.25, ge=0, le=1, description="answers whose trust (the share of "
+                             "their content words found in the passages, shared.prompt.support) "
+                             "is below this are withheld: the front answers \"I don't know.\" "
+                             "and returns the generator's words as `draft`; 0 = never withhold")
+
+
 class LimitSettings(BaseModel):
     max_question_chars: int = Field(1_000, ge=1)
     max_title_chars: int = Field(1_000, ge=1)
@@ -204,6 +213,7 @@ class Settings(BaseSettings):
     rerank: RerankSettings = RerankSettings()
     trainer: TrainerSettings = TrainerSettings()
     feedback: FeedbackSettings = FeedbackSettings()
+    answer: AnswerSettings = AnswerSettings()
     limits: LimitSettings = LimitSettings()
     serve: ServeSettings = ServeSettings()
 

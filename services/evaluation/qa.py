@@ -46,7 +46,14 @@ from shared.datasets import QAItem
 from shared.metrics import contains, exact_match, token_f1
 from shared.models.encoder import Encoder
 from shared.models.generator import eos_ids
-from shared.prompt import NO_ANSWER, build_messages, clean_answer, is_no_answer, parse_citations
+from shared.prompt import (
+    NO_ANSWER,
+    build_messages,
+    clean_answer,
+    is_no_answer,
+    parse_citations,
+    withhold,
+)
 from shared.schemas import Document, Hit, IngestBatch, SearchRequest
 from shared.settings import GeneratorSettings, RetrievalSettings
 
@@ -321,10 +328,17 @@ class QARow:
     abstained: bool
     retrieved_gold: bool
     cited_gold: bool
+    trust: float | None = None
+    draft: str | None = None
 
 
-def score_row(item: QAItem, prediction: str, passages: Sequence[Hit]) -> QARow:
-    """Score one answer to ``item`` given the passages its prompt held."""
+def score_row(item: QAItem, prediction: str, passages: Sequence[Hit], *,
+              min_trust: float = 0.0) -> QARow:
+    """Score one answer to ``item`` given the passages its prompt held. As the QA front does
+    (``shared.prompt.withhold``), an answer whose trust is below ``min_trust`` is scored as
+    ``NO_ANSWER``; ``draft`` keeps it."""
+    prediction, trust, draft = withhold(prediction, list(passages), question=item.question,
+                                        min_trust=min_trust)
     answer = strip_citations(prediction)
     gold = set(item.doc_ids)
     cited = parse_citations(prediction, list(passages), question=item.question)
@@ -335,7 +349,7 @@ def score_row(item: QAItem, prediction: str, passages: Sequence[Hit]) -> QARow:
         em=exact_match(answer, item.answers), f1=token_f1(answer, item.answers),
         contains=contains(answer, item.answers), abstained=is_no_answer(prediction),
         retrieved_gold=any(h.doc_id in gold for h in passages),
-        cited_gold=any(c.doc_id in gold for c in cited))
+        cited_gold=any(c.doc_id in gold for c in cited), trust=trust, draft=draft)
 
 
 @dataclass(frozen=True)
@@ -438,12 +452,14 @@ def evaluate_qa(model, tokenizer, sets: Mapping[str, Sequence[QAItem]], retrieva
                 *, top_k: int = SERVING_TOP_K,
                 max_passage_chars: int = SERVING_MAX_PASSAGE_CHARS,
                 max_new_tokens: int = SERVING_MAX_NEW_TOKENS, batch_size: int = 8,
-                max_context_tokens: int | None = None) -> QAReport:
+                max_context_tokens: int | None = None, min_trust: float = 0.0) -> QAReport:
     """Answer every question of every named set from its top ``top_k`` passages and score it.
 
     ``sets`` maps a set name to its items; ``retrieval`` is a retriever or precomputed
-    passages (see ``retrieve``). Questions shared by several sets are answered once. Raises
-    ValueError when there is no question, for bad options and for missing passages.
+    passages (see ``retrieve``). Questions shared by several sets are answered once. Answers
+    whose trust is below ``min_trust`` count as abstentions (``score_row``), as the QA front
+    withholds them at ``answer.min_trust``. Raises ValueError when there is no question, for
+    bad options and for missing passages.
     """
     if not any(sets.values()):
         raise ValueError("no question to evaluate: every set is empty")
@@ -455,12 +471,12 @@ def evaluate_qa(model, tokenizer, sets: Mapping[str, Sequence[QAItem]], retrieva
                                      max_new_tokens=max_new_tokens, batch_size=batch_size,
                                      max_context_tokens=max_context_tokens)
     by_question = dict(zip(questions, zip(answers, kept, strict=True), strict=True))
-    rows = {name: [score_row(item, *by_question[item.question]) for item in items]
-            for name, items in sets.items()}
+    rows = {name: [score_row(item, *by_question[item.question], min_trust=min_trust)
+                   for item in items] for name, items in sets.items()}
     seconds = time.perf_counter() - started
     return QAReport(
         sets={name: summarise(r) for name, r in rows.items()}, rows=rows,
         config={"top_k": top_k, "max_passage_chars": max_passage_chars,
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                "decoding": "greedy"},
+                "decoding": "greedy", "min_trust": min_trust},
         seconds=round(seconds, 3), questions_per_s=round(len(questions) / seconds, 3))

@@ -17,6 +17,7 @@ from redis.exceptions import ResponseError
 
 from shared import keys
 from shared.bus import Bus, BusError
+from shared.prompt import withhold
 from shared.schemas import (
     WEIGHTED_MODES,
     AnswerChunk,
@@ -83,10 +84,15 @@ def _ms(start: float) -> float:
 
 
 def _response(question: str, retrieved: RetrieveResult, generated: GenerateResult,
-              retrieve_ms: float, generate_timings: dict[str, float],
-              request_id: str) -> QAResponse:
+              retrieve_ms: float, generate_timings: dict[str, float], request_id: str,
+              min_trust: float) -> QAResponse:
+    """The response; an answer whose trust is below ``min_trust`` is withheld: ``answer``
+    becomes ``NO_ANSWER`` without citations and ``draft`` keeps the generator's words."""
+    answer, trust, draft = withhold(generated.answer, retrieved.hits, question=question,
+                                    min_trust=min_trust)
+    citations = [] if draft is not None else generated.citations
     return QAResponse(
-        question=question, answer=generated.answer, citations=generated.citations,
+        question=question, answer=answer, citations=citations, trust=trust, draft=draft,
         passages=[Passage(rank=i, doc_id=h.doc_id, title=h.title, text=h.text, score=h.score)
                   for i, h in enumerate(retrieved.hits, start=1)],
         timings_ms={"retrieve": retrieve_ms,
@@ -158,13 +164,15 @@ class QAService:
             GenerateResult)
         timings = {"generate": _ms(start)}
         log.info("request %s answered in %.0f ms", request_id, retrieve_ms + timings["generate"])
-        return _response(question, retrieved, generated, retrieve_ms, timings, request_id)
+        return _response(question, retrieved, generated, retrieve_ms, timings, request_id,
+                         self.settings.answer.min_trust)
 
     async def answer_stream(self, req: QARequest,
                             request_id: str) -> AsyncIterator[AnswerChunk | QAResponse]:
         """``answer``, streamed: ``AnswerChunk``s while the answer is generated, then the
         ``QAResponse`` (always last; its ``answer`` is the authority, see
-        ``services.generator.streaming.streamable``; ``timings_ms`` adds
+        ``services.generator.streaming.streamable``, and says "I don't know." when the
+        streamed answer's trust is below ``answer.min_trust``; ``timings_ms`` adds
         ``generate.first_token``).
 
         Raises as ``answer`` does, input errors before anything is yielded. Closing the
@@ -183,7 +191,8 @@ class QAService:
             timings["generate"] = _ms(start)
             log.info("request %s streamed in %.0f ms", request_id,
                      retrieve_ms + timings["generate"])
-            yield _response(question, retrieved, item, retrieve_ms, timings, request_id)
+            yield _response(question, retrieved, item, retrieve_ms, timings, request_id,
+                            self.settings.answer.min_trust)
 
     async def _retrieve(self, req: QARequest):
         """``(question, generate request, retrieved, retrieve ms)`` for a question, checked."""

@@ -75,6 +75,7 @@ def test_streams_over_grpc_and_sse_equal_the_unary_answer(stack, client, ingeste
                         decoding=DecodingOptions(max_new_tokens=48))
     unary = client.answer(request)
     assert "Nairobi" in unary.answer and "Kenya" in [c.doc_id for c in unary.citations]
+    assert unary.trust is not None and unary.trust >= 0.5 and unary.draft is None
 
     *chunks, final = list(client.answer_stream(request))
     assert all(isinstance(c, AnswerChunk) for c in chunks) and len(chunks) > 1

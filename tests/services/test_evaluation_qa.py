@@ -59,6 +59,21 @@ def test_rows_and_set_metrics_by_hand():
                            questions_per_s=1.0).to_json())
 
 
+def test_an_answer_below_min_trust_is_scored_as_an_abstention():
+    unknown = QAItem(id="x", question="What is the capital of Atlantis?", answers=["Poseidonia"],
+                     doc_ids=[], answerable=False)
+    guessed = qa.score_row(unknown, "Poseidonia [1]", [TOKYO], min_trust=0.5)
+    assert guessed.abstained and guessed.prediction == NO_ANSWER
+    assert guessed.trust == 0.0 and guessed.draft == "Poseidonia [1]"
+    item = QAItem(id="fr", question="What is the capital of France?", answers=["Paris"],
+                  doc_ids=["geo-paris"], answerable=True)
+    kept = qa.score_row(item, "Paris [1]", [PARIS], min_trust=0.5)
+    assert (kept.em, kept.trust, kept.draft, kept.abstained) == (1.0, 1.0, None, False)
+    withheld = qa.score_row(item, "Paris [1]", [TOKYO], min_trust=0.5)
+    assert (withheld.em, withheld.contains, withheld.cited_gold) == (0.0, 0.0, False)
+    assert qa.summarise([kept, withheld]).answered_rate == 0.5
+
+
 # --- prompts ----------------------------------------------------------------------------------
 def test_prompt_is_serving_chat_prompt_or_plain_text_without_a_template(tokenizer):
     question = "What is the capital of France?"

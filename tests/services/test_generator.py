@@ -36,7 +36,9 @@ from shared.prompt import (
     clean_answer,
     format_passages,
     parse_citations,
+    support,
     truncate_text,
+    withhold,
 )
 from shared.schemas import DecodingOptions, GenerateRequest, Hit
 from shared.settings import Settings
@@ -172,6 +174,34 @@ def test_parse_citations_breaks_overlap_ties_by_the_title_the_answer_names():
 @pytest.mark.parametrize("answer", [NO_ANSWER, "i don't know. [1]", "I don’t know", "", "  "])
 def test_parse_citations_gives_none_for_no_answer(answer):
     assert parse_citations(answer, [FRANCE, GERMANY]) == []
+
+
+def test_support_is_the_share_of_new_answer_words_found_in_the_passages():
+    question = "What is the capital of France?"
+    assert support("The capital of France is Paris [2].", [GERMANY, FRANCE],
+                   question=question) == 1.0
+    # "Lyon" is in no passage, "Paris" is: one of two new words
+    assert support("Paris or Lyon", [FRANCE], question=question) == 0.5
+    # words of several passages together back an answer
+    assert support("Berlin and Tokyo", [GERMANY, JAPAN], question="Which capitals?") == 1.0
+    assert support("The capital of Chile is Santiago.", [FRANCE, GERMANY],
+                   question="What is the capital of Chile?") == 0.0
+    # an answer that only restates the question gives nothing to back
+    assert support("France is the capital of France.", [FRANCE], question=question) == 0.0
+    assert support("Paris", [], question=question) == 0.0
+    assert support(NO_ANSWER, [FRANCE]) is None and support(" ", [FRANCE]) is None
+
+
+def test_withhold_replaces_an_answer_below_min_trust_and_keeps_it_as_the_draft():
+    question = "What is the capital of Chile?"
+    assert withhold("Santiago [1].", [FRANCE], question=question, min_trust=0.5) == (
+        NO_ANSWER, 0.0, "Santiago [1].")
+    assert withhold("Santiago [1].", [FRANCE], question=question, min_trust=0.0) == (
+        "Santiago [1].", 0.0, None)
+    assert withhold("Paris [1].", [FRANCE], question=question, min_trust=1.0) == (
+        "Paris [1].", 1.0, None)
+    assert withhold(NO_ANSWER, [FRANCE], question=question, min_trust=1.0) == (
+        NO_ANSWER, None, None)
 
 
 # --- service mechanics: tiny random Llama + byte-level tokenizer ---------------------------

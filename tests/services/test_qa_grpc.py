@@ -17,7 +17,9 @@ from services.qa.grpc_api import SERVICE, QAGrpc, QAServicer, RpcFailure, add_se
 from services.qa.proto import qa_pb2
 from services.qa.service import QAService
 from shared.bus import Bus
+from shared.prompt import NO_ANSWER
 from shared.schemas import AnswerChunk, DecodingOptions, Document, Feedback, QARequest
+from shared.settings import AnswerSettings
 from tests.services.test_qa_http import INDEXED, _retriever, _serve_generator
 from tests.services.test_qa_http import settings as settings  # noqa: F401 - a fixture
 from tests.tiny import per_byte_tokenizer, serving_llama
@@ -92,6 +94,20 @@ def test_answer_and_stream_agree(client):
     assert "".join(c.text for c in chunks) == final.answer == unary.answer
     assert final.passages == unary.passages and final.citations == unary.citations
     assert "generate.first_token" in final.timings_ms
+
+
+def test_a_withheld_answer_and_its_trust_reach_the_client(keyed, flush):
+    # min_trust 1: the tiny model's bytes are not all in the France passage, so it is withheld
+    strict = keyed.model_copy(update={"answer": AnswerSettings(min_trust=1.0)})
+    tok = per_byte_tokenizer()
+    served = _serve(strict, GeneratorService(serving_llama(tok), tok, 1_000))
+    with QAClient(next(served), KEY, timeout_s=60) as client:
+        unary = client.answer(QUESTION)
+        *chunks, final = list(client.answer_stream(QUESTION))
+    next(served, None)
+    assert unary.answer == final.answer == NO_ANSWER and unary.citations == []
+    assert unary.trust is not None and unary.trust < 1.0
+    assert unary.draft and "".join(c.text for c in chunks) == final.draft == unary.draft
 
 
 def _bad(**decoding):

@@ -24,6 +24,7 @@ from services.qa.http import create_app
 from services.qa.service import InputError, QAService
 from shared import keys
 from shared.bus import BadRequest, Bus, Worker, routes
+from shared.prompt import NO_ANSWER
 from shared.schemas import (
     Citation,
     DecodingOptions,
@@ -40,7 +41,13 @@ from shared.schemas import (
     RetrieveResult,
     StatsRequest,
 )
-from shared.settings import FeedbackSettings, GeneratorSettings, LimitSettings, Settings
+from shared.settings import (
+    AnswerSettings,
+    FeedbackSettings,
+    GeneratorSettings,
+    LimitSettings,
+    Settings,
+)
 from tests.tiny import per_byte_tokenizer, serving_llama
 
 pytestmark = pytest.mark.usefixtures("flush")
@@ -86,7 +93,9 @@ def _generator(bus: Bus) -> Worker:
         GENERATED.append(req)
         if "explode" in req.question:
             raise BadRequest("the prompt cannot fit")
-        return GenerateResult(answer="Paris [1]", prompt_tokens=10, completion_tokens=3,
+        # the France passage names Paris, not Santiago: an answer it does not back
+        answer = "Santiago [1]" if "Chile" in req.question else "Paris [1]"
+        return GenerateResult(answer=answer, prompt_tokens=10, completion_tokens=3,
                               citations=[Citation(passage=1, doc_id=req.passages[0].doc_id,
                                                   title=req.passages[0].title)])
 
@@ -101,7 +110,10 @@ def settings(redis_url, redis_settings, tmp_path) -> Settings:
                                          max_documents_per_request=5, max_top_k=5,
                                          ingest_batch=2),
                     generator=GeneratorSettings(max_new_tokens=48, max_new_tokens_limit=64),
-                    feedback=FeedbackSettings(max_pending=5))
+                    feedback=FeedbackSettings(max_pending=5),
+                    # the stand-ins and the tiny models answer words no passage holds: these
+                    # tests see the generator's words as they are (the gate has its own test)
+                    answer=AnswerSettings(min_trust=0.0))
 
 
 @pytest.fixture
@@ -142,6 +154,24 @@ def test_answer_with_citations_passages_and_timings(client):
                                   "title": "France"}]
     assert body["passages"][0]["rank"] == 1 and body["passages"][0]["score"] == 0.9
     assert {"retrieve", "retrieve.dense", "generate", "total"} <= set(body["timings_ms"])
+    assert body["trust"] == 1.0 and body["draft"] is None
+
+
+@pytest.mark.usefixtures("backends")
+def test_an_answer_its_passages_do_not_back_is_withheld_below_min_trust(settings, qa):
+    chile = {"question": "What is the capital of Chile?"}
+    with TestClient(create_app(qa)) as client:  # min_trust 0: nothing is withheld
+        body = client.post("/v1/qa", json=chile).json()
+    assert (body["answer"], body["trust"], body["draft"]) == ("Santiago [1]", 0.0, None)
+    assert body["citations"]
+    strict = settings.model_copy(update={"answer": AnswerSettings(min_trust=0.5)})
+    front = QAService(Bus.connect(settings.redis.url, settings.redis), strict)
+    with TestClient(create_app(front)) as client:
+        body = client.post("/v1/qa", json=chile).json()
+        assert (body["answer"], body["trust"], body["draft"]) == (NO_ANSWER, 0.0, "Santiago [1]")
+        assert body["citations"] == [] and body["passages"][0]["doc_id"] == "France"
+        backed = client.post("/v1/qa", json={"question": "What is the capital of France?"})
+        assert backed.json()["answer"] == "Paris [1]" and backed.json()["trust"] == 1.0
 
 
 @pytest.mark.parametrize("payload, field, message", [

@@ -1,0 +1,137 @@
+"""Trust-gated answers: the generator's answers withheld below each ``answer.min_trust``, side
+by side with no gate (0, the generator alone), on the packaged question sets.
+
+    python bench/trust.py [--model PATH] [--device auto|cpu|cuda] [--quick] [--out PATH]
+
+The generator (the packaged SmolLM2-135M-Instruct, or a fine-tuned one named by ``--model``)
+answers the dev and test splits once, through the offline serving pipeline of
+bench/train_generator.py (same splits and cached hybrid passages, top 3, serving's prompt,
+greedy, 48 new tokens). Each answer's trust is ``shared.prompt.support``: the share of its
+content words found in the passages it was given. Every threshold is then applied to the same
+answers (``services.evaluation.qa.score_row``, as the QA front applies ``answer.min_trust``):
+
+- capitals: answered rate, exact match, answer-contains (a withheld answer counts as wrong);
+- capitals_unanswerable (the capital's country is not in the corpus): abstention rate;
+- FanOutQA sub-questions, and the subset whose answer is in its evidence: contains, answered.
+
+The threshold is chosen on dev by the mean of capitals contains, FanOutQA contains and
+capitals_unanswerable abstention, then reported on test beside 0. ``--quick`` answers a few
+questions per set on a 1,000-document corpus (pipeline check only). Results go to
+bench/results/trust[-quick].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train_generator as tg
+
+from services.evaluation import qa
+from services.trainer import loop
+from shared.datasets import QAItem, answer_in_evidence
+from shared.models.generator import load_generator
+from shared.schemas import Hit
+from shared.settings import GeneratorSettings, Settings
+
+log = logging.getLogger("bench.trust")
+
+THRESHOLDS = (0.0, 0.25, 0.34, 0.5, 0.67, 0.75, 1.0)
+COLUMNS = ("capitals contains", "capitals EM", "capitals answered", "unanswerable abstained",
+           "fanout contains", "fanout answered", "in-evidence contains", "in-evidence answered")
+
+
+def answer_all(model, tokenizer, items: list[QAItem], passages: dict[str, list[Hit]],
+               batch_size: int) -> dict[str, tuple[str, list[Hit]]]:
+    """{question: (answer, passages its prompt held)} for every distinct question."""
+    questions = list(dict.fromkeys(i.question for i in items))
+    answers, kept = qa.answer_questions(model, tokenizer, questions, passages,
+                                        batch_size=batch_size)
+    return dict(zip(questions, zip(answers, kept, strict=True), strict=True))
+
+
+def metrics(sets: dict[str, list[QAItem]], answered: dict[str, tuple[str, list[Hit]]],
+            in_evidence: set[str], min_trust: float) -> dict[str, float | None]:
+    """One row of the table: the sets scored with answers below ``min_trust`` withheld."""
+    rows = {name: [qa.score_row(item, *answered[item.question], min_trust=min_trust)
+                   for item in items] for name, items in sets.items()}
+    cap, una = qa.summarise(rows["capitals"]), qa.summarise(rows["capitals_unanswerable"])
+    fan = qa.summarise(rows["fanout"])
+    ev = qa.summarise([r for r in rows["fanout"] if r.id in in_evidence])
+    values = (cap.contains, cap.em, cap.answered_rate, una.abstention_rate, fan.contains,
+              fan.answered_rate, ev.contains, ev.answered_rate)
+    out = dict(zip(COLUMNS, values, strict=True))
+    chosen = [v for v in (cap.contains, fan.contains, una.abstention_rate) if v is not None]
+    out["selection score"] = round(statistics.fmean(chosen), 4) if chosen else None
+    return out
+
+
+def table(title: str, rows: dict[float, dict[str, float | None]]) -> str:
+    head = f"{'min_trust':>10}" + "".join(f"{c:>{len(c) + 2}}" for c in COLUMNS)
+    lines = [title, head]
+    for threshold, row in rows.items():
+        cells = "".join(f"{'-' if row[c] is None else f'{row[c]:.3f}':>{len(c) + 2}}"
+                        for c in COLUMNS)
+        lines.append(f"{threshold:>10.2f}{cells}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="generator folder (default: packaged)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cache", type=Path, default=tg.RESULTS / "cache")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    started = time.perf_counter()
+    settings = Settings()
+    device, _ = loop.pick_device(args.device)
+    data, corpus, in_evidence = tg.load_data(args.quick)
+    by_id = {d.doc_id: d for d in corpus}
+    in_evidence |= {i.id for i in data["dev"]["fanout"] if answer_in_evidence(i, by_id)}
+    passages = tg.cached_passages(tg.all_questions(data), corpus, settings, args.cache)
+    passages = {q: hits[:tg.TOP_K] for q, hits in passages.items()}
+    generator = GeneratorSettings(device="cpu", model=args.model)
+    model, tokenizer = load_generator(settings.model_copy(update={"generator": generator}))
+    model = model.float().to(device).eval()
+    batch = 64 if device.type == "cuda" else 8
+
+    results: dict[str, dict[float, dict]] = {}
+    for split in ("dev", "test"):
+        sets = data[split]
+        t = time.perf_counter()
+        answered = answer_all(model, tokenizer, [i for s in sets.values() for i in s],
+                              passages, batch)
+        log.info("%s: %d questions answered in %.0f s", split, len(answered),
+                 time.perf_counter() - t)
+        results[split] = {t: metrics(sets, answered, in_evidence, t) for t in THRESHOLDS}
+        print(table(f"\n{split} split", results[split]), flush=True)
+    chosen = max(THRESHOLDS, key=lambda t: (results["dev"][t]["selection score"] or 0, -t))
+    print(f"\nchosen on dev: min_trust {chosen}")
+    print(table("test: no gate vs the chosen min_trust",
+                {0.0: results["test"][0.0], chosen: results["test"][chosen]}))
+    out = args.out or tg.RESULTS / f"trust{'-quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "environment": tg.environment(device), "model": args.model or "packaged",
+        "quick": args.quick, "chosen_min_trust": chosen,
+        "questions": {s: {k: len(v) for k, v in data[s].items()} for s in ("dev", "test")},
+        "results": {s: {str(t): row for t, row in r.items()} for s, r in results.items()},
+        "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
+    print(f"results written to {out}")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
