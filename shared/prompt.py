@@ -25,6 +25,7 @@ convention, and ``parse_citations`` attributes answers that carry no marker.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from shared.schemas import Citation, Hit
 
@@ -188,7 +189,10 @@ def withhold(answer: str, passages: list[Hit], *, question: str,
 
 
 def _words(text: str) -> set[str]:
-    return {w.lower() for w in _WORD.findall(text)}
+    """Lower-cased ``\\w+`` tokens without accents ("San José" and "San Jose" share words)."""
+    folded = "".join(c for c in unicodedata.normalize("NFKD", text)
+                     if not unicodedata.combining(c))
+    return {w.lower() for w in _WORD.findall(folded)}
 
 
 def _best_overlap(answer: str, passages: list[Hit], question: str) -> int | None:
