@@ -63,6 +63,7 @@ def main() -> None:
                 "abstained": is_no_answer(answer),
                 "cited_gold": any(c["doc_id"] in item.doc_ids for c in body["citations"]),
                 "retrieved_gold": any(p["doc_id"] in item.doc_ids for p in body["passages"]),
+                "trust": body.get("trust"), "draft": body.get("draft"),
             })
             for stage, ms in body["timings_ms"].items():
                 timings.setdefault(stage, []).append(ms)
