@@ -53,6 +53,7 @@ STOPWORDS = frozenset(_STOPWORDS_TEXT.split())
 
 _MARKER = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 _WORD = re.compile(r"\w+")
+_POLAR = re.compile(r"\W*(?:yes|no)\b", re.IGNORECASE)  # a yes/no answer's first word
 _LAST_SPACE = re.compile(r"\s\S*$")
 # A sentence ends at . ! or ? (plus closing quotes/brackets and trailing citation markers)
 # followed by whitespace or the end of the text.
@@ -165,12 +166,19 @@ def support(answer: str, passages: list[Hit], *, question: str = "") -> float | 
 
     1.0 when every such word is there; 0.0 when none is, or when the answer has no content
     word at all (it only restates the question, e.g. "Denmark is the capital of Denmark.").
-    None for a ``NO_ANSWER`` or empty answer: there is nothing to back. A lexical check: an
-    answer that paraphrases its passage scores lower than one that quotes it.
+    An answer that starts with "yes" or "no" answers the question's own claim, so there the
+    question's words count too ("No." to "Is Paris the capital of France?" over a passage on
+    Paris and France: 1.0). None for a ``NO_ANSWER`` or empty answer: there is nothing to
+    back. A lexical check: an answer that paraphrases its passage scores lower than one that
+    quotes it.
     """
     if is_no_answer(answer):
         return None
-    content = _words(_MARKER.sub(" ", answer)) - STOPWORDS - _words(question)
+    words = _words(_MARKER.sub(" ", answer))
+    if _POLAR.match(answer):
+        content = (words | _words(question)) - STOPWORDS - {"yes"}
+    else:
+        content = words - STOPWORDS - _words(question)
     if not content:
         return 0.0
     evidence = set().union(*(_words(f"{hit.title} {hit.text}") for hit in passages))

@@ -189,6 +189,12 @@ def test_support_is_the_share_of_new_answer_words_found_in_the_passages():
     # an answer that only restates the question gives nothing to back
     assert support("France is the capital of France.", [FRANCE], question=question) == 0.0
     assert support("Paris", [], question=question) == 0.0
+    # a yes/no answer answers the question's claim: the question's words are what is backed
+    is_it = "Is Paris the capital of France?"
+    assert support("Yes, Paris is the capital of France.", [FRANCE], question=is_it) == 1.0
+    assert support("No.", [FRANCE], question=is_it) == 1.0
+    assert support("Yes, Lyon is.", [FRANCE], question="Is Lyon the capital?") == 0.5
+    assert support("Nope, Lyon.", [FRANCE], question="What is the capital?") == 0.0
     costa_rica = Hit(doc_id="cr", title="Costa Rica", text="Its capital is San Jose.", score=1)
     assert support("San José", [costa_rica], question="What is the capital of Costa Rica?") == 1
     assert support(NO_ANSWER, [FRANCE]) is None and support(" ", [FRANCE]) is None
