@@ -174,11 +174,11 @@ def support(answer: str, passages: list[Hit], *, question: str = "") -> float | 
     """
     if is_no_answer(answer):
         return None
-    words = _words(_MARKER.sub(" ", answer))
+    words = _answer_words(answer)
     if _POLAR.match(answer):
-        content = (words | _words(question)) - STOPWORDS - {"yes"}
+        content = (words | (_words(question) - STOPWORDS)) - {"yes"}
     else:
-        content = words - STOPWORDS - _words(question)
+        content = words - _words(question)
     if not content:
         return 0.0
     evidence = set().union(*(_words(f"{hit.title} {hit.text}") for hit in passages))
@@ -203,8 +203,13 @@ def _words(text: str) -> set[str]:
     return {w.lower() for w in _WORD.findall(folded)}
 
 
+def _answer_words(answer: str) -> set[str]:
+    """The answer's words that can be evidence: without citation markers and stopwords."""
+    return _words(_MARKER.sub(" ", answer)) - STOPWORDS
+
+
 def _best_overlap(answer: str, passages: list[Hit], question: str) -> int | None:
-    words = _words(_MARKER.sub(" ", answer)) - STOPWORDS
+    words = _answer_words(answer)
     content = words - _words(question)
     if not content:
         return None

@@ -337,11 +337,12 @@ def score_row(item: QAItem, prediction: str, passages: Sequence[Hit], *,
     """Score one answer to ``item`` given the passages its prompt held. As the QA front does
     (``shared.prompt.withhold``), an answer whose trust is below ``min_trust`` is scored as
     ``NO_ANSWER``; ``draft`` keeps it."""
-    prediction, trust, draft = withhold(prediction, list(passages), question=item.question,
+    hits = list(passages)
+    prediction, trust, draft = withhold(prediction, hits, question=item.question,
                                         min_trust=min_trust)
     answer = strip_citations(prediction)
     gold = set(item.doc_ids)
-    cited = parse_citations(prediction, list(passages), question=item.question)
+    cited = parse_citations(prediction, hits, question=item.question)
     return QARow(
         id=item.id, question=item.question, answers=list(item.answers),
         answerable=item.answerable, prediction=prediction,

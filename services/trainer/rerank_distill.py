@@ -60,7 +60,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -90,7 +90,8 @@ log = logging.getLogger(__name__)
 RETRIEVER_RUN = "distill_retriever"
 RERANKER_RUN = "distill_reranker"
 READER_FILE = "reader_scores.json"
-SIGNALS = ("answer", "question", "question_answer")
+ReaderSignal = Literal["answer", "question", "question_answer"]
+SIGNALS: tuple[str, ...] = get_args(ReaderSignal)
 RERANKER_DIR = "reranker"
 
 
@@ -297,7 +298,7 @@ class RankDistillConfig(BaseModel):
 
     loss: str = "kl"
     n_passages: int = Field(8, ge=2, le=200)
-    reader_signal: Literal["answer", "question", "question_answer"] = "question"
+    reader_signal: ReaderSignal = "question"
     reader_temperature: float = Field(1.0, gt=0, le=100)
     prior_weight: float = Field(1.0, ge=0, le=100)
     temperature: float = Field(0.05, gt=0, le=10)
