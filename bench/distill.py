@@ -3,6 +3,8 @@ reader → reranker.
 
     python bench/distill.py [--teacher PATH] [--quick] [--device auto|cpu|cuda]
                             [--parts student,retriever,reranker] [--steps N]
+                            [--batch-size N] [--train-per-set N] [--eval-steps N]
+                            [--eval-questions N] [--speed-prompts N]
                             [--layer-fraction F] [--temperature T] [--alpha A]
                             [--cache DIR] [--out PATH]
 
@@ -203,6 +205,17 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="student steps")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="student batch (default 16; 2 with --quick)")
+    parser.add_argument("--train-per-set", type=int, default=None,
+                        help="student training questions per set, the first of each train "
+                             "split (default: all)")
+    parser.add_argument("--eval-steps", type=int, default=None,
+                        help="student dev evaluation period (default 50)")
+    parser.add_argument("--eval-questions", type=int, default=None,
+                        help="dev questions per student evaluation (default 64)")
+    parser.add_argument("--speed-prompts", type=int, default=None,
+                        help="prompts of the tokens/s rounds (default 64; 4 with --quick)")
     parser.add_argument("--layer-fraction", type=float, default=None)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--alpha", type=float, default=None)
@@ -248,6 +261,9 @@ def main() -> None:
              *([] if quick else dev_all)]
     passages = tg.cached_passages(list(dict.fromkeys(i.question for i in asked)), corpus,
                                   settings, args.cache, depth=candidates)
+    if args.train_per_set is not None:  # after retrieval: the passages cache stays the same
+        kd_train = [i for items in data["train"].values() for i in pick(items,
+                                                                        args.train_per_set)]
     eval_batch = 64 if device.type == "cuda" else 8
     max_new = 16 if quick else 48
     teacher_name = str(args.teacher) if args.teacher else "packaged SmolLM2-135M-Instruct"
@@ -263,9 +279,13 @@ def main() -> None:
                                        "alpha": args.alpha}.items() if v is not None}
         kd_config = DistillConfig(
             max_steps=args.steps or (4 if quick else None), epochs=3,
-            batch_size=2 if quick else 16, lr=2e-4, warmup_steps=1 if quick else 10,
-            abstain_fraction=0.0 if quick else 0.25,
-            eval_steps=1000 if quick else 50, eval_questions=4 if quick else 64,
+            batch_size=args.batch_size or (2 if quick else 16), lr=2e-4,
+            warmup_steps=1 if quick else 10, abstain_fraction=0.0 if quick else 0.25,
+            # as bench/train_generator.py trains the teacher: half the answerable questions
+            # whose passages lack the answer become "I don't know." examples
+            not_found_fraction=1.0 if quick else 0.5,
+            eval_steps=args.eval_steps or (1000 if quick else 50),
+            eval_questions=args.eval_questions or (4 if quick else 64),
             eval_batch_size=eval_batch, eval_max_new_tokens=16, teacher_batch_size=4 if quick
             else 32, log_steps=1 if quick else 10, device=args.device, **overrides)
         started = time.perf_counter()
@@ -281,7 +301,7 @@ def main() -> None:
         started = time.perf_counter()
         side = compare_generators({"teacher": teacher, "student": student}, tokenizer, kd_test,
                                   passages, max_new_tokens=max_new, batch_size=eval_batch,
-                                  speed_prompts=4 if quick else 64,
+                                  speed_prompts=args.speed_prompts or (4 if quick else 64),
                                   speed_tokens=8 if quick else 32, rounds=2 if quick else 3)
         timings["compare_s"] = time.perf_counter() - started
         del student, teacher

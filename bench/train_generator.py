@@ -1,7 +1,9 @@
 """Generator fine-tuning on the packaged data: base SmolLM2 against the fine-tuned one.
 
     python bench/train_generator.py [--device auto|cpu|cuda] [--method full|lora]
-                                    [--epochs N] [--max-steps N] [--quick] [--out PATH]
+                                    [--epochs N] [--max-steps N] [--batch-size N]
+                                    [--eval-steps N] [--eval-questions N] [--quick]
+                                    [--run-dir PATH] [--out PATH]
 
 The packaged SmolLM2-135M-Instruct, the packaged MiniLM retriever and the full corpus. Both
 models answer the test splits through the offline serving pipeline
@@ -197,6 +199,10 @@ def main() -> None:
     parser.add_argument("--not-found-fraction", type=float, default=0.5,
                         help="share of answerable questions whose passages lack the answer "
                              "kept as 'I don't know.' examples")
+    parser.add_argument("--eval-steps", type=int, default=None,
+                        help="dev evaluation period (default 20; 3 with --quick)")
+    parser.add_argument("--eval-questions", type=int, default=None,
+                        help="dev questions per evaluation (default 96; 4 with --quick)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cache", type=Path, default=RESULTS / "cache")
     parser.add_argument("--run-dir", type=Path, default=None)
@@ -231,8 +237,9 @@ def main() -> None:
         max_steps=3 if args.quick and args.max_steps is None else args.max_steps,
         batch_size=2 if args.quick else args.batch_size, warmup_steps=1 if args.quick else 10,
         abstain_fraction=args.abstain_fraction,
-        not_found_fraction=args.not_found_fraction, eval_steps=3 if args.quick else 20,
-        eval_questions=4 if args.quick else 96, eval_batch_size=eval_batch,
+        not_found_fraction=args.not_found_fraction,
+        eval_steps=args.eval_steps or (3 if args.quick else 20),
+        eval_questions=args.eval_questions or (4 if args.quick else 96), eval_batch_size=eval_batch,
         eval_max_new_tokens=12 if args.quick else 32, patience=3, device=args.device,
         seed=0)
     run_dir = args.run_dir or RESULTS / "runs" / f"generator-{args.method}" \
