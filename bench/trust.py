@@ -11,7 +11,7 @@ content words found in the passages it was given. Every threshold is then applie
 answers (``services.evaluation.qa.score_row``, as the QA front applies ``answer.min_trust``):
 
 - capitals: answered rate, exact match, answer-contains (a withheld answer counts as wrong);
-- capitals_unanswerable (the capital's country is not in the corpus): abstention rate;
+- capitals_unanswerable (no corpus article states the capital): abstention rate;
 - FanOutQA sub-questions, and the subset whose answer is in its evidence: contains, answered.
 
 The threshold is chosen on dev by the mean of capitals contains, FanOutQA contains and

