@@ -832,13 +832,14 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:+.3f}" if value < 0 else f"{value:.3f}"
 
 
-def stream_table(results: Sequence[StreamResult]) -> str:
+def stream_table(results: Sequence[StreamResult], accuracy: str = "answer-contains") -> str:
     """Each method's accuracy matrix (a row per "after task i", the baseline first), then one
-    summary row per method: ACC, BWT, FWT, newest-task accuracy, seconds."""
+    summary row per method: ACC, BWT, FWT, newest-task accuracy, seconds. ``accuracy`` names
+    the measure in the headings."""
     lines = []
     for result in results:
         names = [f"T{j + 1}" for j in range(len(result.tasks))]
-        lines.append(f"{result.method}: accuracy (answer-contains) on each task's test items")
+        lines.append(f"{result.method}: accuracy ({accuracy}) on each task's test items")
         lines.append(f"{'':<16}" + "".join(f"{n:>8}" for n in names))
         lines.append(f"{'before':<16}" + "".join(f"{v:>8.3f}" for v in result.baseline))
         for i, row in enumerate(result.matrix):
@@ -860,10 +861,10 @@ def stream_table(results: Sequence[StreamResult]) -> str:
 
 def write_stream_report(out_dir: Path, results: Sequence[StreamResult],
                         extra: Mapping[str, Any] | None = None, stem: str = "continual",
-                        ) -> tuple[Path, Path, Path]:
+                        accuracy: str = "answer-contains") -> tuple[Path, Path, Path]:
     """``<stem>.json`` (every result and ``extra``), ``<stem>.txt`` (``stream_table``) and
     ``<stem>.png`` (per method: accuracy on each task after each task; and ACC/BWT/FWT side by
-    side) in ``out_dir``; returns their paths."""
+    side) in ``out_dir``; returns their paths. ``accuracy`` names the measure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -872,7 +873,7 @@ def write_stream_report(out_dir: Path, results: Sequence[StreamResult],
     json_path, text_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("json", "txt", "png"))
     json_path.write_text(json.dumps({**(extra or {}), "results": [r.to_json() for r in results]},
                                     indent=1, default=str))
-    text_path.write_text(stream_table(results) + "\n")
+    text_path.write_text(stream_table(results, accuracy) + "\n")
     figure = Figure(figsize=(4 * (len(results) + 1), 3.8))
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(results) + 1, squeeze=False)[0]
@@ -887,7 +888,7 @@ def write_stream_report(out_dir: Path, results: Sequence[StreamResult],
         axis.set_xlabel("after training")
         axis.set_ylim(-0.02, 1.02)
         axis.set_title(result.method)
-    axes[0].set_ylabel("accuracy (answer-contains)")
+    axes[0].set_ylabel(f"accuracy ({accuracy})")
     axes[0].legend(fontsize=8)
     summary = axes[-1]
     width = 0.8 / max(1, len(results))
