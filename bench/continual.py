@@ -149,6 +149,17 @@ def targets(results: Mapping[str, cl.StreamResult]) -> dict[str, dict]:
     return out
 
 
+def parse_methods(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """``--methods``: comma-separated names of ``cl.METHODS``, naive first (the baseline the
+    targets compare with); a parser error otherwise."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in cl.METHODS]
+    if unknown or not methods or methods[0] != "naive":
+        parser.error(f"--methods has to start with naive and name known methods "
+                     f"({', '.join(cl.METHODS)}), but is {text!r}")
+    return methods
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -171,11 +182,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in cl.METHODS]
-    if unknown or not methods or methods[0] != "naive":
-        parser.error(f"--methods has to start with naive and name known methods "
-                     f"({', '.join(cl.METHODS)}), but is {args.methods!r}")
+    methods = parse_methods(parser, args.methods)
     wall = time.perf_counter()
     settings = Settings()
     device, _ = loop.pick_device(args.device)

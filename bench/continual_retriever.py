@@ -104,11 +104,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=tg.RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in cl.METHODS]
-    if unknown or not methods or methods[0] != "naive":
-        parser.error(f"--methods has to start with naive and name known methods "
-                     f"({', '.join(cl.METHODS)}), but is {args.methods!r}")
+    methods = generator_bench.parse_methods(parser, args.methods)
     if not args.temperature > 0:
         parser.error(f"--temperature has to be > 0, but is {args.temperature}")
     try:

@@ -6,7 +6,9 @@ unless given ``chat_template=None``, as many seq2seq tokenizers are):
 
 - ``per_byte_tokenizer``: no merges, every byte one token (a prompt is ~600 tokens);
 - ``bpe_tokenizer``: merges learnt from the system prompt and the toy task's words (a prompt
-  is ~150 tokens), for tests that train on many prompts.
+  is ~150 tokens), for tests that train on many prompts;
+- ``word_tokenizer``: one token per word of a given vocabulary, for encoders over synthetic
+  documents.
 
 Models (every builder seeds torch itself, so the same call gives the same weights):
 
@@ -24,6 +26,7 @@ tokenizer's merges are learnt from its words.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -71,6 +74,16 @@ def per_byte_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedT
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return _chat_tokenizer(backend, chat_template)
+
+
+def word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """Word-level (whitespace and punctuation split) over ``words`` plus ``[PAD]`` (id 0) and
+    ``[UNK]`` (id 1), for encoders over synthetic documents; no chat template."""
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *sorted(set(words))])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]",
+                                   unk_token="[UNK]")
 
 
 def bpe_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from services.trainer import continual as cl
 from services.trainer.continual_retriever import (
@@ -21,7 +19,7 @@ from services.trainer.retriever import Example
 from shared.datasets import QAItem
 from shared.models.encoder import Encoder
 from shared.schemas import Document
-from tests.tiny import tiny_bert
+from tests.tiny import tiny_bert, word_tokenizer
 
 N_DOCS = 24
 
@@ -35,12 +33,7 @@ CORPUS = [Document(doc_id=f"d{i:02d}", title=f"d{i:02d}", text=_text(i)) for i i
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    words = {w for i in range(N_DOCS) for w in f"d{i:02d} {_text(i)} what is".split()}
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *sorted(words)])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]",
-                                   unk_token="[UNK]")
+    return word_tokenizer(w for i in range(N_DOCS) for w in f"d{i:02d} {_text(i)} what is".split())
 
 
 def _encoder(tokenizer) -> Encoder:

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import BertModel, PreTrainedTokenizerFast
+from transformers import BertModel
 
 from services.trainer import loop
 from services.trainer.mining import mine_hard_negatives
@@ -30,7 +29,7 @@ from services.trainer.retriever import (
 from shared.datasets import QAItem
 from shared.models.encoder import Encoder
 from shared.schemas import Document
-from tests.tiny import tiny_bert
+from tests.tiny import tiny_bert, word_tokenizer
 
 N_DOCS = 30
 
@@ -162,12 +161,7 @@ def _text(i: int) -> str:
 @pytest.fixture(scope="module")
 def tokenizer():
     """Word-level tokenizer over the synthetic vocabulary, built in-process."""
-    words = {w for i in range(N_DOCS) for w in f"d{i} {_text(i)} what is".split()}
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *sorted(words)])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]",
-                                   unk_token="[UNK]")
+    return word_tokenizer(w for i in range(N_DOCS) for w in f"d{i} {_text(i)} what is".split())
 
 
 def _encoder(tokenizer) -> Encoder:
