@@ -24,8 +24,8 @@ A method (``METHODS``, chosen by name) is two independent choices, each a small 
 
 The loop is generic over examples and loss: ``train_task`` takes any examples and a
 ``loss_fn(model, examples) -> scalar``. The generator's is ``SFTLoss`` (``generator.py``'s
-``collate`` + ``target_logprobs`` + ``answer_nll``); the retriever's InfoNCE over (query,
-positive) pairs would wrap the same way, the reservoir holding its pairs.
+``collate`` + ``target_logprobs`` + ``answer_nll``); the retriever's is InfoNCE over the
+corpus, with (question, positive rows) in the reservoir (``continual_retriever.py``).
 
 Accuracy is *answer-contains* on the greedy answer with its citation markers removed
 (``shared.metrics.contains``): a 0/1 score per question, so ``R`` holds accuracies as GEM
