@@ -24,8 +24,10 @@ import redis
 log = logging.getLogger(__name__)
 
 # Ports ragtune never takes for its own servers: Redis's default, which `ray start` gives its
-# GCS, and Ray's worker port range.
-_RESERVED = {6379} | set(range(10002, 20000))
+# GCS; the dashboard's, the client server's and the dashboard agent's defaults (the agent binds
+# 52365 when its node starts, inside the ephemeral range a free port is drawn from: a Serve
+# proxy handed 52365 just before then fails to bind); and Ray's worker port range.
+_RESERVED = {6379, 8265, 10001, 52365} | set(range(10002, 20000))
 
 
 class InfraError(RuntimeError):

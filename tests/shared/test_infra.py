@@ -35,7 +35,29 @@ def test_configured_unreachable_milvus_is_a_clear_error(tmp_path):
 def test_free_port_avoids_ray_ports():
     for _ in range(50):
         port = free_port()
-        assert port != 6379 and not 10002 <= port <= 19999
+        assert port not in (6379, 8265, 10001, 52365) and not 10002 <= port <= 19999
+
+
+def test_free_port_draws_again_when_the_os_offers_a_ray_port(monkeypatch):
+    # The OS's choice of a free port cannot be forced: a stand-in socket offers Ray's dashboard
+    # agent port first.
+    offered = iter([52365, 6379, 41234])
+
+    class Socket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            self.port = next(offered)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr("shared.infra.socket.socket", Socket)
+    assert free_port() == 41234
 
 
 def test_servers_die_with_a_killed_parent(tmp_path):
