@@ -149,6 +149,19 @@ def targets(results: Mapping[str, cl.StreamResult]) -> dict[str, dict]:
     return out
 
 
+def print_targets(checks: Mapping[str, dict]) -> None:
+    """One line per target of ``targets``: PASS / FAIL / n/a, the value and naive's."""
+    for name, check in checks.items():
+        verdict = {True: "PASS", False: "FAIL", None: "n/a "}[check["pass"]]
+        print(f"  {verdict}  {name}: {check['value']:.3f} (naive {check['naive']:.3f})")
+
+
+def task_records(tasks: Sequence[cl.Task]) -> list[dict]:
+    """The stream's tasks for the JSON report: name, topics, train and test item ids."""
+    return [{"name": t.name, "topics": list(t.topics), "train": [i.id for i in t.train],
+             "test": [i.id for i in t.test]} for t in tasks]
+
+
 def parse_methods(parser: argparse.ArgumentParser, text: str) -> list[str]:
     """``--methods``: comma-separated names of ``cl.METHODS``, naive first (the baseline the
     targets compare with); a parser error otherwise."""
@@ -241,17 +254,14 @@ def main() -> None:
     print(f"\ncontinual learning, {len(tasks)} tasks, {name} on {device}"
           f"{', quick' if quick else ''}")
     print(cl.stream_table(list(results.values())))
-    for name, check in checks.items():
-        verdict = {True: "PASS", False: "FAIL", None: "n/a "}[check["pass"]]
-        print(f"  {verdict}  {name}: {check['value']:.3f} (naive {check['naive']:.3f})")
+    print_targets(checks)
     total = time.perf_counter() - wall
     print(f"wall {total:.0f} s (model load {load_s:.0f} s)")
     paths = cl.write_stream_report(
         args.out_dir, list(results.values()),
         {"environment": tg.environment(device), "quick": quick, "tiny": args.tiny,
-         "tasks": [{"name": t.name, "topics": list(t.topics), "train": [i.id for i in t.train],
-                    "test": [i.id for i in t.test]} for t in tasks],
-         "targets": checks, "wall_s": round(total, 1)}, stem=stem)
+         "tasks": task_records(tasks), "targets": checks, "wall_s": round(total, 1)},
+        stem=stem)
     print("results: " + ", ".join(str(p) for p in paths))
 
 

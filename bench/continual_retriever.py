@@ -152,9 +152,7 @@ def main() -> None:
     print(f"\ncontinual learning of the retriever, {len(tasks)} tasks, MiniLM query encoder on "
           f"{device}{', quick' if args.quick else ''}; mean of seeds {seeds}")
     print(cl.stream_table(list(results.values()), accuracy="recall@1"))
-    for name, check in checks.items():
-        verdict = {True: "PASS", False: "FAIL", None: "n/a "}[check["pass"]]
-        print(f"  {verdict}  {name}: {check['value']:.3f} (naive {check['naive']:.3f})")
+    generator_bench.print_targets(checks)
     total = time.perf_counter() - wall
     print(f"wall {total:.0f} s")
     paths = cl.write_stream_report(
@@ -162,9 +160,8 @@ def main() -> None:
         {"environment": tg.environment(device), "quick": args.quick,
          "temperature": args.temperature, "seeds": seeds,
          "per_seed": {m: [asdict(r.metrics) for r in rs] for m, rs in runs.items()},
-         "tasks": [{"name": t.name, "topics": list(t.topics), "train": [i.id for i in t.train],
-                    "test": [i.id for i in t.test]} for t in tasks],
-         "targets": checks, "wall_s": round(total, 1)}, stem=stem, accuracy="recall@1")
+         "tasks": generator_bench.task_records(tasks), "targets": checks,
+         "wall_s": round(total, 1)}, stem=stem, accuracy="recall@1")
     print("results: " + ", ".join(str(p) for p in paths))
 
 
