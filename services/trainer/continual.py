@@ -759,24 +759,72 @@ class StreamResult:
         return asdict(self)
 
 
+def check_stream(tasks: Sequence[Task], baseline: Sequence[float] | None) -> None:
+    """Raise ValueError for fewer than two tasks or a baseline of another length."""
+    if len(tasks) < 2:
+        raise ValueError(f"a stream needs at least two tasks, but got {len(tasks)}")
+    if baseline is not None and len(baseline) != len(tasks):
+        raise ValueError(f"`baseline` has {len(baseline)} accuracies for {len(tasks)} tasks")
+
+
+def stream_loop(config: ContinualConfig, model, loss_fn: LossFn, tasks: Sequence[Task],
+                train: Sequence[Sequence[T]], evaluate: Callable[[], list[float]], *,
+                test_items: Sequence[int], to_examples: Callable[[Sequence[T]], list] = list,
+                baseline: Sequence[float] | None = None, measure: str = "accuracy",
+                progress: loop.ProgressFn | None = None,
+                should_stop: Callable[[], bool] | None = None) -> StreamResult:
+    """The stream both models share: ``evaluate()`` (one accuracy per task) before the first
+    task unless ``baseline`` is given, then per task: the penalty (if the method has one)
+    anchored at the weights before it, with EWC's Fisher estimated on the reservoir;
+    ``train_task`` on ``to_examples(train[i])``, the reservoir as memory; ``train[i]`` added to
+    the reservoir (so a task replays only earlier ones); ``evaluate()`` again. ``measure``
+    names the accuracy in the log. The model is trained in place and left in eval mode."""
+    eval_s = 0.0
+
+    def timed_evaluate() -> list[float]:
+        nonlocal eval_s
+        started = time.perf_counter()
+        out = evaluate()
+        eval_s += time.perf_counter() - started
+        return out
+
+    base = list(baseline) if baseline is not None else timed_evaluate()
+    buffer: Reservoir[T] = Reservoir(config.buffer_size, config.seed)
+    uses_memory = METHODS[config.method].replay or METHODS[config.method].penalty == "ewc"
+    matrix: list[list[float]] = []
+    history: list[dict[str, Any]] = []
+    train_s = 0.0
+    for i, task in enumerate(tasks):
+        started = time.perf_counter()
+        memory = to_examples(buffer.items) if uses_memory else []
+        penalty = make_penalty(config, model, loss_fn, memory)
+        history += train_task(config, model, to_examples(train[i]), memory, loss_fn,
+                              penalty=penalty, task=i, progress=progress,
+                              should_stop=should_stop)
+        buffer.extend(train[i])
+        train_s += time.perf_counter() - started
+        matrix.append(timed_evaluate())
+        log.info("%s: after task %d (%s) %s %s", config.method, i + 1, task.name, measure,
+                 [round(a, 3) for a in matrix[-1]])
+    model.eval()
+    return StreamResult(method=config.method, tasks=[t.name for t in tasks],
+                        test_items=list(test_items), matrix=matrix, baseline=base,
+                        metrics=transfer_metrics(matrix, base), history=history,
+                        train_s=round(train_s, 3), eval_s=round(eval_s, 3),
+                        config=config.model_dump(mode="json"))
+
+
 def run_stream(config: ContinualConfig, model, tokenizer, tasks: Sequence[Task],
                retrieval: qa.Retrieval, *, baseline: Sequence[float] | None = None,
                progress: loop.ProgressFn | None = None,
                should_stop: Callable[[], bool] | None = None) -> StreamResult:
     """Train ``model`` (in place) on ``tasks`` in order with ``config.method``, answering every
     task's test items before the first task (unless ``baseline`` is given, e.g. computed once
-    for several methods) and after each one.
-
-    Each task: the penalty (if the method has one) is anchored at the weights before it, with
-    EWC's Fisher estimated on the reservoir; ``train_task`` trains on the task's examples, the
-    reservoir as memory; then the task's records are added to the reservoir (so a task
-    replays only earlier ones). Raises ValueError for fewer than two tasks, a baseline of
-    another length, or an item whose example cannot be built (``build_examples``).
+    for several methods) and after each one (``stream_loop``; the reservoir holds records).
+    Raises ValueError for fewer than two tasks, a baseline of another length, or an item whose
+    example cannot be built (``build_examples``).
     """
-    if len(tasks) < 2:
-        raise ValueError(f"a stream needs at least two tasks, but got {len(tasks)}")
-    if baseline is not None and len(baseline) != len(tasks):
-        raise ValueError(f"`baseline` has {len(baseline)} accuracies for {len(tasks)} tasks")
+    check_stream(tasks, baseline)
     loop.seed_everything(config.seed)
     device, amp = loop.pick_device(config.device)
     model.to(device)
@@ -787,45 +835,20 @@ def run_stream(config: ContinualConfig, model, tokenizer, tasks: Sequence[Task],
     test_recs = [records(t.test, retrieval, config.top_k) for t in tasks]
     for recs in train_recs:
         examples(recs)  # every example built (and checked) before anything trains
-    eval_s = 0.0
 
     def evaluate() -> list[float]:
-        nonlocal eval_s
-        started = time.perf_counter()
         flat = [r for recs in test_recs for r in recs]
         scores = answer_accuracy(model, tokenizer, flat, config)
         out, start = [], 0
         for recs in test_recs:
             out.append(statistics.fmean(scores[start:start + len(recs)]))
             start += len(recs)
-        eval_s += time.perf_counter() - started
         return out
 
-    base = list(baseline) if baseline is not None else evaluate()
-    buffer: Reservoir[Record] = Reservoir(config.buffer_size, config.seed)
-    uses_memory = METHODS[config.method].replay or METHODS[config.method].penalty == "ewc"
-    matrix: list[list[float]] = []
-    history: list[dict[str, Any]] = []
-    train_s = 0.0
     with only_last_layers(model, config.train_last_layers):
-        for i, task in enumerate(tasks):
-            started = time.perf_counter()
-            memory = examples(buffer.items) if uses_memory else []
-            penalty = make_penalty(config, model, loss_fn, memory)
-            history += train_task(config, model, examples(train_recs[i]), memory, loss_fn,
-                                  penalty=penalty, task=i, progress=progress,
-                                  should_stop=should_stop)
-            buffer.extend(train_recs[i])
-            train_s += time.perf_counter() - started
-            matrix.append(evaluate())
-            log.info("%s: after task %d (%s) accuracy %s", config.method, i + 1, task.name,
-                     [round(a, 3) for a in matrix[-1]])
-    model.eval()
-    return StreamResult(method=config.method, tasks=[t.name for t in tasks],
-                        test_items=[len(t.test) for t in tasks], matrix=matrix, baseline=base,
-                        metrics=transfer_metrics(matrix, base), history=history,
-                        train_s=round(train_s, 3), eval_s=round(eval_s, 3),
-                        config=config.model_dump(mode="json"))
+        return stream_loop(config, model, loss_fn, tasks, train_recs, evaluate,
+                           test_items=[len(t.test) for t in tasks], to_examples=examples,
+                           baseline=baseline, progress=progress, should_stop=should_stop)
 
 
 def _cell(value: float | None) -> str:

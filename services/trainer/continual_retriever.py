@@ -24,9 +24,7 @@ What differs is the example, the loss and the accuracy:
 
 from __future__ import annotations
 
-import logging
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,8 +36,6 @@ from services.trainer import loop
 from services.trainer.retriever import Example, info_nce, training_examples
 from shared.models.encoder import Encoder
 from shared.schemas import Document
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -110,17 +106,12 @@ def run_retriever_stream(config: cl.ContinualConfig, encoder: Encoder, doc_vecto
     ``baseline`` is given) and after each one, against ``doc_vectors`` (the corpus rows as
     the frozen document encoder embedded them).
 
-    As ``continual.run_stream``: each task's penalty is anchored at the weights before it
-    (EWC's Fisher on the reservoir), ``train_task`` trains on the task's examples with the
-    reservoir as memory, then the task's examples join the reservoir. The config's generator
-    fields (prompts, decoding) are not used. Raises ValueError for fewer than two tasks, a
-    baseline of another length, ``doc_vectors`` whose rows are not ``corpus``, or a task
-    without train or test questions.
+    The loop is ``continual.stream_loop`` (the generator's too), the reservoir holding the
+    examples themselves. The config's generator fields (prompts, decoding) are not used.
+    Raises ValueError for fewer than two tasks, a baseline of another length, ``doc_vectors``
+    whose rows are not ``corpus``, or a task without train or test questions.
     """
-    if len(tasks) < 2:
-        raise ValueError(f"a stream needs at least two tasks, but got {len(tasks)}")
-    if baseline is not None and len(baseline) != len(tasks):
-        raise ValueError(f"`baseline` has {len(baseline)} accuracies for {len(tasks)} tasks")
+    cl.check_stream(tasks, baseline)
     if doc_vectors.shape[0] != len(corpus):
         raise ValueError(f"`doc_vectors` has {doc_vectors.shape[0]} rows for {len(corpus)} "
                          "documents")
@@ -130,36 +121,10 @@ def run_retriever_stream(config: cl.ContinualConfig, encoder: Encoder, doc_vecto
     loss_fn = CorpusInfoNCE(encoder.tokenizer, torch.from_numpy(doc_vectors).to(device),
                             temperature, encoder.max_length, encoder.pooling)
     parts = [task_examples(task, corpus) for task in tasks]
-    eval_s = 0.0
 
     def evaluate() -> list[float]:
-        nonlocal eval_s
-        started = time.perf_counter()
-        out = [statistics.fmean(recall_at_1(encoder, doc_vectors, test)) for _, test in parts]
-        eval_s += time.perf_counter() - started
-        return out
+        return [statistics.fmean(recall_at_1(encoder, doc_vectors, test)) for _, test in parts]
 
-    base = list(baseline) if baseline is not None else evaluate()
-    buffer: cl.Reservoir[Example] = cl.Reservoir(config.buffer_size, config.seed)
-    method = cl.METHODS[config.method]
-    uses_memory = method.replay or method.penalty == "ewc"
-    matrix: list[list[float]] = []
-    history: list[dict] = []
-    train_s = 0.0
-    for i, (task, (train, _)) in enumerate(zip(tasks, parts, strict=True)):
-        started = time.perf_counter()
-        memory = list(buffer.items) if uses_memory else []
-        penalty = cl.make_penalty(config, model, loss_fn, memory)
-        history += cl.train_task(config, model, train, memory, loss_fn, penalty=penalty,
-                                 task=i, progress=progress, should_stop=should_stop)
-        buffer.extend(train)
-        train_s += time.perf_counter() - started
-        matrix.append(evaluate())
-        log.info("%s: after task %d (%s) recall@1 %s", config.method, i + 1, task.name,
-                 [round(a, 3) for a in matrix[-1]])
-    model.eval()
-    return cl.StreamResult(method=config.method, tasks=[t.name for t in tasks],
-                           test_items=[len(test) for _, test in parts], matrix=matrix,
-                           baseline=base, metrics=cl.transfer_metrics(matrix, base),
-                           history=history, train_s=round(train_s, 3),
-                           eval_s=round(eval_s, 3), config=config.model_dump(mode="json"))
+    return cl.stream_loop(config, model, loss_fn, tasks, [train for train, _ in parts], evaluate,
+                          test_items=[len(test) for _, test in parts], baseline=baseline,
+                          measure="recall@1", progress=progress, should_stop=should_stop)
