@@ -88,6 +88,14 @@ def cut_hit(hit: Hit, max_chars: int) -> Hit:
     return hit.model_copy(update={"text": truncate_text(hit.text, max_chars)})
 
 
+def shown(passages: list[Hit], chars: list[int]) -> list[Hit]:
+    """The passages as a prompt held them, from ``GenerateResult.shown_chars``: the first
+    ``len(chars)`` of ``passages``, each text cut to its count (``truncate_text`` cuts a
+    stripped text's prefix). What an answer's trust is measured on: the generator saw no more."""
+    return [hit.model_copy(update={"text": hit.text.strip()[:n]})
+            for hit, n in zip(passages, chars, strict=False)]
+
+
 def format_passages(passages: list[Hit], max_chars: int) -> str:
     """Passages numbered from 1 as ``"[n] Title\\ntext"``, separated by blank lines.
 

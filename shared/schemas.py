@@ -359,6 +359,9 @@ class GenerateResult(Wire):
     citations: list[Citation]
     prompt_tokens: int
     completion_tokens: int
+    shown_chars: list[int] = Field(
+        description="characters of each passage's text the prompt held, in the order given; "
+                    "passages past the list's end did not fit (see shared.prompt.shown)")
 
 
 # --- the QA front ----------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from shared.prompt import (
     NO_ANSWER,
     build_messages,
     clean_answer,
+    cut_hit,
     is_no_answer,
     parse_citations,
     withhold,
@@ -433,9 +434,10 @@ def answer_questions(model, tokenizer, questions: Sequence[str],
                      max_new_tokens: int = SERVING_MAX_NEW_TOKENS, batch_size: int = 8,
                      max_context_tokens: int | None = None,
                      ) -> tuple[list[str], list[list[Hit]]]:
-    """(answers, passages each prompt held) for ``questions``, each prompted with its
-    ``passages[question]`` fitted into the context as serving fits it. Raises
-    ``PromptTooLong`` for a question that cannot fit with one passage."""
+    """(answers, passages each prompt held, their texts cut to ``max_passage_chars`` as the
+    prompt shows them) for ``questions``, each prompted with its ``passages[question]`` fitted
+    into the context as serving fits it. Raises ``PromptTooLong`` for a question that cannot
+    fit with one passage."""
     context = max_context_tokens or context_size(model, tokenizer)
     # An encoder-decoder's answer is not part of its input (serving's rule too).
     budget = context if is_seq2seq(model) else context - max_new_tokens
@@ -446,7 +448,7 @@ def answer_questions(model, tokenizer, questions: Sequence[str],
               for q in questions]
     answers = generate_answers(model, tokenizer, [ids for _, ids in fitted],
                                max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return answers, [kept for kept, _ in fitted]
+    return answers, [[cut_hit(h, max_passage_chars) for h in kept] for kept, _ in fitted]
 
 
 def evaluate_qa(model, tokenizer, sets: Mapping[str, Sequence[QAItem]], retrieval: Retrieval,

@@ -190,7 +190,7 @@ class GeneratorService:
         for i, req in enumerate(reqs):
             if not req.passages:
                 results[i] = GenerateResult(answer=NO_ANSWER, citations=[], prompt_tokens=0,
-                                            completion_tokens=0)
+                                            completion_tokens=0, shown_chars=[])
                 continue
             try:
                 passages, inputs = self._prepare(req)
@@ -301,6 +301,7 @@ class GeneratorService:
             citations=parse_citations(answer, passages, question=req.question),
             prompt_tokens=prompt_tokens,
             completion_tokens=len(new_ids) - int(ended),
+            shown_chars=[len(truncate_text(h.text, self.max_passage_chars)) for h in passages],
         )
 
     def _encode(self, question: str, passages: list[Hit]):

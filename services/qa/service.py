@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 
 from shared import keys
 from shared.bus import Bus, BusError
-from shared.prompt import withhold
+from shared.prompt import shown, withhold
 from shared.schemas import (
     WEIGHTED_MODES,
     AnswerChunk,
@@ -86,9 +86,11 @@ def _ms(start: float) -> float:
 def _response(question: str, retrieved: RetrieveResult, generated: GenerateResult,
               retrieve_ms: float, generate_timings: dict[str, float], request_id: str,
               min_trust: float) -> QAResponse:
-    """The response; an answer whose trust is below ``min_trust`` is withheld: ``answer``
-    becomes ``NO_ANSWER`` without citations and ``draft`` keeps the generator's words."""
-    answer, trust, draft = withhold(generated.answer, retrieved.hits, question=question,
+    """The response; an answer whose trust (measured on the passages as the generator's prompt
+    held them) is below ``min_trust`` is withheld: ``answer`` becomes ``NO_ANSWER`` without
+    citations and ``draft`` keeps the generator's words."""
+    evidence = shown(retrieved.hits, generated.shown_chars)
+    answer, trust, draft = withhold(generated.answer, evidence, question=question,
                                     min_trust=min_trust)
     citations = [] if draft is not None else generated.citations
     return QAResponse(

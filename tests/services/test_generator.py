@@ -36,6 +36,7 @@ from shared.prompt import (
     clean_answer,
     format_passages,
     parse_citations,
+    shown,
     support,
     truncate_text,
     withhold,
@@ -269,6 +270,8 @@ def test_generate_cuts_passages_to_max_passage_chars(tokenizer):
         tokenizer, "What is the capital of France?", [long], 60
     )
     assert result.prompt_tokens < 60 + 400
+    assert result.shown_chars == [len(truncate_text(long.text, 60))]
+    assert shown([long], result.shown_chars)[0].text == truncate_text(long.text, 60)
 
 
 # --- packing passages into the context window ----------------------------------------------
@@ -319,6 +322,9 @@ def test_generate_cuts_even_the_first_passage_and_still_cites_its_document(token
     assert long.text.startswith(kept[0].text) and long.text[len(kept[0].text)] == " "
     cites = parse_citations("Paris [1]", kept)
     assert [(c.passage, c.doc_id) for c in cites] == [(1, "wiki:Long")]
+    # what the prompt held: the cut first passage, not France
+    assert result.shown_chars == [len(kept[0].text)]
+    assert shown([long, FRANCE], result.shown_chars) == [kept[0]]
 
 
 def test_generate_refuses_a_request_whose_first_passage_cannot_fit(tokenizer):
@@ -377,7 +383,7 @@ def test_generate_without_passages_answers_no_answer_without_the_model(tokenizer
     monkeypatch.setattr(model, "generate", fail)
     result = service.generate(request([]))
     assert (result.answer, result.citations) == (NO_ANSWER, [])
-    assert (result.prompt_tokens, result.completion_tokens) == (0, 0)
+    assert (result.prompt_tokens, result.completion_tokens, result.shown_chars) == (0, 0, [])
 
 
 def test_service_validates_its_arguments(tokenizer):

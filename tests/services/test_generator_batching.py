@@ -97,7 +97,7 @@ class Recorder:
         if self.fail_on in self.batches[-1]:
             raise RuntimeError("out of memory")
         return [GenerateResult(answer=r.question, citations=[], prompt_tokens=1,
-                               completion_tokens=1) for r in reqs]
+                               completion_tokens=1, shown_chars=[]) for r in reqs]
 
 
 def test_the_batcher_groups_by_key_in_arrival_order_up_to_its_size():

@@ -95,9 +95,12 @@ def _generator(bus: Bus) -> Worker:
             raise BadRequest("the prompt cannot fit")
         # the France passage names Paris, not Santiago: an answer it does not back
         answer = "Santiago [1]" if "Chile" in req.question else "Paris [1]"
+        # "Briefly": as if the prompt had room for the passage's first 10 characters only
+        shown = [10 if "Briefly" in req.question else len(p.text) for p in req.passages]
         return GenerateResult(answer=answer, prompt_tokens=10, completion_tokens=3,
                               citations=[Citation(passage=1, doc_id=req.passages[0].doc_id,
-                                                  title=req.passages[0].title)])
+                                                  title=req.passages[0].title)],
+                              shown_chars=shown)
 
     return Worker(bus, keys.GENERATOR, [keys.request_stream(keys.GENERATOR)],
                   routes(generate=(GenerateRequest, generate)))
@@ -172,6 +175,11 @@ def test_an_answer_its_passages_do_not_back_is_withheld_below_min_trust(settings
         assert body["citations"] == [] and body["passages"][0]["doc_id"] == "France"
         backed = client.post("/v1/qa", json={"question": "What is the capital of France?"})
         assert backed.json()["answer"] == "Paris [1]" and backed.json()["trust"] == 1.0
+        # Trust counts what the generator was shown, not the whole retrieved passage.
+        unseen = client.post("/v1/qa", json={"question": "Briefly, France's capital?"}).json()
+        assert (unseen["answer"], unseen["trust"], unseen["draft"]) == (NO_ANSWER, 0.0,
+                                                                        "Paris [1]")
+        assert unseen["passages"][0]["text"] == "Its capital is Paris."
 
 
 @pytest.mark.parametrize("payload, field, message", [
