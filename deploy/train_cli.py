@@ -268,8 +268,9 @@ def _print_models(view: RegistryView) -> None:
 
 # --- eval qa ----------------------------------------------------------------------------------
 def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
-    """Answer the packaged question sets offline with the serving models (registry versions or
-    the packaged ones) through the serving pipeline, withholding answers below
+    """Answer the packaged question sets (their ``--split``) and/or a question/answer JSONL
+    file of the user's (``--data``, evaluated whole) offline with the serving models (registry
+    versions or the packaged ones) through the serving pipeline, withholding answers below
     ``answer.min_trust`` as the QA front does, and print EM / F1 / contains / abstention per
     set."""
     cli = _cli()
@@ -282,15 +283,26 @@ def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
     from shared.registry import Registry
 
     logging.getLogger("bm25s").setLevel(logging.WARNING)
-    names = [s.strip() for s in args.sets.split(",") if s.strip()]
+    text = args.sets if args.sets is not None else ("none" if args.data else
+                                                     ",".join(PACKAGED_SETS))
+    names = [s.strip() for s in text.split(",") if s.strip() and s.strip() != "none"]
     unknown = [s for s in names if s not in PACKAGED_SETS]
-    if unknown or not names:
-        raise cli.CLIError(f"unknown question set(s) {', '.join(unknown) or '(none)'}; known: "
+    if unknown:
+        raise cli.CLIError(f"unknown question set(s) {', '.join(unknown)}; known: "
                            f"{', '.join(PACKAGED_SETS)}")
+    if not (names or args.data):
+        raise cli.CLIError("nothing to evaluate: name packaged question sets (--sets) or a "
+                           "question/answer file (--data)")
     if args.limit is not None and args.limit < 1:
         raise cli.CLIError(f"--limit has to be at least 1, but is {args.limit}")
     try:
         sets = {n: datasets.load_split(n, args.split)[:args.limit] for n in names}
+        if args.data:  # checked whole before any model loads
+            data = Path(args.data)
+            name = data.stem if data.stem not in sets else f"{data.stem} (file)"
+            sets[name] = datasets.load_qa_jsonl(
+                data, max_answer_chars=settings.trainer.max_answer_chars,
+                max_question_chars=settings.limits.max_question_chars)[:args.limit]
         registry = Registry(settings.checkpoint_dir)
         device, _ = pick_device(settings.trainer.device)
         model, tokenizer = jobs.serving_generator(settings, registry)
@@ -306,11 +318,14 @@ def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
         raise cli.CLIError(str(exc)) from None
     serving = {k: getattr(registry.view(), k).serving or "base" for k in ("retriever",
                                                                          "generator")}
-    cli._out(report.table(f"{args.split} split; retriever {serving['retriever']}, "
+    what = ", ".join([*([f"{args.split} split"] if names else []),
+                      *([Path(args.data).name] if args.data else [])])
+    cli._out(report.table(f"{what}; retriever {serving['retriever']}, "
                           f"generator {serving['generator']}, "
                           f"min_trust {settings.answer.min_trust}"))
-    output = (Path(args.output) if args.output else
-              settings.home / "eval" / f"qa-{args.split}.json")
+    stem = "-".join([*([args.split] if names else []),
+                     *([Path(args.data).stem] if args.data else [])])
+    output = Path(args.output) if args.output else settings.home / "eval" / f"qa-{stem}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"serving": serving, **report.to_json()}, indent=2) + "\n")
     cli._out(f"results written to {output}")
@@ -318,15 +333,21 @@ def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
 
 def add_eval_qa_parser(eval_sub) -> None:
     qa = eval_sub.add_parser("qa", help="EM, F1, answer-contains and abstention of the serving "
-                                        "models on the packaged question sets")
-    qa.add_argument("--sets", default=",".join(PACKAGED_SETS),
-                    help="question sets, comma-separated (default: all)")
-    qa.add_argument("--split", default="test", choices=("train", "dev", "test"))
+                                        "models on the packaged question sets or your own")
+    qa.add_argument("--sets", default=None,
+                    help="packaged question sets, comma-separated, or none (default: all; "
+                         "none when --data is given)")
+    qa.add_argument("--data", default=None,
+                    help="your own question/answer JSONL file (the format `train --data` "
+                         "reads), evaluated whole")
+    qa.add_argument("--split", default="test", choices=("train", "dev", "test"),
+                    help="split of the packaged sets (default: test)")
     qa.add_argument("--limit", type=int, default=None, help="first N questions of each set")
     qa.add_argument("--limit-corpus", type=int, default=None,
                     help="only the first N documents (quick trial)")
     qa.add_argument("--output", default=None,
-                    help="JSON results file (default: <home>/eval/qa-<split>.json)")
+                    help="JSON results file (default: <home>/eval/qa-<split>.json, or "
+                         "qa-<data file stem>.json with --data alone)")
 
 
 # --- argument parsing --------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""The `ragtune` command's failure paths: one clear line and exit code 1, never a trace."""
+"""The `ragtune` command as a user runs it: failure paths (one clear line and exit code 1, never
+a trace) and offline evaluation of a user's own questions."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,7 +57,6 @@ def test_eval_retrieval_bad_dataset_is_one_line(tmp_path):
 
 
 def test_eval_retrieval_runs_a_beir_folder_in_process(tmp_path):
-    import json
 
     folder = tmp_path / "tiny-beir"
     (folder / "qrels").mkdir(parents=True)
@@ -80,7 +81,6 @@ def test_eval_retrieval_runs_a_beir_folder_in_process(tmp_path):
 
 
 def test_commands_send_the_configured_api_key(tmp_path, monkeypatch):
-    import json
 
     import httpx
 
@@ -118,7 +118,6 @@ def _tiny_models(root):
 
 
 def test_train_locally_then_promote_list_and_roll_back(tmp_path):
-    import json
 
     from shared.datasets import load_corpus
 
@@ -156,3 +155,37 @@ def test_train_refuses_a_bad_job_in_one_line(tmp_path):
     assert result.returncode == 1 and "no earlier serving version" in result.stderr
     result = ragtune("eval", "qa", "--sets", "trivia", home=tmp_path)
     assert result.returncode == 1 and "unknown question set(s) trivia" in result.stderr
+    result = ragtune("eval", "qa", "--sets", "none", home=tmp_path)
+    assert result.returncode == 1 and "nothing to evaluate" in result.stderr
+
+
+def test_eval_qa_refuses_a_bad_data_file_before_loading_models(tmp_path):
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text('{"question": "When?", "answer": "1556"}\n{"question": "Where?"}\n')
+    result = ragtune("eval", "qa", "--data", str(bad), home=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{bad}:2: needs `answer`" in result.stderr
+    result = ragtune("eval", "qa", "--data", str(tmp_path / "absent.jsonl"), home=tmp_path)
+    assert result.returncode == 1 and "no such file" in result.stderr
+
+
+def test_eval_qa_scores_a_users_own_questions(tmp_path):
+    # The packaged models over the first 12 corpus documents: one question each way.
+    data = tmp_path / "mine.jsonl"
+    data.write_text(
+        '{"question": "In which year did the Shaanxi earthquake strike?", "answer": "1556", '
+        '"doc_ids": ["1556 Shaanxi earthquake"]}\n'
+        '{"question": "Who was the first person to walk on Mars?", "answer": "I don\'t know."}\n')
+    out = tmp_path / "report.json"
+    result = ragtune("eval", "qa", "--data", str(data), "--limit-corpus", "12", "--output",
+                     str(out), home=tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    assert "mine.jsonl; retriever base, generator base" in result.stdout
+    report = json.loads(out.read_text())
+    assert list(report["sets"]) == ["mine"]
+    metrics = report["sets"]["mine"]
+    assert (metrics["n"], metrics["answerable"], metrics["unanswerable"]) == (2, 1, 1)
+    assert metrics["retrieved_gold"] == 1.0
+    rows = report["rows"]["mine"]
+    assert [r["answerable"] for r in rows] == [True, False]
+    assert rows[0]["passages"][0] == "1556 Shaanxi earthquake"
