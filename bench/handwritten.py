@@ -1,0 +1,141 @@
+"""Generalisation to questions of shapes never trained on: the packaged generator beside
+fine-tuned ones on hand-written questions over the corpus.
+
+    python bench/handwritten.py [--model PATH ...] [--data FILE] [--device auto|cpu|cuda]
+                                [--out PATH]
+
+The questions (``bench/data/handwritten.jsonl``, the format ``ragtune train --data`` reads):
+50 written by hand over a seeded sample of the corpus, 4-5 per topic (who / what / when /
+where / which / how many; no "capital of" template, no FanOutQA question), each with its short
+answer as the document states it and that document as its gold; and 10 about corpus entities
+whose summaries do not state the fact asked for (answer "I don't know."). No training set or
+tuning run reads them.
+
+Every generator (the packaged SmolLM2-135M-Instruct as ``base``, then each ``--model`` folder,
+named by it) answers every question once, through the offline serving pipeline
+(``services/evaluation/qa.py``: hybrid top-3 passages over the full corpus, as served and
+cached in bench/results/cache; serving's prompt; greedy; 48 new tokens). The answers are
+scored twice: as generated (min_trust 0) and with serving's trust gate (``answer.min_trust``:
+an answer whose content words the passages do not back is withheld). Per model and gate:
+answer-contains, exact match, token F1 and answered rate on the 50, abstention on the 10, and
+how often a gold document is among the passages. Results go to
+bench/results/handwritten.json with every answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train_generator as tg
+
+from services.evaluation import qa
+from services.trainer import loop
+from shared.datasets import QAItem, load_corpus, load_qa_jsonl
+from shared.models.generator import load_generator
+from shared.settings import GeneratorSettings, Settings
+
+log = logging.getLogger("bench.handwritten")
+
+DATA = Path(__file__).resolve().parent / "data" / "handwritten.jsonl"
+COLUMNS = ("contains", "em", "f1", "answered_rate", "abstention_rate", "retrieved_gold")
+MAX_NEW_TOKENS = 48
+
+
+def model_name(path: str) -> str:
+    """A run's model folder (``.../<run>/model``) by its run's name, any other by its own."""
+    folder = Path(path)
+    return folder.parent.name if folder.name == "model" else folder.name
+
+
+def score(items: list[QAItem], answered: dict[str, tuple[str, list]],
+          min_trust: float) -> tuple[qa.SetMetrics, list[qa.QARow]]:
+    rows = [qa.score_row(item, *answered[item.question], min_trust=min_trust)
+            for item in items]
+    return qa.summarise(rows), rows
+
+
+def table(results: dict[str, dict[str, dict]]) -> str:
+    head = f"{'generator':<24}{'min_trust':>10}" + "".join(f"{c:>17}" for c in COLUMNS)
+    lines = [head]
+    for name, by_gate in results.items():
+        for gate, metrics in by_gate.items():
+            cells = "".join(f"{'-' if metrics[c] is None else f'{metrics[c]:.3f}':>17}"
+                            for c in COLUMNS)
+            lines.append(f"{name:<24}{gate:>10}{cells}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", default=[],
+                        help="a fine-tuned generator folder (repeatable); the packaged one "
+                             "always runs as `base`")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--cache", type=Path, default=tg.RESULTS / "cache")
+    parser.add_argument("--out", type=Path, default=tg.RESULTS / "handwritten.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("bm25s", "httpx", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    names = ["base", *(model_name(m) for m in args.model)]
+    if len(set(names)) != len(names):
+        parser.error(f"two generators would share a name: {names}")
+    started = time.perf_counter()
+    settings = Settings()
+    device, _ = loop.pick_device(args.device)
+    items = load_qa_jsonl(args.data)  # checked whole before any model loads
+    corpus = load_corpus()
+    questions = list(dict.fromkeys(i.question for i in items))
+    passages = tg.cached_passages(questions, corpus, settings, args.cache)
+    passages = {q: hits[:tg.TOP_K] for q, hits in passages.items()}
+    gates = (0.0, settings.answer.min_trust)
+    batch = 64 if device.type == "cuda" else 8
+
+    results: dict[str, dict[str, dict]] = {}
+    answers: dict[str, list[dict]] = {}
+    for name, path in zip(names, [None, *args.model], strict=True):
+        generator = GeneratorSettings(device="cpu", model=path)
+        model, tokenizer = load_generator(settings.model_copy(update={"generator": generator}))
+        model = model.float().to(device).eval()
+        t = time.perf_counter()
+        texts, kept = qa.answer_questions(model, tokenizer, questions, passages,
+                                          max_new_tokens=MAX_NEW_TOKENS, batch_size=batch)
+        log.info("%s answered %d questions in %.0f s", name, len(texts),
+                 time.perf_counter() - t)
+        answered = dict(zip(questions, zip(texts, kept, strict=True), strict=True))
+        results[name] = {}
+        for gate in gates:
+            metrics, rows = score(items, answered, gate)
+            results[name][f"{gate:g}"] = vars(metrics)
+        answers[name] = [vars(r) for r in rows]  # at serving's gate
+        del model
+
+    n_ok = sum(i.answerable for i in items)
+    print(f"\nhand-written questions ({args.data.name}): {n_ok} answerable, "
+          f"{len(items) - n_ok} not in the corpus; hybrid top-{tg.TOP_K} passages, greedy, "
+          f"on {device}")
+    print(table(results))
+    total = time.perf_counter() - started
+    print(f"wall {total:.0f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "environment": tg.environment(device), "data": str(args.data),
+        "models": dict(zip(names, ["packaged", *args.model], strict=True)),
+        "results": results, "answers": answers, "wall_s": round(total, 1)}, indent=2,
+        ensure_ascii=False) + "\n")
+    print(f"results written to {args.out}")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
