@@ -281,9 +281,10 @@ def main() -> None:
             max_steps=args.steps or (4 if quick else None), epochs=3,
             batch_size=args.batch_size or (2 if quick else 16), lr=2e-4,
             warmup_steps=1 if quick else 10, abstain_fraction=0.0 if quick else 0.25,
-            # as bench/train_generator.py trains the teacher: half the answerable questions
-            # whose passages lack the answer become "I don't know." examples
-            not_found_fraction=1.0 if quick else 0.5,
+            # as bench/train_generator.py trains the teacher: no answerable question whose
+            # passages lack the answer becomes an "I don't know." example (--quick keeps
+            # them: its only abstention examples)
+            not_found_fraction=1.0 if quick else 0.0,
             eval_steps=args.eval_steps or (1000 if quick else 50),
             eval_questions=args.eval_questions or (4 if quick else 64),
             eval_batch_size=eval_batch, eval_max_new_tokens=16, teacher_batch_size=4 if quick
