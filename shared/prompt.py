@@ -51,6 +51,15 @@ _STOPWORDS_TEXT = """
 """
 STOPWORDS = frozenset(_STOPWORDS_TEXT.split())
 
+# Number words read as digits, so "12 edges" in an answer and "twelve edges" in a passage share
+# a word ("one" stays a word: it is more often a pronoun than a count).
+_NUMBERS = {
+    "zero": "0", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
+    "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12", "thirteen": "13",
+    "fourteen": "14", "fifteen": "15", "sixteen": "16", "seventeen": "17", "eighteen": "18",
+    "nineteen": "19", "twenty": "20", "thirty": "30", "forty": "40", "fifty": "50",
+    "sixty": "60", "seventy": "70", "eighty": "80", "ninety": "90",
+}
 _MARKER = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 _WORD = re.compile(r"\w+")
 _POLAR = re.compile(r"\W*(?:yes|no)\b", re.IGNORECASE)  # a yes/no answer's first word
@@ -205,10 +214,11 @@ def withhold(answer: str, passages: list[Hit], *, question: str,
 
 
 def _words(text: str) -> set[str]:
-    """Lower-cased ``\\w+`` tokens without accents ("San José" and "San Jose" share words)."""
+    """Lower-cased ``\\w+`` tokens without accents ("San José" and "San Jose" share words),
+    number words as digits ("twelve" is "12")."""
     folded = "".join(c for c in unicodedata.normalize("NFKD", text)
                      if not unicodedata.combining(c))
-    return {w.lower() for w in _WORD.findall(folded)}
+    return {_NUMBERS.get(w, w) for w in (w.lower() for w in _WORD.findall(folded))}
 
 
 def _answer_words(answer: str) -> set[str]:

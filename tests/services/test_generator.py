@@ -198,6 +198,15 @@ def test_support_is_the_share_of_new_answer_words_found_in_the_passages():
     assert support("Nope, Lyon.", [FRANCE], question="What is the capital?") == 0.0
     costa_rica = Hit(doc_id="cr", title="Costa Rica", text="Its capital is San Jose.", score=1)
     assert support("San José", [costa_rica], question="What is the capital of Costa Rica?") == 1
+    # a count in digits is backed by the same count in words, and the other way round
+    cube = Hit(doc_id="cube", title="Cube", text="It has eight vertices and twelve edges.",
+               score=1)
+    edges = "How many edges does a cube have?"
+    assert support("A cube has 12 edges.", [cube], question=edges) == 1.0
+    assert support("8 [1]", [cube], question="And vertices?") == 1.0
+    assert support("Eleven.", [cube], question=edges) == 0.0
+    squares = Hit(doc_id="sq", title="Square", text="A square has 4 sides.", score=1)
+    assert support("four", [squares], question="How many sides?") == 1.0
     assert support(NO_ANSWER, [FRANCE]) is None and support(" ", [FRANCE]) is None
 
 
