@@ -337,19 +337,25 @@ def score_row(item: QAItem, prediction: str, passages: Sequence[Hit], *,
               min_trust: float = 0.0) -> QARow:
     """Score one answer to ``item`` given the passages its prompt held. As the QA front does
     (``shared.prompt.withhold``), an answer whose trust is below ``min_trust`` is scored as
-    ``NO_ANSWER``; ``draft`` keeps it."""
+    ``NO_ANSWER``; ``draft`` keeps it. An abstention scores 0 on EM, F1 and contains, whatever
+    words it shares with the answer ("I don't know." and "Leo I" share "I")."""
     hits = list(passages)
     prediction, trust, draft = withhold(prediction, hits, question=item.question,
                                         min_trust=min_trust)
     answer = strip_citations(prediction)
+    abstained = is_no_answer(prediction)
     gold = set(item.doc_ids)
     cited = parse_citations(prediction, hits, question=item.question)
+
+    def score(metric) -> float:
+        return 0.0 if abstained else metric(answer, item.answers)
+
     return QARow(
         id=item.id, question=item.question, answers=list(item.answers),
         answerable=item.answerable, prediction=prediction,
         passages=[h.doc_id for h in passages],
-        em=exact_match(answer, item.answers), f1=token_f1(answer, item.answers),
-        contains=contains(answer, item.answers), abstained=is_no_answer(prediction),
+        em=score(exact_match), f1=score(token_f1), contains=score(contains),
+        abstained=abstained,
         retrieved_gold=any(h.doc_id in gold for h in passages),
         cited_gold=any(c.doc_id in gold for c in cited), trust=trust, draft=draft)
 

@@ -74,6 +74,14 @@ def test_an_answer_below_min_trust_is_scored_as_an_abstention():
     assert qa.summarise([kept, withheld]).answered_rate == 0.5
 
 
+def test_an_abstention_scores_nothing_even_when_it_shares_a_word_with_the_answer():
+    leo = QAItem(id="lviv", question="After whom was Lviv named?",
+                 answers=["Leo I of Galicia", "Leo I"], doc_ids=["Lviv"], answerable=True)
+    row = qa.score_row(leo, NO_ANSWER, [PARIS])
+    assert (row.em, row.f1, row.contains, row.abstained) == (0.0, 0.0, 0.0, True)
+    assert qa.score_row(leo, "Leo I [1]", [PARIS]).f1 == 1.0
+
+
 # --- prompts ----------------------------------------------------------------------------------
 def test_prompt_is_serving_chat_prompt_or_plain_text_without_a_template(tokenizer):
     question = "What is the capital of France?"
