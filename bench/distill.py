@@ -280,7 +280,7 @@ def main() -> None:
         kd_config = DistillConfig(
             max_steps=args.steps or (4 if quick else None), epochs=3,
             batch_size=args.batch_size or (2 if quick else 16), lr=2e-4,
-            warmup_steps=1 if quick else 10, abstain_fraction=0.0 if quick else 0.25,
+            warmup_steps=1 if quick else 10, abstain_fraction=0.0 if quick else 0.1,
             # as bench/train_generator.py trains the teacher: no answerable question whose
             # passages lack the answer becomes an "I don't know." example (--quick keeps
             # them: its only abstention examples)

@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help="default 1e-4 (full) / 5e-4 (lora)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--abstain-fraction", type=float, default=0.25)
+    parser.add_argument("--abstain-fraction", type=float, default=0.1)
     parser.add_argument("--not-found-fraction", type=float, default=0.0,
                         help="share of answerable questions whose passages lack the answer "
                              "kept as 'I don't know.' examples")

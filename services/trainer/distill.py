@@ -389,7 +389,7 @@ class DistillConfig(BaseModel):
     max_passage_chars: int = Field(qa.SERVING_MAX_PASSAGE_CHARS, ge=50)
     max_seq_len: int = Field(1024, ge=16)
     max_answer_tokens: int = Field(32, ge=1)
-    abstain_fraction: float = Field(0.25, ge=0, le=1)
+    abstain_fraction: float = Field(0.1, ge=0, le=1)
     not_found_fraction: float = Field(0.0, ge=0, le=1)
     extra_passages: int = Field(3, ge=0)
     # evaluation and checkpoints
