@@ -13,8 +13,8 @@ tuning run reads them.
 
 Every generator (the packaged SmolLM2-135M-Instruct as ``base``, then each ``--model`` folder,
 named by it) answers every question once, through the offline serving pipeline
-(``services/evaluation/qa.py``: hybrid top-3 passages over the full corpus, as served and
-cached in bench/results/cache; serving's prompt; greedy; 48 new tokens). The answers are
+(``bench/trust.py`` ``answer_all``: hybrid top-3 passages over the full corpus, as served and
+cached in bench/results/cache; serving's prompt; greedy; serving's 48 new tokens). The answers are
 scored twice: as generated (min_trust 0) and with serving's trust gate (``answer.min_trust``:
 an answer whose content words the passages do not back is withheld). Per model and gate:
 answer-contains, exact match, token F1 and answered rate on the 50, abstention on the 10, and
@@ -36,18 +36,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_generator as tg
+import trust
 
 from services.evaluation import qa
 from services.trainer import loop
 from shared.datasets import QAItem, load_corpus, load_qa_jsonl
-from shared.models.generator import load_generator
-from shared.settings import GeneratorSettings, Settings
+from shared.settings import Settings
 
 log = logging.getLogger("bench.handwritten")
 
 DATA = Path(__file__).resolve().parent / "data" / "handwritten.jsonl"
 COLUMNS = ("contains", "em", "f1", "answered_rate", "abstention_rate", "retrieved_gold")
-MAX_NEW_TOKENS = 48
 
 
 def model_name(path: str) -> str:
@@ -104,20 +103,15 @@ def main() -> None:
     results: dict[str, dict[str, dict]] = {}
     answers: dict[str, list[dict]] = {}
     for name, path in zip(names, [None, *args.model], strict=True):
-        generator = GeneratorSettings(device="cpu", model=path)
-        model, tokenizer = load_generator(settings.model_copy(update={"generator": generator}))
-        model = model.float().to(device).eval()
+        model, tokenizer = tg.load_fp32_generator(settings, device, path)
+        model = model.eval()
         t = time.perf_counter()
-        texts, kept = qa.answer_questions(model, tokenizer, questions, passages,
-                                          max_new_tokens=MAX_NEW_TOKENS, batch_size=batch)
-        log.info("%s answered %d questions in %.0f s", name, len(texts),
+        answered = trust.answer_all(model, tokenizer, items, passages, batch)
+        log.info("%s answered %d questions in %.0f s", name, len(answered),
                  time.perf_counter() - t)
-        answered = dict(zip(questions, zip(texts, kept, strict=True), strict=True))
-        results[name] = {}
-        for gate in gates:
-            metrics, rows = score(items, answered, gate)
-            results[name][f"{gate:g}"] = vars(metrics)
-        answers[name] = [vars(r) for r in rows]  # at serving's gate
+        scored = {gate: score(items, answered, gate) for gate in gates}
+        results[name] = {f"{gate:g}": vars(metrics) for gate, (metrics, _) in scored.items()}
+        answers[name] = [vars(r) for r in scored[settings.answer.min_trust][1]]
         del model
 
     n_ok = sum(i.answerable for i in items)

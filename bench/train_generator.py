@@ -124,9 +124,11 @@ def cached_passages(questions: Sequence[str], corpus: Sequence[Document], settin
     return passages
 
 
-def load_fp32_generator(settings: Settings, device: torch.device):
-    """The packaged generator in fp32 (trained in fp32 under bf16 autocast), on ``device``."""
-    cpu = settings.model_copy(update={"generator": GeneratorSettings(device="cpu")})
+def load_fp32_generator(settings: Settings, device: torch.device, model: str | None = None):
+    """The packaged generator, or the one in folder ``model``, in fp32 (trained in fp32 under
+    bf16 autocast), on ``device``."""
+    cpu = settings.model_copy(update={"generator": GeneratorSettings(device="cpu",
+                                                                     model=model)})
     model, tokenizer = load_generator(cpu)
     return model.float().to(device), tokenizer
 

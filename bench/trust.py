@@ -39,9 +39,8 @@ import train_generator as tg
 from services.evaluation import qa
 from services.trainer import loop
 from shared.datasets import QAItem, answer_in_evidence
-from shared.models.generator import load_generator
 from shared.schemas import Hit
-from shared.settings import GeneratorSettings, Settings
+from shared.settings import Settings
 
 log = logging.getLogger("bench.trust")
 
@@ -102,9 +101,8 @@ def main() -> None:
     in_evidence |= {i.id for i in data["dev"]["fanout"] if answer_in_evidence(i, by_id)}
     passages = tg.cached_passages(tg.all_questions(data), corpus, settings, args.cache)
     passages = {q: hits[:tg.TOP_K] for q, hits in passages.items()}
-    generator = GeneratorSettings(device="cpu", model=args.model)
-    model, tokenizer = load_generator(settings.model_copy(update={"generator": generator}))
-    model = model.float().to(device).eval()
+    model, tokenizer = tg.load_fp32_generator(settings, device, args.model)
+    model = model.eval()
     batch = 64 if device.type == "cuda" else 8
 
     results: dict[str, dict[float, dict]] = {}
