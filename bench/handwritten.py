@@ -9,7 +9,9 @@ The questions (``bench/data/handwritten.jsonl``, the format ``ragtune train --da
 where / which / how many; no "capital of" template, no FanOutQA question), each with its short
 answer as the document states it and that document as its gold; and 10 about corpus entities
 whose summaries do not state the fact asked for (answer "I don't know."). No training set or
-tuning run reads them.
+tuning run reads them. ``bench/data/handwritten-heldout.jsonl`` (``--data``) holds 48 more of
+the same kinds (40 + 8), written over another seeded sample after the prompt's passage order
+was chosen on the first file (``shared/prompt.py``): the check that the choice generalises.
 
 Every generator (the packaged SmolLM2-135M-Instruct as ``base``, then each ``--model`` folder,
 named by it) answers every question once, through the offline serving pipeline
