@@ -87,12 +87,12 @@ def test_truncate_text_refuses_a_non_positive_limit():
         truncate_text("text", 0)
 
 
-def test_format_passages_numbers_from_one_and_cuts_texts():
+def test_format_passages_numbers_by_rank_shows_the_best_last_and_cuts_texts():
     text = format_passages([FRANCE, GERMANY], max_chars=40)
     first, second = text.split("\n\n")
-    assert first == "[1] France\nFrance is a country in Western Europe."
-    assert second.startswith("[2] Germany\nGermany is a country in Central")
-    assert len(second.split("\n", 1)[1]) <= 40
+    assert first.startswith("[2] Germany\nGermany is a country in Central")
+    assert len(first.split("\n", 1)[1]) <= 40
+    assert second == "[1] France\nFrance is a country in Western Europe."
     assert format_passages([], 40) == ""
 
 
@@ -102,7 +102,7 @@ def test_build_messages_gives_a_system_instruction_and_the_passages_then_the_que
     assert f'"{NO_ANSWER}"' in messages[0]["content"]
     assert "square brackets" in messages[0]["content"]
     user = messages[1]["content"]
-    assert user.index("[1] France") < user.index("[2] Germany") < user.index("Question:")
+    assert user.index("[2] Germany") < user.index("[1] France") < user.index("Question:")
     assert user.endswith("Question: What is the capital of France?")
 
 
@@ -488,7 +488,7 @@ def test_encoder_decoder_generates_from_a_plain_text_prompt(plain_tokenizer, dec
     assert result.answer == "bbb"
     assert result.completion_tokens == 3
     prompt = plain_prompt(build_messages(QUESTION, [FRANCE, GERMANY], 1_000))
-    assert prompt.startswith(f"{SYSTEM_PROMPT}\n\nPassages:\n[1] France\n")
+    assert prompt.startswith(f"{SYSTEM_PROMPT}\n\nPassages:\n[2] Germany\n")
     assert prompt.endswith(f"Question: {QUESTION}")
     assert result.prompt_tokens == len(plain_tokenizer(prompt)["input_ids"])
 
