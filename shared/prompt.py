@@ -30,8 +30,8 @@ first (the order before) / best last (bench/handwritten.py, bench/trust.py):
   capitals, test split (37)                                                   .59 / .76
   FanOutQA sub-questions, test split (75)                                     .09 / .12
   FanOutQA whose answer is in the evidence, test split (7)                    .57 / .71
-The gold document is cited (by marker or word overlap) for 29 of the 37 capital answers, 20
-before.
+On "What is X?" questions the model sometimes only says "The answer to this question is:"
+in either order (a spot check: 7 of 20 best last, 5 of 20 best first); trust withholds those.
 """
 
 from __future__ import annotations
