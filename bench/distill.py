@@ -135,10 +135,6 @@ def load_encoder(base: Encoder, model_dir: Path | None, device: torch.device) ->
     return Encoder(base.tokenizer, model, base.batch_size, base.max_length, base.pooling)
 
 
-def fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def f1_overall(sets: dict[str, dict]) -> tuple[float, float]:
     """(F1, EM) means over the answerable questions of every answerable set."""
     n = sum(sets[s]["answerable"] for s in ANSWERABLE)
@@ -326,7 +322,7 @@ def main() -> None:
                 a, b = t.sets[set_name][metric], s.sets[set_name][metric]
                 if a is None and b is None:
                     continue
-                show(f"{set_name + ' ' + metric:<34}{fmt(a):>12}{fmt(b):>12}")
+                show(f"{set_name + ' ' + metric:<34}{tg.fmt(a):>12}{tg.fmt(b):>12}")
             show(f"{set_name + ' n':<34}{t.sets[set_name]['n']:>12}{s.sets[set_name]['n']:>12}")
         show(f"{'answerable F1 / EM (both sets)':<34}{t_f1:>6.3f}/{t_em:.3f}"
              f"{s_f1:>7.3f}/{s_em:.3f}")
@@ -411,8 +407,8 @@ def main() -> None:
              f"{default}.")
         show("the reader's favourite passage, by signal (over the questions where it can be):")
         for signal, c in choice.items():
-            show(f"  {signal:<16} a gold document {fmt(c['best_is_gold'])} of {c['gold_n']}, "
-                 f"holds the answer {fmt(c['best_holds_answer'])} of {c['holds_n']}, the "
+            show(f"  {signal:<16} a gold document {tg.fmt(c['best_is_gold'])} of {c['gold_n']}, "
+                 f"holds the answer {tg.fmt(c['best_holds_answer'])} of {c['holds_n']}, the "
                  f"retriever's first {c['best_is_first']:.3f}")
         show("KL to the target, start -> end: " + ", ".join(
             f"{n} {a:.3f} -> {b:.3f}" for n, (a, b) in kl.items()))

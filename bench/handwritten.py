@@ -69,8 +69,7 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     lines = [head]
     for name, by_gate in results.items():
         for gate, metrics in by_gate.items():
-            cells = "".join(f"{'-' if metrics[c] is None else f'{metrics[c]:.3f}':>17}"
-                            for c in COLUMNS)
+            cells = "".join(f"{tg.fmt(metrics[c]):>17}" for c in COLUMNS)
             lines.append(f"{name:<24}{gate:>10}{cells}")
     return "\n".join(lines)
 

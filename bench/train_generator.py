@@ -147,6 +147,11 @@ def evaluate(model, tokenizer, test: dict[str, list[QAItem]], passages, in_evide
 COLUMNS = ("em", "f1", "contains", "answered_rate", "abstention_rate")
 
 
+def fmt(value: float | None) -> str:
+    """A metric as the benches' tables print it: three decimals, "-" for none."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def side_by_side(columns: dict[str, dict[str, dict]]) -> str:
     """One row per (set, metric), one column per model."""
     names = list(columns)
@@ -157,7 +162,7 @@ def side_by_side(columns: dict[str, dict[str, dict]]) -> str:
             values = [columns[n][set_name].get(metric) for n in names]
             if all(v is None for v in values):
                 continue
-            cells = "".join(f"{'-' if v is None else f'{v:.3f}':>14}" for v in values)
+            cells = "".join(f"{fmt(v):>14}" for v in values)
             lines.append(f"{set_name:<24}{metric:<17}{cells}")
         lines.append(f"{'':<24}{'n':<17}" + "".join(f"{columns[n][set_name]['n']:>14}"
                                                     for n in names))

@@ -78,8 +78,7 @@ def table(title: str, rows: dict[float, dict[str, float | None]]) -> str:
     head = f"{'min_trust':>10}" + "".join(f"{c:>{len(c) + 2}}" for c in COLUMNS)
     lines = [title, head]
     for threshold, row in rows.items():
-        cells = "".join(f"{'-' if row[c] is None else f'{row[c]:.3f}':>{len(c) + 2}}"
-                        for c in COLUMNS)
+        cells = "".join(f"{tg.fmt(row[c]):>{len(c) + 2}}" for c in COLUMNS)
         lines.append(f"{threshold:>10.2f}{cells}")
     return "\n".join(lines)
 
