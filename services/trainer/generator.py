@@ -21,7 +21,8 @@ are nearly all FanOutQA sub-questions, so they taught a question *shape* to mean
 generator trained with half of them (143 of 413 examples) answered 14% of hand-written
 questions of other shapes whose passages held the answer; without them, 56%, and with a tenth
 of the answered items as gold-removed copies (``abstain_fraction`` 0.1) instead of a quarter,
-68% (``bench/handwritten.py``, README: one seed each, 36 steps on 2 CPU cores).
+68% (``bench/handwritten.py``, README: one seed each, 36 steps on 2 CPU cores, prompts
+that showed the best passage first).
 
 ``train_generator`` is the loop: warm-up + cosine schedule, gradient accumulation, clipping,
 bf16 autocast on CUDA, dev evaluation (generation + EM/F1 through ``services.evaluation.qa``)
