@@ -13,10 +13,10 @@ $(BIN)/python:
 
 # torch first and pinned: the CPU wheel lies on disk; a looser spec pulls a CUDA build.
 $(VENV)/.installed: $(BIN)/python pyproject.toml requirements-data.txt
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps -r requirements-data.txt
+	$(BIN)/pip install -q --no-cache-dir --upgrade pip
+	$(BIN)/pip install -q --no-cache-dir torch==2.13.0
+	$(BIN)/pip install -q --no-cache-dir -e ".[dev]"
+	$(BIN)/pip install -q --no-cache-dir --no-deps -r requirements-data.txt
 	touch $@
 
 install: $(VENV)/.installed
