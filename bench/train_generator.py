@@ -203,6 +203,9 @@ def main() -> None:
                         help="default 1e-4 (full) / 5e-4 (lora)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--abstain-fraction", type=float, default=0.1)
+    parser.add_argument("--answer-cut-fraction", type=float, default=0.0,
+                        help="share of the answered questions added again with the sentences "
+                             "stating the answer cut out of their passages (I don't know.)")
     parser.add_argument("--not-found-fraction", type=float, default=0.0,
                         help="share of answerable questions whose passages lack the answer "
                              "kept as 'I don't know.' examples")
@@ -245,6 +248,7 @@ def main() -> None:
         batch_size=2 if args.quick else args.batch_size, warmup_steps=1 if args.quick else 10,
         abstain_fraction=args.abstain_fraction,
         not_found_fraction=args.not_found_fraction,
+        answer_cut_fraction=args.answer_cut_fraction,
         eval_steps=args.eval_steps or (3 if args.quick else 20),
         eval_questions=args.eval_questions or (4 if args.quick else 96), eval_batch_size=eval_batch,
         eval_max_new_tokens=12 if args.quick else 32, patience=3, device=args.device,

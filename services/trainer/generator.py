@@ -14,6 +14,14 @@ passages rather than a question template that means "unknown" (the construction 
 Zhang et al. 2024, "RAFT: Adapting Language Model to Domain Specific RAG", whose distractor-only
 examples here ask for a refusal as in R-Tuning, Zhang et al. 2023).
 
+A third kind is off by default (``answer_cut_fraction`` 0): answered items again with every
+sentence that states the answer cut out of their passages (``answer_cut``), so the question's
+own document stays but no longer says it: the case of Tanzania, whose summary names Dar es
+Salaam (the largest city) and not Dodoma. At a fifth of the answered items (31 of 280
+examples, 36 steps on 2 CPU cores) it did not help: capitals exact match .78 against .81
+without, 1 of the 3 not-in-corpus test capitals declined against 0, and answer-contains .57
+against .86 on the FanOutQA questions whose answer is in the evidence (one seed each; README).
+
 Answerable items whose passages hold no answer string ("not found") are left out by default
 (``not_found_fraction`` 0). As "I don't know." targets they are noisy (the passage may state
 the answer in other words: "2.3 million" for "2,320,268") and, on the packaged sets, they
@@ -38,6 +46,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -66,10 +75,12 @@ ANSWER = "answer"  # a retrieved passage holds the answer: "<answer> [n]"
 UNANSWERABLE = "unanswerable"  # the item is marked unanswerable: NO_ANSWER
 NOT_FOUND = "not_found"  # answerable, but no retrieved passage holds an answer: NO_ANSWER
 GOLD_REMOVED = "gold_removed"  # answerable, passages holding it removed: NO_ANSWER
+ANSWER_CUT = "answer_cut"  # answerable, the sentences stating it cut from the passages: NO_ANSWER
 
 # A yes/no answer occurs as a word in almost any text ("no longer"): only a gold document
 # counts as holding it.
 _YES_NO = frozenset({"yes", "no"})
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
 
 
 class LoraOptions(BaseModel):
@@ -126,6 +137,9 @@ class GeneratorTrainConfig(BaseModel):
     abstain_fraction: float = Field(0.1, ge=0, le=1, description="share of the answered "
                                     "items added again with the passages holding the answer "
                                     "removed (target NO_ANSWER)")
+    answer_cut_fraction: float = Field(0.0, ge=0, le=1, description="share of the answered "
+                                       "items added again with every sentence that states the "
+                                       "answer cut out of their passages (target NO_ANSWER)")
     not_found_fraction: float = Field(0.0, ge=0, le=1, description="share of the answerable "
                                       "items whose passages hold no answer kept as NO_ANSWER "
                                       "examples (the rest are left out; see the module's "
@@ -178,6 +192,27 @@ def answer_target(item: QAItem, passages: Sequence[Hit]) -> str:
 def without_answer(item: QAItem, hits: Sequence[Hit]) -> list[Hit]:
     """``hits`` without the gold documents and without every hit that holds an answer."""
     return [h for h in hits if h.doc_id not in item.doc_ids and held_answer(item, h) is None]
+
+
+def answer_cut(item: QAItem, hits: Sequence[Hit]) -> list[Hit] | None:
+    """``hits`` with every sentence that states an answer of ``item`` cut out: the same
+    passages, the question's own document among them, that no longer say the answer. A hit
+    whose title names the answer, or with no sentence left, is dropped. None when no passage
+    is left, when the answers still occur (across a sentence split), or for a yes/no answer,
+    which no sentence states."""
+    if any(a.strip().lower() in _YES_NO for a in item.answers):
+        return None
+    kept = []
+    for hit in hits:
+        if contains(hit.title, item.answers):
+            continue
+        sentences = [s for s in _SENTENCE_SPLIT.split(hit.text.strip())
+                     if s and not contains(s, item.answers)]
+        if sentences:
+            kept.append(hit.model_copy(update={"text": " ".join(sentences)}))
+    if not kept or any(held_answer(item, h) is not None for h in kept):
+        return None
+    return kept
 
 
 # --- examples ---------------------------------------------------------------------------------
@@ -235,7 +270,7 @@ def _make_example(enc: Encoding, config: GeneratorTrainConfig, item: QAItem,
     except qa.PromptTooLong as exc:
         raise ValueError(f"item {item.id!r}: its prompt cannot fit max_seq_len="
                          f"{config.max_seq_len} (context {enc.context}): {exc}") from None
-    target = NO_ANSWER if kind == GOLD_REMOVED else answer_target(item, kept)
+    target = NO_ANSWER if kind in (GOLD_REMOVED, ANSWER_CUT) else answer_target(item, kept)
     if kind is None:
         kind = ANSWER if target != NO_ANSWER else (
             NOT_FOUND if item.answerable else UNANSWERABLE)
@@ -250,14 +285,19 @@ def _make_example(enc: Encoding, config: GeneratorTrainConfig, item: QAItem,
 
 def build_examples(items: Sequence[QAItem], passages: Mapping[str, Sequence[Hit]],
                    enc: Encoding, config: GeneratorTrainConfig, *, abstain_fraction: float,
-                   not_found_fraction: float = 1.0) -> list[Example]:
+                   not_found_fraction: float = 1.0, answer_cut_fraction: float = 0.0,
+                   ) -> list[Example]:
     """One example per item from its first ``top_k`` hits — ``NOT_FOUND`` ones only for a
     seeded ``not_found_fraction`` of them — plus, for a seeded ``abstain_fraction`` of the
     ``ANSWER`` examples, a ``GOLD_REMOVED`` copy whose passages are the first ``top_k`` hits
     that neither are gold nor hold an answer (skipped when none is left): the same question
-    once answerable, once not. Raises ValueError naming the item for an answer over
-    ``max_answer_tokens`` or a prompt that cannot fit."""
+    once answerable, once not; and for a seeded ``answer_cut_fraction`` of them an
+    ``ANSWER_CUT`` copy: the same passages with the sentences stating the answer cut out
+    (``answer_cut``; skipped when it gives none). Raises ValueError naming the item for an
+    answer over ``max_answer_tokens`` or a prompt that cannot fit."""
     rng = random.Random(config.seed)
+    # Its own generator, so that adding cut copies leaves the other fractions' picks alone.
+    cut_rng = random.Random(f"{config.seed}/answer_cut")
     examples = []
     for item in items:
         hits = list(passages[item.question])
@@ -271,6 +311,11 @@ def build_examples(items: Sequence[QAItem], passages: Mapping[str, Sequence[Hit]
             if others:
                 examples.append(_make_example(enc, config, item, others, GOLD_REMOVED,
                                               "#gold_removed"))
+        if example.kind == ANSWER and cut_rng.random() < answer_cut_fraction:
+            cut = answer_cut(item, hits[:config.top_k])
+            if cut:
+                examples.append(_make_example(enc, config, item, cut, ANSWER_CUT,
+                                              "#answer_cut"))
     return examples
 
 
@@ -585,7 +630,8 @@ def train_generator(config: GeneratorTrainConfig, model, tokenizer,
     passages = qa.retrieve(retrieval, [i.question for i in train_items], wanted)
     examples = build_examples(train_items, passages, enc, config,
                               abstain_fraction=config.abstain_fraction,
-                              not_found_fraction=config.not_found_fraction)
+                              not_found_fraction=config.not_found_fraction,
+                              answer_cut_fraction=config.answer_cut_fraction)
     if not examples:
         raise ValueError("no training example left (every item was a left-out not-found one)")
     dev_subset = _dev_sample(dev_items, config.eval_questions, config.seed)

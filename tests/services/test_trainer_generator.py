@@ -65,6 +65,23 @@ def test_without_answer_drops_gold_documents_and_passages_naming_the_answer():
     assert sft.without_answer(FRANCE_Q, [LYON, PARIS, BERLIN]) == [BERLIN]
 
 
+def test_answer_cut_keeps_the_passages_but_not_the_sentences_stating_the_answer():
+    france = Hit(doc_id="fr", title="France", score=1.0,
+                 text="France is in Europe. Its capital is Paris. It has 68 million people.")
+    cut = sft.answer_cut(FRANCE_Q, [france, LYON, BERLIN])
+    # Lyon's only sentence names Paris: the passage goes; the others lose that sentence only
+    assert [h.doc_id for h in cut] == ["fr", "de"]
+    assert cut[0].text == "France is in Europe. It has 68 million people."
+    assert all(sft.held_answer(FRANCE_Q, h) is None for h in cut)
+    # a title naming the answer drops the passage; nothing left, or a yes/no answer: None
+    titled = Hit(doc_id="p", title="Paris", text="A city on the Seine.", score=1.0)
+    assert sft.answer_cut(FRANCE_Q, [titled, BERLIN]) == [BERLIN]
+    assert sft.answer_cut(FRANCE_Q, [titled, LYON]) is None
+    polar = QAItem(id="y", question="Is Paris in France?", answers=["yes"], doc_ids=["fr"],
+                   answerable=True)
+    assert sft.answer_cut(polar, [france]) is None
+
+
 def test_answer_nll_is_the_mean_over_answer_tokens_only():
     logprobs = torch.tensor([[-1.0, -3.0, 0.0], [-2.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -125,6 +142,21 @@ def test_gold_removed_examples_keep_only_passages_without_the_answer(tokenizer):
     assert {e.kind for e in kept} == {sft.NOT_FOUND} and 3 <= len(kept) <= 17
     assert sft.build_examples(lost, hidden, enc, config(), abstain_fraction=1.0,
                               not_found_fraction=0.0) == []
+
+
+def test_answer_cut_copies_ask_for_no_answer_and_leave_the_other_picks_alone(tokenizer):
+    items, passages, _ = toy_task(8)
+    enc = sft.Encoding(tokenizer=tokenizer, seq2seq=False, end=tokenizer.eos_token_id,
+                       context=2048)
+    plain = sft.build_examples(items, passages, enc, config(), abstain_fraction=0.5)
+    examples = sft.build_examples(items, passages, enc, config(), abstain_fraction=0.5,
+                                  answer_cut_fraction=1.0)
+    assert [e for e in examples if e.kind != sft.ANSWER_CUT] == plain
+    cut = [e for e in examples if e.kind == sft.ANSWER_CUT]
+    assert len(cut) == len(items)
+    for e in cut:
+        item = next(i for i in items if e.id == i.id + "#answer_cut")
+        assert e.target == NO_ANSWER and item.answers[0] not in tokenizer.decode(e.input_ids)
 
 
 def test_config_names_the_bad_value_and_refuses_unknown_fields():
