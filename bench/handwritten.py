@@ -1,8 +1,8 @@
 """Generalisation to questions of shapes never trained on: the packaged generator beside
 fine-tuned ones on hand-written questions over the corpus.
 
-    python bench/handwritten.py [--model PATH ...] [--data FILE] [--device auto|cpu|cuda]
-                                [--out PATH]
+    python bench/handwritten.py [--model PATH ...] [--data FILE] [--top-k N]
+                                [--device auto|cpu|cuda] [--out PATH]
 
 The questions (``bench/data/handwritten.jsonl``, the format ``ragtune train --data`` reads):
 50 written by hand over a seeded sample of the corpus, 4-5 per topic (who / what / when /
@@ -15,12 +15,12 @@ was chosen on the first file (``shared/prompt.py``): the check that the choice g
 
 Every generator (the packaged SmolLM2-135M-Instruct as ``base``, then each ``--model`` folder,
 named by it) answers every question once, through the offline serving pipeline
-(``bench/trust.py`` ``answer_all``: hybrid top-3 passages over the full corpus, as served and
-cached in bench/results/cache; serving's prompt; greedy; serving's 48 new tokens). The answers are
-scored twice: as generated (min_trust 0) and with serving's trust gate (``answer.min_trust``:
-an answer whose content words the passages do not back is withheld). Per model and gate:
-answer-contains, exact match, token F1 and answered rate on the 50, abstention on the 10, and
-how often a gold document is among the passages. Results go to
+(``bench/trust.py`` ``answer_all``: hybrid top-3 passages over the full corpus, as served, or
+``--top-k``, cached in bench/results/cache; serving's prompt; greedy; serving's 48 new tokens).
+The answers are scored twice: as generated (min_trust 0) and with serving's trust gate
+(``answer.min_trust``: an answer whose content words the passages do not back is withheld). Per
+model and gate: answer-contains, exact match, token F1 and answered rate on the 50, abstention
+on the 10, and how often a gold document is among the passages. Results go to
 bench/results/handwritten.json with every answer.
 """
 
@@ -80,6 +80,8 @@ def main() -> None:
                         help="a fine-tuned generator folder (repeatable); the packaged one "
                              "always runs as `base`")
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--top-k", type=int, default=tg.TOP_K, choices=range(1, tg.DEPTH + 1),
+                        metavar=f"1..{tg.DEPTH}", help="passages per prompt (default: as served)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--cache", type=Path, default=tg.RESULTS / "cache")
     parser.add_argument("--out", type=Path, default=tg.RESULTS / "handwritten.json")
@@ -97,7 +99,7 @@ def main() -> None:
     corpus = load_corpus()
     questions = list(dict.fromkeys(i.question for i in items))
     passages = tg.cached_passages(questions, corpus, settings, args.cache)
-    passages = {q: hits[:tg.TOP_K] for q, hits in passages.items()}
+    passages = {q: hits[:args.top_k] for q, hits in passages.items()}
     gates = (0.0, settings.answer.min_trust)
     batch = 64 if device.type == "cuda" else 8
 
@@ -117,14 +119,14 @@ def main() -> None:
 
     n_ok = sum(i.answerable for i in items)
     print(f"\nhand-written questions ({args.data.name}): {n_ok} answerable, "
-          f"{len(items) - n_ok} not in the corpus; hybrid top-{tg.TOP_K} passages, greedy, "
+          f"{len(items) - n_ok} not in the corpus; hybrid top-{args.top_k} passages, greedy, "
           f"on {device}")
     print(table(results))
     total = time.perf_counter() - started
     print(f"wall {total:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "environment": tg.environment(device), "data": str(args.data),
+        "environment": tg.environment(device), "data": str(args.data), "top_k": args.top_k,
         "models": dict(zip(names, ["packaged", *args.model], strict=True)),
         "results": results, "answers": answers, "wall_s": round(total, 1)}, indent=2,
         ensure_ascii=False) + "\n")
