@@ -213,6 +213,9 @@ def main() -> None:
                         help="dev evaluation period (default 20; 3 with --quick)")
     parser.add_argument("--eval-questions", type=int, default=None,
                         help="dev questions per evaluation (default 96; 4 with --quick)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed: example order, abstention picks, dev sample (the "
+                             "train/dev/test split stays fixed)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cache", type=Path, default=RESULTS / "cache")
     parser.add_argument("--run-dir", type=Path, default=None)
@@ -252,7 +255,7 @@ def main() -> None:
         eval_steps=args.eval_steps or (3 if args.quick else 20),
         eval_questions=args.eval_questions or (4 if args.quick else 96), eval_batch_size=eval_batch,
         eval_max_new_tokens=12 if args.quick else 32, patience=3, device=args.device,
-        seed=0)
+        seed=args.seed)
     run_dir = args.run_dir or RESULTS / "runs" / f"generator-{args.method}" \
         f"{'-quick' if args.quick else ''}"
     result = train_generator(
