@@ -5,6 +5,8 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+# no cache: the wheels are not kept a second time on disk
+PIP := $(BIN)/pip install -q --no-cache-dir
 
 .PHONY: install run test lint bench down
 
@@ -13,10 +15,10 @@ $(BIN)/python:
 
 # torch first and pinned: the CPU wheel lies on disk; a looser spec pulls a CUDA build.
 $(VENV)/.installed: $(BIN)/python pyproject.toml requirements-data.txt
-	$(BIN)/pip install -q --no-cache-dir --upgrade pip
-	$(BIN)/pip install -q --no-cache-dir torch==2.13.0
-	$(BIN)/pip install -q --no-cache-dir -e ".[dev]"
-	$(BIN)/pip install -q --no-cache-dir --no-deps -r requirements-data.txt
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps -r requirements-data.txt
 	touch $@
 
 install: $(VENV)/.installed
