@@ -6,6 +6,7 @@ reader -> reranker on toy tasks (tiny random BERTs). No downloaded weights."""
 from __future__ import annotations
 
 import gc
+import json
 import math
 import weakref
 
@@ -215,6 +216,53 @@ def test_layer_subset_copies_the_chosen_layers_exactly_and_runs(tok):
     for bad, message in (([], "at least one"), ([3, 1], "increasing"), ([0, 4], r"0\.\.3")):
         with pytest.raises(ValueError, match=message):
             distill.layer_subset(teacher, bad)
+
+
+def test_greedy_layers_drop_a_layer_that_does_nothing_and_leave_the_model_as_it_was(tok):
+    teacher = deep_llama(tok, layers=5, seed=1)
+    with torch.no_grad():  # layer 2 adds nothing to the residual stream: an identity
+        teacher.model.layers[2].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[2].mlp.down_proj.weight.zero_()
+    items, passages, _ = toy_task(4)
+    examples = build_examples(items, passages, Encoding(
+        tokenizer=tok, seq2seq=False, end=tok.eos_token_id, context=2048),
+        kd_config().prompts(), abstain_fraction=0.0)
+    ids = torch.tensor([tok("Land1 Amber")["input_ids"]])
+    with torch.no_grad():
+        before = teacher(ids).logits
+    full = distill.target_nll(teacher, examples, tok.pad_token_id, 8, torch.device("cpu"))
+    (layer, loss), = distill.greedy_removal(teacher, examples, tok.pad_token_id, 4)
+    assert layer == 2 and loss == pytest.approx(full, rel=1e-5)  # nothing lost without it
+    assert distill.greedy_layers(teacher, examples, tok.pad_token_id, 4) == [0, 1, 3, 4]
+    chosen = distill.greedy_layers(teacher, examples, tok.pad_token_id, 2, batch_size=3)
+    assert chosen[0] == 0 and chosen[-1] == 4 and len(chosen) == 2
+    assert len(teacher.model.layers) == teacher.config.num_hidden_layers == 5
+    assert teacher.config.use_cache
+    with torch.no_grad():
+        assert torch.equal(teacher(ids).logits, before)
+    for keep in (1, 5):
+        with pytest.raises(ValueError, match=r"`keep` has to lie in 2\.\.4"):
+            distill.greedy_layers(teacher, examples, tok.pad_token_id, keep)
+    with pytest.raises(ValueError, match="at least one example"):
+        distill.greedy_layers(teacher, [], tok.pad_token_id, 3)
+
+
+def test_a_greedy_student_is_chosen_once_per_run_and_trains(tok, tmp_path):
+    items, passages, _ = toy_task(4)
+    config = kd_config(max_steps=2, eval_steps=100, batch_size=2, layer_choice="greedy",
+                       layer_choice_examples=3)
+    first = distill.distill_generator(config, Loader(tok), items, [], passages, tmp_path)
+    saved = json.loads((tmp_path / distill.LAYERS_FILE).read_text())
+    assert first.layers == saved["layers"] and len(first.layers) == 2
+    assert first.layers[0] == 0 and first.layers[-1] == 3
+    assert loop.read_meta(first.model_dir)["layers"] == first.layers
+    # a later run in the same folder (a resume) reads the choice back, not choosing again
+    other = [1, 3] if first.layers != [1, 3] else [2, 3]
+    (tmp_path / distill.LAYERS_FILE).write_text(json.dumps({**saved, "layers": other}))
+    again = distill.distill_generator(config, Loader(tok), items, [], passages, tmp_path)
+    assert again.layers == other
+    with pytest.raises(pydantic.ValidationError, match="layer_choice"):
+        kd_config(layer_choice="best")
 
 
 def test_a_student_must_read_the_teachers_tokenizer(tok):
