@@ -5,7 +5,8 @@ reader → reranker.
                             [--parts student,retriever,reranker] [--steps N]
                             [--batch-size N] [--train-per-set N] [--eval-steps N]
                             [--eval-questions N] [--speed-prompts N]
-                            [--layer-fraction F] [--temperature T] [--alpha A]
+                            [--layer-fraction F] [--layer-choice spaced|greedy]
+                            [--layer-choice-examples N] [--temperature T] [--alpha A]
                             [--cache DIR] [--out PATH]
 
 ``--parts`` picks what runs (default: all three).
@@ -14,12 +15,13 @@ reader → reranker.
    ``--teacher`` (a fine-tuned generator folder, e.g.
    ``bench/results/runs/generator-full/model``) or, by default, the packaged
    SmolLM2-135M-Instruct — *not fine-tuned* on this task, which the output says. The student
-   keeps ``--layer-fraction`` of its layers (default a third), trained with α·T²·KL +
-   (1−α)·CE against the teacher's top-32 logits cached once. Both answer the same test
-   questions from the same passages (hybrid top 3, greedy; EM/F1 through
-   ``services/evaluation/qa.py``) and their tokens/s are measured in interleaved rounds on the
-   same prompts (batch 8, a fixed number of new tokens). Target: student F1 >= 90% of the
-   teacher's at >= 2× its tokens/s.
+   keeps ``--layer-fraction`` of its layers (default a third; those whose removal, one at a
+   time, costs the teacher's answer loss least, or evenly spaced with ``--layer-choice spaced``;
+   ``--quick`` spaces them), trained with α·T²·KL + (1−α)·CE against the teacher's top-32 logits
+   cached once. Both answer the same test questions from the same passages (hybrid top 3,
+   greedy; EM/F1 through ``services/evaluation/qa.py``) and their tokens/s are measured in
+   interleaved rounds on the same prompts (batch 8, a fixed number of new tokens). Target:
+   student F1 >= 90% of the teacher's at >= 2× its tokens/s.
 2. ``retriever``, reader → retriever (``services/trainer/rerank_distill.py``): the teacher
    reads each training question's top hybrid passages, one per prompt, followed by the gold
    answer; one forward gives every reader signal (the answer's log-likelihood, the
@@ -213,6 +215,11 @@ def main() -> None:
     parser.add_argument("--speed-prompts", type=int, default=None,
                         help="prompts of the tokens/s rounds (default 64; 4 with --quick)")
     parser.add_argument("--layer-fraction", type=float, default=None)
+    parser.add_argument("--layer-choice", default=None, choices=["spaced", "greedy"],
+                        help="which teacher layers the student keeps (default greedy; "
+                             "spaced with --quick)")
+    parser.add_argument("--layer-choice-examples", type=int, default=None,
+                        help="answered training examples the greedy choice measures on")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--alpha", type=float, default=None)
     parser.add_argument("--cache", type=Path, default=tg.RESULTS / "cache")
@@ -271,6 +278,9 @@ def main() -> None:
     # --- 1. generator teacher -> student ------------------------------------------------------
     if "student" in parts:
         overrides = {k: v for k, v in {"layer_fraction": args.layer_fraction,
+                                       "layer_choice": args.layer_choice or (
+                                           "spaced" if quick else None),
+                                       "layer_choice_examples": args.layer_choice_examples,
                                        "temperature": args.temperature,
                                        "alpha": args.alpha}.items() if v is not None}
         kd_config = DistillConfig(
@@ -311,7 +321,8 @@ def main() -> None:
         show(f"\n1. generator distillation{' (quick)' if quick else ''} on {device}: teacher "
              f"{teacher_name}"
              + ("" if args.teacher else " — NOT fine-tuned on this task") + f"; student "
-             f"{len(layers) if layers else '?'} of its layers {layers}, {result.steps} steps of "
+             f"{len(layers) if layers else '?'} of its layers {layers} "
+             f"({kd_config.layer_choice}), {result.steps} steps of "
              f"{kd_config.batch_size} examples ({sum(result.examples.values())} examples "
              f"{result.examples}), T={kd_config.temperature}, alpha={kd_config.alpha}, "
              f"top-{kd_config.cache_k} cache")
