@@ -453,8 +453,8 @@ class DistillConfig(BaseModel):
     layer indices) when given, else ``layer_fraction`` of the teacher's layers, chosen by
     ``layer_choice``: ``greedy`` (``greedy_layers`` on the teacher's loss over
     ``layer_choice_examples`` answered training examples, a seeded sample; kept in the run
-    folder for a resume) or ``spaced`` (``pick_layers``); the caller's own student overrides
-    all.
+    folder for a resume) or ``spaced`` (``pick_layers``; a one-layer student is the last layer
+    either way); the caller's own student overrides all.
     Prompt fields are those of ``GeneratorTrainConfig`` (serving's prompts). ``eval_steps``:
     dev EM/F1 on at most ``eval_questions`` dev questions, the best student by
     ``select_metric`` kept.
@@ -664,9 +664,6 @@ def distill_generator(config: DistillConfig, load_teacher: Callable[[], tuple[An
                              f"but is {layers}")
         if len(layers) >= n:
             raise ValueError(f"the student keeps all {n} layers: it has to be smaller")
-        if config.layers is None and config.layer_choice == "greedy" and len(layers) < 2:
-            raise ValueError("`layer_choice` greedy keeps the first and the last layer: "
-                             "`layer_fraction` has to keep at least 2")
     else:
         model, student_tokenizer = student
         if qa.is_seq2seq(model):
@@ -708,7 +705,8 @@ def distill_generator(config: DistillConfig, load_teacher: Callable[[], tuple[An
                              for e in examples]
                             + [{"dev": [i.id for i in dev_subset], "teacher": who}])
     if model is None:
-        if config.layers is None and config.layer_choice == "greedy":
+        # greedy keeps the first and the last layer; a one-layer student keeps the last
+        if config.layers is None and config.layer_choice == "greedy" and len(layers) >= 2:
             layers = _greedy_choice(teacher, examples, pad, len(layers), config, data, run_dir,
                                     device)
         model = layer_subset(teacher, layers).float()

@@ -261,6 +261,9 @@ def test_a_greedy_student_is_chosen_once_per_run_and_trains(tok, tmp_path):
     (tmp_path / distill.LAYERS_FILE).write_text(json.dumps({**saved, "layers": other}))
     again = distill.distill_generator(config, Loader(tok), items, [], passages, tmp_path)
     assert again.layers == other
+    one = distill.distill_generator(config.model_copy(update={"layer_fraction": 0.25}),
+                                    Loader(tok), items, [], passages, tmp_path / "one")
+    assert one.layers == [3]  # one layer: the last, as spaced keeps it
     with pytest.raises(pydantic.ValidationError, match="layer_choice"):
         kd_config(layer_choice="best")
 
