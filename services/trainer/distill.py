@@ -101,6 +101,7 @@ from services.trainer.generator import (
     collate,
     end_token,
     target_logits,
+    target_logprobs,
     write_report,
 )
 from shared.datasets import QAItem
@@ -221,15 +222,14 @@ def only_layers(model, layers: Sequence[int]):
 @torch.no_grad()
 def target_nll(model, examples: Sequence[Example], pad: int, batch_size: int,
                device: torch.device) -> float:
-    """Mean negative log-likelihood per target token of ``examples`` under ``model``."""
+    """Mean negative log-likelihood per target token of ``examples`` under ``model`` (every
+    token weighs the same across batches)."""
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in
                  collate(examples[start:start + batch_size], pad, seq2seq=False).items()}
-        logits, targets, mask = target_logits(model, batch)
-        nll = F.cross_entropy(logits.flatten(0, 1), targets.clamp(min=0).flatten(),
-                              reduction="none").view_as(mask)
-        total += float((nll * mask).sum())
+        logprobs, mask = target_logprobs(model, batch, seq2seq=False)
+        total -= float(logprobs.sum())  # zero past each target
         count += int(mask.sum())
     return total / max(count, 1)
 
