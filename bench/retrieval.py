@@ -66,6 +66,7 @@ from services.sparse.tokenizer import tokenize as sparse_tokenize
 from shared import keys
 from shared.bus import Bus
 from shared.datasets import load_capital_questions, load_corpus, load_fanout_subquestions
+from shared.files import atomic_open
 from shared.infra import start_milvus, start_valkey
 from shared.models.encoder import Encoder, index_text
 from shared.schemas import (
@@ -333,11 +334,8 @@ def cached_vectors(texts: list[str], encoder: Encoder, settings: Settings,
             row[wanted[i]] = len(keys_) + offset
         keys_ += [wanted[i] for i in missing]
         vectors = np.concatenate([vectors, new])
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        with partial.open("wb") as out:
+        with atomic_open(path) as out:  # a concurrent run never reads half a file
             np.savez(out, keys=np.array(keys_), vectors=vectors)
-        partial.replace(path)  # atomic: a concurrent run never reads half a file
     return vectors[[row[key] for key in wanted]]
 
 

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from shared.files import write_text_atomic
 from shared.schemas import MODEL_KINDS, ModelVersion, RegistryView
 
 REGISTRY_FILE = "registry.json"
@@ -166,9 +167,8 @@ class Registry:
             try:
                 data = self._read()
                 yield data
-                tmp = self.root / f".{REGISTRY_FILE}.{os.getpid()}.tmp"
-                tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-                os.replace(tmp, self.root / REGISTRY_FILE)
+                write_text_atomic(self.root / REGISTRY_FILE,
+                                  json.dumps(data, indent=2, sort_keys=True))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 

@@ -43,6 +43,7 @@ from services.evaluation.retrieval import corpus_embeddings, dense_search
 from services.ranker.fusion import RRF_K, fuse
 from services.sparse.service import SparseService
 from shared.datasets import QAItem
+from shared.files import write_text_atomic
 from shared.metrics import contains, exact_match, token_f1
 from shared.models.encoder import Encoder
 from shared.models.generator import eos_ids
@@ -167,12 +168,8 @@ def retrieve(retrieval: Retrieval, questions: Sequence[str], top_k: int) -> dict
 
 def save_passages(path: Path, passages: Mapping[str, Sequence[Hit]]) -> None:
     """Write retrieval results as JSON (question -> hits), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = {q: [h.model_dump(mode="json") for h in hits] for q, hits in passages.items()}
-    tmp = path.with_suffix(path.suffix + ".partial")
-    tmp.write_text(json.dumps(body, ensure_ascii=False))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(body, ensure_ascii=False))
 
 
 def load_passages(path: Path) -> dict[str, list[Hit]]:

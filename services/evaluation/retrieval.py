@@ -35,6 +35,7 @@ from tqdm import tqdm
 from services.ranker.fusion import MODES, RRF_K, WEIGHTED_MODES, fuse, tune_weight
 from services.sparse.service import SparseService
 from shared import datasets
+from shared.files import atomic_open
 from shared.models.encoder import Encoder
 from shared.schemas import Document, Hit, IngestBatch, SearchRequest
 
@@ -384,10 +385,8 @@ def corpus_embeddings(encoder: Encoder, docs: Sequence[Document], cache_dir: Pat
             vectors[rows] = encoder.encode([texts[i] for i in rows])
             bar.update(len(rows))
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial.npy")
-        np.save(partial, vectors)
-        partial.replace(path)  # atomic: a concurrent or killed run never reads half a file
+        with atomic_open(path) as out:  # a concurrent or killed run never reads half a file
+            np.save(out, vectors)
         log.info("corpus embeddings cached in %s", path)
     return vectors
 

@@ -43,7 +43,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import statistics
 import time
@@ -72,6 +71,7 @@ from services.trainer.generator import (
 )
 from shared import datasets
 from shared.datasets import QAItem
+from shared.files import write_text_atomic
 from shared.metrics import contains
 from shared.prompt import cut_hit
 from shared.schemas import Document, Hit
@@ -301,16 +301,10 @@ class Reservoir(Generic[T]):
     def save(self, path: Path, encode: Callable[[T], Any] = lambda x: x) -> Path:
         """Write as JSONL, atomically: a header line ``{"reservoir": {capacity, seed, seen}}``,
         then one line per held item (``encode(item)``, a JSON value)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("w", encoding="utf-8") as out:
-            header = {"capacity": self.capacity, "seed": self.seed, "seen": self.seen}
-            out.write(json.dumps({"reservoir": header}) + "\n")
-            for item in self.items:
-                out.write(json.dumps(encode(item), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-        return path
+        header = {"capacity": self.capacity, "seed": self.seed, "seen": self.seen}
+        lines = [json.dumps({"reservoir": header}),
+                 *(json.dumps(encode(item), ensure_ascii=False) for item in self.items)]
+        return write_text_atomic(path, "".join(line + "\n" for line in lines))
 
     @classmethod
     def load(cls, path: Path, decode: Callable[[Any], T] = lambda x: x) -> Reservoir[T]:

@@ -72,7 +72,6 @@ import gc
 import json
 import logging
 import math
-import os
 import random
 import re
 import statistics
@@ -105,6 +104,7 @@ from services.trainer.generator import (
     write_report,
 )
 from shared.datasets import QAItem
+from shared.files import atomic_open, write_text_atomic
 from shared.prompt import NO_ANSWER
 
 log = logging.getLogger(__name__)
@@ -383,10 +383,8 @@ class TeacherCache:
 
     def save(self, path: Path) -> None:
         """Write atomically (a crash mid-write leaves no half file)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(asdict(self), tmp)
-        os.replace(tmp, path)
+        with atomic_open(path) as out:
+            torch.save(asdict(self), out)
 
     @classmethod
     def load(cls, path: Path) -> TeacherCache | None:
@@ -603,8 +601,7 @@ def _greedy_choice(teacher, examples: Sequence[Example], pad: int, keep: int,
                                batch_size=config.teacher_batch_size, device=device,
                                progress=True)
     log.info("greedy layer choice: %s, %.1f s", layers, time.perf_counter() - started)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**key, "layers": layers}))
+    write_text_atomic(path, json.dumps({**key, "layers": layers}))
     return layers
 
 

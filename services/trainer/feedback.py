@@ -19,6 +19,7 @@ import os
 import threading
 from pathlib import Path
 
+from shared.files import write_text_atomic
 from shared.schemas import Feedback
 
 STORE_DIR = "feedback"
@@ -107,6 +108,4 @@ class FeedbackStore:
 
 
 def _write_lines(path: Path, objects: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(o) + "\n" for o in objects), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(o) + "\n" for o in objects))

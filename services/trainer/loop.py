@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
+from shared.files import atomic_open
 from shared.registry import META_FILE
 
 STATE_FILE = "state.pt"
@@ -229,10 +230,8 @@ class NonFinite:
 
 def save_state(run_dir: Path, state: dict[str, Any]) -> None:
     """Write the resume state atomically (a crash mid-write leaves the previous one)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{STATE_FILE}.{os.getpid()}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / STATE_FILE)
+    with atomic_open(run_dir / STATE_FILE) as out:
+        torch.save(state, out)
 
 
 def load_state(run_dir: Path) -> dict[str, Any] | None:

@@ -81,6 +81,7 @@ from services.trainer.generator import (
 )
 from services.trainer.retriever import dev_metrics
 from shared.datasets import QAItem
+from shared.files import write_text_atomic
 from shared.models.encoder import Encoder
 from shared.registry import META_FILE
 from shared.schemas import Document, Hit
@@ -244,10 +245,7 @@ def reader_loglik(generator, tokenizer, items: Sequence[QAItem], retrieval: qa.R
 
 
 def save_reader_scores(path: Path, lists: Sequence[ReaderList]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps([asdict(r) for r in lists]))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps([asdict(r) for r in lists]))
 
 
 def load_reader_scores(path: Path) -> list[ReaderList]:

@@ -14,7 +14,6 @@ its last saved state.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from pydantic import ValidationError
 
 from services.trainer import jobs
 from services.trainer.loop import Cancelled, Progress
+from shared.files import write_text_atomic
 from shared.registry import Registry, RegistryError
 from shared.schemas import JobStatus, ModelVersion, TrainJob
 from shared.settings import Settings
@@ -172,9 +172,7 @@ class TrainerService:
 
     @staticmethod
     def _write_status(run_dir: Path, status: JobStatus) -> None:
-        tmp = run_dir / f".{STATUS_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(status.model_dump_json(indent=2))
-        os.replace(tmp, run_dir / STATUS_FILE)
+        write_text_atomic(run_dir / STATUS_FILE, status.model_dump_json(indent=2))
 
 
 def _first_error(exc: ValidationError) -> str:
