@@ -6,7 +6,8 @@ reader → reranker.
                             [--batch-size N] [--train-per-set N] [--eval-steps N]
                             [--eval-questions N] [--speed-prompts N]
                             [--layer-fraction F] [--layer-choice spaced|greedy]
-                            [--layer-choice-examples N] [--temperature T] [--alpha A]
+                            [--layer-choice-examples N] [--layers I,J,...]
+                            [--temperature T] [--alpha A]
                             [--cache DIR] [--out PATH]
 
 ``--parts`` picks what runs (default: all three).
@@ -17,7 +18,8 @@ reader → reranker.
    SmolLM2-135M-Instruct — *not fine-tuned* on this task, which the output says. The student
    keeps ``--layer-fraction`` of its layers (default a third; those whose removal, one at a
    time, costs the teacher's answer loss least, or evenly spaced with ``--layer-choice spaced``;
-   ``--quick`` spaces them), trained with α·T²·KL + (1−α)·CE against the teacher's top-32 logits
+   ``--quick`` spaces them; ``--layers`` names them, e.g. a greedy choice printed by an earlier
+   run), trained with α·T²·KL + (1−α)·CE against the teacher's top-32 logits
    cached once. Both answer the same test questions from the same passages (hybrid top 3,
    greedy; EM/F1 through ``services/evaluation/qa.py``) and their tokens/s are measured in
    interleaved rounds on the same prompts (batch 8, a fixed number of new tokens). Target:
@@ -220,12 +222,24 @@ def main() -> None:
                              "spaced with --quick)")
     parser.add_argument("--layer-choice-examples", type=int, default=None,
                         help="answered training examples the greedy choice measures on")
+    parser.add_argument("--layers", default=None,
+                        help="the teacher layers the student keeps, comma-separated (e.g. an "
+                             "earlier run's greedy choice); overrides --layer-fraction and "
+                             "--layer-choice")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--alpha", type=float, default=None)
     parser.add_argument("--cache", type=Path, default=tg.RESULTS / "cache")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    layers_arg = None
+    if args.layers is not None:
+        try:
+            layers_arg = sorted({int(i) for i in args.layers.split(",") if i.strip()})
+        except ValueError:
+            parser.error(f"--layers takes comma-separated layer numbers, not {args.layers!r}")
+        if not layers_arg or layers_arg[0] < 0:
+            parser.error(f"--layers takes layer numbers 0 or more, not {args.layers!r}")
     if not parts or set(parts) - set(PARTS):
         parser.error(f"--parts takes a comma-separated list of {', '.join(PARTS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -282,7 +296,8 @@ def main() -> None:
                                            "spaced" if quick else None),
                                        "layer_choice_examples": args.layer_choice_examples,
                                        "temperature": args.temperature,
-                                       "alpha": args.alpha}.items() if v is not None}
+                                       "alpha": args.alpha,
+                                       "layers": layers_arg}.items() if v is not None}
         kd_config = DistillConfig(
             max_steps=args.steps or (4 if quick else None), epochs=3,
             batch_size=args.batch_size or (2 if quick else 16), lr=2e-4,
@@ -322,7 +337,8 @@ def main() -> None:
              f"{teacher_name}"
              + ("" if args.teacher else " — NOT fine-tuned on this task") + f"; student "
              f"{len(layers) if layers else '?'} of its layers {layers} "
-             f"({kd_config.layer_choice}), {result.steps} steps of "
+             f"({'given' if kd_config.layers else kd_config.layer_choice}), "
+             f"{result.steps} steps of "
              f"{kd_config.batch_size} examples ({sum(result.examples.values())} examples "
              f"{result.examples}), T={kd_config.temperature}, alpha={kd_config.alpha}, "
              f"top-{kd_config.cache_k} cache")
