@@ -204,23 +204,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
-    parser.add_argument("--steps", type=int, default=None, help="student steps")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--steps", type=tg.count, default=None, help="student steps")
+    parser.add_argument("--batch-size", type=tg.count, default=None,
                         help="student batch (default 16; 2 with --quick)")
-    parser.add_argument("--train-per-set", type=int, default=None,
+    parser.add_argument("--train-per-set", type=tg.count, default=None,
                         help="student training questions per set, the first of each train "
                              "split (default: all)")
-    parser.add_argument("--eval-steps", type=int, default=None,
+    parser.add_argument("--eval-steps", type=tg.count, default=None,
                         help="student dev evaluation period (default 50)")
-    parser.add_argument("--eval-questions", type=int, default=None,
+    parser.add_argument("--eval-questions", type=tg.count, default=None,
                         help="dev questions per student evaluation (default 64)")
-    parser.add_argument("--speed-prompts", type=int, default=None,
+    parser.add_argument("--speed-prompts", type=tg.count, default=None,
                         help="prompts of the tokens/s rounds (default 64; 4 with --quick)")
     parser.add_argument("--layer-fraction", type=float, default=None)
     parser.add_argument("--layer-choice", default=None, choices=["spaced", "greedy"],
                         help="which teacher layers the student keeps (default greedy; "
                              "spaced with --quick)")
-    parser.add_argument("--layer-choice-examples", type=int, default=None,
+    parser.add_argument("--layer-choice-examples", type=tg.count, default=None,
                         help="answered training examples the greedy choice measures on")
     parser.add_argument("--layers", default=None,
                         help="the teacher layers the student keeps, comma-separated (e.g. an "

@@ -39,6 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import train_generator as tg
+
 from services.trainer import loop
 from services.trainer.runner import TrainerRunner
 from services.trainer.service import TrainerService
@@ -78,11 +80,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--items", type=int, default=None)
+    parser.add_argument("--items", type=tg.count, default=None)
     parser.add_argument("--method", default="replay")
-    parser.add_argument("--steps", type=int, default=None, help="optimiser steps per update")
+    parser.add_argument("--steps", type=tg.count, default=None, help="optimiser steps per update")
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--train-last-layers", type=int, default=None)
+    parser.add_argument("--train-last-layers", type=tg.count, default=None)
     parser.add_argument("--updates", default="wrong,sound",
                         help="which updates to run, of wrong,sound")
     parser.add_argument("--timeout-s", type=float, default=3600)

@@ -69,6 +69,18 @@ QUICK_TEST = {"capitals": 6, "capitals_unanswerable": 3, "fanout": 6}
 QUICK_DEV = 4  # per set
 
 
+def count(text: str) -> int:
+    """An argparse type for counts (steps, questions, a batch size): a whole number >= 1, so
+    that 0 is refused instead of silently meaning the default."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"has to be 1 or more, not {value}")
+    return value
+
+
 # --- data (shared with bench/train_joint.py) --------------------------------------------------
 def load_data(quick: bool, seed: int = 13) -> tuple[dict[str, dict[str, list[QAItem]]],
                                                     list[Document], set[str]]:
@@ -209,9 +221,9 @@ def main() -> None:
     parser.add_argument("--not-found-fraction", type=float, default=0.0,
                         help="share of answerable questions whose passages lack the answer "
                              "kept as 'I don't know.' examples")
-    parser.add_argument("--eval-steps", type=int, default=None,
+    parser.add_argument("--eval-steps", type=count, default=None,
                         help="dev evaluation period (default 20; 3 with --quick)")
-    parser.add_argument("--eval-questions", type=int, default=None,
+    parser.add_argument("--eval-questions", type=count, default=None,
                         help="dev questions per evaluation (default 96; 4 with --quick)")
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed: example order, abstention picks, dev sample (the "

@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--variant", default="sequence", choices=["sequence", "token"])
     parser.add_argument("--method", default="full", choices=["full", "lora"])
-    parser.add_argument("--steps", type=int, default=None, help="default 80 (2 with --quick)")
+    parser.add_argument("--steps", type=tg.count, default=None, help="default 80 (2 with --quick)")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per step")
     parser.add_argument("--n-docs", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
