@@ -106,9 +106,11 @@ def _train_local(settings: Settings, job: TrainJob) -> None:
     from services.trainer.service import JobError, TrainerService
 
     trainer = TrainerService(settings)
-    bar = tqdm(total=0, unit="step", desc=f"{job.kind} {job.job_id}")
+    desc = f"{job.kind} {job.job_id}"
+    bar = tqdm(total=0, unit="step", desc=desc)
 
     def on_status(status: JobStatus) -> None:
+        _show_phase(bar, desc, status)
         if status.total_steps and bar.total != status.total_steps:
             bar.total = status.total_steps
             bar.refresh()
@@ -129,6 +131,13 @@ def _train_local(settings: Settings, job: TrainJob) -> None:
         raise cli.CLIError(f"job {job.job_id} failed: {status.error}")
 
 
+def _show_phase(bar: tqdm, desc: str, status: JobStatus) -> None:
+    """The bar's label: ``desc``, and what the job does before its first step, if anything."""
+    label = f"{desc} ({status.phase})" if status.phase else desc
+    if bar.desc.rstrip(": ") != label:
+        bar.set_description(label)
+
+
 def _follow(state: dict, job_id: str, settings: Settings) -> None:
     cli = _cli()
     bar = tqdm(total=0, unit="step", desc=job_id)
@@ -136,6 +145,7 @@ def _follow(state: dict, job_id: str, settings: Settings) -> None:
         while True:
             status = JobStatus.model_validate(cli._request(
                 "GET", f"{state['http_url']}/v1/train/{job_id}", 30))
+            _show_phase(bar, job_id, status)
             if status.total_steps and bar.total != status.total_steps:
                 bar.total = status.total_steps
                 bar.refresh()
@@ -200,8 +210,9 @@ def job_line(s: JobStatus) -> str:
     loss = f"loss {s.loss:.4f}" if s.loss is not None else ""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.updated))
     versions = " ".join(v + ("*" if v in s.promoted else "") for v in s.versions)
-    line = (f"{s.job_id}  {s.kind:<9} {s.state:<9} step {s.step}/{s.total_steps} {loss}"
-            f"  {versions}  {when}")
+    phase = f" ({s.phase})" if s.phase else ""
+    line = (f"{s.job_id}  {s.kind:<9} {s.state:<9} step {s.step}/{s.total_steps}{phase} "
+            f"{loss}  {versions}  {when}")
     return line + "".join(f"\n    {extra}" for extra in (s.note, s.error) if extra)
 
 

@@ -547,6 +547,8 @@ class JobStatus(Wire):
     total_steps: int = 0
     loss: float | None = None
     eta_s: float | None = None
+    phase: str | None = Field(None, description="what the job does before its first step "
+                              "(e.g. 'choosing layers 3/18'); None while it trains")
     metrics: dict[str, float] = Field(default_factory=dict)
     versions: list[str] = Field(default_factory=list, description="registered, as kind/vNNNN")
     promoted: list[str] = Field(default_factory=list, description="of ``versions``, those "

@@ -236,14 +236,17 @@ def target_nll(model, examples: Sequence[Example], pad: int, batch_size: int,
 
 def greedy_removal(model, examples: Sequence[Example], pad: int, keep: int, *,
                    batch_size: int = 8, device: torch.device | None = None,
-                   progress: bool = False) -> list[tuple[int, float]]:
+                   progress: bool = False,
+                   on_drop: Callable[[int, int], None] | None = None,
+                   ) -> list[tuple[int, float]]:
     """Greedy layer removal down to ``keep`` layers: one at a time, drop the layer whose
     absence raises the target-token loss on ``examples`` least (the first and the last layer
     stay; SLEB, Song et al. 2024, removes blocks the same way by perplexity). Returns the
     dropped layers in order, each with the loss without it and those dropped before it; the
     layers kept at any size on the way are the others. ``model`` is left as it was. Costs
-    ~n²/2 passes over ``examples`` for n layers. ValueError for ``keep`` outside 2..n-1 or
-    no example."""
+    ~n²/2 passes over ``examples`` for n layers: ``progress`` shows a bar, ``on_drop(done,
+    total)`` is called before the first removal (done = 0) and after each. ValueError for ``keep`` outside 2..n-1 or no
+    example."""
     n = len(_layer_list(model))
     if not 2 <= keep < n:
         raise ValueError(f"`keep` has to lie in 2..{n - 1} (the model has {n} layers), "
@@ -253,6 +256,8 @@ def greedy_removal(model, examples: Sequence[Example], pad: int, keep: int, *,
     device = device or next(model.parameters()).device
     kept, dropped = list(range(n)), []
     bar = tqdm(total=n - keep, desc="choosing layers", disable=not progress)
+    if on_drop is not None:
+        on_drop(0, n - keep)
     while len(kept) > keep:
         losses = {}
         for layer in kept[1:-1]:
@@ -263,19 +268,22 @@ def greedy_removal(model, examples: Sequence[Example], pad: int, keep: int, *,
         dropped.append((drop, losses[drop]))
         log.info("layer %d dropped: %d left, target loss %.3f", drop, len(kept), losses[drop])
         bar.update(1)
+        if on_drop is not None:
+            on_drop(len(dropped), n - keep)
     bar.close()
     return dropped
 
 
 def greedy_layers(model, examples: Sequence[Example], pad: int, keep: int, *,
                   batch_size: int = 8, device: torch.device | None = None,
-                  progress: bool = False) -> list[int]:
+                  progress: bool = False,
+                  on_drop: Callable[[int, int], None] | None = None) -> list[int]:
     """The ``keep`` layers ``greedy_removal`` leaves. Which layers matter is uneven, and one
     removal changes which others do, hence one at a time."""
     n = len(_layer_list(model))
     dropped = {layer for layer, _ in greedy_removal(model, examples, pad, keep,
                                                     batch_size=batch_size, device=device,
-                                                    progress=progress)}
+                                                    progress=progress, on_drop=on_drop)}
     return [i for i in range(n) if i not in dropped]
 
 
@@ -579,8 +587,8 @@ def _dev_metrics(model, tokenizer, items: Sequence[QAItem], prompts: Sequence[Se
 
 
 def _greedy_choice(teacher, examples: Sequence[Example], pad: int, keep: int,
-                   config: DistillConfig, data: str, run_dir: Path,
-                   device: torch.device) -> list[int]:
+                   config: DistillConfig, data: str, run_dir: Path, device: torch.device,
+                   on_drop: Callable[[int, int], None] | None = None) -> list[int]:
     """``greedy_layers`` of ``teacher`` over a seeded sample of the answered examples (all
     examples when none is answered), read from ``run_dir/layers.json`` when a run of the same
     data and size chose them already (a resume does not pay for the choice again)."""
@@ -599,7 +607,7 @@ def _greedy_choice(teacher, examples: Sequence[Example], pad: int, keep: int,
     with _autocast(device, torch.bfloat16):
         layers = greedy_layers(teacher, sample, pad, keep,
                                batch_size=config.teacher_batch_size, device=device,
-                               progress=True)
+                               progress=True, on_drop=on_drop)
     log.info("greedy layer choice: %s, %.1f s", layers, time.perf_counter() - started)
     write_text_atomic(path, json.dumps({**key, "layers": layers}))
     return layers
@@ -626,7 +634,9 @@ def distill_generator(config: DistillConfig, load_teacher: Callable[[], tuple[An
     ``select_metric``; the last one without dev questions: ``loop.save_model``, meta
     kind="generator"), ``state.pt`` and ``report.json``/``report.png``. With ``resume`` a state
     of the same config and data continues (ValueError for another). ``should_stop`` is asked
-    between steps: the state is saved and ``loop.Cancelled`` raised.
+    between steps (the state is saved and ``loop.Cancelled`` raised) and between the greedy
+    choice's removals. ``progress`` hears the steps, and before them the phases: "choosing
+    layers i/n", "caching the teacher".
 
     Raises ValueError before training for no training item, an encoder-decoder teacher, a
     student that is not smaller or reads another tokenizer, bad ``layers``, and the errors of
@@ -701,16 +711,22 @@ def distill_generator(config: DistillConfig, load_teacher: Callable[[], tuple[An
     data = loop.fingerprint([{"id": e.id, "input_ids": e.input_ids, "labels": e.labels}
                              for e in examples]
                             + [{"dev": [i.id for i in dev_subset], "teacher": who}])
+    before_steps = loop.Reporter(progress, KIND, 0, loop.Clock())
     if model is None:
         # greedy keeps the first and the last layer; a one-layer student keeps the last
         if config.layers is None and config.layer_choice == "greedy" and len(layers) >= 2:
+            def on_drop(done: int, total: int) -> None:
+                before_steps.phase(f"choosing layers {done}/{total}")
+                loop.check_cancel(should_stop)
+
             layers = _greedy_choice(teacher, examples, pad, len(layers), config, data, run_dir,
-                                    device)
+                                    device, on_drop)
         model = layer_subset(teacher, layers).float()
     cache_path = run_dir / CACHE_FILE
     cache = TeacherCache.load(cache_path)
     teacher_cached = False
     if cache is None or cache.fingerprint != data or cache.k != config.cache_k:
+        before_steps.phase("caching the teacher")
         teacher.to(device)
         cache_started = time.perf_counter()
         with _autocast(device, amp):

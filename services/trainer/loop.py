@@ -122,7 +122,9 @@ def fingerprint(records: Iterable[Any]) -> str:
 
 @dataclass
 class Progress:
-    """One progress report of a run; ``metrics`` holds dev metrics when an evaluation ran."""
+    """One progress report of a run; ``metrics`` holds dev metrics when an evaluation ran;
+    ``phase`` says what a run does before its first step (e.g. "choosing layers 3/18"), None
+    while it trains."""
 
     kind: str
     step: int
@@ -131,6 +133,7 @@ class Progress:
     lr: float
     elapsed_s: float
     metrics: dict[str, float] = field(default_factory=dict)
+    phase: str | None = None
 
     @property
     def eta_s(self) -> float | None:
@@ -172,6 +175,14 @@ class Reporter:
             self.progress(Progress(kind=self.kind, step=step, total_steps=self.total_steps,
                                    loss=loss, lr=lr, elapsed_s=self.clock.elapsed(),
                                    metrics=metrics or {}))
+
+    def phase(self, text: str) -> None:
+        """Report work before the first step (step 0, no loss) that takes long enough to be
+        worth saying, e.g. ``"caching the teacher"``."""
+        if self.progress is not None:
+            self.progress(Progress(kind=self.kind, step=0, total_steps=self.total_steps,
+                                   loss=None, lr=0.0, elapsed_s=self.clock.elapsed(),
+                                   phase=text))
 
 
 def check_cancel(should_stop: Callable[[], bool] | None) -> None:

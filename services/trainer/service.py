@@ -92,7 +92,8 @@ class TrainerService:
         self._publish(run_dir, now, on_status)
 
         def progress(p: Progress) -> None:
-            now.update(step=p.step, total_steps=p.total_steps, loss=p.loss, eta_s=p.eta_s)
+            now.update(step=p.step, total_steps=p.total_steps, loss=p.loss, eta_s=p.eta_s,
+                       phase=p.phase)
             if p.metrics:
                 now["metrics"] = {k: float(v) for k, v in p.metrics.items()
                                   if isinstance(v, int | float) and not isinstance(v, bool)}

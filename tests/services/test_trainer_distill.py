@@ -250,8 +250,19 @@ def test_greedy_layers_drop_a_layer_that_does_nothing_and_leave_the_model_as_it_
 def test_a_greedy_student_is_chosen_once_per_run_and_trains(tok, tmp_path):
     items, passages, _ = toy_task(4)
     config = kd_config(max_steps=2, eval_steps=100, batch_size=2, layer_choice="greedy",
-                       layer_choice_examples=3)
-    first = distill.distill_generator(config, Loader(tok), items, [], passages, tmp_path)
+                       layer_choice_examples=3, log_steps=1)
+    # a cancel between removals stops the choice; nothing of it is saved
+    with pytest.raises(loop.Cancelled):
+        distill.distill_generator(config, Loader(tok), items, [], passages, tmp_path,
+                                  should_stop=lambda: True)
+    assert not (tmp_path / distill.LAYERS_FILE).exists()
+    heard: list[loop.Progress] = []
+    first = distill.distill_generator(config, Loader(tok), items, [], passages, tmp_path,
+                                      progress=heard.append)
+    # the work before the first step is reported as phases, then the steps
+    assert [(p.phase, p.step) for p in heard] == [
+        ("choosing layers 0/2", 0), ("choosing layers 1/2", 0), ("choosing layers 2/2", 0),
+        ("caching the teacher", 0), (None, 1), (None, 2)]
     saved = json.loads((tmp_path / distill.LAYERS_FILE).read_text())
     assert first.layers == saved["layers"] and len(first.layers) == 2
     assert first.layers[0] == 0 and first.layers[-1] == 3
@@ -322,7 +333,7 @@ def test_the_cache_round_trips_and_the_student_learns_from_it_without_the_teache
     teacher_alive: list[bool] = []
     result = distill.distill_generator(
         kd_config(eval_steps=10), loader, items + unknown, items[:4], passages, tmp_path,
-        progress=lambda p: teacher_alive.append(loader.alive()))
+        progress=lambda p: p.phase or teacher_alive.append(loader.alive()))
     assert teacher_alive and not any(teacher_alive)  # freed before the first step
     assert result.teacher_cached and result.layers == [0, 3] and result.steps == 10
     assert result.student_params < result.teacher_params
@@ -373,7 +384,9 @@ def test_target_logits_agree_with_the_sft_log_probabilities(tok):
 
 def test_resume_after_cancel_reuses_the_cache_and_continues(tok, tmp_path):
     items, passages, _ = toy_task(4)
-    config = kd_config(max_steps=4, eval_steps=100, save_steps=2, log_steps=1, batch_size=2)
+    # spaced layers: should_stop below counts the asks between steps only
+    config = kd_config(max_steps=4, eval_steps=100, save_steps=2, log_steps=1, batch_size=2,
+                       layer_choice="spaced")
     whole = distill.distill_generator(config, Loader(tok), items, [], passages, tmp_path / "a")
     calls = iter(range(100))
     with pytest.raises(loop.Cancelled):
