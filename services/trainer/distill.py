@@ -245,8 +245,8 @@ def greedy_removal(model, examples: Sequence[Example], pad: int, keep: int, *,
     dropped layers in order, each with the loss without it and those dropped before it; the
     layers kept at any size on the way are the others. ``model`` is left as it was. Costs
     ~n²/2 passes over ``examples`` for n layers: ``progress`` shows a bar, ``on_drop(done,
-    total)`` is called before the first removal (done = 0) and after each. ValueError for ``keep`` outside 2..n-1 or no
-    example."""
+    total)`` is called before the first removal (done = 0) and after each. ValueError for
+    ``keep`` outside 2..n-1 or no example."""
     n = len(_layer_list(model))
     if not 2 <= keep < n:
         raise ValueError(f"`keep` has to lie in 2..{n - 1} (the model has {n} layers), "

@@ -278,9 +278,12 @@ def run_distill_retriever(p: Prepared, settings: Settings, run_dir: Path, progre
     corpus = job_corpus(p.job, settings)
     passage_encoder, passage_version, query_encoder, _ = serving_encoders(settings, registry,
                                                                          device)
+    before_steps = loop.Reporter(progress, p.job.kind, 0, loop.Clock())
+    before_steps.phase("encoding the corpus")
     vectors = corpus_embeddings(passage_encoder, corpus, settings.home / "cache", progress=True)
 
     def score():
+        before_steps.phase("reading the passages")
         with _retrieval(settings, registry, corpus, device) as retrieval:
             model, tokenizer = serving_generator(settings, registry)
             return reader_loglik(model, tokenizer, p.splits["train"], retrieval,

@@ -19,9 +19,8 @@ def test_an_error_mid_write_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "state.pt"
     with atomic_open(path) as out:
         torch.save({"step": 1}, out)
-    with pytest.raises(RuntimeError, match="disk full"):
-        with atomic_open(path) as out:
-            out.write(b"half a checkpoint")
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_open(path) as out:
+        out.write(b"half a checkpoint")
+        raise RuntimeError("disk full")
     assert torch.load(path) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
