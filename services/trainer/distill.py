@@ -255,22 +255,21 @@ def greedy_removal(model, examples: Sequence[Example], pad: int, keep: int, *,
         raise ValueError("greedy layer choice needs at least one example")
     device = device or next(model.parameters()).device
     kept, dropped = list(range(n)), []
-    bar = tqdm(total=n - keep, desc="choosing layers", disable=not progress)
-    if on_drop is not None:
-        on_drop(0, n - keep)
-    while len(kept) > keep:
-        losses = {}
-        for layer in kept[1:-1]:
-            with only_layers(model, [i for i in kept if i != layer]):
-                losses[layer] = target_nll(model, examples, pad, batch_size, device)
-        drop = min(losses, key=lambda layer: (losses[layer], layer))
-        kept.remove(drop)
-        dropped.append((drop, losses[drop]))
-        log.info("layer %d dropped: %d left, target loss %.3f", drop, len(kept), losses[drop])
-        bar.update(1)
+    with tqdm(total=n - keep, desc="choosing layers", disable=not progress) as bar:
         if on_drop is not None:
-            on_drop(len(dropped), n - keep)
-    bar.close()
+            on_drop(0, n - keep)
+        while len(kept) > keep:
+            losses = {}
+            for layer in kept[1:-1]:
+                with only_layers(model, [i for i in kept if i != layer]):
+                    losses[layer] = target_nll(model, examples, pad, batch_size, device)
+            drop = min(losses, key=lambda layer: (losses[layer], layer))
+            kept.remove(drop)
+            dropped.append((drop, losses[drop]))
+            log.info("layer %d dropped: %d left, target loss %.3f", drop, len(kept), losses[drop])
+            bar.update(1)
+            if on_drop is not None:
+                on_drop(len(dropped), n - keep)
     return dropped
 
 
