@@ -7,7 +7,7 @@ reader → reranker.
                             [--eval-questions N] [--speed-prompts N]
                             [--layer-fraction F] [--layer-choice spaced|greedy]
                             [--layer-choice-examples N] [--layers I,J,...]
-                            [--temperature T] [--alpha A]
+                            [--abstain-fraction F] [--temperature T] [--alpha A]
                             [--cache DIR] [--out PATH]
 
 ``--parts`` picks what runs (default: all three).
@@ -226,12 +226,18 @@ def main() -> None:
                         help="the teacher layers the student keeps, comma-separated (e.g. an "
                              "earlier run's greedy choice); overrides --layer-fraction and "
                              "--layer-choice")
+    parser.add_argument("--abstain-fraction", type=float, default=None,
+                        help="share of the answered training questions that come again with "
+                             "their answer's passages removed, as \"I don't know.\" examples "
+                             "(default 0.1; 0 with --quick)")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--alpha", type=float, default=None)
     parser.add_argument("--cache", type=Path, default=tg.RESULTS / "cache")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    if args.abstain_fraction is not None and not 0 <= args.abstain_fraction <= 1:
+        parser.error(f"--abstain-fraction lies in 0..1, not {args.abstain_fraction}")
     layers_arg = None
     if args.layers is not None:
         try:
@@ -301,7 +307,9 @@ def main() -> None:
         kd_config = DistillConfig(
             max_steps=args.steps or (4 if quick else None), epochs=3,
             batch_size=args.batch_size or (2 if quick else 16), lr=2e-4,
-            warmup_steps=1 if quick else 10, abstain_fraction=0.0 if quick else 0.1,
+            warmup_steps=1 if quick else 10,
+            abstain_fraction=(0.0 if quick else 0.1) if args.abstain_fraction is None
+            else args.abstain_fraction,
             # as bench/train_generator.py trains the teacher: no answerable question whose
             # passages lack the answer becomes an "I don't know." example (--quick keeps
             # them: its only abstention examples)
