@@ -318,12 +318,17 @@ def main() -> None:
             eval_questions=args.eval_questions or (4 if quick else 64),
             eval_batch_size=eval_batch, eval_max_new_tokens=16, teacher_batch_size=4 if quick
             else 32, log_steps=1 if quick else 10, device=args.device, **overrides)
+        def log_progress(p) -> None:
+            if p.phase:  # before the first step: choosing layers, caching the teacher
+                log.info("student: %s", p.phase)
+            else:
+                log.info("student step %d/%d loss %.3f", p.step, p.total_steps, p.loss or 0)
+
         started = time.perf_counter()
         result = distill_generator(
             kd_config, lambda: load_teacher(args.teacher, settings, device), kd_train,
             [] if quick else dev_all, passages, runs / "student", resume=False,
-            progress=lambda p: log.info("student step %d/%d loss %.3f", p.step, p.total_steps,
-                                        p.loss or 0))
+            progress=log_progress)
         timings["distill_s"] = time.perf_counter() - started
         teacher, tokenizer = load_teacher(args.teacher, settings, device)
         student = AutoModelForCausalLM.from_pretrained(result.model_dir,
