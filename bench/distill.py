@@ -229,7 +229,7 @@ def main() -> None:
     parser.add_argument("--abstain-fraction", type=float, default=None,
                         help="share of the answered training questions that come again with "
                              "their answer's passages removed, as \"I don't know.\" examples "
-                             "(default 0.1; 0 with --quick)")
+                             "(default 0, the job's default)")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--alpha", type=float, default=None)
     parser.add_argument("--cache", type=Path, default=tg.RESULTS / "cache")
@@ -303,13 +303,12 @@ def main() -> None:
                                        "layer_choice_examples": args.layer_choice_examples,
                                        "temperature": args.temperature,
                                        "alpha": args.alpha,
+                                       "abstain_fraction": args.abstain_fraction,
                                        "layers": layers_arg}.items() if v is not None}
         kd_config = DistillConfig(
             max_steps=args.steps or (4 if quick else None), epochs=3,
             batch_size=args.batch_size or (2 if quick else 16), lr=2e-4,
             warmup_steps=1 if quick else 10,
-            abstain_fraction=(0.0 if quick else 0.1) if args.abstain_fraction is None
-            else args.abstain_fraction,
             # as bench/train_generator.py trains the teacher: no answerable question whose
             # passages lack the answer becomes an "I don't know." example (--quick keeps
             # them: its only abstention examples)

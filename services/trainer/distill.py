@@ -460,7 +460,10 @@ class DistillConfig(BaseModel):
     ``layer_choice_examples`` answered training examples, a seeded sample; kept in the run
     folder for a resume) or ``spaced`` (``pick_layers``; a one-layer student is the last layer
     either way); the caller's own student overrides all.
-    Prompt fields are those of ``GeneratorTrainConfig`` (serving's prompts). ``eval_steps``:
+    Prompt fields are those of ``GeneratorTrainConfig`` (serving's prompts), but
+    ``abstain_fraction`` is 0: the student learns to decline from the unanswerable questions
+    and the teacher's soft targets, and its answered questions again without their passages
+    made a small student decline half the answerable ones (README). ``eval_steps``:
     dev EM/F1 on at most ``eval_questions`` dev questions, the best student by
     ``select_metric`` kept.
     ``save_steps``: resume-state period (None: at each evaluation, and on cancel).
@@ -492,7 +495,7 @@ class DistillConfig(BaseModel):
     max_passage_chars: int = Field(qa.SERVING_MAX_PASSAGE_CHARS, ge=50)
     max_seq_len: int = Field(1024, ge=16)
     max_answer_tokens: int = Field(32, ge=1)
-    abstain_fraction: float = Field(0.1, ge=0, le=1)
+    abstain_fraction: float = Field(0.0, ge=0, le=1)
     not_found_fraction: float = Field(0.0, ge=0, le=1)
     extra_passages: int = Field(3, ge=0)
     # evaluation and checkpoints
