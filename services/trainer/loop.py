@@ -186,7 +186,8 @@ class Reporter:
 
 
 def check_cancel(should_stop: Callable[[], bool] | None) -> None:
-    """Raise ``Cancelled`` when the caller's ``should_stop`` says so (between steps only)."""
+    """Raise ``Cancelled`` when the caller's ``should_stop`` says so (asked between steps, and
+    between the parts of long work before them)."""
     if should_stop is not None and should_stop():
         raise Cancelled("training cancelled")
 

@@ -53,7 +53,7 @@ class TrainerRunner:
         self.service = service
         self.publish = publish
         self._jobs: queue.Queue[TrainJob | None] = queue.Queue()
-        self._last_progress: dict[str, float] = {}
+        self._last_progress: dict[str, tuple[float, str | None]] = {}  # job -> (when, phase)
         self.feedback_store = FeedbackStore(service.registry.root / STORE_DIR)
         self._update_lock = threading.Lock()
         # the newest feedback update, also across a restart
@@ -205,11 +205,15 @@ class TrainerRunner:
                 self._announce(kind, self.service.registry.get(kind, version))
 
     def _on_status(self, status: JobStatus) -> None:
+        """Publish ``train.progress`` at most every ``PROGRESS_EVERY_S`` per job, but always
+        when the job's phase changes, and ``train.finished``."""
         now = time.monotonic()
         final = status.state != "running"
-        if not final and now - self._last_progress.get(status.job_id, 0.0) < PROGRESS_EVERY_S:
+        when, phase = self._last_progress.get(status.job_id, (0.0, None))
+        if (not final and status.phase == phase
+                and now - when < PROGRESS_EVERY_S):
             return
-        self._last_progress[status.job_id] = now
+        self._last_progress[status.job_id] = (now, status.phase)
         kind = "train.finished" if final else "train.progress"
         self._send(Event(kind=kind, data=status.model_dump(mode="json")))
 

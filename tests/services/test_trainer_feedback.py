@@ -25,6 +25,7 @@ from shared.schemas import (
     Envelope,
     Feedback,
     IngestBatch,
+    JobStatus,
     TrainData,
     TrainJob,
     UpdateRequest,
@@ -75,6 +76,26 @@ def test_the_store_keeps_each_item_once_and_hands_all_of_it_to_an_update(tmp_pat
 
 
 # --- the runner: enough feedback, or on demand, starts an update -------------------------------
+def test_progress_events_are_throttled_but_a_new_phase_always_goes_out(settings):  # noqa: F811
+    events = []
+    runner = TrainerRunner(TrainerService(settings), events.append)
+    try:
+        def status(step, phase=None, state="running"):
+            return JobStatus(job_id="j", kind="distill", state=state, step=step, phase=phase)
+
+        for s in (status(0, "choosing layers 0/2"), status(0, "choosing layers 1/2"),
+                  status(0, "caching the teacher"), status(1), status(2), status(3),
+                  status(3, state="done")):
+            runner._on_status(s)  # all within a second
+        assert [(e.kind, e.data["step"], e.data["phase"]) for e in events] == [
+            ("train.progress", 0, "choosing layers 0/2"),
+            ("train.progress", 0, "choosing layers 1/2"),
+            ("train.progress", 0, "caching the teacher"),
+            ("train.progress", 1, None), ("train.finished", 3, None)]
+    finally:
+        runner.stop()
+
+
 def test_enough_feedback_starts_a_gated_update_and_nothing_is_lost(settings, tmp_path):  # noqa: F811
     params = {**TINY, "steps_per_task": 2, "regression_sets": ["capitals"],
               "regression_limit": 2}
