@@ -199,6 +199,14 @@ def _layer_list(model) -> torch.nn.ModuleList:
     return layers
 
 
+def _cut_config(config, layers: Sequence[int]) -> None:
+    """Make ``config`` describe only ``layers`` of its decoder layers: their number, and the
+    per-layer ``layer_types`` list where there is one."""
+    config.num_hidden_layers = len(layers)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in layers]
+
+
 @contextmanager
 def only_layers(model, layers: Sequence[int]):
     """Run ``model`` with just ``layers`` of its decoder layers (in place, without copying;
@@ -207,9 +215,8 @@ def only_layers(model, layers: Sequence[int]):
     full, config = base.layers, model.config
     saved = (config.num_hidden_layers, config.use_cache, getattr(config, "layer_types", None))
     base.layers = torch.nn.ModuleList([full[i] for i in layers])
-    config.num_hidden_layers, config.use_cache = len(layers), False
-    if isinstance(saved[2], list):
-        config.layer_types = [saved[2][i] for i in layers]
+    _cut_config(config, layers)
+    config.use_cache = False
     try:
         yield
     finally:
@@ -305,9 +312,7 @@ def layer_subset(model, layers: Sequence[int]):
     if layers[0] < 0 or layers[-1] >= n:
         raise ValueError(f"`layers` has to lie in 0..{n - 1}, but is {layers}")
     config = deepcopy(model.config)
-    config.num_hidden_layers = len(layers)
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in layers]
+    _cut_config(config, layers)
     student = type(model)(config)
     prefix = re.escape(f"{model.base_model_prefix}.layers.")
     pattern = re.compile(rf"^({prefix})(\d+)(\..*)$")
