@@ -72,6 +72,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -236,16 +237,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     parts = [part.strip() for part in args.parts.split(",") if part.strip()]
-    if args.abstain_fraction is not None and not 0 <= args.abstain_fraction <= 1:
-        parser.error(f"--abstain-fraction lies in 0..1, not {args.abstain_fraction}")
     layers_arg = None
     if args.layers is not None:
         try:
             layers_arg = sorted({int(i) for i in args.layers.split(",") if i.strip()})
         except ValueError:
             parser.error(f"--layers takes comma-separated layer numbers, not {args.layers!r}")
-        if not layers_arg or layers_arg[0] < 0:
-            parser.error(f"--layers takes layer numbers 0 or more, not {args.layers!r}")
     if not parts or set(parts) - set(PARTS):
         parser.error(f"--parts takes a comma-separated list of {', '.join(PARTS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -255,6 +252,33 @@ def main() -> None:
     settings = Settings()
     device, _ = loop.pick_device(args.device)
     quick = args.quick
+    eval_batch = 64 if device.type == "cuda" else 8
+    kd_config = None
+    if "student" in parts:  # built first: a bad student flag fails before any work
+        overrides = {k: v for k, v in {"layer_fraction": args.layer_fraction,
+                                       "layer_choice": args.layer_choice or (
+                                           "spaced" if quick else None),
+                                       "layer_choice_examples": args.layer_choice_examples,
+                                       "temperature": args.temperature,
+                                       "alpha": args.alpha,
+                                       "abstain_fraction": args.abstain_fraction,
+                                       "layers": layers_arg}.items() if v is not None}
+        try:
+            kd_config = DistillConfig(
+                max_steps=args.steps or (4 if quick else None), epochs=3,
+                batch_size=args.batch_size or (2 if quick else 16), lr=2e-4,
+                warmup_steps=1 if quick else 10,
+                # as bench/train_generator.py trains the teacher: no answerable question whose
+                # passages lack the answer becomes an "I don't know." example (--quick keeps
+                # them: its only abstention examples)
+                not_found_fraction=1.0 if quick else 0.0,
+                eval_steps=args.eval_steps or (1000 if quick else 50),
+                eval_questions=args.eval_questions or (4 if quick else 64),
+                eval_batch_size=eval_batch, eval_max_new_tokens=16,
+                teacher_batch_size=4 if quick else 32, log_steps=1 if quick else 10,
+                device=args.device, **overrides)
+        except ValidationError as exc:
+            parser.error(str(exc))
     runs = tg.RESULTS / "runs" / f"distill{'-quick' if quick else ''}"
     shutil.rmtree(runs, ignore_errors=True)  # a benchmark starts over
     timings: dict[str, float] = {}
@@ -287,7 +311,6 @@ def main() -> None:
     if args.train_per_set is not None:  # after retrieval: the passages cache stays the same
         kd_train = [i for items in data["train"].values() for i in pick(items,
                                                                         args.train_per_set)]
-    eval_batch = 64 if device.type == "cuda" else 8
     max_new = 16 if quick else 48
     teacher_name = str(args.teacher) if args.teacher else "packaged SmolLM2-135M-Instruct"
     report.update({"teacher": teacher_name, "teacher_fine_tuned": args.teacher is not None,
@@ -296,27 +319,7 @@ def main() -> None:
         print(line, flush=True)
 
     # --- 1. generator teacher -> student ------------------------------------------------------
-    if "student" in parts:
-        overrides = {k: v for k, v in {"layer_fraction": args.layer_fraction,
-                                       "layer_choice": args.layer_choice or (
-                                           "spaced" if quick else None),
-                                       "layer_choice_examples": args.layer_choice_examples,
-                                       "temperature": args.temperature,
-                                       "alpha": args.alpha,
-                                       "abstain_fraction": args.abstain_fraction,
-                                       "layers": layers_arg}.items() if v is not None}
-        kd_config = DistillConfig(
-            max_steps=args.steps or (4 if quick else None), epochs=3,
-            batch_size=args.batch_size or (2 if quick else 16), lr=2e-4,
-            warmup_steps=1 if quick else 10,
-            # as bench/train_generator.py trains the teacher: no answerable question whose
-            # passages lack the answer becomes an "I don't know." example (--quick keeps
-            # them: its only abstention examples)
-            not_found_fraction=1.0 if quick else 0.0,
-            eval_steps=args.eval_steps or (1000 if quick else 50),
-            eval_questions=args.eval_questions or (4 if quick else 64),
-            eval_batch_size=eval_batch, eval_max_new_tokens=16, teacher_batch_size=4 if quick
-            else 32, log_steps=1 if quick else 10, device=args.device, **overrides)
+    if kd_config is not None:
         def log_progress(p) -> None:
             if p.phase:  # before the first step: choosing layers, caching the teacher
                 log.info("student: %s", p.phase)
