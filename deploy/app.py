@@ -80,17 +80,21 @@ class Embedding(_WorkerDeployment):
         self.runner = WorkerThread(lambda bus: retriever_worker(service, keys.EMBEDDING, bus),
                                    redis_url, settings.redis, "embedding")
 
-        def promoted(event) -> None:
+        def versions(event) -> None:
             from shared.registry import Registry
 
             if event.data.get("kind") != "retriever":
                 return
             registry = Registry(settings.checkpoint_dir)
+            if event.kind == "model.pruned":
+                service.drop_unused(registry, settings)
+                return
             version = event.data.get("version")
             service.serve_version(None if version is None else registry.get("retriever", version),
                                   registry, settings)
 
-        self.events = EventThread(redis_url, {"model.promoted"}, promoted, "embedding-events")
+        self.events = EventThread(redis_url, {"model.promoted", "model.pruned"}, versions,
+                                  "embedding-events")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

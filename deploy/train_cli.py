@@ -16,7 +16,7 @@ from typing import get_args
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from shared.schemas import JobStatus, RegistryView, TrainData, TrainJob, TrainKind
+from shared.schemas import JobStatus, PruneResult, RegistryView, TrainData, TrainJob, TrainKind
 from shared.settings import Settings
 
 TRAIN_KINDS = get_args(TrainKind)
@@ -239,6 +239,9 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> None:
     from shared.registry import Registry, RegistryError
 
     state = cli.read_state(settings)
+    if args.models_command == "prune":
+        _prune(settings, args, state)
+        return
     if args.models_command == "list":
         view = (RegistryView.model_validate(
             cli._request("GET", f"{state['http_url']}/v1/models", 30))
@@ -263,6 +266,36 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> None:
         view = registry.view()
         cli._out("ragtune is not running: the next `ragtune up` serves this")
     _print_models(view)
+
+
+def _prune(settings: Settings, args: argparse.Namespace, state: dict | None) -> None:
+    """``ragtune models prune KIND [--keep N]``: through the trainer when ragtune is up (the
+    embedding replicas drop the pruned versions' collections at once), else on the registry
+    (the collections go at the next ``ragtune up``)."""
+    cli = _cli()
+    from shared.registry import Registry, RegistryError
+
+    if args.keep < 0:
+        raise cli.CLIError(f"--keep must be 0 or more, got {args.keep}")
+    if state is not None:
+        result = PruneResult.model_validate(cli._request(
+            "POST", f"{state['http_url']}/v1/models/prune", settings.serve.request_timeout_s,
+            json={"kind": args.kind, "keep": args.keep}))
+    else:
+        registry = Registry(settings.checkpoint_dir)
+        try:
+            removed, freed = registry.prune(args.kind, args.keep)
+        except RegistryError as exc:
+            raise cli.CLIError(str(exc)) from None
+        result = PruneResult(removed=[v.version for v in removed], freed_bytes=freed,
+                             models=registry.view())
+    if result.removed:
+        cli._out(f"deleted {args.kind} {', '.join(result.removed)} "
+                 f"({result.freed_bytes / 2**20:.1f} MiB freed)")
+    else:
+        cli._out(f"nothing to delete: every {args.kind} version is serving, a rollback target, "
+                 f"searched by a kept one or among the newest {args.keep}")
+    _print_models(result.models)
 
 
 def _print_models(view: RegistryView) -> None:
@@ -388,7 +421,7 @@ def add_parsers(sub) -> None:
     train.add_argument("--detach", action="store_true",
                        help="queue the job and return (ragtune up only)")
 
-    models = sub.add_parser("models", help="model versions: list, promote, rollback")
+    models = sub.add_parser("models", help="model versions: list, promote, rollback, prune")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("list", help="every version and the serving one")
     promote = models_sub.add_parser("promote", help="serve a version (or `base`)")
@@ -396,3 +429,8 @@ def add_parsers(sub) -> None:
     promote.add_argument("version", help="e.g. v0002, or base for the packaged model")
     rollback = models_sub.add_parser("rollback", help="serve the previous version again")
     rollback.add_argument("kind", choices=("retriever", "generator"))
+    prune = models_sub.add_parser(
+        "prune", help="delete the versions nothing needs (not serving, not a rollback target)")
+    prune.add_argument("kind", choices=("retriever", "generator"))
+    prune.add_argument("--keep", type=int, default=2,
+                       help="newest versions kept besides those still needed (default 2)")

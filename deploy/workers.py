@@ -27,6 +27,7 @@ from shared.schemas import (
     JobRef,
     ModelsQuery,
     PromoteRequest,
+    PruneRequest,
     RetrieveRequest,
     RollbackRequest,
     SearchRequest,
@@ -126,6 +127,7 @@ def trainer_worker(runner, bus: Bus) -> Worker:
         jobs=(JobQuery, call(runner.jobs)), models=(ModelsQuery, call(lambda _q: runner.models())),
         promote=(PromoteRequest, call(runner.promote)),
         rollback=(RollbackRequest, call(runner.rollback)),
+        prune=(PruneRequest, call(runner.prune)),
         feedback=(Feedback, call(runner.feedback)),
         feedback_state=(FeedbackQuery, call(runner.feedback_state)),
         feedback_update=(UpdateRequest, call(runner.update))), concurrency=4)

@@ -8,8 +8,9 @@ Layout under ``root`` (``settings.checkpoint_dir``)::
 
 A version is immutable once registered. ``serving`` is the version each model serves (None =
 the packaged base model); ``history`` is the stack of earlier serving versions, so ``rollback``
-returns to the one before. Every process (CLI, trainer actor, serving replicas) reads the same
-file; a lock (``fcntl``) serialises writers.
+returns to the one before; ``prune`` deletes the versions nothing needs any more. Every
+process (CLI, trainer actor, serving replicas) reads the same file; a lock (``fcntl``)
+serialises writers.
 """
 
 from __future__ import annotations
@@ -105,12 +106,14 @@ class Registry:
         meta = json.loads(meta_path.read_text())
         with self._locked() as data:
             record = data[kind]
-            number = 1 + max((int(v["version"][1:]) for v in record["versions"]), default=0)
+            number = 1 + _numbered(record)
+            record["numbered"] = number
             name = f"v{number:04d}"
             target = self.root / kind / name
             tmp = self.root / kind / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(model_dir, tmp)
+            shutil.rmtree(target, ignore_errors=True)  # left by a crash before it was recorded
             os.replace(tmp, target)
             entry = ModelVersion(kind=kind, version=name, path=f"{kind}/{name}",
                                  created=time.time(), job_id=job_id,
@@ -144,6 +147,33 @@ class Registry:
             previous = record["history"].pop()
             record["serving"] = previous
             return None if previous is None else _find(record, kind, previous)
+
+    def prune(self, kind: str, keep: int = 2) -> tuple[list[ModelVersion], int]:
+        """Delete the versions of ``kind`` that nothing needs, all but the newest ``keep`` of
+        them. Always kept: the serving version, every version ``rollback`` can return to and
+        every retriever version whose passage vectors a kept version searches. Returns the
+        deleted versions (oldest first) and the bytes their folders held; their numbers are
+        never given again (a Milvus collection or a cache may still carry the name)."""
+        _check_kind(kind)
+        if keep < 0:
+            raise RegistryError(f"keep must be 0 or more, got {keep}")
+        with self._locked() as data:
+            record = data[kind]
+            record["numbered"] = _numbered(record)
+            versions = [ModelVersion.model_validate(v) for v in record["versions"]]
+            needed = {record["serving"], *record["history"]}
+            spare = [v for v in versions if v.version not in needed]
+            drop = {v.version for v in spare[:max(0, len(spare) - keep)]}
+            # versions re-indexing their passages name none themselves: one level suffices
+            drop -= {v.passage_version for v in versions if v.version not in drop}
+            record["versions"] = [v for v in record["versions"] if v["version"] not in drop]
+            removed = [v for v in versions if v.version in drop]
+        freed = 0
+        for version in removed:  # the record no longer names them: nothing serves or loads them
+            folder = self.path_of(version)
+            freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            shutil.rmtree(folder, ignore_errors=True)
+        return removed, freed
 
     # --- storage ---------------------------------------------------------------------------
     def _empty(self) -> dict[str, Any]:
@@ -184,6 +214,13 @@ def _find(record: dict[str, Any], kind: str, version: str) -> ModelVersion:
             return ModelVersion.model_validate(entry)
     known = ", ".join(v["version"] for v in record["versions"]) or "none yet"
     raise RegistryError(f"{kind}: no version {version!r}; known: {known}")
+
+
+def _numbered(record: dict[str, Any]) -> int:
+    """The highest version number ``record`` ever gave (registries written before pruning
+    existed only know it from their versions)."""
+    return max([record.get("numbered", 0)]
+               + [int(v["version"][1:]) for v in record["versions"]])
 
 
 def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -576,6 +576,8 @@ class KindRecord(Wire):
     serving: str | None = None
     history: list[str | None] = Field(default_factory=list)
     versions: list[ModelVersion] = Field(default_factory=list)
+    numbered: int = Field(0, description="versions numbered so far: a pruned version's number "
+                                         "is never given again")
 
 
 class RegistryView(Wire):
@@ -607,6 +609,18 @@ class ModelsQuery(Wire):
 
 class RollbackRequest(Wire):
     kind: Literal["retriever", "generator"]
+
+
+class PruneRequest(Wire):
+    kind: Literal["retriever", "generator"]
+    keep: int = Field(2, ge=0, le=1000,
+                      description="the newest versions kept besides those the registry needs")
+
+
+class PruneResult(Wire):
+    removed: list[str] = Field(default_factory=list, description="versions deleted, oldest first")
+    freed_bytes: int = 0
+    models: RegistryView
 
 
 # --- feedback: the production loop --------------------------------------------------------------

@@ -18,6 +18,8 @@ from shared.schemas import (
     JobStatus,
     ModelsQuery,
     PromoteRequest,
+    PruneRequest,
+    PruneResult,
     RegistryView,
     RollbackRequest,
     TrainJob,
@@ -66,5 +68,12 @@ def admin_router(bus: Bus, timeout_s: float) -> APIRouter:
     async def rollback(req: RollbackRequest) -> RegistryView:
         """Serve the version that served before the last promotion."""
         return await ask("rollback", req, RegistryView)
+
+    @router.post("/v1/models/prune", response_model=PruneResult)
+    async def prune(req: PruneRequest) -> PruneResult:
+        """Delete the versions of a model that nothing needs (not serving, not a rollback
+        target, not searched by a kept version), all but the newest ``keep``; their Milvus
+        collections go too."""
+        return await ask("prune", req, PruneResult)
 
     return router

@@ -13,6 +13,7 @@ from the current one's rows (``reindex``), then swapped in; ingests wait for tha
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -83,6 +84,7 @@ class EmbeddingService:
         serving = registry.serving("retriever")
         if serving is not None:
             service.serve_version(serving, registry, settings)
+        service.drop_unused(registry, settings)  # versions pruned while ragtune was down
         return service
 
     def serve_version(self, version: ModelVersion | None, registry: Registry,
@@ -117,6 +119,24 @@ class EmbeddingService:
                          version.version if version else "base", collection)
                 return
         self.reindex(passage_encoder, collection, query_encoder)
+
+    def drop_unused(self, registry: Registry, settings: Settings) -> list[str]:
+        """Drop the collections of retriever versions the registry no longer holds (``ragtune
+        models prune``): ``<milvus.collection>_vNNNN`` that no recorded version needs and this
+        replica does not search. Version numbers are never reused, so such a collection can
+        never serve again. Returns the names dropped."""
+        base = settings.milvus.collection
+        needed = {collection_for(base, registry.passage_side(v))
+                  for v in registry.view().retriever.versions}
+        needed.add(self.active.index.collection)
+        client = self.active.index.client
+        pattern = re.compile(rf"{re.escape(base)}_v\d{{4,}}")
+        stale = sorted(c for c in client.list_collections()
+                       if pattern.fullmatch(c) and c not in needed)
+        for name in stale:
+            client.drop_collection(name)
+            log.info("dropped the collection %s of a pruned retriever version", name)
+        return stale
 
     def ingest(self, batch: IngestBatch) -> None:
         """Encode and upsert every document of ``batch`` (keyed by doc_id).

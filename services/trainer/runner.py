@@ -1,11 +1,11 @@
 """The trainer's scheduling shell: a queue of jobs run one at a time in a thread.
 
 What the Ray actor hosts (``deploy/app.py``): requests (submit, cancel, status, models,
-promote, rollback) arrive from the bus and return at once; training happens in this runner's
-thread; progress and promotions go out through ``publish`` as ``rag:events`` broadcasts
-(``train.progress`` at most once a second per job, ``train.finished``, ``model.promoted``),
-which the serving replicas act on. Jobs a crash interrupted are queued again at start and
-resume from their last saved state.
+promote, rollback, prune) arrive from the bus and return at once; training happens in this
+runner's thread; progress and promotions go out through ``publish`` as ``rag:events``
+broadcasts (``train.progress`` at most once a second per job, ``train.finished``,
+``model.promoted``, ``model.pruned``), which the serving replicas act on. Jobs a crash
+interrupted are queued again at start and resume from their last saved state.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from shared.schemas import (
     JobStatus,
     ModelVersion,
     PromoteRequest,
+    PruneRequest,
+    PruneResult,
     RegistryView,
     RollbackRequest,
     TrainData,
@@ -97,6 +99,17 @@ class TrainerRunner:
         version = self.service.registry.rollback(req.kind)
         self._announce(req.kind, version)
         return self.models()
+
+    def prune(self, req: PruneRequest) -> PruneResult:
+        """Delete the versions nothing needs but the newest ``req.keep`` (``Registry.prune``);
+        ``model.pruned`` tells the embedding replicas to drop the pruned versions'
+        collections."""
+        removed, freed = self.service.registry.prune(req.kind, req.keep)
+        if removed:
+            self._send(Event(kind="model.pruned", data={
+                "kind": req.kind, "versions": [v.version for v in removed]}))
+        return PruneResult(removed=[v.version for v in removed], freed_bytes=freed,
+                           models=self.models())
 
     # --- feedback: the production loop ------------------------------------------------------
     def feedback(self, fb: Feedback) -> None:

@@ -140,6 +140,14 @@ def test_train_locally_then_promote_list_and_roll_back(tmp_path):
     assert "retriever: serving base (packaged)" in result.stdout
     result = ragtune("train", "status", home=tmp_path / "home")
     assert result.returncode == 0 and "retriever done" in " ".join(result.stdout.split())
+    result = ragtune("models", "prune", "retriever", home=tmp_path / "home")
+    assert result.returncode == 0 and "nothing to delete" in result.stdout  # kept: newest 2
+    result = ragtune("models", "prune", "retriever", "--keep", "0", home=tmp_path / "home")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "deleted retriever v0001 (" in result.stdout and "MiB freed" in result.stdout
+    assert not (tmp_path / "home" / "checkpoints" / "retriever" / "v0001").exists()
+    result = ragtune("models", "prune", "retriever", "--keep", "-1", home=tmp_path / "home")
+    assert result.returncode == 1 and "--keep must be 0 or more" in result.stderr
 
 
 def test_train_refuses_a_bad_job_in_one_line(tmp_path):

@@ -169,3 +169,34 @@ def test_a_retriever_job_trains_and_registers_over_http(stack, tmp_path):
     version = status["versions"][0].split("/")[1]
     listed = httpx.get(f"{stack.http_url}/v1/models", timeout=30).json()["retriever"]
     assert version in [v["version"] for v in listed["versions"]]
+
+
+def test_a_reindexed_version_serves_from_its_own_collection_until_pruned(stack):
+    from pymilvus import MilvusClient
+
+    url, settings = stack.http_url, stack.settings
+    folder = settings.home / "both-encoder"
+    tokenizer = bpe_tokenizer()
+    tiny_bert(tokenizer, seed=8).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "ragtune.json").write_text(json.dumps({"kind": "retriever", "reindex": True}))
+    version = Registry(settings.checkpoint_dir).register("retriever", folder).version
+    collection = f"{settings.milvus.collection}_{version}"
+    milvus = MilvusClient(uri=stack.infra.milvus_uri)
+    # The embedding replica handles these events in order: re-index, swap back, drop.
+    for path, body in (("promote", {"kind": "retriever", "version": version}),
+                       ("rollback", {"kind": "retriever"})):
+        assert httpx.post(f"{url}/v1/models/{path}", json=body, timeout=60).status_code == 200
+    wait_for(lambda: milvus.has_collection(collection), "the version's own collection")
+    pruned = httpx.post(f"{url}/v1/models/prune", json={"kind": "retriever", "keep": 0},
+                        timeout=60)
+    assert pruned.status_code == 200, pruned.text
+    assert version in pruned.json()["removed"] and pruned.json()["freed_bytes"] > 0
+    assert pruned.json()["models"]["retriever"]["versions"] == []
+    wait_for(lambda: not milvus.has_collection(collection), "the pruned collection dropped")
+    assert milvus.has_collection(settings.milvus.collection)
+    counts = httpx.get(f"{url}/v1/status", timeout=60).json()["documents"]
+    assert counts == {"embedding": N_DOCS, "sparse": N_DOCS}
+    bad = httpx.post(f"{url}/v1/models/prune", json={"kind": "retriever", "keep": -1},
+                     timeout=60)
+    assert bad.status_code == 422

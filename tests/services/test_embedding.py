@@ -377,6 +377,11 @@ def test_serve_version_swaps_query_side_or_reindexes_by_the_registry(
         assert hits[0].doc_id == "geo-tokyo"
         dense.serve_version(None, registry, settings)  # roll back: the base collection again
         assert dense.index.collection == collection and dense.count() == len(corpus)
+        assert dense.drop_unused(registry, settings) == []  # v0002 may serve again
+        assert registry.prune("retriever", keep=0)[0] == [versions["query"], versions["both"]]
+        assert dense.drop_unused(registry, settings) == [f"{collection}_v0002"]
+        assert not milvus_client.has_collection(f"{collection}_v0002")
+        assert milvus_client.has_collection(collection) and dense.count() == len(corpus)
     finally:
         if milvus_client.has_collection(f"{collection}_v0002"):
             milvus_client.drop_collection(f"{collection}_v0002")

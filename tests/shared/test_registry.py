@@ -88,3 +88,32 @@ def test_passage_side_follows_reindex_and_query_only_versions(tmp_path):
     assert registry.passage_side(v1) == v1 and registry.passage_side(v2) == v1
     assert registry.passage_side(v3) is None and registry.passage_side(None) is None
     assert collection_for("docs", v1) == "docs_v0001" and collection_for("docs", None) == "docs"
+
+
+def test_prune_keeps_what_serves_can_roll_back_or_is_searched_and_the_newest(tmp_path):
+    registry = Registry(tmp_path)
+    both = saved_model(tmp_path / "both")
+    meta = json.loads((both / "ragtune.json").read_text())
+    (both / "ragtune.json").write_text(json.dumps({**meta, "reindex": True}))
+    registry.register("retriever", both)  # v0001: its own passage vectors
+    for i in range(2, 8):  # v0002..v0007; v0003 searches v0001's passage vectors
+        registry.register("retriever", saved_model(tmp_path / f"r{i}"),
+                          passage_version="v0001" if i == 3 else None)
+    registry.promote("retriever", "v0002")
+    registry.promote("retriever", "v0003")  # serving; v0002 is its rollback
+    removed, freed = registry.prune("retriever", keep=1)
+    assert [v.version for v in removed] == ["v0004", "v0005", "v0006"]
+    assert freed == 3 * sum(f.stat().st_size for f in (tmp_path / "r2").iterdir())
+    left = [v.version for v in registry.view().retriever.versions]
+    assert left == ["v0001", "v0002", "v0003", "v0007"]
+    assert not (tmp_path / "retriever" / "v0004").exists()
+    assert (tmp_path / "retriever" / "v0001").is_dir()
+    assert registry.rollback("retriever").version == "v0002"  # rollback still works
+    # a pruned number is never given again: a collection or a cache may still carry it
+    assert registry.register("retriever", saved_model(tmp_path / "new")).version == "v0008"
+    registry.prune("retriever", keep=0)  # nothing needs v0001 once v0003 no longer serves
+    assert [v.version for v in registry.view().retriever.versions] == ["v0002"]
+    assert registry.register("retriever", saved_model(tmp_path / "next")).version == "v0009"
+    assert registry.prune("generator") == ([], 0)
+    with pytest.raises(RegistryError, match="keep must be 0 or more"):
+        registry.prune("generator", keep=-1)
