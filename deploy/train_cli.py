@@ -176,6 +176,9 @@ def _report_finished(status: JobStatus, run_dir: Path) -> None:
     if status.note:
         cli._out(status.note)
     cli._out(f"run folder: {run_dir}")
+    reports = sorted(run_dir.rglob("report.png"))
+    if reports:
+        cli._out("report: " + ", ".join(str(p) for p in reports) + " (and report.json beside)")
 
 
 def _train_status(settings: Settings, args: argparse.Namespace) -> None:

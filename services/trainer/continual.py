@@ -1009,6 +1009,10 @@ def continual_update(config: ContinualConfig, model, tokenizer, new_items: Seque
         {"method": config.method, "config": config.model_dump(mode="json"), "data": data,
          "new_items": len(new_items), "examples": len(new), "memory": len(memory),
          "replayed": replayed, "history": history}, indent=1))
+    loop.write_report(run_dir, {"method": config.method, "steps": len(history),
+                                "history": {"train": history, "eval": []}},
+                      f"continual update ({config.method}), {len(history)} steps",
+                      metrics=(), loss_label="loss on the new data (nats / answer token)")
     return UpdateResult(model=model, buffer=updated, model_dir=model_dir,
                         buffer_path=buffer_path, steps=len(history), examples=len(new),
                         replayed=replayed, history=history,

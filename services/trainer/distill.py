@@ -101,7 +101,6 @@ from services.trainer.generator import (
     end_token,
     target_logits,
     target_logprobs,
-    write_report,
 )
 from shared.datasets import QAItem
 from shared.files import atomic_open, write_text_atomic
@@ -845,11 +844,11 @@ def distill_generator(config: DistillConfig, load_teacher: Callable[[], tuple[An
         student_params=student_params, kept_mass=cache.kept_mass,
         teacher_cached=teacher_cached, examples=counts, elapsed_s=round(clock.elapsed(), 3),
         train_s=round(train_s, 3), report_path=run_dir / "report.json", history=history)
-    write_report(run_dir, {**{k: v for k, v in asdict(result).items() if k != "history"},
-                           "config": config.model_dump(mode="json"), "history": history,
-                           "wall_s": round(time.perf_counter() - started_wall, 3)},
-                 f"generator distillation ({len(layers) if layers else 'own'} layers), "
-                 f"best step {best['step']}")
+    loop.write_report(run_dir, {**{k: v for k, v in asdict(result).items() if k != "history"},
+                                "config": config.model_dump(mode="json"), "history": history,
+                                "wall_s": round(time.perf_counter() - started_wall, 3)},
+                      f"generator distillation ({len(layers) if layers else 'own'} layers), "
+                      f"best step {best['step']}")
     return result
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import logging
 import math
 import random
@@ -66,8 +65,6 @@ from shared.schemas import Hit
 log = logging.getLogger(__name__)
 
 KIND = "generator"
-REPORT_JSON = "report.json"
-REPORT_PNG = "report.png"
 IGNORE = -100  # label of a token that carries no loss (PyTorch's CrossEntropyLoss default)
 
 # Example kinds: what the target is and why.
@@ -444,48 +441,6 @@ def load_weights(model, folder: Path) -> None:
         raise ValueError(f"{folder}: weights the model lacks, e.g. {result.unexpected_keys[:3]}")
 
 
-# --- the report -------------------------------------------------------------------------------
-def write_report(run_dir: Path, report: Mapping[str, Any], title: str) -> tuple[Path, Path]:
-    """``report.json`` and ``report.png`` (training loss, dev loss and dev metrics over steps,
-    the best step marked) in ``run_dir``; returns their paths."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    json_path = run_dir / REPORT_JSON
-    json_path.write_text(json.dumps(report, indent=2, default=str))
-    train = report["history"]["train"]
-    evals = report["history"]["eval"]
-    figure = Figure(figsize=(10, 4))
-    FigureCanvasAgg(figure)
-    left, right = figure.subplots(1, 2)
-    left.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    if evals and any(r.get("dev_loss") is not None for r in evals):
-        left.plot([r["step"] for r in evals], [r.get("dev_loss") for r in evals], "o-",
-                  label="dev loss")
-    left.set_xlabel("step")
-    left.set_ylabel("loss (nats / answer token)")
-    left.legend()
-    for metric in ("em", "f1", "score", "abstention_rate", "answered_rate"):
-        values = [r.get(metric) for r in evals]
-        if any(v is not None for v in values):
-            right.plot([r["step"] for r in evals], values, "o-", label=metric)
-    right.set_xlabel("step")
-    right.set_ylabel("dev metric")
-    right.set_ylim(-0.02, 1.02)
-    best = report.get("best_step")
-    if best is not None:
-        for axis in (left, right):
-            axis.axvline(best, color="grey", linestyle=":")
-    if right.get_legend_handles_labels()[0]:
-        right.legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    png_path = run_dir / REPORT_PNG
-    figure.savefig(png_path, dpi=100)
-    return json_path, png_path
-
-
 # --- the run ----------------------------------------------------------------------------------
 @dataclass
 class GeneratorTrainResult:
@@ -768,10 +723,11 @@ def train_generator(config: GeneratorTrainConfig, model, tokenizer,
         best_metrics=best["metrics"], stopped_early=stopped_early, resumed_from=resumed_from,
         elapsed_s=round(elapsed, 3), train_s=round(train_s, 3), examples=counts,
         examples_per_s=round(seen / train_s, 3) if train_s else 0.0,
-        report_path=run_dir / REPORT_JSON, plot_path=run_dir / REPORT_PNG, history=history)
-    write_report(run_dir, {**{k: v for k, v in asdict(result).items() if k != "history"},
-                           "config": config.model_dump(mode="json"), "data": data,
-                           "dev_questions": len(dev.items), "history": history,
-                           "wall_s": round(time.perf_counter() - started_wall, 3)},
-                 f"generator fine-tuning ({config.method}), best step {best['step']}")
+        report_path=run_dir / loop.REPORT_JSON, plot_path=run_dir / loop.REPORT_PNG,
+        history=history)
+    loop.write_report(run_dir, {**{k: v for k, v in asdict(result).items() if k != "history"},
+                                "config": config.model_dump(mode="json"), "data": data,
+                                "dev_questions": len(dev.items), "history": history,
+                                "wall_s": round(time.perf_counter() - started_wall, 3)},
+                      f"generator fine-tuning ({config.method}), best step {best['step']}")
     return result

@@ -56,7 +56,6 @@ from services.trainer.generator import (
     plain_model,
     target_logprobs,
     with_lora,
-    write_report,
 )
 from shared.datasets import QAItem
 from shared.models.encoder import Encoder
@@ -383,8 +382,8 @@ def train_joint(config: JointTrainConfig, encoder: Encoder, generator, tokenizer
         questions_per_s=round(seen / train_s, 3) if train_s else 0.0, targets=counts,
         report_path=run_dir / "report.json", plot_path=run_dir / "report.png",
         history=history)
-    write_report(run_dir, {**{k: v for k, v in asdict(result).items() if k != "history"},
-                           "config": config.model_dump(mode="json"), "history": history},
-                 f"joint RAG-{config.variant.capitalize()} training")
+    loop.write_report(run_dir, {**{k: v for k, v in asdict(result).items() if k != "history"},
+                                "config": config.model_dump(mode="json"), "history": history},
+                      f"joint RAG-{config.variant.capitalize()} training")
     return result
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.evaluation import qa
 from services.trainer import loop
-from services.trainer.generator import end_token, write_report
+from services.trainer.generator import end_token
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +192,10 @@ def train_lm(config: LMTrainConfig, model, tokenizer, texts: Sequence[str], run_
         loop.save_model(run_dir, model, tokenizer, {**meta, "step": step, "metrics": {},
                                                     "history": []})
     elapsed = clock.elapsed()
-    report_path, _ = write_report(run_dir, {"history": history, "best_step": best_step,
-                                            "best_dev_loss": best,
-                                            "config": config.model_dump(mode="json")},
-                                  "domain pre-training")
+    report_path, _ = loop.write_report(run_dir, {"history": history, "best_step": best_step,
+                                                 "best_dev_loss": best,
+                                                 "config": config.model_dump(mode="json")},
+                                       "domain pre-training")
     return LMTrainResult(model_dir=run_dir / loop.MODEL_DIR, steps=step, best_step=best_step,
                          best_dev_loss=best, blocks=len(train), dev_blocks=len(dev),
                          tokens_per_s=round(tokens / train_s, 1) if train_s else 0.0,

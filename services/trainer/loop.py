@@ -9,7 +9,9 @@ A *run folder* is where one training run writes:
   ``state.pt``      everything needed to resume (model and optimiser state, step, RNG, config)
                     rewritten atomically every ``save_steps``;
   ``model/``        the result: ``save_pretrained`` weights + tokenizer + ``ragtune.json``
-                    (kind, config, data fingerprint, metrics, step) — what serving loads.
+                    (kind, config, data fingerprint, metrics, step) — what serving loads;
+  ``report.json``   the run's losses and dev metrics over steps, and ``report.png`` plotting
+                    them (``write_report``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from shared.registry import META_FILE
 
 STATE_FILE = "state.pt"
 MODEL_DIR = "model"
+REPORT_JSON = "report.json"
+REPORT_PNG = "report.png"
+GENERATOR_METRICS = ("em", "f1", "score", "abstention_rate", "answered_rate")
 
 Schedule = Literal["cosine", "linear", "constant"]
 
@@ -333,3 +338,48 @@ def save_model(run_dir: Path, model, tokenizer, meta: dict[str, Any],
 def read_meta(model_dir: Path) -> dict[str, Any]:
     """The ``ragtune.json`` of a saved model folder."""
     return json.loads((model_dir / META_FILE).read_text())
+
+
+# --- the report -------------------------------------------------------------------------------
+def write_report(run_dir: Path, report: Mapping[str, Any], title: str,
+                 metrics: Sequence[str] = GENERATOR_METRICS,
+                 loss_label: str = "loss (nats / answer token)") -> tuple[Path, Path]:
+    """``report.json`` and ``report.png`` in ``run_dir``: ``report["history"]["train"]``'s loss
+    and ``["eval"]``'s dev loss and ``metrics`` over steps, ``report["best_step"]`` marked.
+    Returns their paths."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    json_path = run_dir / REPORT_JSON
+    json_path.write_text(json.dumps(report, indent=2, default=str))
+    train = report["history"]["train"]
+    evals = report["history"]["eval"]
+    figure = Figure(figsize=(10, 4))
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    left.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals and any(r.get("dev_loss") is not None for r in evals):
+        left.plot([r["step"] for r in evals], [r.get("dev_loss") for r in evals], "o-",
+                  label="dev loss")
+    left.set_xlabel("step")
+    left.set_ylabel(loss_label)
+    left.legend()
+    for metric in metrics:
+        values = [r.get(metric) for r in evals]
+        if any(v is not None for v in values):
+            right.plot([r["step"] for r in evals], values, "o-", label=metric)
+    right.set_xlabel("step")
+    right.set_ylabel("dev metric")
+    right.set_ylim(-0.02, 1.02)
+    best = report.get("best_step")
+    if best is not None:
+        for axis in (left, right):
+            axis.axvline(best, color="grey", linestyle=":")
+    if right.get_legend_handles_labels()[0]:
+        right.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    png_path = run_dir / REPORT_PNG
+    figure.savefig(png_path, dpi=100)
+    return json_path, png_path

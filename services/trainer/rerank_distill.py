@@ -493,6 +493,15 @@ def _fit(run_kind: str, config: RankDistillConfig, model: torch.nn.Module,
         store.load()
     kl_end = mean_kl()
     model.eval()
+    loop.write_report(run_dir, {
+        "run": run_kind, "steps": step, "best_step": best_step, "metrics": dict(best or {}),
+        "kl_start": kl_start, "kl_end": kl_end, "config": config.model_dump(mode="json"),
+        "data": data,
+        "history": {"train": [{"step": i + 1, "loss": x} for i, x in enumerate(losses)],
+                    "eval": history}},
+        f"{run_kind}, best step {best_step}",
+        metrics=tuple(dict.fromkeys(k for row in history for k in row if k != "step")),
+        loss_label="listwise KL to the reader")
     return RankDistillResult(
         model_dir=store.folder, run_kind=run_kind, steps=step, best_step=best_step,
         metrics=dict(best or {}), history=list(history), losses=list(losses),

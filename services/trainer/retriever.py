@@ -645,6 +645,13 @@ def _fit(run_kind: str, config: RetrieverTrainConfig, encoder: Encoder,
 
     model_dir = run_dir / loop.MODEL_DIR
     saved = loop.read_meta(model_dir)
+    loop.write_report(run_dir, {
+        "run": run_kind, "mode": config.mode, "steps": step, "best_step": best_step,
+        "metrics": dict(best or {}), "config": config.model_dump(mode="json"), "data": data,
+        "history": {"train": [{"step": i + 1, "loss": x} for i, x in enumerate(losses)],
+                    "eval": history}},
+        f"retriever {run_kind} ({config.mode}), best step {best_step}", metrics=DEV_METRICS,
+        loss_label="contrastive loss")
     # The meta's history stops at the best step; the result's holds every evaluation.
     return RetrieverResult(model_dir=model_dir, run_kind=run_kind, mode=config.mode,
                            reindex=reindex, steps=step, best_step=best_step,
