@@ -8,12 +8,16 @@ A job's folder is ``<checkpoint dir>/runs/<job id>/``: ``job.json`` (the job as 
 ``status.json`` (its ``JobStatus``, rewritten as it runs), the loop's resume state and report,
 and ``CANCEL`` when someone asked it to stop. A job found ``queued`` or ``running`` when the
 trainer starts was interrupted by a crash: ``pending()`` lists it and ``run`` resumes it from
-its last saved state.
+its last saved state. Once a job is done its folder keeps only its record (the ``.json``,
+``.jsonl`` and ``.png`` files: job, status, report, gate, the data it trained on); its model
+folders (the registry holds copies), resume state and caches (gigabytes for a generator) go.
+A cancelled or failed job keeps everything.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +36,9 @@ log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
 STATUS_FILE = "status.json"
 CANCEL_FILE = "CANCEL"
+# What a finished run's folder keeps: its record, and the replay buffer (``replay.jsonl``) that
+# the next continual update of the version it made starts from.
+RECORD_SUFFIXES = (".json", ".jsonl", ".png")
 
 StatusFn = Callable[[JobStatus], None]
 
@@ -123,7 +130,10 @@ class TrainerService:
             log.exception("job %s failed", job.job_id)
             now["state"] = "failed"
             now["error"] = f"{type(exc).__name__}: {exc}"
-        return self._publish(run_dir, now, on_status)
+        status = self._publish(run_dir, now, on_status)
+        if status.state == "done":  # recorded first: a crash before this only leaves files
+            _tidy(run_dir, [out.folder for out in outputs])
+        return status
 
     def promote(self, version: ModelVersion) -> None:
         self.registry.promote(version.kind, version.version)
@@ -174,6 +184,20 @@ class TrainerService:
     @staticmethod
     def _write_status(run_dir: Path, status: JobStatus) -> None:
         write_text_atomic(run_dir / STATUS_FILE, status.model_dump_json(indent=2))
+
+
+def _tidy(run_dir: Path, model_folders: list[Path]) -> None:
+    """Delete what a finished run no longer needs: its saved models (registered copies serve),
+    resume state and caches; its record (``RECORD_SUFFIXES``) stays."""
+    inside = run_dir.resolve()
+    for folder in model_folders:
+        if inside in folder.resolve().parents:
+            shutil.rmtree(folder, ignore_errors=True)
+    for path in sorted(run_dir.rglob("*"), reverse=True):  # files before their folders
+        if path.is_file() and path.suffix not in RECORD_SUFFIXES:
+            path.unlink(missing_ok=True)
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def _first_error(exc: ValidationError) -> str:

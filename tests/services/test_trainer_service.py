@@ -95,6 +95,12 @@ def test_every_kind_trains_registers_and_promotes(settings, data_file, kind):
         assert registry.serving(model_kind).version == version
         assert (registry.serving_path(model_kind) / "ragtune.json").is_file()
     assert trainer.status(status.job_id).state == "done"
+    # the finished run keeps its record; models (registered copies), state and caches go
+    left = {p.name for p in registry.run_dir(status.job_id).rglob("*") if p.is_file()}
+    assert {"job.json", "status.json", "report.json", "report.png"} <= left
+    assert kind != "continual" or "replay.jsonl" in left  # the next update replays it
+    assert all(name.endswith((".json", ".jsonl", ".png")) for name in left), left
+    assert not any(p.name == "model" for p in registry.run_dir(status.job_id).rglob("*"))
 
 
 @pytest.mark.parametrize(("kind", "params", "message"), [
