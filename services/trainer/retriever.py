@@ -399,7 +399,9 @@ def train_retriever(config: RetrieverTrainConfig, encoder: Encoder, train_items:
                          f"({len(train_items)} given, {skipped} without one)")
     data = _data_fingerprint(encoder, examples, dev_items, corpus)
     state = _resumable(run_dir, SUPERVISED_RUN, config, data)
+    before_steps = loop.Reporter(progress, SUPERVISED_RUN, 0, loop.Clock())
     if doc_vectors is None:
+        before_steps.phase("encoding the corpus")
         doc_vectors = corpus_embeddings(encoder, corpus, cache_dir, progress=False)
     if doc_vectors.shape != (len(corpus), encoder.dim):
         raise ValueError(f"`doc_vectors` has shape {doc_vectors.shape}, expected "
@@ -408,6 +410,8 @@ def train_retriever(config: RetrieverTrainConfig, encoder: Encoder, train_items:
     if state is not None:
         pools = state["negatives"]
     elif config.hard_negatives > 0:
+        loop.check_cancel(should_stop)
+        before_steps.phase("mining hard negatives")
         usable = {ex.item_id for ex in examples}
         to_mine = [item for item in train_items if item.id in usable]
         # Deeper than kept: positives and answer-bearing documents are dropped from the top.
@@ -456,6 +460,7 @@ def pretrain_retriever(config: RetrieverTrainConfig, encoder: Encoder,
     data = _data_fingerprint(encoder, [], dev_items, corpus)
     state = _resumable(run_dir, PRETRAIN_RUN, config, data)
     if doc_vectors is None and any(item.doc_ids for item in dev_items):
+        loop.Reporter(progress, PRETRAIN_RUN, 0, loop.Clock()).phase("encoding the corpus")
         doc_vectors = corpus_embeddings(encoder, corpus, cache_dir, progress=False)
 
     def make_batch(step: int) -> Batch:

@@ -86,7 +86,9 @@ def test_every_kind_trains_registers_and_promotes(settings, data_file, kind):
     assert status.versions == status.promoted == expected
     assert seen[0].state == "running" and seen[-1].state == "done"
     phases = {"distill": ["caching the teacher"],  # work before the first step
-              "distill_retriever": ["encoding the corpus", "reading the passages"]}
+              "distill_retriever": ["encoding the corpus", "reading the passages"],
+              "retriever": ["encoding the corpus", "mining hard negatives"],
+              "pretrain": ["encoding the corpus"]}
     assert [s.phase for s in seen if s.phase] == phases.get(kind, [])
     assert seen[-1].phase is None
     registry = Registry(settings.checkpoint_dir)
