@@ -613,7 +613,7 @@ class RollbackRequest(Wire):
 
 class PruneRequest(Wire):
     kind: Literal["retriever", "generator"]
-    keep: int = Field(2, ge=0, le=1000,
+    keep: int = Field(2, ge=0,
                       description="the newest versions kept besides those the registry needs")
 
 

@@ -133,10 +133,16 @@ class EmbeddingService:
         pattern = re.compile(rf"{re.escape(base)}_v\d{{4,}}")
         stale = sorted(c for c in client.list_collections()
                        if pattern.fullmatch(c) and c not in needed)
+        dropped = []
         for name in stale:
-            client.drop_collection(name)
+            try:
+                client.drop_collection(name)
+            except Exception as exc:  # noqa: BLE001 - another replica's drop; retried next time
+                log.warning("could not drop the collection %s: %s", name, exc)
+                continue
+            dropped.append(name)
             log.info("dropped the collection %s of a pruned retriever version", name)
-        return stale
+        return dropped
 
     def ingest(self, batch: IngestBatch) -> None:
         """Encode and upsert every document of ``batch`` (keyed by doc_id).
