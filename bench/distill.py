@@ -7,7 +7,8 @@ reader → reranker.
                             [--eval-questions N] [--speed-prompts N]
                             [--layer-fraction F] [--layer-choice spaced|greedy]
                             [--layer-choice-examples N] [--layers I,J,...]
-                            [--abstain-fraction F] [--temperature T] [--alpha A]
+                            [--abstain-fraction F] [--heal-steps N] [--heal-lr LR]
+                            [--temperature T] [--alpha A]
                             [--cache DIR] [--out PATH]
 
 ``--parts`` picks what runs (default: all three).
@@ -20,10 +21,13 @@ reader → reranker.
    time, costs the teacher's answer loss least, or evenly spaced with ``--layer-choice spaced``;
    ``--quick`` spaces them; ``--layers`` names them, e.g. a greedy choice printed by an earlier
    run), trained with α·T²·KL + (1−α)·CE against the teacher's top-32 logits
-   cached once. Both answer the same test questions from the same passages (hybrid top 3,
-   greedy; EM/F1 through ``services/evaluation/qa.py``) and their tokens/s are measured in
-   interleaved rounds on the same prompts (batch 8, a fixed number of new tokens). Target:
-   student F1 >= 90% of the teacher's at >= 2× its tokens/s.
+   cached once. ``--heal-steps N`` first trains the cut student N steps as a language model
+   on the corpus text (``services/trainer/lm.py``, blocks of 256 tokens, batch 8, lr
+   ``--heal-lr``), so that its kept layers relearn to work together before distillation.
+   Both answer the same test questions from the same passages (hybrid top 3, greedy; EM/F1
+   through ``services/evaluation/qa.py``) and their tokens/s are measured in interleaved
+   rounds on the same prompts (batch 8, a fixed number of new tokens). Target: student F1
+   >= 90% of the teacher's at >= 2× its tokens/s.
 2. ``retriever``, reader → retriever (``services/trainer/rerank_distill.py``): the teacher
    reads each training question's top hybrid passages, one per prompt, followed by the gold
    answer; one forward gives every reader signal (the answer's log-likelihood, the
@@ -87,9 +91,12 @@ from services.trainer.distill import (
     DistillConfig,
     compare_generators,
     distill_generator,
+    layer_subset,
+    pick_layers,
     teacher_id,
 )
 from services.trainer.generator import held_answer
+from services.trainer.lm import LMTrainConfig, train_lm
 from services.trainer.rerank_distill import (
     SIGNALS,
     RankDistillConfig,
@@ -131,6 +138,26 @@ def load_teacher(path: Path | None, settings: Settings, device: torch.device):
         return tg.load_fp32_generator(settings, device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def heal_student(teacher, tokenizer, layers: list[int], texts: Sequence[str], steps: int,
+                 lr: float, device_name: str, run_dir: Path):
+    """The student of ``layers`` (``layer_subset`` of ``teacher``) trained ``steps`` steps as
+    a causal LM on ``texts`` (``services/trainer/lm.py``, blocks of 256 tokens, batch 8): the
+    cut model relearns to carry its activations between the layers it kept before it is
+    distilled. Returns (healed model, ``LMTrainResult``)."""
+    student = layer_subset(teacher, layers).float().train()
+
+    def show(p) -> None:
+        if p.step % 10 == 0 or p.step == p.total_steps:
+            log.info("healing step %d/%d loss %.3f", p.step, p.total_steps, p.loss or 0)
+
+    config = LMTrainConfig(block_size=256, batch_size=8, lr=lr, max_steps=steps,
+                           warmup_steps=min(10, steps), dev_fraction=0.01, eval_steps=steps,
+                           log_steps=10, device=device_name)
+    result = train_lm(config, student, tokenizer, texts, run_dir, progress=show, resume=False)
+    healed = AutoModelForCausalLM.from_pretrained(result.model_dir, dtype=torch.float32)
+    return healed.eval(), result
 
 
 def load_encoder(base: Encoder, model_dir: Path | None, device: torch.device) -> Encoder:
@@ -231,6 +258,10 @@ def main() -> None:
                         help="share of the answered training questions that come again with "
                              "their answer's passages removed, as \"I don't know.\" examples "
                              "(default 0, the job's default)")
+    parser.add_argument("--heal-steps", type=tg.count, default=None,
+                        help="before distilling, train the layer-cut student this many steps "
+                             "as a language model on the corpus text (default: none)")
+    parser.add_argument("--heal-lr", type=float, default=1e-4)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--alpha", type=float, default=None)
     parser.add_argument("--cache", type=Path, default=tg.RESULTS / "cache")
@@ -279,6 +310,9 @@ def main() -> None:
                 device=args.device, **overrides)
         except ValidationError as exc:
             parser.error(str(exc))
+        if args.heal_steps and kd_config.layers is None and kd_config.layer_choice == "greedy":
+            parser.error("--heal-steps heals a student chosen before distillation: name its "
+                         "--layers (or --layer-choice spaced)")
     runs = tg.RESULTS / "runs" / f"distill{'-quick' if quick else ''}"
     shutil.rmtree(runs, ignore_errors=True)  # a benchmark starts over
     timings: dict[str, float] = {}
@@ -326,11 +360,33 @@ def main() -> None:
             else:
                 log.info("student step %d/%d loss %.3f", p.step, p.total_steps, p.loss or 0)
 
+        healed = None
+        student_layers = kd_config.layers
+        if args.heal_steps:
+            started = time.perf_counter()
+            teacher, tokenizer = load_teacher(args.teacher, settings, device)
+            student_layers = kd_config.layers or pick_layers(
+                len(teacher.model.layers), kd_config.layer_fraction)
+            healed, heal = heal_student(teacher, tokenizer, student_layers,
+                                        [f"{d.title}\n{d.text}" for d in corpus],
+                                        args.heal_steps, args.heal_lr, args.device,
+                                        runs / "heal")
+            del teacher
+            timings["heal_s"] = time.perf_counter() - started
+            losses = [r["loss"] for r in json.loads(heal.report_path.read_text())["history"]
+                      ["train"]]
+            report["heal"] = {"steps": heal.steps, "lr": args.heal_lr, "blocks": heal.blocks,
+                              "dev_loss": heal.best_dev_loss, "train_losses": losses,
+                              "seconds": timings["heal_s"]}
+            show(f"healed the {len(student_layers)}-layer student: {heal.steps} LM steps on "
+                 f"the corpus ({heal.blocks} blocks of 256 tokens), training loss "
+                 f"{losses[0]:.3f} at step 1, {np.mean(losses[-10:]):.3f} over the last 10, "
+                 f"dev {heal.best_dev_loss or float('nan'):.3f} ({timings['heal_s']:.0f} s)")
         started = time.perf_counter()
         result = distill_generator(
             kd_config, lambda: load_teacher(args.teacher, settings, device), kd_train,
             [] if quick else dev_all, passages, runs / "student", resume=False,
-            progress=log_progress)
+            student=None if healed is None else (healed, tokenizer), progress=log_progress)
         timings["distill_s"] = time.perf_counter() - started
         teacher, tokenizer = load_teacher(args.teacher, settings, device)
         student = AutoModelForCausalLM.from_pretrained(result.model_dir,
@@ -347,12 +403,13 @@ def main() -> None:
         s_f1, s_em = f1_overall(s.sets)
         speedup = s.tokens_per_s / t.tokens_per_s
         f1_ratio = s_f1 / t_f1 if t_f1 else float("nan")
-        layers = result.layers
+        layers = result.layers or student_layers
         show(f"\n1. generator distillation{' (quick)' if quick else ''} on {device}: teacher "
              f"{teacher_name}"
              + ("" if args.teacher else " — NOT fine-tuned on this task") + f"; student "
              f"{len(layers) if layers else '?'} of its layers {layers} "
-             f"({'given' if kd_config.layers else kd_config.layer_choice}), "
+             f"({'given' if kd_config.layers else kd_config.layer_choice}"
+             f"{', healed ' + str(args.heal_steps) + ' LM steps' if healed else ''}), "
              f"{result.steps} steps of "
              f"{kd_config.batch_size} examples ({sum(result.examples.values())} examples "
              f"{result.examples}), T={kd_config.temperature}, alpha={kd_config.alpha}, "
