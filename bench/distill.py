@@ -22,8 +22,9 @@ reader → reranker.
    ``--quick`` spaces them; ``--layers`` names them, e.g. a greedy choice printed by an earlier
    run), trained with α·T²·KL + (1−α)·CE against the teacher's top-32 logits
    cached once. ``--heal-steps N`` first trains the cut student N steps as a language model
-   on the corpus text (``services/trainer/lm.py``, blocks of 256 tokens, batch 8, lr
-   ``--heal-lr``), so that its kept layers relearn to work together before distillation.
+   on the corpus text (``DistillConfig.heal_steps``: ``services/trainer/lm.py``, blocks of 256
+   tokens, a student batch a step, lr ``--heal-lr``), so that its kept layers relearn to work
+   together before distillation.
    Both answer the same test questions from the same passages (hybrid top 3, greedy; EM/F1
    through ``services/evaluation/qa.py``) and their tokens/s are measured in interleaved
    rounds on the same prompts (batch 8, a fixed number of new tokens). Target: student F1
@@ -88,15 +89,13 @@ from services.evaluation.retrieval import corpus_embeddings
 from services.ranker.rerank import CrossEncoder
 from services.trainer import loop
 from services.trainer.distill import (
+    HEAL_DIR,
     DistillConfig,
     compare_generators,
     distill_generator,
-    layer_subset,
-    pick_layers,
     teacher_id,
 )
 from services.trainer.generator import held_answer
-from services.trainer.lm import LMTrainConfig, train_lm
 from services.trainer.rerank_distill import (
     SIGNALS,
     RankDistillConfig,
@@ -109,7 +108,7 @@ from services.trainer.rerank_distill import (
     save_reader_scores,
 )
 from services.trainer.retriever import RetrieverTrainConfig, dev_metrics, train_retriever
-from shared.datasets import QAItem, load_corpus, load_split
+from shared.datasets import QAItem, document_text, load_corpus, load_split
 from shared.models.encoder import Encoder
 from shared.settings import Settings
 
@@ -138,26 +137,6 @@ def load_teacher(path: Path | None, settings: Settings, device: torch.device):
         return tg.load_fp32_generator(settings, device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
-
-
-def heal_student(teacher, tokenizer, layers: list[int], texts: Sequence[str], steps: int,
-                 lr: float, device_name: str, run_dir: Path):
-    """The student of ``layers`` (``layer_subset`` of ``teacher``) trained ``steps`` steps as
-    a causal LM on ``texts`` (``services/trainer/lm.py``, blocks of 256 tokens, batch 8): the
-    cut model relearns to carry its activations between the layers it kept before it is
-    distilled. Returns (healed model, ``LMTrainResult``)."""
-    student = layer_subset(teacher, layers).float().train()
-
-    def show(p) -> None:
-        if p.step % 10 == 0 or p.step == p.total_steps:
-            log.info("healing step %d/%d loss %.3f", p.step, p.total_steps, p.loss or 0)
-
-    config = LMTrainConfig(block_size=256, batch_size=8, lr=lr, max_steps=steps,
-                           warmup_steps=min(10, steps), dev_fraction=0.01, eval_steps=steps,
-                           log_steps=10, device=device_name)
-    result = train_lm(config, student, tokenizer, texts, run_dir, progress=show, resume=False)
-    healed = AutoModelForCausalLM.from_pretrained(result.model_dir, dtype=torch.float32)
-    return healed.eval(), result
 
 
 def load_encoder(base: Encoder, model_dir: Path | None, device: torch.device) -> Encoder:
@@ -261,7 +240,8 @@ def main() -> None:
     parser.add_argument("--heal-steps", type=tg.count, default=None,
                         help="before distilling, train the layer-cut student this many steps "
                              "as a language model on the corpus text (default: none)")
-    parser.add_argument("--heal-lr", type=float, default=1e-4)
+    parser.add_argument("--heal-lr", type=float, default=None,
+                        help="the healing steps' learning rate (default 2e-4)")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--alpha", type=float, default=None)
     parser.add_argument("--cache", type=Path, default=tg.RESULTS / "cache")
@@ -293,6 +273,8 @@ def main() -> None:
                                        "temperature": args.temperature,
                                        "alpha": args.alpha,
                                        "abstain_fraction": args.abstain_fraction,
+                                       "heal_steps": args.heal_steps,
+                                       "heal_lr": args.heal_lr,
                                        "layers": layers_arg}.items() if v is not None}
         try:
             kd_config = DistillConfig(
@@ -310,9 +292,6 @@ def main() -> None:
                 device=args.device, **overrides)
         except ValidationError as exc:
             parser.error(str(exc))
-        if args.heal_steps and kd_config.layers is None and kd_config.layer_choice == "greedy":
-            parser.error("--heal-steps heals a student chosen before distillation: name its "
-                         "--layers (or --layer-choice spaced)")
     runs = tg.RESULTS / "runs" / f"distill{'-quick' if quick else ''}"
     shutil.rmtree(runs, ignore_errors=True)  # a benchmark starts over
     timings: dict[str, float] = {}
@@ -360,34 +339,22 @@ def main() -> None:
             else:
                 log.info("student step %d/%d loss %.3f", p.step, p.total_steps, p.loss or 0)
 
-        healed = None
-        student_layers = kd_config.layers
-        if args.heal_steps:
-            started = time.perf_counter()
-            teacher, tokenizer = load_teacher(args.teacher, settings, device)
-            student_layers = kd_config.layers or pick_layers(
-                len(teacher.model.layers), kd_config.layer_fraction)
-            healed, heal = heal_student(teacher, tokenizer, student_layers,
-                                        [f"{d.title}\n{d.text}" for d in corpus],
-                                        args.heal_steps, args.heal_lr, args.device,
-                                        runs / "heal")
-            del teacher
-            timings["heal_s"] = time.perf_counter() - started
-            losses = [r["loss"] for r in json.loads(heal.report_path.read_text())["history"]
-                      ["train"]]
-            report["heal"] = {"steps": heal.steps, "lr": args.heal_lr, "blocks": heal.blocks,
-                              "dev_loss": heal.best_dev_loss, "train_losses": losses,
-                              "seconds": timings["heal_s"]}
-            show(f"healed the {len(student_layers)}-layer student: {heal.steps} LM steps on "
-                 f"the corpus ({heal.blocks} blocks of 256 tokens), training loss "
-                 f"{losses[0]:.3f} at step 1, {np.mean(losses[-10:]):.3f} over the last 10, "
-                 f"dev {heal.best_dev_loss or float('nan'):.3f} ({timings['heal_s']:.0f} s)")
         started = time.perf_counter()
         result = distill_generator(
             kd_config, lambda: load_teacher(args.teacher, settings, device), kd_train,
             [] if quick else dev_all, passages, runs / "student", resume=False,
-            student=None if healed is None else (healed, tokenizer), progress=log_progress)
+            heal_texts=[document_text(d) for d in corpus] if kd_config.heal_steps else (),
+            progress=log_progress)
         timings["distill_s"] = time.perf_counter() - started
+        if kd_config.heal_steps:
+            heal = json.loads((runs / "student" / HEAL_DIR / "report.json").read_text())
+            losses = [r["loss"] for r in heal["history"]["train"]]
+            report["heal"] = {"steps": len(losses), "lr": kd_config.heal_lr,
+                              "dev_loss": heal["best_dev_loss"], "train_losses": losses}
+            show(f"healed the student: {len(losses)} LM steps on the corpus text (blocks of "
+                 f"{kd_config.heal_block_size} tokens), training loss {losses[0]:.3f} at step "
+                 f"1, {np.mean(losses[-10:]):.3f} over the last 10, dev "
+                 f"{heal['best_dev_loss'] or float('nan'):.3f}")
         teacher, tokenizer = load_teacher(args.teacher, settings, device)
         student = AutoModelForCausalLM.from_pretrained(result.model_dir,
                                                        dtype=torch.float32).to(device).eval()
@@ -403,13 +370,14 @@ def main() -> None:
         s_f1, s_em = f1_overall(s.sets)
         speedup = s.tokens_per_s / t.tokens_per_s
         f1_ratio = s_f1 / t_f1 if t_f1 else float("nan")
-        layers = result.layers or student_layers
+        layers = result.layers
         show(f"\n1. generator distillation{' (quick)' if quick else ''} on {device}: teacher "
              f"{teacher_name}"
              + ("" if args.teacher else " — NOT fine-tuned on this task") + f"; student "
              f"{len(layers) if layers else '?'} of its layers {layers} "
              f"({'given' if kd_config.layers else kd_config.layer_choice}"
-             f"{', healed ' + str(args.heal_steps) + ' LM steps' if healed else ''}), "
+             f"{f', healed {kd_config.heal_steps} LM steps' if kd_config.heal_steps else ''}"
+             "), "
              f"{result.steps} steps of "
              f"{kd_config.batch_size} examples ({sum(result.examples.values())} examples "
              f"{result.examples}), T={kd_config.temperature}, alpha={kd_config.alpha}, "

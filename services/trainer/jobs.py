@@ -257,10 +257,12 @@ def run_distill(p: Prepared, settings: Settings, run_dir: Path, progress, should
     registry = Registry(settings.checkpoint_dir)
     device, _ = loop.pick_device(config.device)
     corpus = job_corpus(p.job, settings)
+    heal_texts = [datasets.document_text(d) for d in corpus] if config.heal_steps else []
     with _retrieval(settings, registry, corpus, device) as retrieval:
         result = distill_generator(config, lambda: serving_generator(settings, registry),
                                    p.splits["train"], p.splits["dev"], retrieval, run_dir,
-                                   progress=progress, should_stop=should_stop)
+                                   heal_texts=heal_texts, progress=progress,
+                                   should_stop=should_stop)
     return [Output("generator", result.model_dir)]
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from services.trainer import jobs
-from services.trainer.loop import Cancelled, Progress
+from services.trainer.loop import MODEL_DIR, Cancelled, Progress
 from shared.files import write_text_atomic
 from shared.registry import Registry, RegistryError
 from shared.schemas import JobStatus, ModelVersion, TrainJob
@@ -187,11 +187,12 @@ class TrainerService:
 
 
 def _tidy(run_dir: Path, model_folders: list[Path]) -> None:
-    """Delete what a finished run no longer needs: its saved models (registered copies serve),
-    resume state and caches; its record (``RECORD_SUFFIXES``) stays."""
+    """Delete what a finished run no longer needs: its saved models (registered copies serve;
+    a part's ``model/`` folders too, e.g. a distilled student's healing run), resume state
+    and caches; its record (``RECORD_SUFFIXES``) stays."""
     inside = run_dir.resolve()
-    for folder in model_folders:
-        if inside in folder.resolve().parents:
+    for folder in [*model_folders, *run_dir.rglob(MODEL_DIR)]:
+        if folder.is_dir() and inside in folder.resolve().parents:
             shutil.rmtree(folder, ignore_errors=True)
     for path in sorted(run_dir.rglob("*"), reverse=True):  # files before their folders
         if path.is_file() and path.suffix not in RECORD_SUFFIXES:

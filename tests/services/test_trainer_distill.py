@@ -422,6 +422,31 @@ def test_bad_students_and_data_are_refused_before_training(tok, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_healed_student_trains_on_the_corpus_text_first(tok, tmp_path):
+    items, passages, _ = toy_task(4)
+    texts = [f"{h.title}\n{h.text}" for hits in passages.values() for h in hits] * 8
+    config = kd_config(max_steps=4, eval_steps=100, save_steps=2, log_steps=1,
+                       layer_choice="spaced", heal_steps=3, heal_block_size=16, batch_size=2)
+    with pytest.raises(ValueError, match="`heal_texts` is empty"):
+        distill.distill_generator(config, Loader(tok), items, [], passages, tmp_path / "x")
+    seen: list[loop.Progress] = []
+    with pytest.raises(loop.Cancelled):  # stopped after the student's second step
+        distill.distill_generator(config, Loader(tok), items, [], passages, tmp_path / "run",
+                                  heal_texts=texts, progress=seen.append,
+                                  should_stop=lambda: any(p.step == 2 and not p.phase
+                                                          for p in seen))
+    assert [p.phase for p in seen if p.phase] == ["caching the teacher",
+                                                  "healing the student 0/3",
+                                                  "healing the student 3/3"]
+    healed = loop.read_meta(tmp_path / "run" / distill.HEAL_DIR / loop.MODEL_DIR)
+    assert healed["kind"] == "generator-lm" and healed["step"] == 3
+    seen.clear()  # the student's own loop resumes without healing again
+    result = distill.distill_generator(config, Loader(tok), items, [], passages,
+                                       tmp_path / "run", heal_texts=texts, progress=seen.append)
+    assert result.resumed_from == 2 and result.steps == 4 and result.layers == [0, 3]
+    assert [p.phase for p in seen if p.phase] == []
+
+
 def test_a_named_smaller_student_trains_too(tok, tmp_path):
     items, passages, _ = toy_task(4)
     student = tiny_llama(tok, seed=5)  # 2 layers, its own random weights, saved as a folder

@@ -29,7 +29,8 @@ QUICK = {
                  "generator": {"max_steps": 1, "block_size": 32, "batch_size": 2,
                                "eval_steps": 1}},
     "distill": {"max_steps": 2, "batch_size": 2, "eval_steps": 2, "eval_questions": 2,
-                "warmup_steps": 0, "cache_k": 8, "teacher_batch_size": 4},
+                "warmup_steps": 0, "cache_k": 8, "teacher_batch_size": 4, "heal_steps": 1,
+                "heal_block_size": 16},
     "distill_retriever": {"max_steps": 2, "batch_size": 4, "n_passages": 2, "eval_steps": 2,
                           "reader_batch_size": 4},
     "continual": {"steps_per_task": 2, "batch_size": 2, "buffer_size": 8, "top_k": 1,
@@ -85,7 +86,8 @@ def test_every_kind_trains_registers_and_promotes(settings, data_file, kind):
                 "continual": ["generator/v0001"]}[kind]
     assert status.versions == status.promoted == expected
     assert seen[0].state == "running" and seen[-1].state == "done"
-    phases = {"distill": ["caching the teacher"],  # work before the first step
+    phases = {"distill": ["caching the teacher", "healing the student 0/1",  # before step 1
+                          "healing the student 1/1"],
               "distill_retriever": ["encoding the corpus", "reading the passages"],
               "retriever": ["encoding the corpus", "mining hard negatives"],
               "pretrain": ["encoding the corpus"]}
