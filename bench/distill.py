@@ -21,10 +21,10 @@ reader → reranker.
    time, costs the teacher's answer loss least, or evenly spaced with ``--layer-choice spaced``;
    ``--quick`` spaces them; ``--layers`` names them, e.g. a greedy choice printed by an earlier
    run), trained with α·T²·KL + (1−α)·CE against the teacher's top-32 logits
-   cached once. ``--heal-steps N`` first trains the cut student N steps as a language model
-   on the corpus text (``DistillConfig.heal_steps``: ``services/trainer/lm.py``, blocks of 256
-   tokens, a student batch a step, lr ``--heal-lr``), so that its kept layers relearn to work
-   together before distillation.
+   cached once. Before that the student trains ``--heal-steps`` (300, the job's default; 2
+   with ``--quick``; 0: none) steps as a language model on the corpus text
+   (``DistillConfig.heal_steps``: ``services/trainer/lm.py``, blocks of 256 tokens, a student
+   batch a step, lr ``--heal-lr``), so that its kept layers relearn to work together.
    Both answer the same test questions from the same passages (hybrid top 3, greedy; EM/F1
    through ``services/evaluation/qa.py``) and their tokens/s are measured in interleaved
    rounds on the same prompts (batch 8, a fixed number of new tokens). Target: student F1
@@ -237,9 +237,10 @@ def main() -> None:
                         help="share of the answered training questions that come again with "
                              "their answer's passages removed, as \"I don't know.\" examples "
                              "(default 0, the job's default)")
-    parser.add_argument("--heal-steps", type=tg.count, default=None,
+    parser.add_argument("--heal-steps", type=int, default=None,
                         help="before distilling, train the layer-cut student this many steps "
-                             "as a language model on the corpus text (default: none)")
+                             "as a language model on the corpus text (default 300, the job's; "
+                             "2 with --quick; 0: none)")
     parser.add_argument("--heal-lr", type=float, default=None,
                         help="the healing steps' learning rate (default 2e-4)")
     parser.add_argument("--temperature", type=float, default=None)
@@ -273,7 +274,8 @@ def main() -> None:
                                        "temperature": args.temperature,
                                        "alpha": args.alpha,
                                        "abstain_fraction": args.abstain_fraction,
-                                       "heal_steps": args.heal_steps,
+                                       "heal_steps": (2 if quick and args.heal_steps is None
+                                                      else args.heal_steps),
                                        "heal_lr": args.heal_lr,
                                        "layers": layers_arg}.items() if v is not None}
         try:

@@ -467,8 +467,9 @@ class DistillConfig(BaseModel):
     either way); the caller's own student overrides all.
     ``heal_steps``: before distillation the student trains that many steps as a causal LM on
     the corpus text (``lm.train_lm``: ``heal_block_size``-token blocks, ``batch_size`` a step,
-    lr ``heal_lr``). A cut student's kept layers relearn to work together there (its answer
-    loss starts at 10–15 nats; on the corpus text 300 steps took its loss from 10.3 to 3.9).
+    lr ``heal_lr``; 0: none). A cut student's kept layers relearn to work together there (its
+    answer loss starts at 10–15 nats; on the corpus text 300 steps took its loss from 10.3 to
+    3.9, and the distilled student's F1 from 0.53× the teacher's to 0.75×: README).
     Prompt fields are those of ``GeneratorTrainConfig`` (serving's prompts), but
     ``abstain_fraction`` is 0: the student learns to decline from the unanswerable questions
     and the teacher's soft targets, and its answered questions again without their passages
@@ -489,7 +490,7 @@ class DistillConfig(BaseModel):
     layer_choice_examples: int = Field(4, ge=1, le=4096)
     layers: list[int] | None = None
     student_model: str | None = Field(None, min_length=1)
-    heal_steps: int = Field(0, ge=0)
+    heal_steps: int = Field(300, ge=0)
     heal_lr: float = Field(2e-4, gt=0, le=1)
     heal_block_size: int = Field(256, ge=8)
     lr: float = Field(2e-4, gt=0, le=1)

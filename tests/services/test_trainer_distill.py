@@ -297,7 +297,7 @@ def kd_config(**overrides) -> distill.DistillConfig:
     base = {"lr": 3e-3, "warmup_steps": 2, "batch_size": 4, "max_steps": 10, "eval_steps": 5,
             "eval_questions": 4, "eval_max_new_tokens": 6, "device": "cpu", "max_seq_len": 768,
             "abstain_fraction": 0.25, "extra_passages": 1, "cache_k": 8, "temperature": 2.0,
-            "layer_fraction": 0.5, "teacher_batch_size": 4}
+            "layer_fraction": 0.5, "teacher_batch_size": 4, "heal_steps": 0}
     return distill.DistillConfig(**{**base, **overrides})
 
 
