@@ -631,8 +631,20 @@ def _greedy_choice(teacher, examples: Sequence[Example], pad: int, keep: int,
 def _heal(model, tokenizer, texts: Sequence[str], config: DistillConfig, run_dir: Path,
           before_steps: loop.Reporter, should_stop: Callable[[], bool] | None, resume: bool):
     """``model`` trained ``config.heal_steps`` steps as a causal LM on ``texts``
-    (``lm.train_lm``, resumable in ``run_dir``), read back from its saved folder."""
+    (``lm.train_lm``, resumable in ``run_dir``), read back from its saved folder; ``model``
+    itself (a warning logged) when the texts do not fill one block."""
     from services.trainer.lm import LMTrainConfig, train_lm
+
+    tokens = 0
+    for text in texts:
+        if text.strip():
+            tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        if tokens >= config.heal_block_size:
+            break
+    else:
+        log.warning("the corpus text makes %d tokens, less than one %d-token block: the "
+                    "student is distilled without healing", tokens, config.heal_block_size)
+        return model
 
     lm_config = LMTrainConfig(block_size=config.heal_block_size, batch_size=config.batch_size,
                               lr=config.heal_lr, max_steps=config.heal_steps,

@@ -445,6 +445,13 @@ def test_a_healed_student_trains_on_the_corpus_text_first(tok, tmp_path):
                                        tmp_path / "run", heal_texts=texts, progress=seen.append)
     assert result.resumed_from == 2 and result.steps == 4 and result.layers == [0, 3]
     assert [p.phase for p in seen if p.phase] == []
+    # a corpus too short for one block: distilled without healing, nothing refused
+    seen.clear()
+    short = distill.distill_generator(config, Loader(tok), items, [], passages,
+                                      tmp_path / "short", heal_texts=["a few words"],
+                                      progress=seen.append)
+    assert short.steps == 4 and not (tmp_path / "short" / distill.HEAL_DIR).exists()
+    assert [p.phase for p in seen if p.phase] == ["caching the teacher"]
 
 
 def test_a_named_smaller_student_trains_too(tok, tmp_path):
