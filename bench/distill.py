@@ -348,8 +348,9 @@ def main() -> None:
             heal_texts=[document_text(d) for d in corpus] if kd_config.heal_steps else (),
             progress=log_progress)
         timings["distill_s"] = time.perf_counter() - started
-        if kd_config.heal_steps:
-            heal = json.loads((runs / "student" / HEAL_DIR / "report.json").read_text())
+        heal_report = runs / "student" / HEAL_DIR / "report.json"
+        if kd_config.heal_steps and heal_report.is_file():  # not healed: a too short corpus
+            heal = json.loads(heal_report.read_text())
             losses = [r["loss"] for r in heal["history"]["train"]]
             report["heal"] = {"steps": len(losses), "lr": kd_config.heal_lr,
                               "dev_loss": heal["best_dev_loss"], "train_losses": losses}
