@@ -348,7 +348,7 @@ def main() -> None:
             heal_texts=[document_text(d) for d in corpus] if kd_config.heal_steps else (),
             progress=log_progress)
         timings["distill_s"] = time.perf_counter() - started
-        heal_report = runs / "student" / HEAL_DIR / "report.json"
+        heal_report = runs / "student" / HEAL_DIR / loop.REPORT_JSON
         if kd_config.heal_steps and heal_report.is_file():  # not healed: a too short corpus
             heal = json.loads(heal_report.read_text())
             losses = [r["loss"] for r in heal["history"]["train"]]

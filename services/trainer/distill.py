@@ -896,7 +896,7 @@ def distill_generator(config: DistillConfig, load_teacher: Callable[[], tuple[An
         resumed_from=resumed_from, layers=layers, teacher_params=teacher_params,
         student_params=student_params, kept_mass=cache.kept_mass,
         teacher_cached=teacher_cached, examples=counts, elapsed_s=round(clock.elapsed(), 3),
-        train_s=round(train_s, 3), report_path=run_dir / "report.json", history=history)
+        train_s=round(train_s, 3), report_path=run_dir / loop.REPORT_JSON, history=history)
     loop.write_report(run_dir, {**{k: v for k, v in asdict(result).items() if k != "history"},
                                 "config": config.model_dump(mode="json"), "history": history,
                                 "wall_s": round(time.perf_counter() - started_wall, 3)},

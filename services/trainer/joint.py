@@ -380,7 +380,7 @@ def train_joint(config: JointTrainConfig, encoder: Encoder, generator, tokenizer
         total_steps=steps_total, resumed_from=resumed_from, elapsed_s=round(elapsed, 3),
         train_s=round(train_s, 3),
         questions_per_s=round(seen / train_s, 3) if train_s else 0.0, targets=counts,
-        report_path=run_dir / "report.json", plot_path=run_dir / "report.png",
+        report_path=run_dir / loop.REPORT_JSON, plot_path=run_dir / loop.REPORT_PNG,
         history=history)
     loop.write_report(run_dir, {**{k: v for k, v in asdict(result).items() if k != "history"},
                                 "config": config.model_dump(mode="json"), "history": history},
