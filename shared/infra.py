@@ -60,10 +60,18 @@ def check_milvus(uri: str, timeout_s: float = 5.0) -> None:
     """Raise InfraError naming ``uri`` unless a Milvus server answers there."""
     from pymilvus import MilvusClient
 
+    # A connection of its own, closed after: pymilvus shares one connection per URI in a
+    # process and recovers it later with the timeout it was made with, so a probe's short
+    # timeout must not become that of every later client.
+    client = None
     try:
-        MilvusClient(uri=uri, timeout=timeout_s).list_collections()
+        client = MilvusClient(uri=uri, timeout=timeout_s, dedicated=True)
+        client.list_collections()
     except Exception as exc:  # noqa: BLE001 - pymilvus raises many types; we name the URI
         raise InfraError(f"Milvus is unreachable at {uri}: {exc}") from None
+    finally:
+        if client is not None:
+            client.close()
 
 
 def _die_with_parent() -> None:

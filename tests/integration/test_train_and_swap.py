@@ -182,7 +182,7 @@ def test_a_reindexed_version_serves_from_its_own_collection_until_pruned(stack):
     (folder / "ragtune.json").write_text(json.dumps({"kind": "retriever", "reindex": True}))
     version = Registry(settings.checkpoint_dir).register("retriever", folder).version
     collection = f"{settings.milvus.collection}_{version}"
-    milvus = MilvusClient(uri=stack.infra.milvus_uri)
+    milvus = MilvusClient(uri=stack.infra.milvus_uri, timeout=30, dedicated=True)
     # The embedding replica handles these events in order: re-index, swap back, drop.
     for path, body in (("promote", {"kind": "retriever", "version": version}),
                        ("rollback", {"kind": "retriever"})):
