@@ -17,8 +17,10 @@ Every generator (the packaged SmolLM2-135M-Instruct as ``base``, then each ``--m
 named by it) answers every question once, through the offline serving pipeline
 (``bench/trust.py`` ``answer_all``: hybrid top-3 passages over the full corpus, as served, or
 ``--top-k``, cached in bench/results/cache; serving's prompt; greedy; serving's 48 new tokens).
-The answers are scored twice: as generated (min_trust 0) and with serving's trust gate
-(``answer.min_trust``: an answer whose content words the passages do not back is withheld). Per
+The answers are scored three times: as generated (min_trust 0), with serving's trust gate
+(``answer.min_trust``: an answer whose content words the passages' sentences on the question do
+not back is withheld; ``shared.prompt.support``) and, as ``<min_trust> any``, with the gate
+before it (the words anywhere in the passages: ``by_sentence=False``). Per
 model and gate: answer-contains, exact match, token F1 and answered rate on the 50, abstention
 on the 10, and how often a gold document is among the passages. Results go to
 bench/results/handwritten.json with every answer.
@@ -57,10 +59,10 @@ def model_name(path: str) -> str:
     return folder.parent.name if folder.name == "model" else folder.name
 
 
-def score(items: list[QAItem], answered: dict[str, tuple[str, list]],
-          min_trust: float) -> tuple[qa.SetMetrics, list[qa.QARow]]:
-    rows = [qa.score_row(item, *answered[item.question], min_trust=min_trust)
-            for item in items]
+def score(items: list[QAItem], answered: dict[str, tuple[str, list]], min_trust: float,
+          by_sentence: bool = True) -> tuple[qa.SetMetrics, list[qa.QARow]]:
+    rows = [qa.score_row(item, *answered[item.question], min_trust=min_trust,
+                         by_sentence=by_sentence) for item in items]
     return qa.summarise(rows), rows
 
 
@@ -100,7 +102,9 @@ def main() -> None:
     questions = list(dict.fromkeys(i.question for i in items))
     passages = tg.cached_passages(questions, corpus, settings, args.cache)
     passages = {q: hits[:args.top_k] for q, hits in passages.items()}
-    gates = (0.0, settings.answer.min_trust)
+    gate = settings.answer.min_trust
+    # label: (min_trust, by_sentence); "any": the words anywhere in the passages back an answer
+    gates = {"0": (0.0, True), f"{gate:g} any": (gate, False), f"{gate:g}": (gate, True)}
     batch = 64 if device.type == "cuda" else 8
 
     results: dict[str, dict[str, dict]] = {}
@@ -112,9 +116,9 @@ def main() -> None:
         answered = trust.answer_all(model, tokenizer, items, passages, batch)
         log.info("%s answered %d questions in %.0f s", name, len(answered),
                  time.perf_counter() - t)
-        scored = {gate: score(items, answered, gate) for gate in gates}
-        results[name] = {f"{gate:g}": vars(metrics) for gate, (metrics, _) in scored.items()}
-        answers[name] = [vars(r) for r in scored[settings.answer.min_trust][1]]
+        scored = {label: score(items, answered, *g) for label, g in gates.items()}
+        results[name] = {label: vars(metrics) for label, (metrics, _) in scored.items()}
+        answers[name] = [vars(r) for r in scored[f"{gate:g}"][1]]
         del model
 
     n_ok = sum(i.answerable for i in items)

@@ -7,17 +7,19 @@ The generator (the packaged SmolLM2-135M-Instruct, or a fine-tuned one named by 
 answers the dev and test splits once, through the offline serving pipeline of
 bench/train_generator.py (same splits and cached hybrid passages, top 3, serving's prompt,
 greedy, 48 new tokens). Each answer's trust is ``shared.prompt.support``: the share of its
-content words found in the passages it was given. Every threshold is then applied to the same
-answers (``services.evaluation.qa.score_row``, as the QA front applies ``answer.min_trust``):
+content words found in those sentences of its passages that share a word with the question
+(as served) and, side by side, found anywhere in its passages (the gate before:
+``by_sentence=False``). Every threshold is then applied to the same answers
+(``services.evaluation.qa.score_row``, as the QA front applies ``answer.min_trust``):
 
 - capitals: answered rate, exact match, answer-contains (a withheld answer counts as wrong);
 - capitals_unanswerable (no corpus article states the capital): abstention rate;
 - FanOutQA sub-questions, and the subset whose answer is in its evidence: contains, answered.
 
 The threshold is chosen on dev by the mean of capitals contains, FanOutQA contains and
-capitals_unanswerable abstention, then reported on test beside 0. ``--quick`` answers a few
-questions per set on a 1,000-document corpus (pipeline check only). Results go to
-bench/results/trust[-quick].json.
+capitals_unanswerable abstention, for each way of counting, then reported on test beside 0.
+``--quick`` answers a few questions per set on a 1,000-document corpus (pipeline check only).
+Results go to bench/results/trust[-quick].json.
 """
 
 from __future__ import annotations
@@ -59,9 +61,11 @@ def answer_all(model, tokenizer, items: list[QAItem], passages: dict[str, list[H
 
 
 def metrics(sets: dict[str, list[QAItem]], answered: dict[str, tuple[str, list[Hit]]],
-            in_evidence: set[str], min_trust: float) -> dict[str, float | None]:
+            in_evidence: set[str], min_trust: float,
+            by_sentence: bool = True) -> dict[str, float | None]:
     """One row of the table: the sets scored with answers below ``min_trust`` withheld."""
-    rows = {name: [qa.score_row(item, *answered[item.question], min_trust=min_trust)
+    rows = {name: [qa.score_row(item, *answered[item.question], min_trust=min_trust,
+                                by_sentence=by_sentence)
                    for item in items] for name, items in sets.items()}
     cap, una = qa.summarise(rows["capitals"]), qa.summarise(rows["capitals_unanswerable"])
     fan = qa.summarise(rows["fanout"])
@@ -74,12 +78,14 @@ def metrics(sets: dict[str, list[QAItem]], answered: dict[str, tuple[str, list[H
     return out
 
 
-def table(title: str, rows: dict[float, dict[str, float | None]]) -> str:
+def table(title: str, rows: dict[float | str, dict[str, float | None]]) -> str:
+    """A threshold per row (or a label naming one)."""
     head = f"{'min_trust':>10}" + "".join(f"{c:>{len(c) + 2}}" for c in COLUMNS)
     lines = [title, head]
     for threshold, row in rows.items():
         cells = "".join(f"{tg.fmt(row[c]):>{len(c) + 2}}" for c in COLUMNS)
-        lines.append(f"{threshold:>10.2f}{cells}")
+        label = f"{threshold:.2f}" if isinstance(threshold, float) else threshold
+        lines.append(f"{label:>10}{cells}")
     return "\n".join(lines)
 
 
@@ -104,7 +110,9 @@ def main() -> None:
     model = model.eval()
     batch = 64 if device.type == "cuda" else 8
 
-    results: dict[str, dict[float, dict]] = {}
+    # scope: where an answer's words count (shared.prompt.support's by_sentence): in the
+    # passages' sentences on the question (served), or anywhere in them (the gate before)
+    results: dict[str, dict[str, dict[float, dict]]] = {"sentence": {}, "anywhere": {}}
     for split in ("dev", "test"):
         sets = data[split]
         t = time.perf_counter()
@@ -112,19 +120,29 @@ def main() -> None:
                               passages, batch)
         log.info("%s: %d questions answered in %.0f s", split, len(answered),
                  time.perf_counter() - t)
-        results[split] = {t: metrics(sets, answered, in_evidence, t) for t in THRESHOLDS}
-        print(table(f"\n{split} split", results[split]), flush=True)
-    chosen = max(THRESHOLDS, key=lambda t: (results["dev"][t]["selection score"] or 0, -t))
-    print(f"\nchosen on dev: min_trust {chosen}")
-    print(table("test: no gate vs the chosen min_trust",
-                {0.0: results["test"][0.0], chosen: results["test"][chosen]}))
+        for scope, rows in results.items():
+            rows[split] = {t: metrics(sets, answered, in_evidence, t, scope == "sentence")
+                           for t in THRESHOLDS}
+            print(table(f"\n{split} split, words {scope}", rows[split]), flush=True)
+    chosen = {scope: max(THRESHOLDS, key=lambda t, r=rows: (
+        r["dev"][t]["selection score"] or 0, -t)) for scope, rows in results.items()}
+    print(f"\nchosen on dev: min_trust {chosen['sentence']} (sentences), "
+          f"{chosen['anywhere']} (anywhere)")
+    print(table("test: no gate, the gate on words anywhere, the gate on sentences (served)",
+                {"0": results["sentence"]["test"][0.0],
+                 f"{chosen['anywhere']:.2f} any": results["anywhere"]["test"][chosen["anywhere"]],
+                 f"{chosen['sentence']:.2f}": results["sentence"]["test"][chosen["sentence"]]}))
     out = args.out or tg.RESULTS / f"trust{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "environment": tg.environment(device), "model": args.model or "packaged",
-        "quick": args.quick, "chosen_min_trust": chosen,
+        "quick": args.quick, "chosen_min_trust": chosen["sentence"],
+        "chosen_min_trust_anywhere": chosen["anywhere"],
         "questions": {s: {k: len(v) for k, v in data[s].items()} for s in ("dev", "test")},
-        "results": {s: {str(t): row for t, row in r.items()} for s, r in results.items()},
+        "results": {s: {str(t): row for t, row in r.items()}
+                    for s, r in results["sentence"].items()},
+        "results_anywhere": {s: {str(t): row for t, row in r.items()}
+                             for s, r in results["anywhere"].items()},
         "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
     print(f"results written to {out}")
 

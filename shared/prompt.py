@@ -79,6 +79,11 @@ _LAST_SPACE = re.compile(r"\s\S*$")
 # A sentence ends at . ! or ? (plus closing quotes/brackets and trailing citation markers)
 # followed by whitespace or the end of the text.
 _SENTENCE_END = re.compile(r"[.!?][\"'”’)]*(?:\s*\[\d+(?:\s*,\s*\d+)*\])*(?=\s|$)")
+# A period that ends an initial or a common abbreviation ("U.S.", "George W. Bush", "St.
+# Louis", "c. 1500") ends no sentence.
+_ABBREVIATION = re.compile(r"(?:^|[\s.(])(?:[A-Z]|St|Mt|Dr|Mr|Mrs|Ms|Jr|Sr|No|vs|c|ca)\.$")
+# Words that stand for a summary's subject in its own sentences ("He was the son of Darius").
+PRONOUNS = frozenset({"he", "she", "it", "its", "his", "her", "him", "they", "their", "them"})
 # Cite the best-overlapping passage only if it holds at least this share of the answer's
 # content words; below it the answer is more likely the model's own words than a quote.
 MIN_OVERLAP = 0.5
@@ -189,10 +194,20 @@ def parse_citations(answer: str, passages: list[Hit], *, question: str = "") -> 
     ]
 
 
-def support(answer: str, passages: list[Hit], *, question: str = "") -> float | None:
+def support(answer: str, passages: list[Hit], *, question: str = "",
+            by_sentence: bool = True) -> float | None:
     """How much of ``answer`` the passages back: the share of its content words (as
     ``parse_citations`` counts them: ``\\w+`` tokens, lower-cased, without citation markers,
     stopwords and words of ``question``) that occur in the passages' titles and texts.
+
+    ``by_sentence`` (the default) counts a word only where the passage speaks of the question:
+    in a sentence that shares a word with the question (``_on_topic``; a sentence with a
+    pronoun, ``PRONOUNS``, also counts its passage's title as said), or in the title of a
+    passage with such a sentence. "Banaba" for "What is the capital of Kiribati?" over
+    "Kiribati [...] comprises 32 atolls and [...] one remote raised coral island, Banaba." is
+    0.0 (no sentence naming Banaba says "capital" or "Kiribati"), where ``by_sentence=False``,
+    the words anywhere in the passages, says 1.0. A question with no content word falls back
+    to the words anywhere.
 
     1.0 when every such word is there; 0.0 when none is, or when the answer has no content
     word at all (it only restates the question, e.g. "Denmark is the capital of Denmark.").
@@ -205,22 +220,31 @@ def support(answer: str, passages: list[Hit], *, question: str = "") -> float | 
     if is_no_answer(answer):
         return None
     words = _answer_words(answer)
-    if _POLAR.match(answer):
-        content = (words | (_words(question) - STOPWORDS)) - {"yes"}
-    else:
-        content = words - _words(question)
+    asked = _words(question) - STOPWORDS
+    polar = _POLAR.match(answer)
+    content = (words | asked) - {"yes"} if polar else words - _words(question)
     if not content:
         return 0.0
-    evidence = set().union(*(_words(f"{hit.title} {hit.text}") for hit in passages))
+    evidence: set[str] = set()
+    for hit in passages:
+        if not by_sentence or not asked:
+            evidence |= _words(f"{hit.title} {hit.text}")
+            continue
+        title = _words(hit.title)
+        # a pronoun in a summary's sentence stands for its subject, the passage's title
+        said = [w | title if w & PRONOUNS else w for w in map(_words, _sentences(hit.text))]
+        on_topic = [w for w in said if _on_topic(w, asked)]
+        evidence = evidence.union(*on_topic, title if on_topic else ())
     return len(content & evidence) / len(content)
 
 
-def withhold(answer: str, passages: list[Hit], *, question: str,
-             min_trust: float) -> tuple[str, float | None, str | None]:
+def withhold(answer: str, passages: list[Hit], *, question: str, min_trust: float,
+             by_sentence: bool = True) -> tuple[str, float | None, str | None]:
     """``(answer, trust, draft)``: the answer to give, its ``support`` and, when that is below
     ``min_trust``, ``NO_ANSWER`` in its place with the generator's words as ``draft``
-    (else ``draft`` is None). The QA front and the offline evaluation both apply it."""
-    trust = support(answer, passages, question=question)
+    (else ``draft`` is None). The QA front and the offline evaluation both apply it;
+    ``by_sentence`` is ``support``'s."""
+    trust = support(answer, passages, question=question, by_sentence=by_sentence)
     if trust is not None and trust < min_trust:
         return NO_ANSWER, trust, answer
     return answer, trust, None
@@ -232,6 +256,20 @@ def _words(text: str) -> set[str]:
     folded = "".join(c for c in unicodedata.normalize("NFKD", text)
                      if not unicodedata.combining(c))
     return {_NUMBERS.get(w, w) for w in (w.lower() for w in _WORD.findall(folded))}
+
+
+def _sentences(text: str) -> list[str]:
+    """``text`` cut after each ``_SENTENCE_END`` but an abbreviation's (``_ABBREVIATION``: "the
+    U.S. Congress" stays whole); a trailing fragment is a sentence too."""
+    cuts = [0, *(m.end() for m in _SENTENCE_END.finditer(text)
+                 if not _ABBREVIATION.search(text, 0, m.start() + 1)), len(text)]
+    return [text[a:b] for a, b in zip(cuts, cuts[1:], strict=False) if text[a:b].strip()]
+
+
+def _on_topic(words: set[str], asked: set[str]) -> bool:
+    """Whether ``words`` share one with ``asked``, compared by their first five letters so
+    that "capital" meets "capitals" and "bordered" meets "borders"."""
+    return bool({w[:5] for w in words} & {w[:5] for w in asked})
 
 
 def _answer_words(answer: str) -> set[str]:

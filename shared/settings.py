@@ -133,9 +133,10 @@ class AnswerSettings(BaseModel):
     """What the QA front does with the generator's answer before it returns it."""
 
     min_trust: float = Field(0.25, ge=0, le=1, description="answers whose trust (the share of "
-                             "their content words found in the passages, shared.prompt.support) "
-                             "is below this are withheld: the front answers \"I don't know.\" "
-                             "and returns the generator's words as `draft`; 0 = never withhold")
+                             "their content words found in the passages' sentences on the "
+                             "question, shared.prompt.support) is below this are withheld: "
+                             "the front answers \"I don't know.\" and returns the generator's "
+                             "words as `draft`; 0 = never withhold")
 
 
 class LimitSettings(BaseModel):

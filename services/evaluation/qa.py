@@ -331,14 +331,15 @@ class QARow:
 
 
 def score_row(item: QAItem, prediction: str, passages: Sequence[Hit], *,
-              min_trust: float = 0.0) -> QARow:
+              min_trust: float = 0.0, by_sentence: bool = True) -> QARow:
     """Score one answer to ``item`` given the passages its prompt held. As the QA front does
     (``shared.prompt.withhold``), an answer whose trust is below ``min_trust`` is scored as
-    ``NO_ANSWER``; ``draft`` keeps it. An abstention scores 0 on EM, F1 and contains, whatever
-    words it shares with the answer ("I don't know." and "Leo I" share "I")."""
+    ``NO_ANSWER``; ``draft`` keeps it (``by_sentence``: see ``shared.prompt.support``). An
+    abstention scores 0 on EM, F1 and contains, whatever words it shares with the answer
+    ("I don't know." and "Leo I" share "I")."""
     hits = list(passages)
     prediction, trust, draft = withhold(prediction, hits, question=item.question,
-                                        min_trust=min_trust)
+                                        min_trust=min_trust, by_sentence=by_sentence)
     answer = strip_citations(prediction)
     abstained = is_no_answer(prediction)
     gold = set(item.doc_ids)

@@ -210,6 +210,33 @@ def test_support_is_the_share_of_new_answer_words_found_in_the_passages():
     assert support(NO_ANSWER, [FRANCE]) is None and support(" ", [FRANCE]) is None
 
 
+def test_support_counts_only_words_in_sentences_that_speak_of_the_question():
+    kiribati = Hit(doc_id="ki", title="Kiribati", score=1, text=(
+        "Kiribati is an archipelagic country in the Pacific Ocean. The state comprises 32 "
+        "atolls and one remote raised coral island, Banaba"))
+    capital = "What is the capital of Kiribati?"
+    # Banaba is named, but in no sentence that mentions the capital or Kiribati
+    assert support("Banaba [1]", [kiribati], question=capital) == 0.0
+    assert support("Banaba [1]", [kiribati], question=capital, by_sentence=False) == 1.0
+    # a sentence on the question's topic backs its words; a cut last sentence counts too
+    assert support("Banaba", [kiribati], question="Which island is raised coral?") == 1.0
+    # words are compared by their first five letters: "bordered" meets "borders"
+    kenya = Hit(doc_id="ke", title="Kenya", score=1, text="It is bordered by Uganda.")
+    assert support("Uganda", [kenya], question="Which country borders Kenya?") == 1.0
+    # the title of a passage that speaks of the question backs an answer too
+    assert support("Japan", [JAPAN], question="Where is Tokyo?") == 1.0
+    assert support("Japan", [JAPAN], question="Where is Kyoto?") == 0.0
+    # a pronoun stands for the passage's subject; an initial's period ends no sentence
+    xerxes = Hit(doc_id="x", title="Xerxes I", score=1, text=(
+        "Xerxes I was a Persian king. He was the son of Darius and Atossa. Then L. Cassius "
+        "came, and Cyrus"))
+    assert support("Atossa", [xerxes], question="Who was the mother of Xerxes I?") == 1.0
+    assert support("Cassius", [xerxes], question="Who came with Cyrus?") == 1.0
+    assert support("Atossa", [xerxes], question="Who came with Cyrus?") == 0.0
+    # a question of stopwords alone falls back to the words anywhere in the passages
+    assert support("Banaba", [kiribati], question="What is it?") == 1.0
+
+
 def test_withhold_replaces_an_answer_below_min_trust_and_keeps_it_as_the_draft():
     question = "What is the capital of Chile?"
     assert withhold("Santiago [1].", [FRANCE], question=question, min_trust=0.5) == (
