@@ -360,7 +360,8 @@ def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
                                  top_k=settings.retrieval.top_k,
                                  max_passage_chars=settings.generator.max_passage_chars,
                                  max_new_tokens=settings.generator.max_new_tokens,
-                                 min_trust=settings.answer.min_trust)
+                                 min_trust=settings.answer.min_trust,
+                                 by_sentence=settings.answer.trust_by_sentence)
     except ValueError as exc:
         raise cli.CLIError(str(exc)) from None
     serving = {k: getattr(registry.view(), k).serving or "base" for k in ("retriever",

@@ -137,6 +137,11 @@ class AnswerSettings(BaseModel):
                              "question, shared.prompt.support) is below this are withheld: "
                              "the front answers \"I don't know.\" and returns the generator's "
                              "words as `draft`; 0 = never withhold")
+    trust_by_sentence: bool = Field(True, description="count an answer's words only in passage "
+                                    "sentences that share a word with the question (or a "
+                                    "pronoun, for the passage's title); false: anywhere in its "
+                                    "passages, for documents that state a fact far from where "
+                                    "they name what it is about")
 
 
 class LimitSettings(BaseModel):

@@ -459,14 +459,15 @@ def evaluate_qa(model, tokenizer, sets: Mapping[str, Sequence[QAItem]], retrieva
                 *, top_k: int = SERVING_TOP_K,
                 max_passage_chars: int = SERVING_MAX_PASSAGE_CHARS,
                 max_new_tokens: int = SERVING_MAX_NEW_TOKENS, batch_size: int = 8,
-                max_context_tokens: int | None = None, min_trust: float = 0.0) -> QAReport:
+                max_context_tokens: int | None = None, min_trust: float = 0.0,
+                by_sentence: bool = True) -> QAReport:
     """Answer every question of every named set from its top ``top_k`` passages and score it.
 
     ``sets`` maps a set name to its items; ``retrieval`` is a retriever or precomputed
     passages (see ``retrieve``). Questions shared by several sets are answered once. Answers
     whose trust is below ``min_trust`` count as abstentions (``score_row``), as the QA front
-    withholds them at ``answer.min_trust``. Raises ValueError when there is no question, for
-    bad options and for missing passages.
+    withholds them at ``answer.min_trust`` (``by_sentence``: ``answer.trust_by_sentence``).
+    Raises ValueError when there is no question, for bad options and for missing passages.
     """
     if not any(sets.values()):
         raise ValueError("no question to evaluate: every set is empty")
@@ -478,12 +479,13 @@ def evaluate_qa(model, tokenizer, sets: Mapping[str, Sequence[QAItem]], retrieva
                                      max_new_tokens=max_new_tokens, batch_size=batch_size,
                                      max_context_tokens=max_context_tokens)
     by_question = dict(zip(questions, zip(answers, kept, strict=True), strict=True))
-    rows = {name: [score_row(item, *by_question[item.question], min_trust=min_trust)
+    rows = {name: [score_row(item, *by_question[item.question], min_trust=min_trust,
+                             by_sentence=by_sentence)
                    for item in items] for name, items in sets.items()}
     seconds = time.perf_counter() - started
     return QAReport(
         sets={name: summarise(r) for name, r in rows.items()}, rows=rows,
         config={"top_k": top_k, "max_passage_chars": max_passage_chars,
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                "decoding": "greedy", "min_trust": min_trust},
+                "decoding": "greedy", "min_trust": min_trust, "trust_by_sentence": by_sentence},
         seconds=round(seconds, 3), questions_per_s=round(len(questions) / seconds, 3))

@@ -42,7 +42,7 @@ from shared.schemas import (
     Status,
     StreamStatus,
 )
-from shared.settings import Settings
+from shared.settings import AnswerSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,14 @@ def _ms(start: float) -> float:
 
 def _response(question: str, retrieved: RetrieveResult, generated: GenerateResult,
               retrieve_ms: float, generate_timings: dict[str, float], request_id: str,
-              min_trust: float) -> QAResponse:
+              gate: AnswerSettings) -> QAResponse:
     """The response; an answer whose trust (measured on the passages as the generator's prompt
-    held them) is below ``min_trust`` is withheld: ``answer`` becomes ``NO_ANSWER`` without
-    citations and ``draft`` keeps the generator's words."""
+    held them) is below ``gate.min_trust`` is withheld: ``answer`` becomes ``NO_ANSWER``
+    without citations and ``draft`` keeps the generator's words."""
     evidence = shown(retrieved.hits, generated.shown_chars)
     answer, trust, draft = withhold(generated.answer, evidence, question=question,
-                                    min_trust=min_trust)
+                                    min_trust=gate.min_trust,
+                                    by_sentence=gate.trust_by_sentence)
     citations = [] if draft is not None else generated.citations
     return QAResponse(
         question=question, answer=answer, citations=citations, trust=trust, draft=draft,
@@ -167,7 +168,7 @@ class QAService:
         timings = {"generate": _ms(start)}
         log.info("request %s answered in %.0f ms", request_id, retrieve_ms + timings["generate"])
         return _response(question, retrieved, generated, retrieve_ms, timings, request_id,
-                         self.settings.answer.min_trust)
+                         self.settings.answer)
 
     async def answer_stream(self, req: QARequest,
                             request_id: str) -> AsyncIterator[AnswerChunk | QAResponse]:
@@ -194,7 +195,7 @@ class QAService:
             log.info("request %s streamed in %.0f ms", request_id,
                      retrieve_ms + timings["generate"])
             yield _response(question, retrieved, item, retrieve_ms, timings, request_id,
-                            self.settings.answer.min_trust)
+                            self.settings.answer)
 
     async def _retrieve(self, req: QARequest):
         """``(question, generate request, retrieved, retrieve ms)`` for a question, checked."""

@@ -180,6 +180,16 @@ def test_an_answer_its_passages_do_not_back_is_withheld_below_min_trust(settings
         assert (unseen["answer"], unseen["trust"], unseen["draft"]) == (NO_ANSWER, 0.0,
                                                                         "Paris [1]")
         assert unseen["passages"][0]["text"] == "Its capital is Paris."
+        # "Paris" is in the passage, but in no sentence on the question's words
+        largest = {"question": "Which city is the largest?"}
+        body = client.post("/v1/qa", json=largest).json()
+        assert (body["answer"], body["trust"], body["draft"]) == (NO_ANSWER, 0.0, "Paris [1]")
+    anywhere = strict.model_copy(update={"answer": AnswerSettings(min_trust=0.5,
+                                                                  trust_by_sentence=False)})
+    front = QAService(Bus.connect(settings.redis.url, settings.redis), anywhere)
+    with TestClient(create_app(front)) as client:
+        body = client.post("/v1/qa", json=largest).json()
+        assert (body["answer"], body["trust"], body["draft"]) == ("Paris [1]", 1.0, None)
 
 
 @pytest.mark.parametrize("payload, field, message", [
