@@ -104,7 +104,8 @@ def main() -> None:
     passages = {q: hits[:args.top_k] for q, hits in passages.items()}
     gate = settings.answer.min_trust
     # label: (min_trust, by_sentence); "any": the words anywhere in the passages back an answer
-    gates = {"0": (0.0, True), f"{gate:g} any": (gate, False), f"{gate:g}": (gate, True)}
+    gates = {"0": (0.0, True), f"{gate:g} any": (gate, False),
+             f"{gate:g}": (gate, settings.answer.trust_by_sentence)}
     batch = 64 if device.type == "cuda" else 8
 
     results: dict[str, dict[str, dict]] = {}

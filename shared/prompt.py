@@ -201,7 +201,7 @@ def support(answer: str, passages: list[Hit], *, question: str = "",
     stopwords and words of ``question``) that occur in the passages' titles and texts.
 
     ``by_sentence`` (the default) counts a word only where the passage speaks of the question:
-    in a sentence that shares a word with the question (``_on_topic``; a sentence with a
+    in a sentence that shares a word with the question (``_stems``; a sentence with a
     pronoun, ``PRONOUNS``, also counts its passage's title as said), or in the title of a
     passage with such a sentence. "Banaba" for "What is the capital of Kiribati?" over
     "Kiribati [...] comprises 32 atolls and [...] one remote raised coral island, Banaba." is
@@ -219,13 +219,14 @@ def support(answer: str, passages: list[Hit], *, question: str = "",
     """
     if is_no_answer(answer):
         return None
-    words = _answer_words(answer)
-    asked = _words(question) - STOPWORDS
+    words, question_words = _answer_words(answer), _words(question)
+    asked = question_words - STOPWORDS
     polar = _POLAR.match(answer)
-    content = (words | asked) - {"yes"} if polar else words - _words(question)
+    content = (words | asked) - {"yes"} if polar else words - question_words
     if not content:
         return 0.0
     evidence: set[str] = set()
+    asked_stems = _stems(asked)
     for hit in passages:
         if not by_sentence or not asked:
             evidence |= _words(f"{hit.title} {hit.text}")
@@ -233,7 +234,7 @@ def support(answer: str, passages: list[Hit], *, question: str = "",
         title = _words(hit.title)
         # a pronoun in a summary's sentence stands for its subject, the passage's title
         said = [w | title if w & PRONOUNS else w for w in map(_words, _sentences(hit.text))]
-        on_topic = [w for w in said if _on_topic(w, asked)]
+        on_topic = [w for w in said if _stems(w) & asked_stems]
         evidence = evidence.union(*on_topic, title if on_topic else ())
     return len(content & evidence) / len(content)
 
@@ -266,10 +267,10 @@ def _sentences(text: str) -> list[str]:
     return [text[a:b] for a, b in zip(cuts, cuts[1:], strict=False) if text[a:b].strip()]
 
 
-def _on_topic(words: set[str], asked: set[str]) -> bool:
-    """Whether ``words`` share one with ``asked``, compared by their first five letters so
-    that "capital" meets "capitals" and "bordered" meets "borders"."""
-    return bool({w[:5] for w in words} & {w[:5] for w in asked})
+def _stems(words: set[str]) -> set[str]:
+    """``words`` by their first five letters, as sentences and questions are compared: so that
+    "capital" meets "capitals" and "bordered" meets "borders"."""
+    return {w[:5] for w in words}
 
 
 def _answer_words(answer: str) -> set[str]:
