@@ -1,0 +1,67 @@
+"""Model soups (services/trainer/soup.py): the average of fine-tuned generators' weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from services.trainer import loop
+from services.trainer.soup import SoupError, average_models
+from tests.tiny import bpe_tokenizer, tiny_llama, tiny_t5
+
+META = {"kind": "generator", "base_model": "tiny", "seq2seq": False,
+        "target_format": "<answer> [n]", "no_answer": "I don't know.", "step": 7,
+        "metrics": {"em": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return bpe_tokenizer()
+
+
+def saved(root, name, model, tok, **meta):
+    return loop.save_model(root / name, model, tok, {**META, **meta})
+
+
+def test_the_soup_is_the_mean_of_the_weights_and_says_what_it_averaged(tmp_path, tok):
+    a, b = tiny_llama(tok, seed=0), tiny_llama(tok, seed=1)
+    sources = [saved(tmp_path, "a", a, tok), saved(tmp_path, "b", b, tok)]
+    out = average_models(sources, tmp_path / "soup" / "model")
+    soup = AutoModelForCausalLM.from_pretrained(out)
+    expected, got = a.state_dict(), soup.state_dict()
+    assert got.keys() == expected.keys()
+    for name, value in got.items():
+        torch.testing.assert_close(value, (expected[name] + b.state_dict()[name]) / 2)
+    meta = json.loads((out / "ragtune.json").read_text())
+    assert meta["soup_of"] == [str(s) for s in sources]
+    assert meta["metrics"] == {} and "step" not in meta  # not evaluated, not a training step
+    assert meta["base_model"] == "tiny" and (out / "tokenizer.json").is_file()
+
+
+def test_three_models_average_in_equal_shares(tmp_path, tok):
+    models = [tiny_llama(tok, seed=s) for s in range(3)]
+    sources = [saved(tmp_path, str(i), m, tok) for i, m in enumerate(models)]
+    soup = AutoModelForCausalLM.from_pretrained(average_models(sources, tmp_path / "soup"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(soup.state_dict()[name],
+                               sum(m.state_dict()[name] for m in models) / 3)
+
+
+def test_folders_that_cannot_be_averaged_are_refused_before_anything_is_written(tmp_path, tok):
+    a = saved(tmp_path, "a", tiny_llama(tok, seed=0), tok)
+    out = tmp_path / "soup"
+    with pytest.raises(SoupError, match="two or more model folders, got 1"):
+        average_models([a], out)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(SoupError, match="plain is not a saved model folder"):
+        average_models([a, tmp_path / "plain"], out)
+    other_base = saved(tmp_path, "b", tiny_llama(tok, seed=1), tok, base_model="another")
+    with pytest.raises(SoupError, match="differ in base_model"):
+        average_models([a, other_base], out)
+    t5 = saved(tmp_path, "t5", tiny_t5(tok), tok)  # same meta, another architecture
+    with pytest.raises(SoupError, match="different parameters"):
+        average_models([a, t5], out)
+    assert not out.exists()
