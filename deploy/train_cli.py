@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import get_args
@@ -241,6 +243,9 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> None:
     cli = _cli()
     from shared.registry import Registry, RegistryError
 
+    if args.models_command == "average":
+        _average(settings, args)
+        return
     state = cli.read_state(settings)
     if args.models_command == "prune":
         _prune(settings, args, state)
@@ -269,6 +274,34 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> None:
         view = registry.view()
         cli._out("ragtune is not running: the next `ragtune up` serves this")
     _print_models(view)
+
+
+def _average(settings: Settings, args: argparse.Namespace) -> None:
+    """``ragtune models average generator VERSION VERSION [...]``: the uniform soup of
+    registered versions (``services/trainer/soup.py``), made in this process and registered as
+    the next version, not serving; ``models promote`` serves it (hot-swapped when up)."""
+    cli = _cli()
+    from services.trainer.soup import SoupError, average_models
+    from shared.registry import Registry, RegistryError
+
+    versions = list(dict.fromkeys(args.versions))
+    if len(versions) < 2:
+        raise cli.CLIError("name two or more different versions to average")
+    registry = Registry(settings.checkpoint_dir)
+    work = None
+    try:
+        folders = [registry.path_of(registry.get(args.kind, v)) for v in versions]
+        work = registry.run_dir(f"average-{'-'.join(versions)}-{os.getpid()}")
+        cli._out(f"averaging {args.kind} {', '.join(versions)} ...")
+        version = registry.register(args.kind, average_models(folders, work / "model"))
+    except (RegistryError, SoupError) as exc:
+        raise cli.CLIError(str(exc)) from None
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    cli._out(f"registered {args.kind}/{version.version}: the average of {', '.join(versions)} "
+             f"(not serving; `ragtune models promote {args.kind} {version.version}` serves it)")
+    _print_models(registry.view())
 
 
 def _prune(settings: Settings, args: argparse.Namespace, state: dict | None) -> None:
@@ -425,7 +458,8 @@ def add_parsers(sub) -> None:
     train.add_argument("--detach", action="store_true",
                        help="queue the job and return (ragtune up only)")
 
-    models = sub.add_parser("models", help="model versions: list, promote, rollback, prune")
+    models = sub.add_parser("models", help="model versions: list, promote, rollback, average, "
+                                           "prune")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("list", help="every version and the serving one")
     promote = models_sub.add_parser("promote", help="serve a version (or `base`)")
@@ -433,6 +467,12 @@ def add_parsers(sub) -> None:
     promote.add_argument("version", help="e.g. v0002, or base for the packaged model")
     rollback = models_sub.add_parser("rollback", help="serve the previous version again")
     rollback.add_argument("kind", choices=("retriever", "generator"))
+    average = models_sub.add_parser(
+        "average", help="register the uniform average (soup) of two or more versions' weights "
+                        "as a new version, not serving")
+    average.add_argument("kind", choices=("generator",))
+    average.add_argument("versions", nargs="+", help="e.g. v0002 v0003: runs fine-tuned from "
+                                                     "the same model (different seeds)")
     prune = models_sub.add_parser(
         "prune", help="delete the versions nothing needs (not serving, not a rollback target)")
     prune.add_argument("kind", choices=("retriever", "generator"))

@@ -197,3 +197,30 @@ def test_eval_qa_scores_a_users_own_questions(tmp_path):
     rows = report["rows"]["mine"]
     assert [r["answerable"] for r in rows] == [True, False]
     assert rows[0]["passages"][0] == "1556 Shaanxi earthquake"
+
+
+def test_models_average_registers_the_soup_of_two_versions_not_serving(tmp_path):
+    from services.trainer import loop
+    from shared.registry import Registry
+    from tests.tiny import bpe_tokenizer, tiny_llama
+
+    tok = bpe_tokenizer()
+    registry = Registry(tmp_path / "home" / "checkpoints")
+    for seed in (0, 1):
+        folder = loop.save_model(tmp_path / f"run{seed}", tiny_llama(tok, seed=seed), tok,
+                                 {"kind": "generator", "base_model": "tiny", "metrics": {}})
+        registry.register("generator", folder)
+    registry.promote("generator", "v0001")
+    result = ragtune("models", "average", "generator", "v0001", "v0002", home=tmp_path / "home")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "registered generator/v0003: the average of v0001, v0002" in result.stdout
+    assert "generator: serving v0001" in result.stdout  # averaging does not promote
+    soup = registry.path_of(registry.get("generator", "v0003"))
+    assert json.loads((soup / "ragtune.json").read_text())["soup_of"] == [
+        str(registry.path_of(registry.get("generator", v))) for v in ("v0001", "v0002")]
+    assert not list((tmp_path / "home" / "checkpoints" / "runs").iterdir())  # work folder gone
+    for args, message in ((("v0001", "v0001"), "two or more different versions"),
+                          (("v0001", "v0009"), "v0009")):
+        result = ragtune("models", "average", "generator", *args, home=tmp_path / "home")
+        assert result.returncode == 1 and message in result.stderr
+        assert "Traceback" not in result.stderr
