@@ -2,13 +2,15 @@
 
     python bench/train_generator.py [--device auto|cpu|cuda] [--method full|lora]
                                     [--epochs N] [--max-steps N] [--batch-size N]
-                                    [--eval-steps N] [--eval-questions N] [--quick]
-                                    [--run-dir PATH] [--out PATH]
+                                    [--eval-steps N] [--eval-questions N] [--seed N [N ...]]
+                                    [--quick] [--run-dir PATH] [--out PATH]
 
 The packaged SmolLM2-135M-Instruct, the packaged MiniLM retriever and the full corpus. Both
 models answer the test splits through the offline serving pipeline
 (``services/evaluation/qa.py``: hybrid retrieval, weighted_minmax with dense weight 0.9, top 3
-passages, serving's prompt, greedy decoding, 48 new tokens), side by side:
+passages, serving's prompt, greedy decoding, 48 new tokens), side by side, each scored twice:
+as the generator said it, and as served (``<model> served``: answers whose trust is under
+``answer.min_trust`` withheld, as the QA front withholds them):
 
 - capitals (answerable): exact match, token F1, answer-contains, answered rate;
 - capitals_unanswerable (capital not in the corpus): abstention rate ("I don't know.");
@@ -17,10 +19,13 @@ passages, serving's prompt, greedy decoding, 48 new tokens), side by side:
 
 Training uses the train splits of all three sets (``services/trainer/generator.py``: answers
 "<answer> [n]" citing the passage that holds them, "I don't know." when none does, plus
-gold-removed abstention copies), checkpoints chosen on the dev splits. The issue's targets for
-a GPU run are printed with PASS/FAIL: EM >= 0.80 on capitals, contains >= +15 points over
-base on the FanOutQA in-evidence subset, abstention >= 0.80 on unanswerable capitals while
-answering >= 0.90 of the answerable ones.
+gold-removed abstention copies), checkpoints chosen on the dev splits. Two or more ``--seed``
+values train one run per seed from the base model (``RUN_DIR/seed-N``) and average their
+weights into a uniform soup (``services/trainer/soup.py``, ``RUN_DIR/soup``), judged beside
+them. The issue's targets are printed with PASS/FAIL for every fine-tuned model, on its served
+answers: EM >= 0.80 on capitals, contains >= +15 points over the base on the FanOutQA
+in-evidence subset, abstention >= 0.80 on unanswerable capitals while answering >= 0.90 of
+the answerable ones.
 
 Retrieval results are cached in ``--cache`` (default bench/results/cache) as a passages file,
 so a later run (or a machine without the retriever's weights) needs only that file.
@@ -51,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.evaluation import qa
 from services.trainer import loop
 from services.trainer.generator import GeneratorTrainConfig, train_generator
+from services.trainer.soup import average_models
 from shared.datasets import QAItem, answer_in_evidence, load_corpus, load_split
 from shared.models.encoder import Encoder
 from shared.models.generator import load_generator
@@ -145,15 +151,39 @@ def load_fp32_generator(settings: Settings, device: torch.device, model: str | N
     return model.float().to(device), tokenizer
 
 
+Said = dict[str, tuple[str, list[Hit]]]  # question -> (answer, the passages its prompt held)
+
+
 def evaluate(model, tokenizer, test: dict[str, list[QAItem]], passages, in_evidence: set[str],
-             max_new_tokens: int, batch_size: int) -> tuple[dict[str, dict], qa.QAReport]:
-    """Per-set metrics (plus the FanOutQA in-evidence subset) and the report with its rows."""
-    report = qa.evaluate_qa(model, tokenizer, test, passages, top_k=TOP_K,
-                            max_new_tokens=max_new_tokens, batch_size=batch_size)
-    metrics = {name: vars(m) for name, m in report.sets.items()}
-    metrics[IN_EVIDENCE] = vars(qa.summarise(
-        [r for r in report.rows["fanout"] if r.id in in_evidence]))
-    return metrics, report
+             max_new_tokens: int, batch_size: int) -> tuple[dict[str, dict], Said]:
+    """Per-set metrics (plus the FanOutQA in-evidence subset) of the generator's own answers,
+    and those answers."""
+    said = answer(model, tokenizer, test, passages, max_new_tokens, batch_size)
+    return score(test, said, in_evidence)[0], said
+
+
+def answer(model, tokenizer, test: dict[str, list[QAItem]], passages, max_new_tokens: int,
+           batch_size: int) -> Said:
+    """Every distinct test question answered once from its top ``TOP_K`` passages, greedy,
+    through serving's prompt (``qa.answer_questions``)."""
+    questions = list(dict.fromkeys(i.question for items in test.values() for i in items))
+    answers, kept = qa.answer_questions(model, tokenizer, questions,
+                                        {q: passages[q][:TOP_K] for q in questions},
+                                        max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return dict(zip(questions, zip(answers, kept, strict=True), strict=True))
+
+
+def score(test: dict[str, list[QAItem]], said: Said, in_evidence: set[str],
+          min_trust: float = 0.0, by_sentence: bool = True,
+          ) -> tuple[dict[str, dict], dict[str, list[qa.QARow]]]:
+    """(per-set metrics plus the in-evidence subset's, rows) of ``said``, with answers whose
+    trust is under ``min_trust`` withheld as the QA front withholds them (0: none)."""
+    rows = {name: [qa.score_row(i, *said[i.question], min_trust=min_trust,
+                                by_sentence=by_sentence) for i in items]
+            for name, items in test.items()}
+    metrics = {name: vars(qa.summarise(r)) for name, r in rows.items()}
+    metrics[IN_EVIDENCE] = vars(qa.summarise([r for r in rows["fanout"] if r.id in in_evidence]))
+    return metrics, rows
 
 
 COLUMNS = ("em", "f1", "contains", "answered_rate", "abstention_rate")
@@ -225,9 +255,10 @@ def main() -> None:
                         help="dev evaluation period (default 20; 3 with --quick)")
     parser.add_argument("--eval-questions", type=count, default=None,
                         help="dev questions per evaluation (default 96; 4 with --quick)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=int, nargs="+", default=[0],
                         help="training seed: example order, abstention picks, dev sample (the "
-                             "train/dev/test split stays fixed)")
+                             "train/dev/test split stays fixed); two or more train one run "
+                             "each (RUN_DIR/seed-N) and their uniform soup (RUN_DIR/soup)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cache", type=Path, default=RESULTS / "cache")
     parser.add_argument("--run-dir", type=Path, default=None)
@@ -247,72 +278,120 @@ def main() -> None:
     log.info("train %d, dev %d, test %s; corpus %d documents", len(train), len(dev),
              {k: len(v) for k, v in data["test"].items()}, len(corpus))
 
-    model, tokenizer = load_fp32_generator(settings, device)
+    gate = settings.answer
     eval_batch = 64 if device.type == "cuda" else 8
     max_new = 24 if args.quick else qa.SERVING_MAX_NEW_TOKENS
-    started = time.perf_counter()
-    base, base_report = evaluate(model, tokenizer, data["test"], passages, in_evidence,
-                                 max_new, eval_batch)
-    base_s = time.perf_counter() - started
-    log.info("base evaluated in %.0f s", base_s)
+    columns: dict[str, dict[str, dict]] = {}  # "<model>" (its own words) / "<model> served"
+    samples: dict[str, dict[str, list[qa.QARow]]] = {}
+
+    def judge(name: str, model, tokenizer) -> float:
+        started = time.perf_counter()
+        said = answer(model, tokenizer, data["test"], passages, max_new, eval_batch)
+        columns[name] = score(data["test"], said, in_evidence)[0]
+        columns[f"{name} served"], samples[name] = score(
+            data["test"], said, in_evidence, gate.min_trust, gate.trust_by_sentence)
+        seconds = time.perf_counter() - started
+        log.info("%s evaluated in %.0f s", name, seconds)
+        return seconds
+
+    model, tokenizer = load_fp32_generator(settings, device)
+    eval_s = {"base": judge("base", model, tokenizer)}
 
     lr = args.lr or (1e-4 if args.method == "full" else 5e-4)
-    config = GeneratorTrainConfig(
-        method=args.method, lr=lr, epochs=args.epochs,
-        max_steps=3 if args.quick and args.max_steps is None else args.max_steps,
-        batch_size=2 if args.quick else args.batch_size, warmup_steps=1 if args.quick else 10,
-        abstain_fraction=args.abstain_fraction,
-        not_found_fraction=args.not_found_fraction,
-        answer_cut_fraction=args.answer_cut_fraction,
-        eval_steps=args.eval_steps or (3 if args.quick else 20),
-        eval_questions=args.eval_questions or (4 if args.quick else 96), eval_batch_size=eval_batch,
-        eval_max_new_tokens=12 if args.quick else 32, patience=3, device=args.device,
-        seed=args.seed)
-    run_dir = args.run_dir or RESULTS / "runs" / f"generator-{args.method}" \
+    run_root = args.run_dir or RESULTS / "runs" / f"generator-{args.method}" \
         f"{'-quick' if args.quick else ''}"
-    result = train_generator(
-        config, model, tokenizer, train, dev, passages, run_dir, resume=False,
-        progress=lambda p: log.info("step %d/%d loss %.3f lr %.2e %s", p.step, p.total_steps,
-                                    p.loss or 0, p.lr, {k: v for k, v in p.metrics.items()
-                                                        if k in ("em", "f1", "score",
-                                                                 "dev_loss")}))
-    started = time.perf_counter()
-    tuned, tuned_report = evaluate(model, tokenizer, data["test"], passages, in_evidence,
-                                   max_new, eval_batch)
-    tuned_s = time.perf_counter() - started
+    several = len(args.seed) > 1
+    runs: dict[str, dict] = {}
+    for seed in args.seed:
+        name = f"seed {seed}" if several else "fine-tuned"
+        config = GeneratorTrainConfig(
+            method=args.method, lr=lr, epochs=args.epochs,
+            max_steps=3 if args.quick and args.max_steps is None else args.max_steps,
+            batch_size=2 if args.quick else args.batch_size,
+            warmup_steps=1 if args.quick else 10, abstain_fraction=args.abstain_fraction,
+            not_found_fraction=args.not_found_fraction,
+            answer_cut_fraction=args.answer_cut_fraction,
+            eval_steps=args.eval_steps or (3 if args.quick else 20),
+            eval_questions=args.eval_questions or (4 if args.quick else 96),
+            eval_batch_size=eval_batch, eval_max_new_tokens=12 if args.quick else 32,
+            patience=3, device=args.device, seed=seed)
+        if several:  # every seed starts from the base model
+            model, tokenizer = load_fp32_generator(settings, device)
+        result = train_generator(
+            config, model, tokenizer, train, dev, passages,
+            run_root / f"seed-{seed}" if several else run_root, resume=False,
+            progress=lambda p, n=name: log.info(
+                "%s: step %d/%d loss %.3f lr %.2e %s", n, p.step, p.total_steps, p.loss or 0,
+                p.lr, {k: v for k, v in p.metrics.items() if k in ("em", "f1", "score",
+                                                                    "dev_loss")}))
+        eval_s[name] = judge(name, model, tokenizer)
+        runs[name] = {"config": config.model_dump(mode="json"), "steps": result.steps,
+                      "best_step": result.best_step, "stopped_early": result.stopped_early,
+                      "examples": result.examples, "train_s": result.train_s,
+                      "examples_per_s": result.examples_per_s,
+                      "dev_history": result.history["eval"], "model_dir": str(result.model_dir)}
+    if several:
+        del model
+        soup_dir = average_models([Path(r["model_dir"]) for r in runs.values()],
+                                  run_root / "soup")
+        model, tokenizer = load_fp32_generator(settings, device, str(soup_dir))
+        eval_s["soup"] = judge("soup", model, tokenizer)
 
-    checks = targets(base, tuned)
+    served = [n for n in columns if n.endswith(" served") and not n.startswith("base")]
+    checks = {n: targets(columns["base served"], columns[n]) for n in served}
     print(f"\ngenerator fine-tuning ({args.method}{', quick' if args.quick else ''}) on "
-          f"{environment(device)['device']}: {len(train)} train questions -> "
-          f"{sum(result.examples.values())} examples {result.examples}; {result.steps} steps "
-          f"(best {result.best_step}{', stopped early' if result.stopped_early else ''})")
-    print(side_by_side({"base": base, "fine-tuned": tuned}))
-    print(f"\ntraining {result.train_s:.1f} s ({result.examples_per_s:.1f} examples/s), "
-          f"evaluation {base_s:.1f} s base / {tuned_s:.1f} s fine-tuned, "
-          f"wall {time.perf_counter() - wall:.0f} s")
-    for name, check in checks.items():
-        value = "-" if check["value"] is None else f"{check['value']:.3f}"
-        print(f"  {'PASS' if check['pass'] else 'FAIL'}  {name}: {value}")
-    samples = [{"id": b.id, "question": b.question, "gold": b.answers, "base": b.prediction,
-                "fine_tuned": t.prediction}
-               for name in SETS
-               for b, t in zip(base_report.rows[name], tuned_report.rows[name], strict=True)]
+          f"{environment(device)['device']}: {len(train)} train questions; "
+          + "; ".join(f"{n}: {sum(r['examples'].values())} examples, {r['steps']} steps "
+                      f"(best {r['best_step']}{', stopped early' if r['stopped_early'] else ''})"
+                      for n, r in runs.items())
+          + ("; soup: the uniform average of the seeds' weights" if several else ""))
+    print(f"'served': answers with trust under answer.min_trust={gate.min_trust} withheld "
+          f"(trust_by_sentence={gate.trust_by_sentence}), as the QA front serves them")
+    print(side_by_side(columns))
+    for n, r in runs.items():
+        print(f"{n}: training {r['train_s']:.1f} s ({r['examples_per_s']:.2f} examples/s)")
+    print("evaluation " + ", ".join(f"{n} {s:.1f} s" for n, s in eval_s.items())
+          + f"; wall {time.perf_counter() - wall:.0f} s")
+    print(f"\n{'target (served answers)':<46}" + "".join(f"{n:>16}" for n in served))
+    for check in checks[served[0]]:
+        cells = "".join(f"{_verdict(checks[n][check]):>16}" for n in served)
+        print(f"{check:<46}{cells}")
     out = args.out or RESULTS / f"train_generator{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "environment": environment(device), "quick": args.quick,
-        "config": config.model_dump(mode="json"), "corpus_documents": len(corpus),
+        "answer_gate": {"min_trust": gate.min_trust,
+                        "trust_by_sentence": gate.trust_by_sentence},
+        "corpus_documents": len(corpus),
         "questions": {split: {k: len(v) for k, v in sets.items()}
                       for split, sets in data.items()},
-        "base": base, "fine_tuned": tuned, "targets": checks,
-        "training": {"steps": result.steps, "best_step": result.best_step,
-                     "stopped_early": result.stopped_early, "examples": result.examples,
-                     "train_s": result.train_s, "examples_per_s": result.examples_per_s,
-                     "dev_history": result.history["eval"], "model_dir": str(result.model_dir)},
-        "seconds": {"base_eval": round(base_s, 1), "tuned_eval": round(tuned_s, 1),
+        "metrics": columns, "targets": checks, "training": runs,
+        "soup": str(run_root / "soup") if several else None,
+        "seconds": {"eval": {n: round(s, 1) for n, s in eval_s.items()},
                     "wall": round(time.perf_counter() - wall, 1)},
-        "answers": samples}, indent=1))
+        "answers": said_and_served(data["test"], samples)}, indent=1))
     print(f"results: {out}")
+
+
+def said_and_served(test: dict[str, list[QAItem]],
+                    samples: dict[str, dict[str, list[qa.QARow]]]) -> list[dict]:
+    """Per test question: each model's own words and its served answer."""
+    out = []
+    for set_name, items in test.items():
+        for i, item in enumerate(items):
+            row = {"set": set_name, "id": item.id, "question": item.question,
+                   "gold": item.answers}
+            for name, rows in samples.items():
+                served = rows[set_name][i]
+                row[name], row[f"{name} served"] = served.draft or served.prediction, \
+                    served.prediction
+            out.append(row)
+    return out
+
+
+def _verdict(check: dict) -> str:
+    value = "-" if check["value"] is None else f"{check['value']:.3f}"
+    return f"{'PASS' if check['pass'] else 'FAIL'} {value}"
 
 
 if __name__ == "__main__":
