@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import get_args
@@ -18,7 +16,15 @@ from typing import get_args
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from shared.schemas import JobStatus, PruneResult, RegistryView, TrainData, TrainJob, TrainKind
+from shared.schemas import (
+    AverageResult,
+    JobStatus,
+    PruneResult,
+    RegistryView,
+    TrainData,
+    TrainJob,
+    TrainKind,
+)
 from shared.settings import Settings
 
 TRAIN_KINDS = get_args(TrainKind)
@@ -243,10 +249,10 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> None:
     cli = _cli()
     from shared.registry import Registry, RegistryError
 
-    if args.models_command == "average":
-        _average(settings, args)
-        return
     state = cli.read_state(settings)
+    if args.models_command == "average":
+        _average(settings, args, state)
+        return
     if args.models_command == "prune":
         _prune(settings, args, state)
         return
@@ -276,32 +282,35 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> None:
     _print_models(view)
 
 
-def _average(settings: Settings, args: argparse.Namespace) -> None:
+def _average(settings: Settings, args: argparse.Namespace, state: dict | None) -> None:
     """``ragtune models average generator VERSION VERSION [...]``: the uniform soup of
-    registered versions (``services/trainer/soup.py``), made in this process and registered as
-    the next version, not serving; ``models promote`` serves it (hot-swapped when up)."""
+    registered versions (``services/trainer/soup.py``), registered as the next version, not
+    serving; ``models promote`` serves it. Through the trainer when ragtune is up, else in
+    this process on the registry."""
     cli = _cli()
-    from services.trainer.soup import SoupError, average_models
     from shared.registry import Registry, RegistryError
 
     versions = list(dict.fromkeys(args.versions))
     if len(versions) < 2:
         raise cli.CLIError("name two or more different versions to average")
-    registry = Registry(settings.checkpoint_dir)
-    work = None
-    try:
-        folders = [registry.path_of(registry.get(args.kind, v)) for v in versions]
-        work = registry.run_dir(f"average-{'-'.join(versions)}-{os.getpid()}")
-        cli._out(f"averaging {args.kind} {', '.join(versions)} ...")
-        version = registry.register(args.kind, average_models(folders, work / "model"))
-    except (RegistryError, SoupError) as exc:
-        raise cli.CLIError(str(exc)) from None
-    finally:
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
-    cli._out(f"registered {args.kind}/{version.version}: the average of {', '.join(versions)} "
-             f"(not serving; `ragtune models promote {args.kind} {version.version}` serves it)")
-    _print_models(registry.view())
+    cli._out(f"averaging {args.kind} {', '.join(versions)} ...")
+    if state is not None:
+        result = AverageResult.model_validate(cli._request(
+            "POST", f"{state['http_url']}/v1/models/average",
+            settings.serve.request_timeout_s, json={"kind": args.kind, "versions": versions}))
+        version, view = result.version, result.models
+    else:
+        from services.trainer.soup import average_versions
+
+        registry = Registry(settings.checkpoint_dir)
+        try:
+            version = average_versions(registry, args.kind, versions).version
+        except RegistryError as exc:
+            raise cli.CLIError(str(exc)) from None
+        view = registry.view()
+    cli._out(f"registered {args.kind}/{version}: the average of {', '.join(versions)} "
+             f"(not serving; `ragtune models promote {args.kind} {version}` serves it)")
+    _print_models(view)
 
 
 def _prune(settings: Settings, args: argparse.Namespace, state: dict | None) -> None:

@@ -16,6 +16,7 @@ from shared import keys
 from shared.bus import FIELD, BadRequest, Bus, ReplyStream, Route, Worker, routes
 from shared.schemas import (
     AnswerChunk,
+    AverageRequest,
     DeleteBatch,
     Event,
     Feedback,
@@ -128,6 +129,7 @@ def trainer_worker(runner, bus: Bus) -> Worker:
         promote=(PromoteRequest, call(runner.promote)),
         rollback=(RollbackRequest, call(runner.rollback)),
         prune=(PruneRequest, call(runner.prune)),
+        average=(AverageRequest, call(runner.average)),
         feedback=(Feedback, call(runner.feedback)),
         feedback_state=(FeedbackQuery, call(runner.feedback_state)),
         feedback_update=(UpdateRequest, call(runner.update))), concurrency=4)

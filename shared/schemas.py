@@ -623,6 +623,19 @@ class PruneResult(Wire):
     models: RegistryView
 
 
+class AverageRequest(Wire):
+    kind: Literal["generator"]
+    versions: list[str] = Field(min_length=2, max_length=16,
+                                description="registered versions fine-tuned from the same "
+                                            "model, e.g. [\"v0002\", \"v0003\"]")
+
+
+class AverageResult(Wire):
+    version: str = Field(description="the new version: the average of the named ones, "
+                                     "not serving")
+    models: RegistryView
+
+
 # --- feedback: the production loop --------------------------------------------------------------
 _ID = r"^[A-Za-z0-9._:-]{1,64}$"
 

@@ -12,6 +12,8 @@ from fastapi import APIRouter
 from shared import keys
 from shared.bus import Bus
 from shared.schemas import (
+    AverageRequest,
+    AverageResult,
     JobList,
     JobQuery,
     JobRef,
@@ -75,5 +77,11 @@ def admin_router(bus: Bus, timeout_s: float) -> APIRouter:
         target, not searched by a kept version), all but the newest ``keep``; their Milvus
         collections go too."""
         return await ask("prune", req, PruneResult)
+
+    @router.post("/v1/models/average", response_model=AverageResult)
+    async def average(req: AverageRequest) -> AverageResult:
+        """Register the uniform average (a soup) of two or more generator versions fine-tuned
+        from the same model as the next version, not serving; promote it to serve it."""
+        return await ask("average", req, AverageResult)
 
     return router

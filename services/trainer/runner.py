@@ -1,7 +1,7 @@
 """The trainer's scheduling shell: a queue of jobs run one at a time in a thread.
 
 What the Ray actor hosts (``deploy/app.py``): requests (submit, cancel, status, models,
-promote, rollback, prune) arrive from the bus and return at once; training happens in this
+promote, rollback, average, prune) arrive from the bus and return at once; training happens in this
 runner's thread; progress and promotions go out through ``publish`` as ``rag:events``
 broadcasts (``train.progress`` at most once a second per job, ``train.finished``,
 ``model.promoted``, ``model.pruned``), which the serving replicas act on. Jobs a crash
@@ -17,11 +17,14 @@ import threading
 import time
 from collections.abc import Callable
 
+from services.trainer import soup
 from services.trainer.feedback import DATA_FILE, STORE_DIR, FeedbackStore
 from services.trainer.jobs import has_indexed_corpus
 from services.trainer.service import JobError, TrainerService
 from shared.registry import RegistryError
 from shared.schemas import (
+    AverageRequest,
+    AverageResult,
     Event,
     Feedback,
     FeedbackQuery,
@@ -110,6 +113,12 @@ class TrainerRunner:
                 "kind": req.kind, "versions": [v.version for v in removed]}))
         return PruneResult(removed=[v.version for v in removed], freed_bytes=freed,
                            models=self.models())
+
+    def average(self, req: AverageRequest) -> AverageResult:
+        """The uniform soup of ``req.versions`` registered as the next version, not serving
+        (``soup.average_versions``; raises ``RegistryError`` with the reason)."""
+        version = soup.average_versions(self.service.registry, req.kind, req.versions)
+        return AverageResult(version=version.version, models=self.models())
 
     # --- feedback: the production loop ------------------------------------------------------
     def feedback(self, fb: Feedback) -> None:

@@ -13,11 +13,14 @@ Every source must be a saved model folder (``loop.save_model``: weights, tokeniz
 ``ragtune.json``) fine-tuned from the same base model, with the same parameter names and
 shapes; anything else raises ``SoupError`` before a file is written. LoRA runs qualify: their
 folders hold the merged weights. The result is a saved model folder like the sources, so the
-registry takes it as a new version (``ragtune models average``) and serving loads it as any.
+registry takes it as a new version (``average_versions``: ``ragtune models average``,
+``POST /v1/models/average``) and serving loads it as any.
 """
 
 from __future__ import annotations
 
+import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from services.trainer import loop
-from shared.registry import META_FILE
+from shared.registry import META_FILE, Registry, RegistryError
+from shared.schemas import ModelVersion
 
 # ragtune.json fields that must agree for two folders to be averaged: the model they were
 # fine-tuned from and the answer format serving expects of it.
@@ -84,6 +88,24 @@ def average_models(sources: Sequence[Path], out: Path) -> Path:
     out = Path(out)
     return loop.save_model(out.parent, model, AutoTokenizer.from_pretrained(sources[0]), meta,
                            folder=out.name)
+
+
+def average_versions(registry: Registry, kind: str, versions: Sequence[str]) -> ModelVersion:
+    """Average the registered ``versions`` of ``kind`` (``average_models``) and register the
+    result as the next version, not serving; returns it. Raises ``RegistryError`` for an
+    unknown version, fewer than two different ones, or versions that cannot be averaged (with
+    ``SoupError``'s reason). The CLI and the trainer actor both call it."""
+    versions = list(dict.fromkeys(versions))
+    if len(versions) < 2:
+        raise RegistryError("name two or more different versions to average")
+    folders = [registry.path_of(registry.get(kind, v)) for v in versions]
+    work = registry.run_dir(f"average-{uuid.uuid4().hex[:12]}")
+    try:
+        return registry.register(kind, average_models(folders, work / "model"))
+    except SoupError as exc:
+        raise RegistryError(str(exc)) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _meta(folder: Path) -> dict[str, Any]:

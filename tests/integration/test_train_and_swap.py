@@ -200,3 +200,28 @@ def test_a_reindexed_version_serves_from_its_own_collection_until_pruned(stack):
     bad = httpx.post(f"{url}/v1/models/prune", json={"kind": "retriever", "keep": -1},
                      timeout=60)
     assert bad.status_code == 422
+
+
+def test_two_generator_versions_average_into_a_new_one_over_http(stack):
+    from services.trainer import loop
+    from tests.tiny import tiny_llama
+
+    url, settings = stack.http_url, stack.settings
+    registry, tokenizer = Registry(settings.checkpoint_dir), bpe_tokenizer()
+    made = [registry.register("generator", loop.save_model(
+        settings.home / f"seed{seed}", tiny_llama(tokenizer, seed=seed), tokenizer,
+        {"kind": "generator", "base_model": "tiny"})).version for seed in (3, 4)]
+    serving = registry.serving("generator")
+    r = httpx.post(f"{url}/v1/models/average", json={"kind": "generator", "versions": made},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    soup = r.json()["version"]
+    assert soup not in made and soup in [v["version"]
+                                         for v in r.json()["models"]["generator"]["versions"]]
+    assert registry.serving("generator") == serving  # registered, not promoted
+    r = httpx.post(f"{url}/v1/models/average", json={"kind": "generator", "versions": made[:1]},
+                   timeout=60)
+    assert r.status_code == 422
+    r = httpx.post(f"{url}/v1/models/average",
+                   json={"kind": "generator", "versions": [made[0], "v0999"]}, timeout=60)
+    assert r.status_code == 400 and "v0999" in r.json()["detail"]["message"]
