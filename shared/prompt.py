@@ -225,12 +225,12 @@ def support(answer: str, passages: list[Hit], *, question: str = "",
     content = (words | asked) - {"yes"} if polar else words - question_words
     if not content:
         return 0.0
+    if not by_sentence or not asked:
+        evidence = set().union(*(_words(f"{hit.title} {hit.text}") for hit in passages))
+        return len(content & evidence) / len(content)
     evidence: set[str] = set()
     asked_stems = _stems(asked)
     for hit in passages:
-        if not by_sentence or not asked:
-            evidence |= _words(f"{hit.title} {hit.text}")
-            continue
         title = _words(hit.title)
         # a pronoun in a summary's sentence stands for its subject, the passage's title
         said = [w | title if w & PRONOUNS else w for w in map(_words, _sentences(hit.text))]
