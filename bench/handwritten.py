@@ -15,8 +15,9 @@ was chosen on the first file (``shared/prompt.py``): the check that the choice g
 
 Every generator (the packaged SmolLM2-135M-Instruct as ``base``, then each ``--model`` folder,
 named by it) answers every question once, through the offline serving pipeline
-(``bench/trust.py`` ``answer_all``: hybrid top-3 passages over the full corpus, as served, or
-``--top-k``, cached in bench/results/cache; serving's prompt; greedy; serving's 48 new tokens).
+(``bench/train_generator.py`` ``answer_all``: hybrid top-3 passages over the full corpus, as
+served, or ``--top-k``, cached in bench/results/cache; serving's prompt; greedy; serving's 48
+new tokens).
 The answers are scored three times: as generated (min_trust 0), with serving's trust gate
 (``answer.min_trust``: an answer whose content words the passages' sentences on the question do
 not back is withheld; ``shared.prompt.support``) and, as ``<min_trust> any``, with the gate
@@ -40,7 +41,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_generator as tg
-import trust
 
 from services.evaluation import qa
 from services.trainer import loop
@@ -114,7 +114,7 @@ def main() -> None:
         model, tokenizer = tg.load_fp32_generator(settings, device, path)
         model = model.eval()
         t = time.perf_counter()
-        answered = trust.answer_all(model, tokenizer, items, passages, batch)
+        answered = tg.answer_all(model, tokenizer, items, passages, batch)
         log.info("%s answered %d questions in %.0f s", name, len(answered),
                  time.perf_counter() - t)
         scored = {label: score(items, answered, *g) for label, g in gates.items()}

@@ -156,19 +156,21 @@ Said = dict[str, tuple[str, list[Hit]]]  # question -> (answer, the passages its
 
 def evaluate(model, tokenizer, test: dict[str, list[QAItem]], passages, in_evidence: set[str],
              max_new_tokens: int, batch_size: int) -> tuple[dict[str, dict], Said]:
-    """Per-set metrics (plus the FanOutQA in-evidence subset) of the generator's own answers,
-    and those answers."""
-    said = answer(model, tokenizer, test, passages, max_new_tokens, batch_size)
+    """Per-set metrics (plus the FanOutQA in-evidence subset) of the generator's own answers
+    from each question's top ``TOP_K`` passages, and those answers."""
+    said = answer_all(model, tokenizer, [i for items in test.values() for i in items],
+                      {q: hits[:TOP_K] for q, hits in passages.items()}, batch_size,
+                      max_new_tokens)
     return score(test, said, in_evidence)[0], said
 
 
-def answer(model, tokenizer, test: dict[str, list[QAItem]], passages, max_new_tokens: int,
-           batch_size: int) -> Said:
-    """Every distinct test question answered once from its top ``TOP_K`` passages, greedy,
-    through serving's prompt (``qa.answer_questions``)."""
-    questions = list(dict.fromkeys(i.question for items in test.values() for i in items))
-    answers, kept = qa.answer_questions(model, tokenizer, questions,
-                                        {q: passages[q][:TOP_K] for q in questions},
+def answer_all(model, tokenizer, items: Sequence[QAItem], passages: dict[str, list[Hit]],
+               batch_size: int, max_new_tokens: int = qa.SERVING_MAX_NEW_TOKENS) -> Said:
+    """Every distinct question of ``items`` answered once from its ``passages[question]`` (all
+    of them: cut them to the top k first), greedy, through serving's prompt
+    (``qa.answer_questions``)."""
+    questions = list(dict.fromkeys(i.question for i in items))
+    answers, kept = qa.answer_questions(model, tokenizer, questions, passages,
                                         max_new_tokens=max_new_tokens, batch_size=batch_size)
     return dict(zip(questions, zip(answers, kept, strict=True), strict=True))
 
@@ -284,9 +286,12 @@ def main() -> None:
     columns: dict[str, dict[str, dict]] = {}  # "<model>" (its own words) / "<model> served"
     samples: dict[str, dict[str, list[qa.QARow]]] = {}
 
+    test_items = [i for items in data["test"].values() for i in items]
+    top = {q: hits[:TOP_K] for q, hits in passages.items()}
+
     def judge(name: str, model, tokenizer) -> float:
         started = time.perf_counter()
-        said = answer(model, tokenizer, data["test"], passages, max_new, eval_batch)
+        said = answer_all(model, tokenizer, test_items, top, eval_batch, max_new)
         columns[name] = score(data["test"], said, in_evidence)[0]
         columns[f"{name} served"], samples[name] = score(
             data["test"], said, in_evidence, gate.min_trust, gate.trust_by_sentence)

@@ -38,10 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_generator as tg
 
-from services.evaluation import qa
 from services.trainer import loop
 from shared.datasets import QAItem, answer_in_evidence
-from shared.schemas import Hit
 from shared.settings import Settings
 
 log = logging.getLogger("bench.trust")
@@ -51,29 +49,18 @@ COLUMNS = ("capitals contains", "capitals EM", "capitals answered", "unanswerabl
            "fanout contains", "fanout answered", "in-evidence contains", "in-evidence answered")
 
 
-def answer_all(model, tokenizer, items: list[QAItem], passages: dict[str, list[Hit]],
-               batch_size: int) -> dict[str, tuple[str, list[Hit]]]:
-    """{question: (answer, passages its prompt held)} for every distinct question."""
-    questions = list(dict.fromkeys(i.question for i in items))
-    answers, kept = qa.answer_questions(model, tokenizer, questions, passages,
-                                        batch_size=batch_size)
-    return dict(zip(questions, zip(answers, kept, strict=True), strict=True))
-
-
-def metrics(sets: dict[str, list[QAItem]], answered: dict[str, tuple[str, list[Hit]]],
-            in_evidence: set[str], min_trust: float,
-            by_sentence: bool = True) -> dict[str, float | None]:
-    """One row of the table: the sets scored with answers below ``min_trust`` withheld."""
-    rows = {name: [qa.score_row(item, *answered[item.question], min_trust=min_trust,
-                                by_sentence=by_sentence)
-                   for item in items] for name, items in sets.items()}
-    cap, una = qa.summarise(rows["capitals"]), qa.summarise(rows["capitals_unanswerable"])
-    fan = qa.summarise(rows["fanout"])
-    ev = qa.summarise([r for r in rows["fanout"] if r.id in in_evidence])
-    values = (cap.contains, cap.em, cap.answered_rate, una.abstention_rate, fan.contains,
-              fan.answered_rate, ev.contains, ev.answered_rate)
+def metrics(sets: dict[str, list[QAItem]], answered: tg.Said, in_evidence: set[str],
+            min_trust: float, by_sentence: bool = True) -> dict[str, float | None]:
+    """One row of the table: the sets scored with answers below ``min_trust`` withheld
+    (``tg.score``)."""
+    scored, _ = tg.score(sets, answered, in_evidence, min_trust, by_sentence)
+    cap, una = scored["capitals"], scored["capitals_unanswerable"]
+    fan, ev = scored["fanout"], scored[tg.IN_EVIDENCE]
+    values = (cap["contains"], cap["em"], cap["answered_rate"], una["abstention_rate"],
+              fan["contains"], fan["answered_rate"], ev["contains"], ev["answered_rate"])
     out = dict(zip(COLUMNS, values, strict=True))
-    chosen = [v for v in (cap.contains, fan.contains, una.abstention_rate) if v is not None]
+    chosen = [v for v in (cap["contains"], fan["contains"], una["abstention_rate"])
+              if v is not None]
     out["selection score"] = round(statistics.fmean(chosen), 4) if chosen else None
     return out
 
@@ -116,8 +103,8 @@ def main() -> None:
     for split in ("dev", "test"):
         sets = data[split]
         t = time.perf_counter()
-        answered = answer_all(model, tokenizer, [i for s in sets.values() for i in s],
-                              passages, batch)
+        answered = tg.answer_all(model, tokenizer, [i for s in sets.values() for i in s],
+                                 passages, batch)
         log.info("%s: %d questions answered in %.0f s", split, len(answered),
                  time.perf_counter() - t)
         for scope, rows in results.items():
