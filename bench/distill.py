@@ -8,7 +8,7 @@ reader → reranker.
                             [--layer-fraction F] [--layer-choice spaced|greedy]
                             [--layer-choice-examples N] [--layers I,J,...]
                             [--abstain-fraction F] [--heal-steps N] [--heal-lr LR]
-                            [--temperature T] [--alpha A]
+                            [--temperature T] [--alpha A] [--prompt-weight B]
                             [--cache DIR] [--out PATH]
 
 ``--parts`` picks what runs (default: all three).
@@ -21,8 +21,10 @@ reader → reranker.
    time, costs the teacher's answer loss least, or evenly spaced with ``--layer-choice spaced``;
    ``--quick`` spaces them; ``--layers`` names them, e.g. a greedy choice printed by an earlier
    run), trained with α·T²·KL + (1−α)·CE against the teacher's top-32 logits
-   cached once. Before that the student trains ``--heal-steps`` (300, the job's default; 2
-   with ``--quick``; 0: none) steps as a language model on the corpus text
+   cached once, plus β·T²·KL on every prompt position (``--prompt-weight`` β, 1 by
+   default; the teacher's top-32 there cached too; 0: the answer's tokens only). Before that
+   the student trains ``--heal-steps`` (300, the job's default; 2 with ``--quick``; 0: none)
+   steps as a language model on the corpus text
    (``DistillConfig.heal_steps``: ``services/trainer/lm.py``, blocks of 256 tokens, a student
    batch a step, lr ``--heal-lr``), so that its kept layers relearn to work together.
    Both answer the same test questions from the same passages (hybrid top 3, greedy; EM/F1
@@ -245,6 +247,10 @@ def main() -> None:
                         help="the healing steps' learning rate (default 2e-4)")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--alpha", type=float, default=None)
+    parser.add_argument("--prompt-weight", type=float, default=None,
+                        help="weight of the KL on the prompt's positions (passages and "
+                             "question) beside the answer's (default 1, the job's; 0: the "
+                             "answer's tokens only)")
     parser.add_argument("--cache", type=Path, default=tg.RESULTS / "cache")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -273,6 +279,7 @@ def main() -> None:
                                        "layer_choice_examples": args.layer_choice_examples,
                                        "temperature": args.temperature,
                                        "alpha": args.alpha,
+                                       "prompt_weight": args.prompt_weight,
                                        "abstain_fraction": args.abstain_fraction,
                                        "heal_steps": (2 if quick and args.heal_steps is None
                                                       else args.heal_steps),
@@ -384,6 +391,7 @@ def main() -> None:
              f"{result.steps} steps of "
              f"{kd_config.batch_size} examples ({sum(result.examples.values())} examples "
              f"{result.examples}), T={kd_config.temperature}, alpha={kd_config.alpha}, "
+             f"prompt weight {kd_config.prompt_weight}, "
              f"top-{kd_config.cache_k} cache")
         show(f"{'':<34}{'teacher':>12}{'student':>12}")
         show(f"{'parameters (M)':<34}{t.parameters / 1e6:>12.1f}{s.parameters / 1e6:>12.1f}")

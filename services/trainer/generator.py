@@ -343,24 +343,40 @@ def _keeps_logits(model) -> bool:
     return "logits_to_keep" in inspect.signature(_base_model(model).forward).parameters
 
 
-def target_logits(model, batch: Mapping[str, torch.Tensor],
+def logits_to_keep(labels: torch.Tensor) -> int:
+    """How many last positions of a ``collate``d batch with ``labels`` predict a target token:
+    from the position before the batch's earliest target on."""
+    labelled = labels != IGNORE
+    return labels.shape[1] - int(labelled.int().argmax(-1).min()) + 1
+
+
+def keep_kwargs(model, labels: torch.Tensor) -> dict[str, int]:
+    """``logits_to_keep`` for ``model``'s forward when it accepts it (else no argument)."""
+    return {"logits_to_keep": logits_to_keep(labels)} if _keeps_logits(model) else {}
+
+
+def target_logits(model, batch: Mapping[str, torch.Tensor], *,
+                  logits: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits (B, S, V) float32, targets (B, S), mask (B, S) bool) of a decoder-only model on a
     ``collate``d batch: column j holds the logits that predict a row's j-th target token
     (aligned at the target's start, as ``target_logprobs`` aligns its log-probs); past a row's
     target the mask is False and the target -100. Only the logits from the batch's earliest
     target on are computed when the model accepts ``logits_to_keep`` (the vocabulary
-    projection of a whole long prompt is the largest activation of a step)."""
+    projection of a whole long prompt is the largest activation of a step). ``logits``: the
+    model's output on the batch already computed (every position, or at least the last
+    ``logits_to_keep``); the model is then not run."""
     labels = batch["labels"]
     labelled = labels != IGNORE
     width = labels.shape[1]
     lengths = labelled.sum(-1)
     starts = labelled.int().argmax(-1)  # a target's tokens are contiguous
     span, first = int(lengths.max()), int(starts.min())
-    keep = width - first + 1  # logits from position first - 1, which predicts token first
-    kwargs = {"logits_to_keep": keep} if _keeps_logits(model) else {}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   **kwargs).logits[:, -keep:]
+    keep = logits_to_keep(labels)  # logits from position first - 1, which predicts token first
+    if logits is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       **keep_kwargs(model, labels)).logits
+    logits = logits[:, -keep:]
     steps = torch.arange(span, device=labels.device)
     # target token j of row r sits at starts[r] + j; the logit before it is column
     # starts[r] + j - first of the kept ones

@@ -367,6 +367,61 @@ def test_the_cache_round_trips_and_the_student_learns_from_it_without_the_teache
     assert set(result.best_metrics) >= {"em", "f1", "score"}
 
 
+def test_prompt_kl_at_the_cached_ids_equals_the_kl_of_the_full_logits(tok):
+    items, passages, _ = toy_task(3)
+    model = tiny_llama(tok)
+    examples = build_examples(items, passages, Encoding(
+        tokenizer=tok, seq2seq=False, end=tok.eos_token_id, context=2048),
+        kd_config().prompts(), abstain_fraction=0.0)
+    batch = collate(examples, tok.pad_token_id, seq2seq=False)
+    positions = distill.prompt_positions(batch["labels"], batch["attention_mask"])
+    # each row: its prompt's positions but the last (whose next token is the answer's first)
+    for r, e in enumerate(examples):
+        prompt = sum(1 for label in e.labels if label == -100)
+        assert positions[r].nonzero().flatten().tolist() == list(range(prompt - 1))
+    out = model(**{k: batch[k] for k in ("input_ids", "attention_mask")},
+                output_hidden_states=True)
+    teacher = logits(5, *out.logits.shape)
+    top = teacher[positions].topk(6, -1)
+    got = distill.prompt_kl(out.hidden_states[-1], model.get_output_embeddings(), positions,
+                            top.values, top.indices, temperature=2.0)
+    want = distill.forward_kl(out.logits[positions], top.values, top.indices, 2.0).mean()
+    assert torch.allclose(got, want, atol=1e-5)
+    got.backward()  # the gradient reaches the student's layers
+    assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_a_prompt_weight_caches_the_prompts_and_distils_them_too(tok, tmp_path):
+    items, passages, unknown = toy_task(6)
+    train = items + unknown
+    first = distill.distill_generator(kd_config(max_steps=2, prompt_weight=0.0), Loader(tok),
+                                      train, [], passages, tmp_path)
+    assert not distill.TeacherCache.load(first.cache_path).has_prompt
+    # the same run folder: a cache without the prompts is not reused for a prompt weight
+    result = distill.distill_generator(
+        kd_config(eval_steps=10, prompt_weight=1.0), Loader(tok), train, items[:4], passages,
+        tmp_path, resume=False)
+    assert result.teacher_cached
+    cache = distill.TeacherCache.load(result.cache_path)
+    assert cache.has_prompt and cache.prompt_values.dtype == torch.float16
+    assert len(cache.prompt_lengths) == len(cache.lengths)
+    assert cache.prompt_values.shape == cache.prompt_ids.shape == (sum(cache.prompt_lengths), 8)
+    # the cached prompt top-k is the teacher's: recompute the first example's
+    example = build_examples(items[:1], passages, Encoding(
+        tokenizer=tok, seq2seq=False, end=tok.eos_token_id, context=2048),
+        kd_config().prompts(), abstain_fraction=0.0)[0]
+    batch = collate([example], tok.pad_token_id, seq2seq=False)
+    with torch.no_grad():
+        full = sharp_teacher(tok)(input_ids=batch["input_ids"]).logits
+    top = full[distill.prompt_positions(batch["labels"], batch["attention_mask"])].topk(8, -1)
+    values, ids = cache.prompt_batch([0])
+    assert torch.allclose(values, top.values, atol=2e-2)  # float16
+    assert torch.equal(ids, top.indices)
+    prompt_kl = [r["prompt_kl"] for r in result.history["train"]]
+    assert np.mean(prompt_kl[-3:]) < np.mean(prompt_kl[:3])
+    assert "prompt_kl" not in first.history["train"][0]
+
+
 def test_target_logits_agree_with_the_sft_log_probabilities(tok):
     items, passages, _ = toy_task(3)
     model = tiny_llama(tok)
