@@ -224,9 +224,7 @@ def test_greedy_layers_drop_a_layer_that_does_nothing_and_leave_the_model_as_it_
         teacher.model.layers[2].self_attn.o_proj.weight.zero_()
         teacher.model.layers[2].mlp.down_proj.weight.zero_()
     items, passages, _ = toy_task(4)
-    examples = build_examples(items, passages, Encoding(
-        tokenizer=tok, seq2seq=False, end=tok.eos_token_id, context=2048),
-        kd_config().prompts(), abstain_fraction=0.0)
+    examples = answer_examples(tok, items, passages)
     ids = torch.tensor([tok("Land1 Amber")["input_ids"]])
     with torch.no_grad():
         before = teacher(ids).logits
@@ -301,6 +299,13 @@ def kd_config(**overrides) -> distill.DistillConfig:
     return distill.DistillConfig(**{**base, **overrides})
 
 
+def answer_examples(tok, items, passages) -> list:
+    """``build_examples`` of ``items`` as the tests' distillation runs build them."""
+    return build_examples(items, passages, Encoding(
+        tokenizer=tok, seq2seq=False, end=tok.eos_token_id, context=2048),
+        kd_config().prompts(), abstain_fraction=0.0)
+
+
 def sharp_teacher(tokenizer) -> LlamaForCausalLM:
     """A 4-layer random Llama whose output head is scaled up: a random model's next-token
     distribution is nearly uniform (nothing to distil); this one's is peaked."""
@@ -343,9 +348,7 @@ def test_the_cache_round_trips_and_the_student_learns_from_it_without_the_teache
     assert 0 < cache.kept_mass["mean_T"] <= cache.kept_mass["mean_T1"] <= 1
     # the cache holds the teacher's top-k logits: recompute one example's with a new teacher
     teacher = sharp_teacher(tok)
-    example = build_examples(items[:1], passages, Encoding(
-        tokenizer=tok, seq2seq=False, end=tok.eos_token_id, context=2048),
-        kd_config().prompts(), abstain_fraction=0.0)[0]
+    example = answer_examples(tok, items[:1], passages)[0]
     with torch.no_grad():
         full, _, mask = distill.target_logits(teacher, collate([example], tok.pad_token_id,
                                                                seq2seq=False))
@@ -370,9 +373,7 @@ def test_the_cache_round_trips_and_the_student_learns_from_it_without_the_teache
 def test_prompt_kl_at_the_cached_ids_equals_the_kl_of_the_full_logits(tok):
     items, passages, _ = toy_task(3)
     model = tiny_llama(tok)
-    examples = build_examples(items, passages, Encoding(
-        tokenizer=tok, seq2seq=False, end=tok.eos_token_id, context=2048),
-        kd_config().prompts(), abstain_fraction=0.0)
+    examples = answer_examples(tok, items, passages)
     batch = collate(examples, tok.pad_token_id, seq2seq=False)
     positions = distill.prompt_positions(batch["labels"], batch["attention_mask"])
     # each row: its prompt's positions but the last (whose next token is the answer's first)
@@ -407,9 +408,7 @@ def test_a_prompt_weight_caches_the_prompts_and_distils_them_too(tok, tmp_path):
     assert len(cache.prompt_lengths) == len(cache.lengths)
     assert cache.prompt_values.shape == cache.prompt_ids.shape == (sum(cache.prompt_lengths), 8)
     # the cached prompt top-k is the teacher's: recompute the first example's
-    example = build_examples(items[:1], passages, Encoding(
-        tokenizer=tok, seq2seq=False, end=tok.eos_token_id, context=2048),
-        kd_config().prompts(), abstain_fraction=0.0)[0]
+    example = answer_examples(tok, items[:1], passages)[0]
     batch = collate([example], tok.pad_token_id, seq2seq=False)
     with torch.no_grad():
         full = sharp_teacher(tok)(input_ids=batch["input_ids"]).logits
@@ -425,9 +424,7 @@ def test_a_prompt_weight_caches_the_prompts_and_distils_them_too(tok, tmp_path):
 def test_target_logits_agree_with_the_sft_log_probabilities(tok):
     items, passages, _ = toy_task(3)
     model = tiny_llama(tok)
-    examples = build_examples(items, passages, Encoding(
-        tokenizer=tok, seq2seq=False, end=tok.eos_token_id, context=2048),
-        kd_config().prompts(), abstain_fraction=0.0)
+    examples = answer_examples(tok, items, passages)
     batch = collate(examples, tok.pad_token_id, seq2seq=False)
     with torch.no_grad():
         full, targets, mask = distill.target_logits(model, batch)
