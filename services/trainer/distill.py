@@ -538,11 +538,10 @@ class DistillConfig(BaseModel):
     ``temperature``/``alpha``/``loss``: the KD loss (module docstring). ``prompt_weight`` (β):
     the weight of the same KL on the prompt's positions (0: the answer's tokens only; module
     docstring; 1 took a healed 12-layer student from 0.75× its teacher's F1 to 0.97×: README).
-    ``cache_k``: teacher logits kept per token. The student: ``student_model`` (a
-    smaller model's folder or Hugging Face id, read with the teacher's tokenizer) when given,
-    else ``layers`` (teacher layer indices) when given, else ``layer_fraction`` of the
-    teacher's layers, chosen by
-    ``layer_choice``: ``greedy`` (``greedy_layers`` on the teacher's loss over
+    ``cache_k``: teacher logits kept per token. The student: ``student_model`` (a smaller
+    model's folder or Hugging Face id, read with the teacher's tokenizer) when given, else
+    ``layers`` (teacher layer indices) when given, else ``layer_fraction`` of the teacher's
+    layers, chosen by ``layer_choice``: ``greedy`` (``greedy_layers`` on the teacher's loss over
     ``layer_choice_examples`` answered training examples, a seeded sample; kept in the run
     folder for a resume) or ``spaced`` (``pick_layers``; a one-layer student is the last layer
     either way); the caller's own student overrides all.

@@ -372,7 +372,7 @@ def target_logits(model, batch: Mapping[str, torch.Tensor], *,
     lengths = labelled.sum(-1)
     starts = labelled.int().argmax(-1)  # a target's tokens are contiguous
     span, first = int(lengths.max()), int(starts.min())
-    keep = logits_to_keep(labels)  # logits from position first - 1, which predicts token first
+    keep = width - first + 1  # logits from position first - 1, which predicts token first
     if logits is None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        **keep_kwargs(model, labels)).logits
