@@ -2,6 +2,7 @@
 
     python bench/train_generator.py [--device auto|cpu|cuda] [--method full|lora]
                                     [--epochs N] [--max-steps N] [--batch-size N]
+                                    [--activation-checkpointing]
                                     [--eval-steps N] [--eval-questions N] [--seed N [N ...]]
                                     [--quick] [--run-dir PATH] [--out PATH]
 
@@ -246,6 +247,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help="default 1e-4 (full) / 5e-4 (lora)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass (less memory)")
     parser.add_argument("--abstain-fraction", type=float, default=0.1)
     parser.add_argument("--answer-cut-fraction", type=float, default=0.0,
                         help="share of the answered questions added again with the sentences "
@@ -319,6 +322,7 @@ def main() -> None:
             eval_steps=args.eval_steps or (3 if args.quick else 20),
             eval_questions=args.eval_questions or (4 if args.quick else 96),
             eval_batch_size=eval_batch, eval_max_new_tokens=12 if args.quick else 32,
+            activation_checkpointing=args.activation_checkpointing,
             patience=3, device=args.device, seed=seed)
         if several:  # every seed starts from the base model
             model, tokenizer = load_fp32_generator(settings, device)

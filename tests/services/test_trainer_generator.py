@@ -233,6 +233,26 @@ def test_lora_trains_adapters_only_and_saves_a_plain_merged_model(tokenizer, tmp
     assert torch.allclose(loaded(probe).logits, model(probe).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_activation_checkpointing_trains_the_same_weights_and_is_off_afterwards(
+        method, tokenizer, tmp_path):
+    items, passages, unknown = toy_task(4)
+    models = {}
+    for checkpointing in (False, True):
+        model = tiny_llama(tokenizer)
+        result = sft.train_generator(
+            config(method=method, epochs=2, activation_checkpointing=checkpointing), model,
+            tokenizer, items + unknown, [], passages, tmp_path / str(checkpointing))
+        assert not model.is_activation_checkpointing
+        assert loop.read_meta(result.model_dir)["config"]["activation_checkpointing"] \
+            is checkpointing
+        models[checkpointing] = model
+    probe = torch.tensor([[5, 6, 7, 8]])
+    before = tiny_llama(tokenizer)(probe).logits
+    assert not torch.allclose(models[False](probe).logits, before, atol=1e-4)
+    assert torch.allclose(models[True](probe).logits, models[False](probe).logits, atol=1e-5)
+
+
 def test_encoder_decoder_generators_train_without_a_chat_template(tmp_path):
     tok = bpe_tokenizer(chat_template=None)
     model = tiny_t5(tok)
