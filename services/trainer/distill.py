@@ -549,7 +549,8 @@ class DistillConfig(BaseModel):
     the corpus text (``lm.train_lm``: ``heal_block_size``-token blocks, ``batch_size`` a step,
     lr ``heal_lr``; 0: none). A cut student's kept layers relearn to work together there (its
     answer loss starts at 10–15 nats; on the corpus text 300 steps took its loss from 10.3 to
-    3.9, and the distilled student's F1 from 0.53× the teacher's to 0.75×: README).
+    3.9, and the F1 of a student distilled on answer tokens only from 0.53× the teacher's to
+    0.75×: README).
     Prompt fields are those of ``GeneratorTrainConfig`` (serving's prompts), but
     ``abstain_fraction`` is 0: the student learns to decline from the unanswerable questions
     and the teacher's soft targets, and its answered questions again without their passages
