@@ -8,6 +8,7 @@ of the seed-0 and seed-1 SmolLM2 runs of ``bench/train_generator.py`` is better 
 on the test split's capitals (see the README, Training).
 
     average_models([run_a / "model", run_b / "model"], out_dir)
+    interpolate(base_dir, run_a / "model", 0.5, out_dir)   # WiSE-FT: halfway back to the base
 
 Every source must be a saved model folder (``loop.save_model``: weights, tokenizer,
 ``ragtune.json``) fine-tuned from the same base model, with the same parameter names and
@@ -65,18 +66,10 @@ def average_models(sources: Sequence[Path], out: Path) -> Path:
     total = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     for source in sources[1:]:
         state = _load(source).state_dict()
-        if state.keys() != total.keys():
-            missing = sorted(state.keys() ^ total.keys())[:3]
-            raise SoupError(f"{source} and {sources[0]} have different parameters "
-                            f"(e.g. {', '.join(missing)})")
+        _check_alike(state, source, total, sources[0])
         for name, value in state.items():
-            if value.shape != total[name].shape:
-                raise SoupError(f"{source}: {name} has shape {tuple(value.shape)}, "
-                                f"{sources[0]} has {tuple(total[name].shape)}")
             if value.is_floating_point():
                 total[name] += value.float()
-            elif not torch.equal(value.float(), total[name]):
-                raise SoupError(f"{source}: the buffer {name} differs from {sources[0]}'s")
     first = model.state_dict()
     averaged = {name: (value / len(sources)).to(first[name].dtype)
                 if first[name].is_floating_point() else first[name]
@@ -106,6 +99,55 @@ def average_versions(registry: Registry, kind: str, versions: Sequence[str]) -> 
         raise RegistryError(str(exc)) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def interpolate(base: Path, tuned: Path, alpha: float, out: Path) -> Path:
+    """Save ``(1 - alpha) * base + alpha * tuned``, weight by weight, to folder ``out``
+    (replaced if it exists) and return it.
+
+    WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): the fine-tuned
+    model moved back towards the model it was fine-tuned from keeps more of that model's
+    behaviour on inputs unlike the training data, and much of the fine-tuning's gain on inputs
+    like it. ``tuned``: a saved model folder (``loop.save_model``); ``base``: any model
+    folder with the same parameters (the packaged generator's has no ``ragtune.json``).
+    Tokenizer and ``ragtune.json`` come from ``tuned``, with ``interpolated`` naming both and
+    alpha, and no metrics. Raises ``SoupError`` for alpha outside [0, 1], a ``tuned`` that is
+    not a saved model, or different parameters, before a file is written.
+    """
+    base, tuned = Path(base), Path(tuned)
+    if not 0 <= alpha <= 1:
+        raise SoupError(f"alpha has to be in [0, 1] (0: the base, 1: the fine-tuned model), "
+                        f"not {alpha}")
+    meta = _meta(tuned)
+    model = _load(tuned)
+    start = _load(base).state_dict()
+    state = model.state_dict()
+    _check_alike(start, base, {k: v.float() for k, v in state.items()}, tuned)
+    model.load_state_dict({
+        name: ((1 - alpha) * start[name].float() + alpha * value.float()).to(value.dtype)
+        if value.is_floating_point() else value for name, value in state.items()})
+    meta = {**meta, "metrics": {}, "history": [],
+            "interpolated": {"base": str(base), "tuned": str(tuned), "alpha": alpha}}
+    meta.pop("step", None)
+    out = Path(out)
+    return loop.save_model(out.parent, model, AutoTokenizer.from_pretrained(tuned), meta,
+                           folder=out.name)
+
+
+def _check_alike(state: dict[str, torch.Tensor], source: Path,
+                 reference: dict[str, torch.Tensor], reference_source: Path) -> None:
+    """Raise ``SoupError`` unless ``state`` has ``reference``'s parameter names and shapes
+    and equal integer buffers (``reference`` in fp32)."""
+    if state.keys() != reference.keys():
+        missing = sorted(state.keys() ^ reference.keys())[:3]
+        raise SoupError(f"{source} and {reference_source} have different parameters "
+                        f"(e.g. {', '.join(missing)})")
+    for name, value in state.items():
+        if value.shape != reference[name].shape:
+            raise SoupError(f"{source}: {name} has shape {tuple(value.shape)}, "
+                            f"{reference_source} has {tuple(reference[name].shape)}")
+        if not value.is_floating_point() and not torch.equal(value.float(), reference[name]):
+            raise SoupError(f"{source}: the buffer {name} differs from {reference_source}'s")
 
 
 def _meta(folder: Path) -> dict[str, Any]:

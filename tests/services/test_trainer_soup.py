@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from services.trainer import loop
-from services.trainer.soup import SoupError, average_models
+from services.trainer.soup import SoupError, average_models, interpolate
 from tests.tiny import bpe_tokenizer, tiny_llama, tiny_t5
 
 META = {"kind": "generator", "base_model": "tiny", "seq2seq": False,
@@ -65,3 +65,26 @@ def test_folders_that_cannot_be_averaged_are_refused_before_anything_is_written(
     with pytest.raises(SoupError, match="different parameters"):
         average_models([a, t5], out)
     assert not out.exists()
+
+
+def test_interpolation_moves_the_tuned_weights_back_towards_a_plain_base_folder(tmp_path, tok):
+    base, tuned = tiny_llama(tok, seed=0), tiny_llama(tok, seed=1)
+    base.save_pretrained(tmp_path / "base")  # a plain folder, as the packaged model's
+    source = saved(tmp_path, "tuned", tuned, tok)
+    out = interpolate(tmp_path / "base", source, 0.25, tmp_path / "wise" / "model")
+    got = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name, value in got.items():
+        torch.testing.assert_close(
+            value, 0.75 * base.state_dict()[name] + 0.25 * tuned.state_dict()[name])
+    meta = json.loads((out / "ragtune.json").read_text())
+    assert meta["interpolated"] == {"base": str(tmp_path / "base"), "tuned": str(source),
+                                    "alpha": 0.25}
+    assert meta["metrics"] == {} and "step" not in meta and meta["base_model"] == "tiny"
+    with pytest.raises(SoupError, match=r"alpha has to be in \[0, 1\]"):
+        interpolate(tmp_path / "base", source, 1.5, tmp_path / "bad")
+    with pytest.raises(SoupError, match="is not a saved model folder"):
+        interpolate(source, tmp_path / "base", 0.5, tmp_path / "bad")
+    tiny_t5(tok).save_pretrained(tmp_path / "t5")
+    with pytest.raises(SoupError, match="different parameters"):
+        interpolate(tmp_path / "t5", source, 0.5, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
