@@ -112,13 +112,16 @@ def interpolate(base: Path, tuned: Path, alpha: float, out: Path) -> Path:
     folder with the same parameters (the packaged generator's has no ``ragtune.json``).
     Tokenizer and ``ragtune.json`` come from ``tuned``, with ``interpolated`` naming both and
     alpha, and no metrics. Raises ``SoupError`` for alpha outside [0, 1], a ``tuned`` that is
-    not a saved model, or different parameters, before a file is written.
+    not a saved model, a ``base`` that is no model folder, or different parameters, before a
+    file is written.
     """
     base, tuned = Path(base), Path(tuned)
     if not 0 <= alpha <= 1:
         raise SoupError(f"alpha has to be in [0, 1] (0: the base, 1: the fine-tuned model), "
                         f"not {alpha}")
     meta = _meta(tuned)
+    if not (base / "config.json").is_file():
+        raise SoupError(f"{base} is not a model folder (no config.json)")
     model = _load(tuned)
     start = _load(base).state_dict()
     state = model.state_dict()

@@ -84,6 +84,8 @@ def test_interpolation_moves_the_tuned_weights_back_towards_a_plain_base_folder(
         interpolate(tmp_path / "base", source, 1.5, tmp_path / "bad")
     with pytest.raises(SoupError, match="is not a saved model folder"):
         interpolate(source, tmp_path / "base", 0.5, tmp_path / "bad")
+    with pytest.raises(SoupError, match="missing is not a model folder"):
+        interpolate(tmp_path / "missing", source, 0.5, tmp_path / "bad")
     tiny_t5(tok).save_pretrained(tmp_path / "t5")
     with pytest.raises(SoupError, match="different parameters"):
         interpolate(tmp_path / "t5", source, 0.5, tmp_path / "bad")
