@@ -46,6 +46,7 @@ def one(model_path: str, method: str, dropout: float, checkpointing: bool, batch
     from services.trainer.generator import (
         LoraOptions,
         answer_nll,
+        checkpoint_activations,
         target_logprobs,
         with_lora,
     )
@@ -55,8 +56,7 @@ def one(model_path: str, method: str, dropout: float, checkpointing: bool, batch
     if method == "lora":
         model = with_lora(model, LoraOptions(dropout=dropout))
     if checkpointing:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.activation_checkpointing_enable()
+        checkpoint_activations(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)

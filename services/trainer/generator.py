@@ -442,6 +442,13 @@ def with_lora(model, options: LoraOptions):
     return get_peft_model(model, config)
 
 
+def checkpoint_activations(model) -> None:
+    """Activation checkpointing on ``model`` (a peft model's base model): each layer keeps only
+    its input and recomputes its activations in the backward pass (non-reentrant, so frozen
+    LoRA base weights need no special inputs)."""
+    _base_model(model).activation_checkpointing_enable()
+
+
 def plain_model(model):
     """A plain transformers model to save: ``model`` itself, or for a peft model a copy with
     the adapters merged into the base weights (serving loads it like any model)."""
@@ -640,7 +647,7 @@ def train_generator(config: GeneratorTrainConfig, model, tokenizer,
     if config.method == "lora":
         model = with_lora(model, config.lora)
     if config.activation_checkpointing:
-        _base_model(model).activation_checkpointing_enable()
+        checkpoint_activations(model)
     model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

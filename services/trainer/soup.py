@@ -75,12 +75,8 @@ def average_models(sources: Sequence[Path], out: Path) -> Path:
                 if first[name].is_floating_point() else first[name]
                 for name, value in total.items()}
     model.load_state_dict(averaged)
-    meta: dict[str, Any] = {**metas[0], "metrics": {}, "history": [],
-                            "soup_of": [str(s) for s in sources]}
-    meta.pop("step", None)
-    out = Path(out)
-    return loop.save_model(out.parent, model, AutoTokenizer.from_pretrained(sources[0]), meta,
-                           folder=out.name)
+    return _save_unevaluated(model, sources[0], metas[0],
+                             {"soup_of": [str(s) for s in sources]}, out)
 
 
 def average_versions(registry: Registry, kind: str, versions: Sequence[str]) -> ModelVersion:
@@ -129,11 +125,18 @@ def interpolate(base: Path, tuned: Path, alpha: float, out: Path) -> Path:
     model.load_state_dict({
         name: ((1 - alpha) * start[name].float() + alpha * value.float()).to(value.dtype)
         if value.is_floating_point() else value for name, value in state.items()})
-    meta = {**meta, "metrics": {}, "history": [],
-            "interpolated": {"base": str(base), "tuned": str(tuned), "alpha": alpha}}
+    return _save_unevaluated(model, tuned, meta, {"interpolated": {
+        "base": str(base), "tuned": str(tuned), "alpha": alpha}}, out)
+
+
+def _save_unevaluated(model, source: Path, meta: dict[str, Any], made_from: dict[str, Any],
+                      out: Path) -> Path:
+    """Save ``model`` to folder ``out`` with ``source``'s tokenizer and its ``meta`` plus
+    ``made_from``, without the source's step and metrics (the result is not evaluated)."""
+    meta = {**meta, "metrics": {}, "history": [], **made_from}
     meta.pop("step", None)
     out = Path(out)
-    return loop.save_model(out.parent, model, AutoTokenizer.from_pretrained(tuned), meta,
+    return loop.save_model(out.parent, model, AutoTokenizer.from_pretrained(source), meta,
                            folder=out.name)
 
 
