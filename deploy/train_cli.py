@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from shared.schemas import (
     AverageResult,
+    InterpolateResult,
     JobStatus,
     PruneResult,
     RegistryView,
@@ -253,6 +254,9 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> None:
     if args.models_command == "average":
         _average(settings, args, state)
         return
+    if args.models_command == "interpolate":
+        _interpolate(settings, args, state)
+        return
     if args.models_command == "prune":
         _prune(settings, args, state)
         return
@@ -309,6 +313,42 @@ def _average(settings: Settings, args: argparse.Namespace, state: dict | None) -
             raise cli.CLIError(str(exc)) from None
         view = registry.view()
     cli._out(f"registered {args.kind}/{version}: the average of {', '.join(versions)} "
+             f"(not serving; `ragtune models promote {args.kind} {version}` serves it)")
+    _print_models(view)
+
+
+def _interpolate(settings: Settings, args: argparse.Namespace, state: dict | None) -> None:
+    """``ragtune models interpolate generator VERSION --alpha A [--towards base|VERSION]``:
+    ``(1 - A) * towards + A * VERSION`` (WiSE-FT, ``services/trainer/soup.py``), registered as
+    the next version, not serving. Through the trainer when ragtune is up, else in this
+    process on the registry."""
+    cli = _cli()
+    from shared.registry import Registry, RegistryError
+
+    if not 0 <= args.alpha <= 1:
+        raise cli.CLIError(f"--alpha has to be in [0, 1] (0: {args.towards}, 1: "
+                           f"{args.version}), not {args.alpha:g}")
+    made_of = f"{1 - args.alpha:g} x {args.towards} + {args.alpha:g} x {args.version}"
+    cli._out(f"interpolating {args.kind}: {made_of} ...")
+    if state is not None:
+        result = InterpolateResult.model_validate(cli._request(
+            "POST", f"{state['http_url']}/v1/models/interpolate",
+            settings.serve.request_timeout_s,
+            json={"kind": args.kind, "version": args.version, "alpha": args.alpha,
+                  "towards": args.towards}))
+        version, view = result.version, result.models
+    else:
+        from services.trainer.soup import interpolate_version
+        from shared.models.generator import generator_source
+
+        registry = Registry(settings.checkpoint_dir)
+        try:
+            version = interpolate_version(registry, args.kind, args.version, args.alpha,
+                                          args.towards, Path(generator_source(settings))).version
+        except RegistryError as exc:
+            raise cli.CLIError(str(exc)) from None
+        view = registry.view()
+    cli._out(f"registered {args.kind}/{version}: {made_of} "
              f"(not serving; `ragtune models promote {args.kind} {version}` serves it)")
     _print_models(view)
 
@@ -468,7 +508,7 @@ def add_parsers(sub) -> None:
                        help="queue the job and return (ragtune up only)")
 
     models = sub.add_parser("models", help="model versions: list, promote, rollback, average, "
-                                           "prune")
+                                           "interpolate, prune")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("list", help="every version and the serving one")
     promote = models_sub.add_parser("promote", help="serve a version (or `base`)")
@@ -482,6 +522,18 @@ def add_parsers(sub) -> None:
     average.add_argument("kind", choices=("generator",))
     average.add_argument("versions", nargs="+", help="e.g. v0002 v0003: runs fine-tuned from "
                                                      "the same model (different seeds)")
+    interpolate = models_sub.add_parser(
+        "interpolate", help="register a fine-tuned version moved back towards the base "
+                            "(WiSE-FT: (1 - alpha) * base + alpha * version) as a new version, "
+                            "not serving")
+    interpolate.add_argument("kind", choices=("generator",))
+    interpolate.add_argument("version", help="the fine-tuned version, e.g. v0004")
+    interpolate.add_argument("--alpha", type=float, default=0.75,
+                             help="the version's share of the weights: 1 keeps it, 0 gives "
+                                  "--towards (default 0.75)")
+    interpolate.add_argument("--towards", default="base",
+                             help="base (the generator served before any training, the "
+                                  "default) or another version")
     prune = models_sub.add_parser(
         "prune", help="delete the versions nothing needs (not serving, not a rollback target)")
     prune.add_argument("kind", choices=("retriever", "generator"))

@@ -24,6 +24,7 @@ from shared.schemas import (
     GenerateRequest,
     IndexStats,
     IngestBatch,
+    InterpolateRequest,
     JobQuery,
     JobRef,
     ModelsQuery,
@@ -130,6 +131,7 @@ def trainer_worker(runner, bus: Bus) -> Worker:
         rollback=(RollbackRequest, call(runner.rollback)),
         prune=(PruneRequest, call(runner.prune)),
         average=(AverageRequest, call(runner.average)),
+        interpolate=(InterpolateRequest, call(runner.interpolate)),
         feedback=(Feedback, call(runner.feedback)),
         feedback_state=(FeedbackQuery, call(runner.feedback_state)),
         feedback_update=(UpdateRequest, call(runner.update))), concurrency=4)

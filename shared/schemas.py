@@ -636,6 +636,21 @@ class AverageResult(Wire):
     models: RegistryView
 
 
+class InterpolateRequest(Wire):
+    kind: Literal["generator"]
+    version: str = Field(description="the fine-tuned version to move, e.g. \"v0004\"")
+    alpha: float = Field(ge=0, le=1, description="its share of the weights: 0 gives "
+                                                 "`towards`, 1 the version itself")
+    towards: str = Field("base", description="`base` (the generator served before any "
+                                             "training) or another registered version")
+
+
+class InterpolateResult(Wire):
+    version: str = Field(description="the new version: (1 - alpha) * towards + alpha * version, "
+                                     "not serving")
+    models: RegistryView
+
+
 # --- feedback: the production loop --------------------------------------------------------------
 _ID = r"^[A-Za-z0-9._:-]{1,64}$"
 

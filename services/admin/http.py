@@ -14,6 +14,8 @@ from shared.bus import Bus
 from shared.schemas import (
     AverageRequest,
     AverageResult,
+    InterpolateRequest,
+    InterpolateResult,
     JobList,
     JobQuery,
     JobRef,
@@ -83,5 +85,12 @@ def admin_router(bus: Bus, timeout_s: float) -> APIRouter:
         """Register the uniform average (a soup) of two or more generator versions fine-tuned
         from the same model as the next version, not serving; promote it to serve it."""
         return await ask("average", req, AverageResult)
+
+    @router.post("/v1/models/interpolate", response_model=InterpolateResult)
+    async def interpolate(req: InterpolateRequest) -> InterpolateResult:
+        """Register ``(1 - alpha) * towards + alpha * version`` (WiSE-FT: a fine-tuned
+        generator moved back towards the base, or towards another version) as the next
+        version, not serving; promote it to serve it."""
+        return await ask("interpolate", req, InterpolateResult)
 
     return router

@@ -1,11 +1,11 @@
 """The trainer's scheduling shell: a queue of jobs run one at a time in a thread.
 
 What the Ray actor hosts (``deploy/app.py``): requests (submit, cancel, status, models,
-promote, rollback, average, prune) arrive from the bus and return at once; training happens in this
-runner's thread; progress and promotions go out through ``publish`` as ``rag:events``
-broadcasts (``train.progress`` at most once a second per job, ``train.finished``,
-``model.promoted``, ``model.pruned``), which the serving replicas act on. Jobs a crash
-interrupted are queued again at start and resume from their last saved state.
+promote, rollback, average, interpolate, prune) arrive from the bus and return at once;
+training happens in this runner's thread; progress and promotions go out through
+``publish`` as ``rag:events`` broadcasts (``train.progress`` at most once a second per job,
+``train.finished``, ``model.promoted``, ``model.pruned``), which the serving replicas act on.
+Jobs a crash interrupted are queued again at start and resume from their last saved state.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from services.trainer import soup
 from services.trainer.feedback import DATA_FILE, STORE_DIR, FeedbackStore
 from services.trainer.jobs import has_indexed_corpus
 from services.trainer.service import JobError, TrainerService
+from shared.models.generator import generator_source
 from shared.registry import RegistryError
 from shared.schemas import (
     AverageRequest,
@@ -29,6 +31,8 @@ from shared.schemas import (
     Feedback,
     FeedbackQuery,
     FeedbackState,
+    InterpolateRequest,
+    InterpolateResult,
     JobList,
     JobQuery,
     JobRef,
@@ -119,6 +123,15 @@ class TrainerRunner:
         (``soup.average_versions``; raises ``RegistryError`` with the reason)."""
         version = soup.average_versions(self.service.registry, req.kind, req.versions)
         return AverageResult(version=version.version, models=self.models())
+
+    def interpolate(self, req: InterpolateRequest) -> InterpolateResult:
+        """``req.version`` moved towards ``req.towards`` (WiSE-FT) registered as the next
+        version, not serving (``soup.interpolate_version``; raises ``RegistryError`` with the
+        reason)."""
+        base = Path(generator_source(self.service.settings))
+        version = soup.interpolate_version(self.service.registry, req.kind, req.version,
+                                           req.alpha, req.towards, base)
+        return InterpolateResult(version=version.version, models=self.models())
 
     # --- feedback: the production loop ------------------------------------------------------
     def feedback(self, fb: Feedback) -> None:

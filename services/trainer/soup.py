@@ -15,7 +15,8 @@ Every source must be a saved model folder (``loop.save_model``: weights, tokeniz
 shapes; anything else raises ``SoupError`` before a file is written. LoRA runs qualify: their
 folders hold the merged weights. The result is a saved model folder like the sources, so the
 registry takes it as a new version (``average_versions``: ``ragtune models average``,
-``POST /v1/models/average``) and serving loads it as any.
+``POST /v1/models/average``; ``interpolate_version``: ``ragtune models interpolate``,
+``POST /v1/models/interpolate``) and serving loads it as any.
 """
 
 from __future__ import annotations
@@ -127,6 +128,28 @@ def interpolate(base: Path, tuned: Path, alpha: float, out: Path) -> Path:
         if value.is_floating_point() else value for name, value in state.items()})
     return _save_unevaluated(model, tuned, meta, {"interpolated": {
         "base": str(base), "tuned": str(tuned), "alpha": alpha}}, out)
+
+
+def interpolate_version(registry: Registry, kind: str, version: str, alpha: float,
+                        towards: str, base_dir: Path) -> ModelVersion:
+    """``interpolate`` the registered ``version`` of ``kind`` towards ``towards`` (``"base"``:
+    the model folder ``base_dir``, the generator ragtune serves before any training; or
+    another registered version) and register the result as the next version, not serving;
+    returns it. Raises ``RegistryError`` for an unknown version, ``towards`` equal to
+    ``version``, or models that cannot be interpolated (with ``SoupError``'s reason). The CLI
+    and the trainer actor both call it."""
+    if towards == version:
+        raise RegistryError(f"{version} would be interpolated with itself: name another "
+                            f"version or base as --towards")
+    tuned = registry.path_of(registry.get(kind, version))
+    start = base_dir if towards == "base" else registry.path_of(registry.get(kind, towards))
+    work = registry.run_dir(f"interpolate-{uuid.uuid4().hex[:12]}")
+    try:
+        return registry.register(kind, interpolate(start, tuned, alpha, work / "model"))
+    except SoupError as exc:
+        raise RegistryError(str(exc)) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _save_unevaluated(model, source: Path, meta: dict[str, Any], made_from: dict[str, Any],

@@ -72,9 +72,7 @@ def load_generator(settings: Settings) -> tuple[PreTrainedModel, object]:
     as ``AutoModelForSeq2SeqLM``, any other as ``AutoModelForCausalLM``. Raises
     ``ModelLoadError`` when the packaged model is missing or CUDA is asked for but absent.
     """
-    source = settings.generator.model
-    if source is None:
-        source = str(packaged_model_dir(settings.model_cache_dir))
+    source = generator_source(settings)
     device, dtype = pick_device(settings.generator.device)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -85,6 +83,14 @@ def load_generator(settings: Settings) -> tuple[PreTrainedModel, object]:
     log.info("generator %s loaded on %s (%s) in %.2f s", source, device, dtype,
              time.perf_counter() - started)
     return model, tokenizer
+
+
+def generator_source(settings: Settings) -> str:
+    """What ``load_generator`` loads: ``settings.generator.model`` when set, else the packaged
+    SmolLM2's folder (converted on first use). The model every fine-tuning run starts from."""
+    if settings.generator.model is not None:
+        return settings.generator.model
+    return str(packaged_model_dir(settings.model_cache_dir))
 
 
 def eos_ids(model, tokenizer) -> list[int]:

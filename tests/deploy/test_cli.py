@@ -224,3 +224,33 @@ def test_models_average_registers_the_soup_of_two_versions_not_serving(tmp_path)
         result = ragtune("models", "average", "generator", *args, home=tmp_path / "home")
         assert result.returncode == 1 and message in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_models_interpolate_moves_a_version_towards_the_base_generator(tmp_path):
+    from services.trainer import loop
+    from shared.registry import Registry
+    from tests.tiny import bpe_tokenizer, save_tiny_models, tiny_llama
+
+    _, base = save_tiny_models(tmp_path / "tiny")  # the generator ragtune serves untrained
+    tok = bpe_tokenizer()
+    registry = Registry(tmp_path / "home" / "checkpoints")
+    registry.register("generator", loop.save_model(
+        tmp_path / "run", tiny_llama(tok, seed=1), tok,
+        {"kind": "generator", "base_model": "tiny", "metrics": {}}))
+    registry.promote("generator", "v0001")
+    env = {"RAGTUNE_GENERATOR__MODEL": str(base)}
+    result = ragtune("models", "interpolate", "generator", "v0001", "--alpha", "0.75",
+                     home=tmp_path / "home", **env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "registered generator/v0002: 0.25 x base + 0.75 x v0001" in result.stdout
+    assert "generator: serving v0001" in result.stdout  # interpolating does not promote
+    made = json.loads((registry.path_of(registry.get("generator", "v0002"))
+                       / "ragtune.json").read_text())["interpolated"]
+    assert made["base"] == str(base) and made["alpha"] == 0.75
+    for args, message in ((("v0001", "--alpha", "1.5"), "--alpha has to be in [0, 1]"),
+                          (("v0001", "--towards", "v0001"), "interpolated with itself"),
+                          (("v0009",), "v0009")):
+        result = ragtune("models", "interpolate", "generator", *args, home=tmp_path / "home",
+                         **env)
+        assert result.returncode == 1 and message in result.stderr
+        assert "Traceback" not in result.stderr

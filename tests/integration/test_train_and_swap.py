@@ -225,3 +225,28 @@ def test_two_generator_versions_average_into_a_new_one_over_http(stack):
     r = httpx.post(f"{url}/v1/models/average",
                    json={"kind": "generator", "versions": [made[0], "v0999"]}, timeout=60)
     assert r.status_code == 400 and "v0999" in r.json()["detail"]["message"]
+
+
+def test_a_generator_version_interpolates_towards_the_base_over_http(stack):
+    from services.trainer import loop
+    from tests.tiny import tiny_llama
+
+    url, settings = stack.http_url, stack.settings
+    registry, tokenizer = Registry(settings.checkpoint_dir), bpe_tokenizer()
+    tuned = registry.register("generator", loop.save_model(
+        settings.home / "wise", tiny_llama(tokenizer, seed=5), tokenizer,
+        {"kind": "generator", "base_model": "tiny"})).version
+    serving = registry.serving("generator")
+    r = httpx.post(f"{url}/v1/models/interpolate",
+                   json={"kind": "generator", "version": tuned, "alpha": 0.5}, timeout=60)
+    assert r.status_code == 200, r.text
+    made = registry.get("generator", r.json()["version"])
+    meta = json.loads((registry.path_of(made) / "ragtune.json").read_text())
+    assert meta["interpolated"]["base"] == settings.generator.model  # the served base
+    assert registry.serving("generator") == serving  # registered, not promoted
+    r = httpx.post(f"{url}/v1/models/interpolate",
+                   json={"kind": "generator", "version": tuned, "alpha": 2}, timeout=60)
+    assert r.status_code == 422
+    r = httpx.post(f"{url}/v1/models/interpolate",
+                   json={"kind": "generator", "version": "v0999", "alpha": 0.5}, timeout=60)
+    assert r.status_code == 400 and "v0999" in r.json()["detail"]["message"]

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from services.trainer import loop
-from services.trainer.soup import SoupError, average_models, interpolate
+from services.trainer.soup import SoupError, average_models, interpolate, interpolate_version
+from shared.registry import Registry, RegistryError
 from tests.tiny import bpe_tokenizer, tiny_llama, tiny_t5
 
 META = {"kind": "generator", "base_model": "tiny", "seq2seq": False,
@@ -90,3 +91,31 @@ def test_interpolation_moves_the_tuned_weights_back_towards_a_plain_base_folder(
     with pytest.raises(SoupError, match="different parameters"):
         interpolate(tmp_path / "t5", source, 0.5, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_registered_version_is_interpolated_into_a_new_version_not_serving(tmp_path, tok):
+    base, tuned, other = (tiny_llama(tok, seed=s) for s in (0, 1, 2))
+    base.save_pretrained(tmp_path / "base")
+    registry = Registry(tmp_path / "checkpoints")
+    for run, model in enumerate((tuned, other)):
+        registry.register("generator", saved(tmp_path, f"run{run}", model, tok))
+    registry.promote("generator", "v0001")
+    made = interpolate_version(registry, "generator", "v0001", 0.75, "base", tmp_path / "base")
+    assert made.version == "v0003" and registry.serving("generator").version == "v0001"
+    got = AutoModelForCausalLM.from_pretrained(registry.path_of(made)).state_dict()
+    name = "model.layers.1.self_attn.q_proj.weight"
+    torch.testing.assert_close(got[name], 0.25 * base.state_dict()[name]
+                               + 0.75 * tuned.state_dict()[name])
+    between = interpolate_version(registry, "generator", "v0001", 0.5, "v0002", tmp_path / "x")
+    got = AutoModelForCausalLM.from_pretrained(registry.path_of(between)).state_dict()
+    torch.testing.assert_close(got[name], (tuned.state_dict()[name]
+                                           + other.state_dict()[name]) / 2)
+    for args, message in ((("v0001", 0.5, "v0001"), "interpolated with itself"),
+                          (("v0009", 0.5, "base"), "v0009"),
+                          (("v0001", 0.5, "v0008"), "v0008"),
+                          (("v0001", 2.0, "base"), r"alpha has to be in \[0, 1\]")):
+        with pytest.raises(RegistryError, match=message):
+            interpolate_version(registry, "generator", *args, tmp_path / "base")
+    assert [v.version for v in registry.view().generator.versions] == [
+        "v0001", "v0002", "v0003", "v0004"]
+    assert not list((tmp_path / "checkpoints" / "runs").iterdir())  # work folders gone
