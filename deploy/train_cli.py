@@ -392,7 +392,8 @@ def _print_models(view: RegistryView) -> None:
             mark = "*" if v.version == record.serving else " "
             metrics = ", ".join(f"{k} {x:.3f}" for k, x in list(v.metrics.items())[:4])
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created))
-            cli._out(f"  {mark} {v.version}  {when}  job {v.job_id or '-'}  {metrics}")
+            origin = f"job {v.job_id}" if v.job_id else v.made_from or "job -"
+            cli._out(f"  {mark} {v.version}  {when}  {origin}  {metrics}")
 
 
 # --- eval qa ----------------------------------------------------------------------------------

@@ -93,8 +93,10 @@ class Registry:
 
     # --- writing ---------------------------------------------------------------------------
     def register(self, kind: str, model_dir: Path, *, job_id: str | None = None,
-                 passage_version: str | None = None) -> ModelVersion:
-        """Copy the saved model folder ``model_dir`` in as the next version of ``kind``.
+                 passage_version: str | None = None,
+                 made_from: str | None = None) -> ModelVersion:
+        """Copy the saved model folder ``model_dir`` in as the next version of ``kind``
+        (``made_from``: what a version that no job trained was made of, for the listing).
 
         ``model_dir`` must hold ``ragtune.json`` (``loop.save_model`` writes it); its metrics
         are kept in the record. Not promoted: serving is unchanged.
@@ -116,7 +118,7 @@ class Registry:
             shutil.rmtree(target, ignore_errors=True)  # left by a crash before it was recorded
             os.replace(tmp, target)
             entry = ModelVersion(kind=kind, version=name, path=f"{kind}/{name}",
-                                 created=time.time(), job_id=job_id,
+                                 created=time.time(), job_id=job_id, made_from=made_from,
                                  metrics=_flat_metrics(meta.get("metrics", {})),
                                  reindex=bool(meta.get("reindex", False)),
                                  passage_version=passage_version)

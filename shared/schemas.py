@@ -565,6 +565,8 @@ class ModelVersion(Wire):
     path: str = Field(description="folder relative to the checkpoint directory")
     created: float
     job_id: str | None = None
+    made_from: str | None = Field(None, description="a version no job trained: what it was "
+                                                    "made of, e.g. \"average of v0002, v0003\"")
     metrics: dict[str, float] = Field(default_factory=dict)
     reindex: bool = Field(False, description="passages must be re-embedded to serve it")
     passage_version: str | None = Field(

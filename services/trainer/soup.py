@@ -91,7 +91,8 @@ def average_versions(registry: Registry, kind: str, versions: Sequence[str]) -> 
     folders = [registry.path_of(registry.get(kind, v)) for v in versions]
     work = registry.run_dir(f"average-{uuid.uuid4().hex[:12]}")
     try:
-        return registry.register(kind, average_models(folders, work / "model"))
+        return registry.register(kind, average_models(folders, work / "model"),
+                                 made_from=f"average of {', '.join(versions)}")
     except SoupError as exc:
         raise RegistryError(str(exc)) from None
     finally:
@@ -145,7 +146,8 @@ def interpolate_version(registry: Registry, kind: str, version: str, alpha: floa
     start = base_dir if towards == "base" else registry.path_of(registry.get(kind, towards))
     work = registry.run_dir(f"interpolate-{uuid.uuid4().hex[:12]}")
     try:
-        return registry.register(kind, interpolate(start, tuned, alpha, work / "model"))
+        return registry.register(kind, interpolate(start, tuned, alpha, work / "model"),
+                                 made_from=f"{1 - alpha:g} x {towards} + {alpha:g} x {version}")
     except SoupError as exc:
         raise RegistryError(str(exc)) from None
     finally:

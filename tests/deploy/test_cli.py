@@ -215,6 +215,7 @@ def test_models_average_registers_the_soup_of_two_versions_not_serving(tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "registered generator/v0003: the average of v0001, v0002" in result.stdout
     assert "generator: serving v0001" in result.stdout  # averaging does not promote
+    assert "v0003  " in result.stdout and "average of v0001, v0002" in result.stdout  # listed
     soup = registry.path_of(registry.get("generator", "v0003"))
     assert json.loads((soup / "ragtune.json").read_text())["soup_of"] == [
         str(registry.path_of(registry.get("generator", v))) for v in ("v0001", "v0002")]
@@ -244,6 +245,8 @@ def test_models_interpolate_moves_a_version_towards_the_base_generator(tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "registered generator/v0002: 0.25 x base + 0.75 x v0001" in result.stdout
     assert "generator: serving v0001" in result.stdout  # interpolating does not promote
+    listed = ragtune("models", "list", home=tmp_path / "home").stdout
+    assert "v0002" in listed and "0.25 x base + 0.75 x v0001" in listed
     made = json.loads((registry.path_of(registry.get("generator", "v0002"))
                        / "ragtune.json").read_text())["interpolated"]
     assert made["base"] == str(base) and made["alpha"] == 0.75

@@ -102,6 +102,7 @@ def test_a_registered_version_is_interpolated_into_a_new_version_not_serving(tmp
     registry.promote("generator", "v0001")
     made = interpolate_version(registry, "generator", "v0001", 0.75, "base", tmp_path / "base")
     assert made.version == "v0003" and registry.serving("generator").version == "v0001"
+    assert registry.get("generator", "v0003").made_from == "0.25 x base + 0.75 x v0001"
     got = AutoModelForCausalLM.from_pretrained(registry.path_of(made)).state_dict()
     name = "model.layers.1.self_attn.q_proj.weight"
     torch.testing.assert_close(got[name], 0.25 * base.state_dict()[name]
