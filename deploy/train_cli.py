@@ -289,67 +289,66 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> None:
 def _average(settings: Settings, args: argparse.Namespace, state: dict | None) -> None:
     """``ragtune models average generator VERSION VERSION [...]``: the uniform soup of
     registered versions (``services/trainer/soup.py``), registered as the next version, not
-    serving; ``models promote`` serves it. Through the trainer when ragtune is up, else in
-    this process on the registry."""
-    cli = _cli()
-    from shared.registry import Registry, RegistryError
-
+    serving; ``models promote`` serves it."""
     versions = list(dict.fromkeys(args.versions))
     if len(versions) < 2:
-        raise cli.CLIError("name two or more different versions to average")
-    cli._out(f"averaging {args.kind} {', '.join(versions)} ...")
-    if state is not None:
-        result = AverageResult.model_validate(cli._request(
-            "POST", f"{state['http_url']}/v1/models/average",
-            settings.serve.request_timeout_s, json={"kind": args.kind, "versions": versions}))
-        version, view = result.version, result.models
-    else:
+        raise _cli().CLIError("name two or more different versions to average")
+
+    def locally(registry):
         from services.trainer.soup import average_versions
 
-        registry = Registry(settings.checkpoint_dir)
-        try:
-            version = average_versions(registry, args.kind, versions).version
-        except RegistryError as exc:
-            raise cli.CLIError(str(exc)) from None
-        view = registry.view()
-    cli._out(f"registered {args.kind}/{version}: the average of {', '.join(versions)} "
-             f"(not serving; `ragtune models promote {args.kind} {version}` serves it)")
-    _print_models(view)
+        return average_versions(registry, args.kind, versions)
+
+    _make_version(settings, state, args.kind, f"the average of {', '.join(versions)}",
+                  "average", {"kind": args.kind, "versions": versions}, AverageResult, locally)
 
 
 def _interpolate(settings: Settings, args: argparse.Namespace, state: dict | None) -> None:
     """``ragtune models interpolate generator VERSION --alpha A [--towards base|VERSION]``:
     ``(1 - A) * towards + A * VERSION`` (WiSE-FT, ``services/trainer/soup.py``), registered as
-    the next version, not serving. Through the trainer when ragtune is up, else in this
-    process on the registry."""
-    cli = _cli()
-    from shared.registry import Registry, RegistryError
-
+    the next version, not serving."""
     if not 0 <= args.alpha <= 1:
-        raise cli.CLIError(f"--alpha has to be in [0, 1] (0: {args.towards}, 1: "
-                           f"{args.version}), not {args.alpha:g}")
-    made_of = f"{1 - args.alpha:g} x {args.towards} + {args.alpha:g} x {args.version}"
-    cli._out(f"interpolating {args.kind}: {made_of} ...")
-    if state is not None:
-        result = InterpolateResult.model_validate(cli._request(
-            "POST", f"{state['http_url']}/v1/models/interpolate",
-            settings.serve.request_timeout_s,
-            json={"kind": args.kind, "version": args.version, "alpha": args.alpha,
-                  "towards": args.towards}))
-        version, view = result.version, result.models
-    else:
+        raise _cli().CLIError(f"--alpha has to be in [0, 1] (0: {args.towards}, 1: "
+                              f"{args.version}), not {args.alpha:g}")
+
+    def locally(registry):
         from services.trainer.soup import interpolate_version
         from shared.models.generator import generator_source
 
+        return interpolate_version(registry, args.kind, args.version, args.alpha, args.towards,
+                                   Path(generator_source(settings)))
+
+    _make_version(settings, state, args.kind,
+                  f"{1 - args.alpha:g} x {args.towards} + {args.alpha:g} x {args.version}",
+                  "interpolate", {"kind": args.kind, "version": args.version,
+                                  "alpha": args.alpha, "towards": args.towards},
+                  InterpolateResult, locally)
+
+
+def _make_version(settings: Settings, state: dict | None, kind: str, made_of: str,
+                  endpoint: str, body: dict, result_model, locally) -> None:
+    """Make a version from registered ones, through the trainer (``POST /v1/models/
+    <endpoint>`` with ``body``, answered as ``result_model``) when ragtune is up, else in this
+    process (``locally(registry)``, a ``RegistryError`` becoming the CLI's one-line error);
+    then say what was registered and list the versions."""
+    cli = _cli()
+    from shared.registry import Registry, RegistryError
+
+    cli._out(f"making {kind}: {made_of} ...")
+    if state is not None:
+        result = result_model.model_validate(cli._request(
+            "POST", f"{state['http_url']}/v1/models/{endpoint}",
+            settings.serve.request_timeout_s, json=body))
+        version, view = result.version, result.models
+    else:
         registry = Registry(settings.checkpoint_dir)
         try:
-            version = interpolate_version(registry, args.kind, args.version, args.alpha,
-                                          args.towards, Path(generator_source(settings))).version
+            version = locally(registry).version
         except RegistryError as exc:
             raise cli.CLIError(str(exc)) from None
         view = registry.view()
-    cli._out(f"registered {args.kind}/{version}: {made_of} "
-             f"(not serving; `ragtune models promote {args.kind} {version}` serves it)")
+    cli._out(f"registered {kind}/{version}: {made_of} "
+             f"(not serving; `ragtune models promote {kind} {version}` serves it)")
     _print_models(view)
 
 
