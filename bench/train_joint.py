@@ -1,7 +1,8 @@
 """Joint RAG training against retriever-then-generator, on the same budget.
 
     python bench/train_joint.py [--device auto|cpu|cuda] [--variant sequence|token]
-                                [--steps N] [--method full|lora] [--quick] [--out PATH]
+                                [--steps N] [--method full|lora] [--activation-checkpointing]
+                                [--quick] [--out PATH]
 
 Both arms start from the packaged MiniLM and SmolLM2-135M-Instruct and train on the train
 splits of the capital, unanswerable-capital and FanOutQA sets:
@@ -84,6 +85,9 @@ def main() -> None:
     parser.add_argument("--steps", type=tg.count, default=None, help="default 80 (2 with --quick)")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per step")
     parser.add_argument("--n-docs", type=int, default=4)
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="the generators recompute activations in the backward pass "
+                             "(less memory; both arms, so the budget stays the same)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cache", type=Path, default=tg.RESULTS / "cache")
     parser.add_argument("--out", type=Path, default=None)
@@ -132,7 +136,8 @@ def main() -> None:
                              abstain_fraction=0.0, not_found_fraction=1.0,
                              warmup_steps=min(10, steps // 4), eval_steps=steps,
                              eval_questions=4 if args.quick else 64, patience=None,
-                             eval_batch_size=eval_batch, device=args.device),
+                             eval_batch_size=eval_batch, device=args.device,
+                             activation_checkpointing=args.activation_checkpointing),
         model, tokenizer, train, dev, passages, runs / "pipeline-generator", resume=False)
     generator_s = time.perf_counter() - started
     metrics, _ = tg.evaluate(model, tokenizer, data["test"], passages, in_evidence, max_new,
@@ -150,6 +155,7 @@ def main() -> None:
         JointTrainConfig(variant=args.variant, n_docs=n_docs, batch_size=batch, max_steps=steps,
                          warmup_steps=min(10, steps // 4), generator_lr=gen_lr,
                          retriever_lr=2e-5, method=args.method, device=args.device,
+                         activation_checkpointing=args.activation_checkpointing,
                          log_steps=max(1, steps // 8)),
         encoder, model, tokenizer, corpus, doc_vectors, train, runs / "joint", resume=False,
         progress=lambda p: log.info("joint step %d/%d loss %.3f gold prior %.3f", p.step,

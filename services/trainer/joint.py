@@ -49,6 +49,7 @@ from services.trainer.generator import (
     Encoding,
     Example,
     LoraOptions,
+    checkpoint_activations,
     collate,
     encode_example,
     end_token,
@@ -120,6 +121,10 @@ class JointTrainConfig(BaseModel):
     retriever_lr: float = Field(1e-5, ge=0, le=1, description="0 freezes the query encoder")
     method: Literal["full", "lora"] = "full"
     lora: LoraOptions = LoraOptions()
+    activation_checkpointing: bool = Field(False, description="the generator keeps only each "
+                                           "layer's input and recomputes its activations in "
+                                           "the backward pass: a joint step runs n_docs "
+                                           "sequences per question, so memory is what runs out")
     weight_decay: float = Field(0.0, ge=0, le=1)
     schedule: loop.Schedule = "cosine"
     warmup_steps: int = Field(10, ge=0)
@@ -252,6 +257,8 @@ def train_joint(config: JointTrainConfig, encoder: Encoder, generator, tokenizer
     base_generator = generator
     if config.method == "lora":
         generator = with_lora(generator, config.lora)
+    if config.activation_checkpointing:
+        checkpoint_activations(generator)
     generator.to(device).train()
     encoder.model.to(device).train()
     index = torch.from_numpy(np.ascontiguousarray(doc_vectors, dtype=np.float32)).to(device)
@@ -357,6 +364,8 @@ def train_joint(config: JointTrainConfig, encoder: Encoder, generator, tokenizer
         loop.save_state(run_dir, snapshot())
     encoder.model.eval()
     final = generator.merge_and_unload() if hasattr(generator, "merge_and_unload") else generator
+    if config.activation_checkpointing:
+        final.activation_checkpointing_disable()
     final.eval()
     meta = {"config": config.model_dump(mode="json"), "data": data, "step": step,
             "history": history["train"][-20:], "trained_by": "joint (RAG-"

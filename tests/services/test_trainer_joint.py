@@ -189,3 +189,26 @@ def test_joint_training_refuses_bad_inputs_and_resumes_after_cancel(tmp_path):
     assert result.resumed_from == 2 and result.steps == 4
     assert [r["step"] for r in result.history["train"]] == [1, 2, 3, 4]
     assert not any("lora" in k for k in generator.state_dict())  # merged into the caller's
+
+
+def test_activation_checkpointing_trains_the_same_models_and_is_off_afterwards(tmp_path):
+    tok = bpe_tokenizer()
+    docs, items = toy_corpus()
+    trained = {}
+    for checkpointing in (False, True):
+        encoder, generator = tiny_encoder(tok), tiny_llama(tok)
+        vectors = encoder.encode([f"{d.title}\n{d.text}" for d in docs])
+        config = joint.JointTrainConfig(n_docs=3, batch_size=4, max_steps=3, warmup_steps=1,
+                                        generator_lr=3e-3, retriever_lr=1e-3, device="cpu",
+                                        activation_checkpointing=checkpointing)
+        result = joint.train_joint(config, encoder, generator, tok, docs, vectors, items,
+                                   tmp_path / str(checkpointing))
+        assert not generator.is_activation_checkpointing
+        assert loop.read_meta(result.generator_dir)["config"]["activation_checkpointing"] \
+            is checkpointing
+        trained[checkpointing] = (encoder.model.state_dict(), generator.state_dict())
+    for plain, checkpointed in zip(trained[False], trained[True], strict=True):
+        for name, value in plain.items():
+            torch.testing.assert_close(checkpointed[name], value, atol=1e-5, rtol=1e-4)
+    assert any(not torch.equal(v, tiny_llama(tok).state_dict()[k])
+               for k, v in trained[True][1].items())
