@@ -11,10 +11,11 @@ import sys
 from shared.infra import free_port
 
 
-def ragtune(*args: str, home, **env: str) -> subprocess.CompletedProcess:
+def ragtune(*args: str, home, timeout_s: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """``ragtune *args`` in a subprocess; ``timeout_s`` only guards against a hang."""
     return subprocess.run([sys.executable, "-m", "deploy.cli", *args], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "RAGTUNE_HOME": str(home),
-                                                       **env})
+                          text=True, timeout=timeout_s,
+                          env={**os.environ, "RAGTUNE_HOME": str(home), **env})
 
 
 def test_up_with_unreachable_redis_names_the_url(tmp_path):
@@ -185,8 +186,10 @@ def test_eval_qa_scores_a_users_own_questions(tmp_path):
         '"doc_ids": ["1556 Shaanxi earthquake"]}\n'
         '{"question": "Who was the first person to walk on Mars?", "answer": "I don\'t know."}\n')
     out = tmp_path / "report.json"
+    # Loads both packaged models and answers with the generator: ~30 s alone on 2 cores, several
+    # times that beside another heavy process, so the hang guard is wider here.
     result = ragtune("eval", "qa", "--data", str(data), "--limit-corpus", "12", "--output",
-                     str(out), home=tmp_path / "home")
+                     str(out), home=tmp_path / "home", timeout_s=420)
     assert result.returncode == 0, result.stderr
     assert "mine.jsonl; retriever base, generator base" in result.stdout
     report = json.loads(out.read_text())
