@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,6 +31,7 @@ from services.trainer.rerank_distill import (
     reader_loglik,
 )
 from services.trainer.retriever import RetrieverTrainConfig, pretrain_retriever, train_retriever
+from services.trainer.soup import average_models
 from shared import datasets
 from shared.datasets import QAItem
 from shared.models.encoder import Encoder
@@ -181,17 +182,54 @@ def run_retriever(p: Prepared, settings: Settings, run_dir: Path, progress, shou
     return [Output("retriever", result.model_dir, keep)]
 
 
+class GeneratorJobConfig(GeneratorTrainConfig):
+    """A ``generator`` job: one fine-tuning run, or with ``seeds`` one run per training seed
+    (example order, abstention picks, dev sample; the split stays the job's), averaged into
+    one model, a uniform soup (``services/trainer/soup.py``; README: the soup of two seeds met
+    every capital target where neither seed did)."""
+
+    seeds: list[int] | None = Field(None, min_length=2, max_length=8,
+                                    description="train once per seed and register the average "
+                                                "of the runs (None: one run, seed `seed`)")
+
+    @field_validator("seeds")
+    @classmethod
+    def _different(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must differ, got {seeds}")
+        return seeds
+
+
 def run_generator(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
                   ) -> list[Output]:
-    config: GeneratorTrainConfig = p.config
+    """One run into ``run_dir``; with ``seeds``, one run per seed into ``run_dir/seed-N``
+    (each resumable on its own: a finished one resumes at its end) and their soup."""
+    config: GeneratorJobConfig = p.config
     registry = Registry(settings.checkpoint_dir)
     device, _ = loop.pick_device(config.device)
     corpus = job_corpus(p.job, settings)
-    model, tokenizer = serving_generator(settings, registry)
+    seeds = config.seeds or [config.seed]
+    folders = []
     with _retrieval(settings, registry, corpus, device) as retrieval:
-        result = train_generator(config, model, tokenizer, p.splits["train"], p.splits["dev"],
-                                 retrieval, run_dir, progress=progress, should_stop=should_stop)
-    return [Output("generator", result.model_dir)]
+        for n, seed in enumerate(seeds, start=1):
+            one = GeneratorTrainConfig.model_validate(
+                {**config.model_dump(exclude={"seeds"}), "seed": seed})
+            report = progress
+            if len(seeds) > 1:
+                label = f"seed {seed}, {n} of {len(seeds)}"
+
+                def report(step: loop.Progress, label: str = label) -> None:
+                    progress(replace(step, phase=label))
+            model, tokenizer = serving_generator(settings, registry)  # each seed starts afresh
+            result = train_generator(
+                one, model, tokenizer, p.splits["train"], p.splits["dev"], retrieval,
+                run_dir if len(seeds) == 1 else run_dir / f"seed-{seed}", progress=report,
+                should_stop=should_stop)
+            folders.append(result.model_dir)
+            del model
+    if len(folders) == 1:
+        return [Output("generator", folders[0])]
+    return [Output("generator", average_models(folders, run_dir / loop.MODEL_DIR))]
 
 
 def run_joint(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
@@ -420,7 +458,7 @@ def run_continual(p: Prepared, settings: Settings, run_dir: Path, progress, shou
 Runner = Callable[[Prepared, Settings, Path, loop.ProgressFn, Callable[[], bool]], list[Output]]
 KINDS: dict[str, tuple[type[BaseModel], Runner]] = {
     "retriever": (RetrieverTrainConfig, run_retriever),
-    "generator": (GeneratorTrainConfig, run_generator),
+    "generator": (GeneratorJobConfig, run_generator),
     "pretrain": (PretrainParams, run_pretrain),
     "joint": (JointTrainConfig, run_joint),
     "distill": (DistillConfig, run_distill),

@@ -122,7 +122,7 @@ class TrainerService:
                 for version in promoted:
                     self.promote(version)
                 now["promoted"] = [f"{v.kind}/{v.version}" for v in promoted]
-            now["state"] = "done"
+            now["state"], now["phase"] = "done", None
         except Cancelled:
             now["state"] = "cancelled"
             (run_dir / CANCEL_FILE).unlink(missing_ok=True)

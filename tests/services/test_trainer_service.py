@@ -107,10 +107,33 @@ def test_every_kind_trains_registers_and_promotes(settings, data_file, kind):
     assert not any(p.name == "model" for p in registry.run_dir(status.job_id).rglob("*"))
 
 
+def test_a_generator_job_with_seeds_trains_each_and_registers_their_soup(settings, data_file):
+    trainer = TrainerService(settings)
+    seen = []
+    status = trainer.run(job("generator", data_file).model_copy(update={"params": {
+        **QUICK["generator"], "seeds": [3, 5]}}), on_status=seen.append)
+    assert status.state == "done", status.error
+    assert status.versions == ["generator/v0001"]  # the soup alone
+    assert list(dict.fromkeys(s.phase for s in seen if s.phase)) == [
+        "seed 3, 1 of 2", "seed 5, 2 of 2"]
+    assert seen[-1].phase is None
+    registry = Registry(settings.checkpoint_dir)
+    meta = json.loads((registry.path_of(registry.get("generator", "v0001"))
+                       / "ragtune.json").read_text())
+    run_dir = registry.run_dir(status.job_id)
+    assert meta["soup_of"] == [str(run_dir / f"seed-{s}" / "model") for s in (3, 5)]
+    for seed in (3, 5):  # each run's record stays, its model goes (the soup is registered)
+        record = json.loads((run_dir / f"seed-{seed}" / "report.json").read_text())
+        assert record["config"]["seed"] == seed and "seeds" not in record["config"]
+    assert not any(p.name == "model" for p in run_dir.rglob("*"))
+
+
 @pytest.mark.parametrize(("kind", "params", "message"), [
     ("retriever", {"temperature": 0}, "temperature"),
     ("generator", {"lr": -1}, "params: lr"),
     ("generator", {"epoch": 2}, "params: epoch: Extra inputs are not permitted"),
+    ("generator", {"seeds": [1]}, "params: seeds: List should have at least 2 items"),
+    ("generator", {"seeds": [1, 1]}, "params: seeds: Value error, seeds must differ"),
     ("joint", {"variant": "tokens"}, "variant"),
     ("pretrain", {"target": "everything"}, "target"),
 ])
@@ -191,3 +214,21 @@ def test_cancel_stops_a_job_and_keeps_it_resumable(settings, data_file):
     status = trainer.run(long_job, on_status=on_status)
     assert status.state == "cancelled" and status.step < 50
     assert (trainer.registry.run_dir("long") / "state.pt").is_file()
+
+
+def test_a_cancelled_seeds_job_resumes_without_training_a_finished_seed_again(settings,
+                                                                              data_file):
+    trainer = TrainerService(settings)
+    seeds_job = job("generator", data_file, job_id="seeds").model_copy(update={"params": {
+        **QUICK["generator"], "max_steps": 4, "save_steps": 1, "seeds": [3, 5]}})
+    trainer.submit(seeds_job)
+
+    def on_status(status):
+        if status.phase == "seed 5, 2 of 2" and status.step >= 1:
+            trainer.cancel("seeds")
+
+    assert trainer.run(seeds_job, on_status=on_status).state == "cancelled"
+    seen = []
+    status = trainer.run(seeds_job, on_status=seen.append)
+    assert status.state == "done" and status.versions == ["generator/v0001"]
+    assert {s.phase for s in seen if s.phase} == {"seed 5, 2 of 2"}  # seed 3 was done
