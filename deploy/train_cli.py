@@ -120,10 +120,7 @@ def _train_local(settings: Settings, job: TrainJob) -> None:
 
     def on_status(status: JobStatus) -> None:
         _show_phase(bar, desc, status)
-        if status.total_steps and bar.total != status.total_steps:
-            bar.total = status.total_steps
-            bar.refresh()
-        bar.update(max(0, status.step - bar.n))
+        _advance(bar, status)
         postfix = {"loss": f"{status.loss:.4f}"} if status.loss is not None else {}
         postfix.update({k: f"{v:.3f}" for k, v in list(status.metrics.items())[:3]})
         bar.set_postfix(postfix, refresh=False)
@@ -147,6 +144,17 @@ def _show_phase(bar: tqdm, desc: str, status: JobStatus) -> None:
         bar.set_description(label)
 
 
+def _advance(bar: tqdm, status: JobStatus) -> None:
+    """The bar at the job's step; a step below the bar's starts it over (a job that trains one
+    run per seed reports each run's steps from 1)."""
+    if status.total_steps and bar.total != status.total_steps:
+        bar.total = status.total_steps
+        bar.refresh()
+    if status.step < bar.n:
+        bar.reset(total=bar.total)
+    bar.update(status.step - bar.n)
+
+
 def _follow(state: dict, job_id: str, settings: Settings) -> None:
     cli = _cli()
     bar = tqdm(total=0, unit="step", desc=job_id)
@@ -155,10 +163,7 @@ def _follow(state: dict, job_id: str, settings: Settings) -> None:
             status = JobStatus.model_validate(cli._request(
                 "GET", f"{state['http_url']}/v1/train/{job_id}", 30))
             _show_phase(bar, job_id, status)
-            if status.total_steps and bar.total != status.total_steps:
-                bar.total = status.total_steps
-                bar.refresh()
-            bar.update(max(0, status.step - bar.n))
+            _advance(bar, status)
             if status.loss is not None:
                 bar.set_postfix(loss=f"{status.loss:.4f}", refresh=False)
             if status.state not in ("queued", "running"):

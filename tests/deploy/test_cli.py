@@ -3,6 +3,7 @@ a trace) and offline evaluation of a user's own questions."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -16,6 +17,21 @@ def ragtune(*args: str, home, timeout_s: float = 120, **env: str) -> subprocess.
     return subprocess.run([sys.executable, "-m", "deploy.cli", *args], capture_output=True,
                           text=True, timeout=timeout_s,
                           env={**os.environ, "RAGTUNE_HOME": str(home), **env})
+
+
+def test_the_progress_bar_starts_over_when_a_job_starts_its_next_seed():
+    from tqdm import tqdm
+
+    from deploy.train_cli import _advance
+    from shared.schemas import JobStatus
+
+    bar = tqdm(total=0, file=io.StringIO())
+    shown = []
+    for step in (0, 10, 36, 10, 36):  # two runs of 36 steps, one per seed
+        _advance(bar, JobStatus(job_id="j", kind="generator", state="running", step=step,
+                                total_steps=36))
+        shown.append((bar.n, bar.total))
+    assert shown == [(0, 36), (10, 36), (36, 36), (10, 36), (36, 36)]
 
 
 def test_up_with_unreachable_redis_names_the_url(tmp_path):
