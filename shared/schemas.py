@@ -553,8 +553,9 @@ class JobStatus(Wire):
     versions: list[str] = Field(default_factory=list, description="registered, as kind/vNNNN")
     promoted: list[str] = Field(default_factory=list, description="of ``versions``, those "
                                 "the job put into serving")
-    note: str | None = Field(None, description="why a version was or was not promoted (the "
-                             "continual update's gate)")
+    note: str | None = Field(None, description="what the user should know about the versions: "
+                             "why one was or was not promoted (the continual update's gate), "
+                             "what a seeds job's soup is")
     error: str | None = None
     updated: float = 0.0
 

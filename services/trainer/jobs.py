@@ -49,7 +49,8 @@ GATE_FILE = "gate.json"  # a continual update's gate: both models' metrics and t
 class Output(NamedTuple):
     """One model a job made: its kind, its saved folder, the passage version a query-only
     retriever was trained against; ``promote`` False keeps it out of serving even when the
-    job asks to promote, ``note`` says why (the continual update's gate)."""
+    job asks to promote; ``note`` says why (the continual update's gate), or what the model
+    is (a seeds job's soup)."""
 
     kind: str
     folder: Path
@@ -229,7 +230,9 @@ def run_generator(p: Prepared, settings: Settings, run_dir: Path, progress, shou
             del model
     if len(folders) == 1:
         return [Output("generator", folders[0])]
-    return [Output("generator", average_models(folders, run_dir / loop.MODEL_DIR))]
+    note = (f"the version is the average of the runs of seeds {', '.join(map(str, seeds))}, "
+            f"not evaluated (the job's dev metrics are seed {seeds[-1]}'s)")
+    return [Output("generator", average_models(folders, run_dir / loop.MODEL_DIR), note=note)]
 
 
 def run_joint(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,

@@ -114,6 +114,7 @@ def test_a_generator_job_with_seeds_trains_each_and_registers_their_soup(setting
         **QUICK["generator"], "seeds": [3, 5]}}), on_status=seen.append)
     assert status.state == "done", status.error
     assert status.versions == ["generator/v0001"]  # the soup alone
+    assert status.note.startswith("the version is the average of the runs of seeds 3, 5")
     assert list(dict.fromkeys(s.phase for s in seen if s.phase)) == [
         "seed 3, 1 of 2", "seed 5, 2 of 2"]
     assert seen[-1].phase is None
