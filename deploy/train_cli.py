@@ -304,7 +304,7 @@ def _average(settings: Settings, args: argparse.Namespace, state: dict | None) -
 
         return average_versions(registry, args.kind, versions)
 
-    _make_version(settings, state, args.kind, f"the average of {', '.join(versions)}",
+    _make_version(settings, state, args.kind, f"averaging {', '.join(versions)}",
                   "average", {"kind": args.kind, "versions": versions}, AverageResult, locally)
 
 
@@ -324,22 +324,22 @@ def _interpolate(settings: Settings, args: argparse.Namespace, state: dict | Non
                                    Path(generator_source(settings)))
 
     _make_version(settings, state, args.kind,
-                  f"{1 - args.alpha:g} x {args.towards} + {args.alpha:g} x {args.version}",
+                  f"moving {args.version} towards {args.towards} (alpha {args.alpha:g})",
                   "interpolate", {"kind": args.kind, "version": args.version,
                                   "alpha": args.alpha, "towards": args.towards},
                   InterpolateResult, locally)
 
 
-def _make_version(settings: Settings, state: dict | None, kind: str, made_of: str,
+def _make_version(settings: Settings, state: dict | None, kind: str, doing: str,
                   endpoint: str, body: dict, result_model, locally) -> None:
     """Make a version from registered ones, through the trainer (``POST /v1/models/
     <endpoint>`` with ``body``, answered as ``result_model``) when ragtune is up, else in this
     process (``locally(registry)``, a ``RegistryError`` becoming the CLI's one-line error);
-    then say what was registered and list the versions."""
+    then say what was registered (its record's ``made_from``) and list the versions."""
     cli = _cli()
     from shared.registry import Registry, RegistryError
 
-    cli._out(f"making {kind}: {made_of} ...")
+    cli._out(f"{doing} ...")
     if state is not None:
         result = result_model.model_validate(cli._request(
             "POST", f"{state['http_url']}/v1/models/{endpoint}",
@@ -352,7 +352,8 @@ def _make_version(settings: Settings, state: dict | None, kind: str, made_of: st
         except RegistryError as exc:
             raise cli.CLIError(str(exc)) from None
         view = registry.view()
-    cli._out(f"registered {kind}/{version}: {made_of} "
+    made_from = next(v.made_from for v in getattr(view, kind).versions if v.version == version)
+    cli._out(f"registered {kind}/{version}: {made_from} "
              f"(not serving; `ragtune models promote {kind} {version}` serves it)")
     _print_models(view)
 

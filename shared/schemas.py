@@ -567,7 +567,7 @@ class ModelVersion(Wire):
     created: float
     job_id: str | None = None
     made_from: str | None = Field(None, description="a version no job trained: what it was "
-                                                    "made of, e.g. \"average of v0002, v0003\"")
+                                                    "made of, e.g. \"the average of v0002, v0003\"")
     metrics: dict[str, float] = Field(default_factory=dict)
     reindex: bool = Field(False, description="passages must be re-embedded to serve it")
     passage_version: str | None = Field(

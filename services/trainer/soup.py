@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +89,8 @@ def average_versions(registry: Registry, kind: str, versions: Sequence[str]) -> 
     if len(versions) < 2:
         raise RegistryError("name two or more different versions to average")
     folders = [registry.path_of(registry.get(kind, v)) for v in versions]
-    work = registry.run_dir(f"average-{uuid.uuid4().hex[:12]}")
-    try:
-        return registry.register(kind, average_models(folders, work / "model"),
-                                 made_from=f"average of {', '.join(versions)}")
-    except SoupError as exc:
-        raise RegistryError(str(exc)) from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return _register_made(registry, kind, lambda out: average_models(folders, out),
+                          f"the average of {', '.join(versions)}")
 
 
 def interpolate(base: Path, tuned: Path, alpha: float, out: Path) -> Path:
@@ -144,10 +138,18 @@ def interpolate_version(registry: Registry, kind: str, version: str, alpha: floa
                             f"version or base as --towards")
     tuned = registry.path_of(registry.get(kind, version))
     start = base_dir if towards == "base" else registry.path_of(registry.get(kind, towards))
-    work = registry.run_dir(f"interpolate-{uuid.uuid4().hex[:12]}")
+    return _register_made(registry, kind, lambda out: interpolate(start, tuned, alpha, out),
+                          f"{1 - alpha:g} x {towards} + {alpha:g} x {version}")
+
+
+def _register_made(registry: Registry, kind: str, make: Callable[[Path], Path],
+                   made_from: str) -> ModelVersion:
+    """Register as the next version of ``kind`` the folder ``make(out)`` saves (``out`` in a
+    work folder inside the checkpoint root, deleted afterwards), recorded as ``made_from``;
+    a ``SoupError`` becomes a ``RegistryError`` with its reason."""
+    work = registry.run_dir(f"made-{uuid.uuid4().hex[:12]}")
     try:
-        return registry.register(kind, interpolate(start, tuned, alpha, work / "model"),
-                                 made_from=f"{1 - alpha:g} x {towards} + {alpha:g} x {version}")
+        return registry.register(kind, make(work / "model"), made_from=made_from)
     except SoupError as exc:
         raise RegistryError(str(exc)) from None
     finally:
