@@ -541,6 +541,45 @@ class _Dev:
     examples: list[Example]
 
 
+def _dev_set(dev_items: Sequence[QAItem], retrieval: qa.Retrieval, enc: Encoding,
+             config: GeneratorTrainConfig) -> _Dev:
+    """``config``'s seeded sample of ``dev_items`` with serving's prompts and their examples.
+    Raises ValueError for ``select_metric`` "em"/"f1" and no answerable question in it."""
+    items = _dev_sample(dev_items, config.eval_questions, config.seed)
+    if config.select_metric in ("em", "f1") and items and not any(i.answerable for i in items):
+        raise ValueError(f"select_metric {config.select_metric!r} needs answerable dev "
+                         "questions; the dev sample has none (use 'score')")
+    if not items:
+        return _Dev([], [], [], [])
+    passages = qa.retrieve(retrieval, [i.question for i in items], config.top_k)
+    budget = enc.context - (0 if enc.seq2seq else config.eval_max_new_tokens)
+    fitted = [qa.fit_prompt(enc.tokenizer, i.question, passages[i.question],
+                            config.max_passage_chars, budget) for i in items]
+    return _Dev(items, [ids for _, ids in fitted], [kept for kept, _ in fitted],
+                build_examples(items, passages, enc, config, abstain_fraction=0.0))
+
+
+def evaluate_generator(config: GeneratorTrainConfig, model, tokenizer,
+                       dev_items: Sequence[QAItem], retrieval: qa.Retrieval,
+                       ) -> dict[str, float | None]:
+    """The dev metrics a ``train_generator`` run with ``config`` reports at an evaluation
+    (``qa.summarise`` and ``dev_loss``, on the same seeded sample of ``dev_items``), for a
+    model made otherwise (a soup of runs); empty for no dev item. ``model`` is left in eval
+    mode on ``config``'s device."""
+    device, amp = loop.pick_device(config.device)
+    seq2seq = qa.is_seq2seq(model)
+    enc = Encoding(tokenizer=tokenizer, seq2seq=seq2seq, end=end_token(model, tokenizer),
+                   context=qa.context_size(model, tokenizer))
+    dev = _dev_set(dev_items, retrieval, enc, config)
+    if not dev.items:
+        return {}
+    model.to(device)
+    metrics = _evaluate(model, tokenizer, dev, config, qa.pad_id(tokenizer, qa.eos_ids(
+        model, tokenizer)), seq2seq, device, amp)
+    model.eval()
+    return metrics
+
+
 def _evaluate(model, tokenizer, dev: _Dev, config: GeneratorTrainConfig, pad: int,
               seq2seq: bool, device: torch.device, amp: torch.dtype) -> dict[str, float | None]:
     """Dev metrics (``qa.summarise``) and the dev loss, the model left in train mode."""
@@ -620,19 +659,7 @@ def train_generator(config: GeneratorTrainConfig, model, tokenizer,
                               answer_cut_fraction=config.answer_cut_fraction)
     if not examples:
         raise ValueError("no training example left (every item was a left-out not-found one)")
-    dev_subset = _dev_sample(dev_items, config.eval_questions, config.seed)
-    if config.select_metric in ("em", "f1") and dev_subset and not any(
-            i.answerable for i in dev_subset):
-        raise ValueError(f"select_metric {config.select_metric!r} needs answerable dev "
-                         "questions; the dev sample has none (use 'score')")
-    dev = _Dev([], [], [], [])
-    if dev_subset:
-        dev_passages = qa.retrieve(retrieval, [i.question for i in dev_subset], config.top_k)
-        budget = enc.context - (0 if seq2seq else config.eval_max_new_tokens)
-        fitted = [qa.fit_prompt(tokenizer, i.question, dev_passages[i.question],
-                                config.max_passage_chars, budget) for i in dev_subset]
-        dev = _Dev(dev_subset, [ids for _, ids in fitted], [kept for kept, _ in fitted],
-                   build_examples(dev_subset, dev_passages, enc, config, abstain_fraction=0.0))
+    dev = _dev_set(dev_items, retrieval, enc, config)
     counts: dict[str, int] = {}
     for e in examples:
         counts[e.kind] = counts.get(e.kind, 0) + 1

@@ -21,7 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from services.evaluation.retrieval import corpus_embeddings
 from services.trainer import continual, loop
 from services.trainer.distill import DistillConfig, distill_generator
-from services.trainer.generator import GeneratorTrainConfig, answer_target, train_generator
+from services.trainer.generator import (
+    GeneratorTrainConfig,
+    answer_target,
+    evaluate_generator,
+    load_weights,
+    train_generator,
+)
 from services.trainer.joint import JointTrainConfig, train_joint
 from services.trainer.lm import LMTrainConfig, train_lm
 from services.trainer.rerank_distill import (
@@ -204,35 +210,50 @@ class GeneratorJobConfig(GeneratorTrainConfig):
 def run_generator(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
                   ) -> list[Output]:
     """One run into ``run_dir``; with ``seeds``, one run per seed into ``run_dir/seed-N``
-    (each resumable on its own: a finished one resumes at its end) and their soup."""
+    (each resumable on its own: a finished one resumes at its end) and their soup, evaluated
+    on the first seed's dev sample (its metrics are the version's)."""
     config: GeneratorJobConfig = p.config
     registry = Registry(settings.checkpoint_dir)
     device, _ = loop.pick_device(config.device)
     corpus = job_corpus(p.job, settings)
     seeds = config.seeds or [config.seed]
-    folders = []
+    runs = [GeneratorTrainConfig.model_validate({**config.model_dump(exclude={"seeds"}),
+                                                 "seed": seed}) for seed in seeds]
+    folders: list[Path] = []
+    last: list[loop.Progress] = []
     with _retrieval(settings, registry, corpus, device) as retrieval:
-        for n, seed in enumerate(seeds, start=1):
-            one = GeneratorTrainConfig.model_validate(
-                {**config.model_dump(exclude={"seeds"}), "seed": seed})
+        for n, one in enumerate(runs, start=1):
             report = progress
-            if len(seeds) > 1:
-                label = f"seed {seed}, {n} of {len(seeds)}"
+            if len(runs) > 1:
+                label = f"seed {one.seed}, {n} of {len(runs)}"
 
                 def report(step: loop.Progress, label: str = label) -> None:
                     progress(replace(step, phase=label))
+                    last[:] = [replace(step, metrics={})]
             model, tokenizer = serving_generator(settings, registry)  # each seed starts afresh
             result = train_generator(
                 one, model, tokenizer, p.splits["train"], p.splits["dev"], retrieval,
-                run_dir if len(seeds) == 1 else run_dir / f"seed-{seed}", progress=report,
+                run_dir if len(runs) == 1 else run_dir / f"seed-{one.seed}", progress=report,
                 should_stop=should_stop)
             folders.append(result.model_dir)
             del model
-    if len(folders) == 1:
-        return [Output("generator", folders[0])]
-    note = (f"the version is the average of the runs of seeds {', '.join(map(str, seeds))}, "
-            f"not evaluated (the job's dev metrics are seed {seeds[-1]}'s)")
-    return [Output("generator", average_models(folders, run_dir / loop.MODEL_DIR), note=note)]
+        if len(folders) == 1:
+            return [Output("generator", folders[0])]
+        soup = average_models(folders, run_dir / loop.MODEL_DIR)
+        if last:
+            progress(replace(last[0], phase="soup: dev evaluation"))
+        model, tokenizer = serving_generator(settings, registry)
+        load_weights(model, soup)
+        metrics = evaluate_generator(runs[0], model, tokenizer, p.splits["dev"], retrieval)
+    meta = loop.read_meta(soup)
+    meta["metrics"] = metrics
+    (soup / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if last and metrics:
+        progress(replace(last[0], phase=None, metrics=metrics))
+    dev = (f"its dev metrics on seed {seeds[0]}'s dev sample, as that run measured its own"
+           if metrics else "not evaluated (no dev question)")
+    note = f"the version is the average of the runs of seeds {', '.join(map(str, seeds))}; {dev}"
+    return [Output("generator", soup, note=note)]
 
 
 def run_joint(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,

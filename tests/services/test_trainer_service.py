@@ -114,13 +114,18 @@ def test_a_generator_job_with_seeds_trains_each_and_registers_their_soup(setting
         **QUICK["generator"], "seeds": [3, 5]}}), on_status=seen.append)
     assert status.state == "done", status.error
     assert status.versions == ["generator/v0001"]  # the soup alone
-    assert status.note.startswith("the version is the average of the runs of seeds 3, 5")
+    assert status.note == ("the version is the average of the runs of seeds 3, 5; its dev "
+                           "metrics on seed 3's dev sample, as that run measured its own")
     assert list(dict.fromkeys(s.phase for s in seen if s.phase)) == [
-        "seed 3, 1 of 2", "seed 5, 2 of 2"]
+        "seed 3, 1 of 2", "seed 5, 2 of 2", "soup: dev evaluation"]
     assert seen[-1].phase is None
     registry = Registry(settings.checkpoint_dir)
-    meta = json.loads((registry.path_of(registry.get("generator", "v0001"))
-                       / "ragtune.json").read_text())
+    version = registry.get("generator", "v0001")
+    meta = json.loads((registry.path_of(version) / "ragtune.json").read_text())
+    # the soup's own dev evaluation: the version's metrics, and the job's last ones
+    assert {"em", "f1", "score", "dev_loss"} <= meta["metrics"].keys()
+    assert version.metrics == pytest.approx(status.metrics)
+    assert version.metrics["dev_loss"] == pytest.approx(meta["metrics"]["dev_loss"])
     run_dir = registry.run_dir(status.job_id)
     assert meta["soup_of"] == [str(run_dir / f"seed-{s}" / "model") for s in (3, 5)]
     for seed in (3, 5):  # each run's record stays, its model goes (the soup is registered)
@@ -232,4 +237,5 @@ def test_a_cancelled_seeds_job_resumes_without_training_a_finished_seed_again(se
     seen = []
     status = trainer.run(seeds_job, on_status=seen.append)
     assert status.state == "done" and status.versions == ["generator/v0001"]
-    assert {s.phase for s in seen if s.phase} == {"seed 5, 2 of 2"}  # seed 3 was done
+    # seed 3 was done
+    assert {s.phase for s in seen if s.phase} == {"seed 5, 2 of 2", "soup: dev evaluation"}
