@@ -405,7 +405,8 @@ def _print_models(view: RegistryView) -> None:
 def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
     """Answer the packaged question sets (their ``--split``) and/or a question/answer JSONL
     file of the user's (``--data``, evaluated whole) offline with the serving models (registry
-    versions or the packaged ones) through the serving pipeline, withholding answers below
+    versions or the packaged ones; ``--generator`` another generator version, to judge it
+    before promoting it) through the serving pipeline, withholding answers below
     ``answer.min_trust`` as the QA front does, and print EM / F1 / contains / abstention per
     set."""
     cli = _cli()
@@ -440,7 +441,8 @@ def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
                 max_question_chars=settings.limits.max_question_chars)[:args.limit]
         registry = Registry(settings.checkpoint_dir)
         device, _ = pick_device(settings.trainer.device)
-        model, tokenizer = jobs.serving_generator(settings, registry)
+        # an unknown version (a RegistryError, a ValueError) fails before the model loads
+        model, tokenizer = jobs.serving_generator(settings, registry, args.generator)
         model.to(device)
         corpus = datasets.load_corpus(args.limit_corpus)
         with jobs._retrieval(settings, registry, corpus, device) as retrieval:
@@ -454,16 +456,20 @@ def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
         raise cli.CLIError(str(exc)) from None
     serving = {k: getattr(registry.view(), k).serving or "base" for k in ("retriever",
                                                                          "generator")}
+    generator = serving["generator"]
+    if args.generator is not None and args.generator != generator:
+        generator = f"{args.generator} (serving: {generator})"
     what = ", ".join([*([f"{args.split} split"] if names else []),
                       *([Path(args.data).name] if args.data else [])])
     cli._out(report.table(f"{what}; retriever {serving['retriever']}, "
-                          f"generator {serving['generator']}, "
-                          f"min_trust {settings.answer.min_trust}"))
+                          f"generator {generator}, min_trust {settings.answer.min_trust}"))
     stem = "-".join([*([args.split] if names else []),
                      *([Path(args.data).stem] if args.data else [])])
     output = Path(args.output) if args.output else settings.home / "eval" / f"qa-{stem}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"serving": serving, **report.to_json()}, indent=2) + "\n")
+    evaluated = {**serving, "generator": args.generator or serving["generator"]}
+    output.write_text(json.dumps({"serving": serving, "evaluated": evaluated,
+                                  **report.to_json()}, indent=2) + "\n")
     cli._out(f"results written to {output}")
 
 
@@ -478,6 +484,9 @@ def add_eval_qa_parser(eval_sub) -> None:
                          "reads), evaluated whole")
     qa.add_argument("--split", default="test", choices=("train", "dev", "test"),
                     help="split of the packaged sets (default: test)")
+    qa.add_argument("--generator", default=None, metavar="VERSION",
+                    help="evaluate this generator version (or base: the one served before any "
+                         "training) instead of the serving one; serving is unchanged")
     qa.add_argument("--limit", type=int, default=None, help="first N questions of each set")
     qa.add_argument("--limit-corpus", type=int, default=None,
                     help="only the first N documents (quick trial)")

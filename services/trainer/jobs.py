@@ -144,15 +144,19 @@ def serving_encoders(settings: Settings, registry: Registry,
     return passage_encoder, passage, query_encoder, serving
 
 
-def serving_generator(settings: Settings, registry: Registry):
+def serving_generator(settings: Settings, registry: Registry, version: str | None = None):
     """(model, tokenizer) of the serving generator version, else the configured/packaged one,
-    fp32 on the CPU."""
+    fp32 on the CPU; with ``version``, that registered version ("base": the configured/packaged
+    one) instead of the serving one (``RegistryError`` for an unknown one)."""
     from shared.models.generator import load_generator
 
     # Loaded in fp32 on the CPU: the loops move it to their device and use bf16 autocast
     # there (a bf16 copy, as serving loads it on CUDA, would train in bf16 throughout).
     update: dict[str, Any] = {"device": "cpu"}
-    path = registry.serving_path("generator")
+    if version is None:
+        path = registry.serving_path("generator")
+    else:
+        path = None if version == "base" else registry.path_of(registry.get("generator", version))
     if path is not None:
         update["model"] = str(path)
     return load_generator(settings.model_copy(update={

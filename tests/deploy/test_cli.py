@@ -218,6 +218,35 @@ def test_eval_qa_scores_a_users_own_questions(tmp_path):
     assert rows[0]["passages"][0] == "1556 Shaanxi earthquake"
 
 
+def test_eval_qa_judges_a_generator_version_without_promoting_it(tmp_path):
+    from services.trainer import loop
+    from shared.registry import Registry
+    from tests.tiny import bpe_tokenizer, serving_llama
+
+    tok = bpe_tokenizer()
+    registry = Registry(tmp_path / "home" / "checkpoints")
+    folder = loop.save_model(tmp_path / "run", serving_llama(tok), tok,
+                             {"kind": "generator", "base_model": "tiny", "metrics": {}})
+    registry.register("generator", folder)
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"question": "In which year did the Shaanxi earthquake strike?", '
+                    '"answer": "1556"}\n')
+    out = tmp_path / "report.json"
+    result = ragtune("eval", "qa", "--data", str(data), "--limit-corpus", "12", "--generator",
+                     "v0001", "--output", str(out), home=tmp_path / "home", timeout_s=420)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mine.jsonl; retriever base, generator v0001 (serving: base)" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["evaluated"] == {"retriever": "base", "generator": "v0001"}
+    assert report["serving"] == {"retriever": "base", "generator": "base"}
+    assert report["sets"]["mine"]["n"] == 1
+    assert registry.serving("generator") is None  # serving is unchanged
+    result = ragtune("eval", "qa", "--data", str(data), "--generator", "v0009",
+                     home=tmp_path / "home")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "generator: no version 'v0009'; known: v0001" in result.stderr
+
+
 def test_models_average_registers_the_soup_of_two_versions_not_serving(tmp_path):
     from services.trainer import loop
     from shared.registry import Registry
