@@ -127,15 +127,20 @@ def has_indexed_corpus(settings: Settings) -> bool:
 
 
 # --- models: what serves now ------------------------------------------------------------------
+def _chosen(registry: Registry, kind: str, version: str | None) -> ModelVersion | None:
+    """The registered ``version`` of ``kind`` (``RegistryError`` for an unknown one); None
+    names the serving one, "base" the configured/packaged model (None)."""
+    if version is None:
+        return registry.serving(kind)
+    return None if version == "base" else registry.get(kind, version)
+
+
 def serving_encoders(settings: Settings, registry: Registry, device, version: str | None = None,
                      ) -> tuple[Encoder, ModelVersion | None, Encoder, ModelVersion | None]:
     """(passage encoder, its version, query encoder, its version) of the serving retriever;
     with ``version``, of that registered version ("base": the configured/packaged encoder)
     instead (``RegistryError`` for an unknown one)."""
-    if version is None:
-        serving = registry.serving("retriever")
-    else:
-        serving = None if version == "base" else registry.get("retriever", version)
+    serving = _chosen(registry, "retriever", version)
     passage = registry.passage_side(serving)
 
     def load(version: ModelVersion | None) -> Encoder:
@@ -158,12 +163,9 @@ def serving_generator(settings: Settings, registry: Registry, version: str | Non
     # Loaded in fp32 on the CPU: the loops move it to their device and use bf16 autocast
     # there (a bf16 copy, as serving loads it on CUDA, would train in bf16 throughout).
     update: dict[str, Any] = {"device": "cpu"}
-    if version is None:
-        path = registry.serving_path("generator")
-    else:
-        path = None if version == "base" else registry.path_of(registry.get("generator", version))
-    if path is not None:
-        update["model"] = str(path)
+    chosen = _chosen(registry, "generator", version)
+    if chosen is not None:
+        update["model"] = str(registry.path_of(chosen))
     return load_generator(settings.model_copy(update={
         "generator": settings.generator.model_copy(update=update)}))
 
