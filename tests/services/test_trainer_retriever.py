@@ -18,6 +18,7 @@ from services.trainer.mining import mine_hard_negatives
 from services.trainer.retriever import (
     Example,
     RetrieverTrainConfig,
+    anchor_penalty,
     crop_batch,
     info_nce,
     pretrain_retriever,
@@ -146,11 +147,29 @@ def test_mining_drops_positives_and_answer_bearing_documents_and_interleaves():
     ({"hard_negatives": 5, "negative_depth": 3}, "`hard_negatives` \\(5\\) has to be at most"),
     ({"max_length": 4}, "`max_length` has to be at least 8 tokens, but is 4"),
     ({"crop_min": 0.6, "crop_max": 0.5}, "`crop_min` \\(0.6\\) has to be at most"),
+    ({"anchor": -0.5}, "`anchor` has to be a number >= 0, but is -0.5"),
     ({"learning_rate": 1e-4}, "learning_rate"),
 ])
 def test_bad_config_values_are_refused_by_name(kwargs, message):
     with pytest.raises(ValidationError, match=message):
         RetrieverTrainConfig(**kwargs)
+
+
+def test_the_anchor_defaults_by_mode_and_a_given_one_stays():
+    assert RetrieverTrainConfig().anchor == 1.0
+    assert RetrieverTrainConfig(mode="both").anchor == 0.0
+    assert RetrieverTrainConfig.model_validate({"mode": "both", "anchor": None}).anchor == 0.0
+    assert RetrieverTrainConfig(mode="both", anchor=2.0).anchor == 2.0
+    assert RetrieverTrainConfig(mode="query", anchor=0.0).anchor == 0.0
+    # The resolved weight is what a run records, so a resume compares like with like.
+    assert RetrieverTrainConfig(mode="both").model_dump()["anchor"] == 0.0
+
+
+def test_anchor_penalty_is_the_mean_cosine_distance_from_the_start():
+    assert anchor_penalty(ALIGNED, ALIGNED).item() == pytest.approx(0.0, abs=1e-7)
+    assert anchor_penalty(Q, -Q).item() == pytest.approx(2.0)
+    # One row unmoved, one turned by 90 degrees: (0 + 1) / 2.
+    assert anchor_penalty(Q, _unit([[1, 0, 0], [0, 0, 1]])).item() == pytest.approx(0.5)
 
 
 # --- the loop on a tiny random BERT ---------------------------------------------------------
@@ -234,6 +253,23 @@ def test_query_mode_trains_a_copy_and_leaves_the_passage_encoder_unchanged(encod
     query_model = _load(result.model_dir)
     assert any(not torch.equal(v, before[k]) for k, v in query_model.state_dict().items())
     assert result.metrics["mrr@10"] > result.history[0]["mrr@10"]
+
+
+@pytest.mark.parametrize("mode", ["query", "both"])
+def test_the_anchor_keeps_the_embeddings_nearer_where_they_started(tokenizer, tmp_path, mode):
+    start = _encoder(tokenizer)
+    questions = [item.question for item in ITEMS]
+    before = start.encode(questions)
+
+    def moved(anchor: float) -> float:
+        config = RetrieverTrainConfig(mode=mode, epochs=4, eval_steps=100, anchor=anchor,
+                                      **FAST)
+        result = train_retriever(config, start, ITEMS, [], CORPUS, tmp_path / f"{anchor}")
+        assert result.losses[-1] < result.losses[0]  # the anchor does not stop learning
+        trained = Encoder(tokenizer, _load(result.model_dir).eval(), 16, 32)
+        return float(np.mean(1 - np.sum(trained.encode(questions) * before, axis=1)))
+
+    assert moved(10.0) < 0.5 * moved(0.0)
 
 
 def test_resume_after_a_cancel_continues_from_the_saved_step(tokenizer, tmp_path):
