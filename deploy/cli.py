@@ -51,6 +51,11 @@ class CLIError(RuntimeError):
     """A failure to report as one line, exit code 1."""
 
 
+def versus_serving(evaluated: str, serving: str) -> str:
+    """The evaluated version's name, with the serving one beside it when they differ."""
+    return evaluated if evaluated == serving else f"{evaluated} (serving: {serving})"
+
+
 def _out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
@@ -373,7 +378,7 @@ def cmd_eval_retrieval(settings: Settings, args: argparse.Namespace) -> None:
         raise CLIError(str(exc)) from None
     serving = registry.view().retriever.serving or "base"
     evaluated = "base" if chosen is None else chosen.version
-    _out(f"retriever {evaluated}" + ("" if evaluated == serving else f" (serving: {serving})"))
+    _out(f"retriever {versus_serving(evaluated, serving)}")
     _out(report.table())
     output = (Path(args.output) if args.output else
               settings.home / "eval" / f"retrieval-{report.dataset}-{report.split}.json")

@@ -456,9 +456,8 @@ def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
         raise cli.CLIError(str(exc)) from None
     serving = {k: getattr(registry.view(), k).serving or "base" for k in ("retriever",
                                                                          "generator")}
-    generator = serving["generator"]
-    if args.generator is not None and args.generator != generator:
-        generator = f"{args.generator} (serving: {generator})"
+    evaluated = {**serving, "generator": args.generator or serving["generator"]}
+    generator = cli.versus_serving(evaluated["generator"], serving["generator"])
     what = ", ".join([*([f"{args.split} split"] if names else []),
                       *([Path(args.data).name] if args.data else [])])
     cli._out(report.table(f"{what}; retriever {serving['retriever']}, "
@@ -467,7 +466,6 @@ def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
                      *([Path(args.data).stem] if args.data else [])])
     output = Path(args.output) if args.output else settings.home / "eval" / f"qa-{stem}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    evaluated = {**serving, "generator": args.generator or serving["generator"]}
     output.write_text(json.dumps({"serving": serving, "evaluated": evaluated,
                                   **report.to_json()}, indent=2) + "\n")
     cli._out(f"results written to {output}")

@@ -166,13 +166,13 @@ class RetrieverTrainConfig(BaseModel):
     max_length: int = 256
     crop_min: float = 0.1
     crop_max: float = 0.5
-    anchor: float = 1.0  # the "query" mode default; see ANCHOR_BY_MODE and _default_anchor
+    anchor: float = ANCHOR_BY_MODE["query"]  # filled in by mode: see _default_anchor
 
     @model_validator(mode="before")
     @classmethod
     def _default_anchor(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("anchor") is None:
-            mode = data.get("mode", "query")
+            mode = data.get("mode", cls.model_fields["mode"].default)
             if mode in ANCHOR_BY_MODE:  # an unknown mode is refused by name below
                 data = {**data, "anchor": ANCHOR_BY_MODE[mode]}
         return data
