@@ -292,7 +292,7 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _average(settings: Settings, args: argparse.Namespace, state: dict | None) -> None:
-    """``ragtune models average generator VERSION VERSION [...]``: the uniform soup of
+    """``ragtune models average retriever|generator VERSION VERSION [...]``: the uniform soup of
     registered versions (``services/trainer/soup.py``), registered as the next version, not
     serving; ``models promote`` serves it."""
     versions = list(dict.fromkeys(args.versions))
@@ -532,7 +532,7 @@ def add_parsers(sub) -> None:
     average = models_sub.add_parser(
         "average", help="register the uniform average (soup) of two or more versions' weights "
                         "as a new version, not serving")
-    average.add_argument("kind", choices=("generator",))
+    average.add_argument("kind", choices=("retriever", "generator"))
     average.add_argument("versions", nargs="+", help="e.g. v0002 v0003: runs fine-tuned from "
                                                      "the same model (different seeds)")
     interpolate = models_sub.add_parser(

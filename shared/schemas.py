@@ -627,10 +627,12 @@ class PruneResult(Wire):
 
 
 class AverageRequest(Wire):
-    kind: Literal["generator"]
+    kind: Literal["retriever", "generator"]
     versions: list[str] = Field(min_length=2, max_length=16,
                                 description="registered versions fine-tuned from the same "
-                                            "model, e.g. [\"v0002\", \"v0003\"]")
+                                            "model, e.g. [\"v0002\", \"v0003\"] (retrievers: "
+                                            "also in the same mode, against the same passage "
+                                            "vectors)")
 
 
 class AverageResult(Wire):

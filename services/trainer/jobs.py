@@ -36,7 +36,12 @@ from services.trainer.rerank_distill import (
     distill_retriever,
     reader_loglik,
 )
-from services.trainer.retriever import RetrieverTrainConfig, pretrain_retriever, train_retriever
+from services.trainer.retriever import (
+    RetrieverTrainConfig,
+    dev_metrics,
+    pretrain_retriever,
+    train_retriever,
+)
 from services.trainer.soup import average_models
 from shared import datasets
 from shared.datasets import QAItem
@@ -186,25 +191,12 @@ def _retrieval(settings: Settings, registry: Registry, corpus: list[Document], d
 Context = dict[str, Any]
 
 
-def run_retriever(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
-                  ) -> list[Output]:
-    config: RetrieverTrainConfig = p.config
-    registry = Registry(settings.checkpoint_dir)
-    device, _ = loop.pick_device(settings.trainer.device)
-    corpus = job_corpus(p.job, settings)
-    passage_encoder, passage_version, _, _ = serving_encoders(settings, registry, device)
-    result = train_retriever(config, passage_encoder, p.splits["train"], p.splits["dev"], corpus,
-                             run_dir, progress, should_stop,
-                             cache_dir=settings.home / "cache")
-    keep = None if result.reindex or passage_version is None else passage_version.version
-    return [Output("retriever", result.model_dir, keep)]
-
-
-class GeneratorJobConfig(GeneratorTrainConfig):
-    """A ``generator`` job: one fine-tuning run, or with ``seeds`` one run per training seed
-    (example order, abstention picks, dev sample; the split stays the job's), averaged into
-    one model, a uniform soup (``services/trainer/soup.py``; README: the soup of two seeds met
-    every capital target where neither seed did)."""
+class SeededRuns(BaseModel):
+    """``seeds``: train once per seed (example order, negatives or abstention picks, dev
+    sample; the split stays the job's) and register the uniform average of the runs, a soup
+    (``services/trainer/soup.py``). README, Training: the soup of two generator seeds met every
+    capital target where neither seed did; the soup of three query-encoder seeds kept the
+    capitals that one run in several loses."""
 
     seeds: list[int] | None = Field(None, min_length=2, max_length=8,
                                     description="train once per seed and register the average "
@@ -218,6 +210,80 @@ class GeneratorJobConfig(GeneratorTrainConfig):
         return seeds
 
 
+def _one_run_per_seed(config: BaseModel, run_class: type[BaseModel]) -> list[BaseModel]:
+    """``config`` (a ``SeededRuns``) as one ``run_class`` config per seed."""
+    seeds = config.seeds or [config.seed]
+    return [run_class.model_validate({**config.model_dump(exclude={"seeds"}), "seed": seed})
+            for seed in seeds]
+
+
+def _seed_progress(progress: loop.ProgressFn, seed: int, n: int, runs: int,
+                   last: list[loop.Progress]) -> loop.ProgressFn:
+    """``progress`` with "seed S, N of RUNS" as the phase (before the run's own phase, if it
+    has one); ``last`` keeps the latest step, without metrics, for the soup's reports."""
+    if runs == 1:
+        return progress
+    label = f"seed {seed}, {n} of {runs}"
+
+    def report(step: loop.Progress) -> None:
+        progress(replace(step, phase=f"{label}: {step.phase}" if step.phase else label))
+        last[:] = [replace(step, metrics={})]
+    return report
+
+
+def _soup_note(seeds: list[int], metrics: dict[str, Any], measured_on: str) -> str:
+    """The job's note on its soup: what it averages, where its metrics come from."""
+    dev = f"its dev metrics {measured_on}" if metrics else "not evaluated (no dev question)"
+    return f"the version is the average of the runs of seeds {', '.join(map(str, seeds))}; {dev}"
+
+
+class RetrieverJobConfig(RetrieverTrainConfig, SeededRuns):
+    """A ``retriever`` job: one fine-tuning run, or with ``seeds`` one run per seed averaged
+    into one encoder (``SeededRuns``)."""
+
+
+def run_retriever(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
+                  ) -> list[Output]:
+    """One run into ``run_dir``; with ``seeds``, one run per seed into ``run_dir/seed-N``
+    (each resumable on its own) and their soup, evaluated on dev against the passage vectors
+    it serves with (the serving ones in "query" mode, the corpus embedded again in "both")."""
+    config: RetrieverJobConfig = p.config
+    registry = Registry(settings.checkpoint_dir)
+    device, _ = loop.pick_device(settings.trainer.device)
+    corpus = job_corpus(p.job, settings)
+    passage_encoder, passage_version, _, _ = serving_encoders(settings, registry, device)
+    runs = _one_run_per_seed(config, RetrieverTrainConfig)
+    results = []
+    last: list[loop.Progress] = []
+    for n, one in enumerate(runs, start=1):
+        results.append(train_retriever(
+            one, passage_encoder, p.splits["train"], p.splits["dev"], corpus,
+            run_dir if len(runs) == 1 else run_dir / f"seed-{one.seed}",
+            _seed_progress(progress, one.seed, n, len(runs), last), should_stop,
+            cache_dir=settings.home / "cache"))
+    keep = None if results[0].reindex or passage_version is None else passage_version.version
+    if len(results) == 1:
+        return [Output("retriever", results[0].model_dir, keep)]
+    soup = average_models([r.model_dir for r in results], run_dir / loop.MODEL_DIR)
+    if last:
+        progress(replace(last[0], phase="soup: dev evaluation"))
+    encoder = Encoder.from_settings(settings, str(soup))
+    encoder.model.to(device)
+    vectors = (corpus_embeddings(encoder, corpus, None, progress=True) if results[0].reindex
+               else corpus_embeddings(passage_encoder, corpus, settings.home / "cache"))
+    metrics = dev_metrics(encoder, vectors, corpus, p.splits["dev"])
+    _record_metrics(soup, {"best": metrics})
+    if last and metrics:
+        progress(replace(last[0], phase=None, metrics=metrics))
+    note = _soup_note([r.seed for r in runs], metrics, "on the job's dev split")
+    return [Output("retriever", soup, keep, note=note)]
+
+
+class GeneratorJobConfig(GeneratorTrainConfig, SeededRuns):
+    """A ``generator`` job: one fine-tuning run, or with ``seeds`` one run per training seed
+    averaged into one model (``SeededRuns``)."""
+
+
 def run_generator(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
                   ) -> list[Output]:
     """One run into ``run_dir``; with ``seeds``, one run per seed into ``run_dir/seed-N``
@@ -227,24 +293,16 @@ def run_generator(p: Prepared, settings: Settings, run_dir: Path, progress, shou
     registry = Registry(settings.checkpoint_dir)
     device, _ = loop.pick_device(config.device)
     corpus = job_corpus(p.job, settings)
-    seeds = config.seeds or [config.seed]
-    runs = [GeneratorTrainConfig.model_validate({**config.model_dump(exclude={"seeds"}),
-                                                 "seed": seed}) for seed in seeds]
+    runs = _one_run_per_seed(config, GeneratorTrainConfig)
     folders: list[Path] = []
     last: list[loop.Progress] = []
     with _retrieval(settings, registry, corpus, device) as retrieval:
         for n, one in enumerate(runs, start=1):
-            report = progress
-            if len(runs) > 1:
-                label = f"seed {one.seed}, {n} of {len(runs)}"
-
-                def report(step: loop.Progress, label: str = label) -> None:
-                    progress(replace(step, phase=label))
-                    last[:] = [replace(step, metrics={})]
             model, tokenizer = serving_generator(settings, registry)  # each seed starts afresh
             result = train_generator(
                 one, model, tokenizer, p.splits["train"], p.splits["dev"], retrieval,
-                run_dir if len(runs) == 1 else run_dir / f"seed-{one.seed}", progress=report,
+                run_dir if len(runs) == 1 else run_dir / f"seed-{one.seed}",
+                progress=_seed_progress(progress, one.seed, n, len(runs), last),
                 should_stop=should_stop)
             folders.append(result.model_dir)
             del model
@@ -256,15 +314,19 @@ def run_generator(p: Prepared, settings: Settings, run_dir: Path, progress, shou
         model, tokenizer = serving_generator(settings, registry)
         load_weights(model, soup)
         metrics = evaluate_generator(runs[0], model, tokenizer, p.splits["dev"], retrieval)
-    meta = loop.read_meta(soup)
-    meta["metrics"] = metrics
-    (soup / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    _record_metrics(soup, metrics)
     if last and metrics:
         progress(replace(last[0], phase=None, metrics=metrics))
-    dev = (f"its dev metrics on seed {seeds[0]}'s dev sample, as that run measured its own"
-           if metrics else "not evaluated (no dev question)")
-    note = f"the version is the average of the runs of seeds {', '.join(map(str, seeds))}; {dev}"
+    note = _soup_note([r.seed for r in runs], metrics,
+                      f"on seed {runs[0].seed}'s dev sample, as that run measured its own")
     return [Output("generator", soup, note=note)]
+
+
+def _record_metrics(model_dir: Path, metrics: dict[str, Any]) -> None:
+    """Write ``metrics`` into the saved model's ``ragtune.json`` (what the registry records)."""
+    meta = loop.read_meta(model_dir)
+    meta["metrics"] = metrics
+    (model_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def run_joint(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
@@ -476,9 +538,7 @@ def run_continual(p: Prepared, settings: Settings, run_dir: Path, progress, shou
     promote, reason = continual.gate(candidate, serving, config.tolerance)
     metrics = {**{f"serving_{k}": v for k, v in serving.items()},
                **{f"candidate_{k}": v for k, v in candidate.items()}}
-    meta = loop.read_meta(result.model_dir)
-    meta["metrics"] = metrics
-    (result.model_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    _record_metrics(result.model_dir, metrics)
     (run_dir / GATE_FILE).write_text(json.dumps(
         {"promote": promote, "reason": reason, "tolerance": config.tolerance,
          "regression_items": len(regression), "new_items": len(new), **metrics}, indent=1))
@@ -492,7 +552,7 @@ def run_continual(p: Prepared, settings: Settings, run_dir: Path, progress, shou
 # kind -> (config class validated from the job's params, runner)
 Runner = Callable[[Prepared, Settings, Path, loop.ProgressFn, Callable[[], bool]], list[Output]]
 KINDS: dict[str, tuple[type[BaseModel], Runner]] = {
-    "retriever": (RetrieverTrainConfig, run_retriever),
+    "retriever": (RetrieverJobConfig, run_retriever),
     "generator": (GeneratorJobConfig, run_generator),
     "pretrain": (PretrainParams, run_pretrain),
     "joint": (JointTrainConfig, run_joint),

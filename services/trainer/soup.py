@@ -1,11 +1,13 @@
-"""Model soups: one generator whose weights are the average of several fine-tuned ones.
+"""Model soups: one model whose weights are the average of several fine-tuned ones.
 
 Fine-tuning one base model twice with different seeds (example order, abstention picks, dev
 sample) ends in two nearby points of the same low-loss region; their element-wise mean, a
 *uniform soup* (Wortsman et al. 2022, "Model soups"), is often better than either run and
 costs nothing at serving time: it is one model of the same size. On the packaged data the soup
 of the seed-0 and seed-1 SmolLM2 runs of ``bench/train_generator.py`` is better than each seed
-on the test split's capitals (see the README, Training).
+on the test split's capitals, and the soup of three query-encoder runs keeps the capitals that
+one run in several loses (see the README, Training). Generators and retrievers (encoders)
+alike: a folder's ``ragtune.json`` says which.
 
     average_models([run_a / "model", run_b / "model"], out_dir)
     interpolate(base_dir, run_a / "model", 0.5, out_dir)   # WiSE-FT: halfway back to the base
@@ -28,15 +30,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+)
 
 from services.trainer import loop
 from shared.registry import META_FILE, Registry, RegistryError
 from shared.schemas import ModelVersion
 
 # ragtune.json fields that must agree for two folders to be averaged: the model they were
-# fine-tuned from and the answer format serving expects of it.
-SAME_META = ("kind", "base_model", "seq2seq", "target_format", "no_answer")
+# fine-tuned from, the answer format serving expects of a generator, and which side of a
+# retriever was trained against which passage vectors, and how it pools.
+SAME_META = ("kind", "base_model", "seq2seq", "target_format", "no_answer", "mode", "pooling")
 
 
 class SoupError(ValueError):
@@ -63,10 +72,11 @@ def average_models(sources: Sequence[Path], out: Path) -> Path:
                 raise SoupError(f"{source} and {sources[0]} differ in {key} "
                                 f"({meta.get(key)!r} vs {metas[0].get(key)!r}): only runs "
                                 f"fine-tuned from the same model can be averaged")
-    model = _load(sources[0])
+    kind = metas[0].get("kind")
+    model = _load(sources[0], kind)
     total = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     for source in sources[1:]:
-        state = _load(source).state_dict()
+        state = _load(source, kind).state_dict()
         _check_alike(state, source, total, sources[0])
         for name, value in state.items():
             if value.is_floating_point():
@@ -88,9 +98,16 @@ def average_versions(registry: Registry, kind: str, versions: Sequence[str]) -> 
     versions = list(dict.fromkeys(versions))
     if len(versions) < 2:
         raise RegistryError("name two or more different versions to average")
-    folders = [registry.path_of(registry.get(kind, v)) for v in versions]
+    records = [registry.get(kind, v) for v in versions]
+    against = {r.passage_version for r in records}
+    if len(against) > 1:  # query encoders trained against different passage vectors
+        raise RegistryError(f"{', '.join(versions)} were trained against the passage vectors "
+                            f"of different versions ({', '.join(sorted(map(str, against)))}): "
+                            f"only retrievers trained against the same ones can be averaged")
+    folders = [registry.path_of(r) for r in records]
     return _register_made(registry, kind, lambda out: average_models(folders, out),
-                          f"the average of {', '.join(versions)}")
+                          f"the average of {', '.join(versions)}",
+                          passage_version=records[0].passage_version)
 
 
 def interpolate(base: Path, tuned: Path, alpha: float, out: Path) -> Path:
@@ -114,8 +131,8 @@ def interpolate(base: Path, tuned: Path, alpha: float, out: Path) -> Path:
     meta = _meta(tuned)
     if not (base / "config.json").is_file():
         raise SoupError(f"{base} is not a model folder (no config.json)")
-    model = _load(tuned)
-    start = _load(base).state_dict()
+    model = _load(tuned, meta.get("kind"))
+    start = _load(base, meta.get("kind")).state_dict()
     state = model.state_dict()
     _check_alike(start, base, {k: v.float() for k, v in state.items()}, tuned)
     model.load_state_dict({
@@ -143,13 +160,15 @@ def interpolate_version(registry: Registry, kind: str, version: str, alpha: floa
 
 
 def _register_made(registry: Registry, kind: str, make: Callable[[Path], Path],
-                   made_from: str) -> ModelVersion:
+                   made_from: str, passage_version: str | None = None) -> ModelVersion:
     """Register as the next version of ``kind`` the folder ``make(out)`` saves (``out`` in a
-    work folder inside the checkpoint root, deleted afterwards), recorded as ``made_from``;
-    a ``SoupError`` becomes a ``RegistryError`` with its reason."""
+    work folder inside the checkpoint root, deleted afterwards), recorded as ``made_from``
+    (and a query encoder's ``passage_version``); a ``SoupError`` becomes a ``RegistryError``
+    with its reason."""
     work = registry.run_dir(f"made-{uuid.uuid4().hex[:12]}")
     try:
-        return registry.register(kind, make(work / "model"), made_from=made_from)
+        return registry.register(kind, make(work / "model"), made_from=made_from,
+                                 passage_version=passage_version)
     except SoupError as exc:
         raise RegistryError(str(exc)) from None
     finally:
@@ -189,7 +208,10 @@ def _meta(folder: Path) -> dict[str, Any]:
     return loop.read_meta(folder)
 
 
-def _load(folder: Path):
+def _load(folder: Path, kind: str | None):
+    """The model in ``folder`` in fp32: an encoder for a retriever, else a generator."""
+    if kind == "retriever":
+        return AutoModel.from_pretrained(folder, dtype=torch.float32)
     config = AutoConfig.from_pretrained(folder)
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     return cls.from_pretrained(folder, dtype=torch.float32)

@@ -302,6 +302,24 @@ def test_models_average_registers_the_soup_of_two_versions_not_serving(tmp_path)
         assert "Traceback" not in result.stderr
 
 
+def test_models_average_takes_retriever_versions_too(tmp_path):
+    from services.trainer import loop
+    from shared.registry import Registry
+    from tests.tiny import bpe_tokenizer, tiny_bert
+
+    tok = bpe_tokenizer()
+    registry = Registry(tmp_path / "home" / "checkpoints")
+    for seed in (0, 1):
+        folder = loop.save_model(tmp_path / f"run{seed}", tiny_bert(tok, seed=seed), tok,
+                                 {"kind": "retriever", "base_model": "tiny", "mode": "query",
+                                  "metrics": {}})
+        registry.register("retriever", folder)
+    result = ragtune("models", "average", "retriever", "v0001", "v0002", home=tmp_path / "home")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "registered retriever/v0003: the average of v0001, v0002" in result.stdout
+    assert registry.serving("retriever") is None
+
+
 def test_models_interpolate_moves_a_version_towards_the_base_generator(tmp_path):
     from services.trainer import loop
     from shared.registry import Registry

@@ -134,12 +134,44 @@ def test_a_generator_job_with_seeds_trains_each_and_registers_their_soup(setting
     assert not any(p.name == "model" for p in run_dir.rglob("*"))
 
 
+def test_a_retriever_job_with_seeds_registers_the_soup_of_its_runs(settings, data_file):
+    trainer = TrainerService(settings)
+    seen = []
+    status = trainer.run(job("retriever", data_file).model_copy(update={"params": {
+        **QUICK["retriever"], "seeds": [3, 5]}}), on_status=seen.append)
+    assert status.state == "done", status.error
+    assert status.versions == ["retriever/v0001"]  # the soup alone
+    assert status.note == ("the version is the average of the runs of seeds 3, 5; its dev "
+                           "metrics on the job's dev split")
+    phases = list(dict.fromkeys(s.phase for s in seen if s.phase))
+    assert phases[0] == "seed 3, 1 of 2: encoding the corpus"
+    assert {"seed 3, 1 of 2", "seed 5, 2 of 2: mining hard negatives"} <= set(phases)
+    assert phases[-1] == "soup: dev evaluation" and seen[-1].phase is None
+    registry = Registry(settings.checkpoint_dir)
+    version = registry.get("retriever", "v0001")
+    assert not version.reindex and version.passage_version is None  # query mode, base vectors
+    meta = json.loads((registry.path_of(version) / "ragtune.json").read_text())
+    run_dir = registry.run_dir(status.job_id)
+    assert meta["soup_of"] == [str(run_dir / f"seed-{s}" / "model") for s in (3, 5)]
+    assert meta["kind"] == "retriever" and meta["mode"] == "query"
+    # the soup's own dev evaluation: the version's metrics, and the job's last ones
+    assert set(version.metrics) == {f"best.{m}" for m in ("recall@1", "recall@5", "mrr@10",
+                                                          "ndcg@10")}
+    assert status.metrics == pytest.approx({k.removeprefix("best."): v
+                                            for k, v in version.metrics.items()})
+    for seed in (3, 5):  # each run's record stays, its model goes (the soup is registered)
+        record = json.loads((run_dir / f"seed-{seed}" / "report.json").read_text())
+        assert record["config"]["seed"] == seed
+    assert not any(p.name == "model" for p in run_dir.rglob("*"))
+
+
 @pytest.mark.parametrize(("kind", "params", "message"), [
     ("retriever", {"temperature": 0}, "temperature"),
     ("generator", {"lr": -1}, "params: lr"),
     ("generator", {"epoch": 2}, "params: epoch: Extra inputs are not permitted"),
     ("generator", {"seeds": [1]}, "params: seeds: List should have at least 2 items"),
     ("generator", {"seeds": [1, 1]}, "params: seeds: Value error, seeds must differ"),
+    ("retriever", {"seeds": [2, 2]}, "params: seeds: Value error, seeds must differ"),
     ("joint", {"variant": "tokens"}, "variant"),
     ("pretrain", {"target": "everything"}, "target"),
 ])

@@ -1,4 +1,5 @@
-"""Model soups (services/trainer/soup.py): the average of fine-tuned generators' weights."""
+"""Model soups (services/trainer/soup.py): the average of fine-tuned generators' or
+retrievers' weights."""
 
 from __future__ import annotations
 
@@ -6,12 +7,18 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
 from services.trainer import loop
-from services.trainer.soup import SoupError, average_models, interpolate, interpolate_version
+from services.trainer.soup import (
+    SoupError,
+    average_models,
+    average_versions,
+    interpolate,
+    interpolate_version,
+)
 from shared.registry import Registry, RegistryError
-from tests.tiny import bpe_tokenizer, tiny_llama, tiny_t5
+from tests.tiny import bpe_tokenizer, tiny_bert, tiny_llama, tiny_t5
 
 META = {"kind": "generator", "base_model": "tiny", "seq2seq": False,
         "target_format": "<answer> [n]", "no_answer": "I don't know.", "step": 7,
@@ -120,3 +127,33 @@ def test_a_registered_version_is_interpolated_into_a_new_version_not_serving(tmp
     assert [v.version for v in registry.view().generator.versions] == [
         "v0001", "v0002", "v0003", "v0004"]
     assert not list((tmp_path / "checkpoints" / "runs").iterdir())  # work folders gone
+
+
+RETRIEVER = {"kind": "retriever", "base_model": "tiny-bert", "mode": "query", "pooling": "mean",
+             "reindex": False, "step": 3, "metrics": {"best": {"mrr@10": 0.5}}}
+
+
+def test_retriever_versions_average_into_an_encoder_against_the_same_passage_vectors(tmp_path,
+                                                                                    tok):
+    encoders = [tiny_bert(tok, seed=s) for s in range(3)]
+    registry = Registry(tmp_path / "checkpoints")
+    for n, encoder in enumerate(encoders):
+        folder = loop.save_model(tmp_path / f"run{n}", encoder, tok,
+                                 {**RETRIEVER, "mode": "both" if n == 2 else "query"})
+        registry.register("retriever", folder, passage_version="v0009" if n < 2 else None)
+    made = average_versions(registry, "retriever", ["v0001", "v0002"])
+    assert made.version == "v0004" and registry.serving("retriever") is None
+    assert made.passage_version == "v0009" and not made.reindex  # served as its runs were
+    assert made.made_from == "the average of v0001, v0002"
+    got = AutoModel.from_pretrained(registry.path_of(made)).state_dict()
+    for name, value in got.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (encoders[0].state_dict()[name]
+                                               + encoders[1].state_dict()[name]) / 2)
+    meta = json.loads((registry.path_of(made) / "ragtune.json").read_text())
+    assert meta["kind"] == "retriever" and meta["metrics"] == {}
+    with pytest.raises(RegistryError, match="passage vectors of different versions"):
+        average_versions(registry, "retriever", ["v0001", "v0003"])
+    v3 = registry.path_of(registry.get("retriever", "v0003"))
+    with pytest.raises(SoupError, match="differ in mode"):  # a query and a both encoder
+        average_models([registry.path_of(made), v3], tmp_path / "soup")
