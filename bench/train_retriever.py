@@ -1,7 +1,7 @@
 """Retriever fine-tuning on the packaged data: base MiniLM against the fine-tuned one.
 
     python bench/train_retriever.py [--device auto] [--mode query|both|all] [--epochs N]
-                                    [--max-steps N] [--anchor W] [--seed N] [--quick]
+                                    [--max-steps N] [--anchor W] [--seed N [N ...]] [--quick]
                                     [--out PATH] [--cache DIR]
 
 On a GPU the whole run (both modes, full corpus) takes a few minutes at most. On a 2-core CPU,
@@ -36,6 +36,10 @@ training), whole run 89 s:
 On fanout the gain holds for questions whose document no training question names (31:
 .806 -> .903 query, .935 both), not only for the 44 whose document one does.
 
+With two or more seeds (``--seed 0 1 2``) each mode trains once per seed and the table adds
+their uniform weight average (``services/trainer/soup.py``, what a retriever job with
+``seeds`` registers) as one more row, with its dev metrics printed.
+
 ``--quick`` is for a CPU: the corpus is the documents the questions need plus a seeded
 sample (1,000 in all), "query" mode only unless --mode says otherwise, training stops after
 30 steps. Numbers from it are not comparable with the full-corpus ones. Results go to
@@ -65,7 +69,8 @@ from services.evaluation.retrieval import corpus_embeddings, dense_search, score
 from services.ranker.fusion import fuse
 from services.sparse.service import SparseService
 from services.trainer import loop
-from services.trainer.retriever import RetrieverTrainConfig, train_retriever
+from services.trainer.retriever import RetrieverTrainConfig, dev_metrics, train_retriever
+from services.trainer.soup import average_models
 from shared.datasets import QAItem, load_corpus, load_qa_jsonl, load_split
 from shared.models.encoder import Encoder
 from shared.schemas import Document, Hit, IngestBatch, SearchRequest
@@ -158,6 +163,44 @@ def load_encoder(model_dir: Path, base: Encoder, device: torch.device) -> Encode
                    base.max_length, base.pooling)
 
 
+def train_run(config: RetrieverTrainConfig, base: Encoder, train: Sequence[QAItem],
+              dev: Sequence[QAItem], corpus: Sequence[Document], base_vectors: np.ndarray,
+              cache: Path, run_dir: Path) -> dict:
+    """One fine-tuning run; what the report keeps of it, with its ``model_dir``."""
+    ticks: list[tuple[float, bool]] = []
+    t0 = time.perf_counter()
+    result = train_retriever(
+        config, base, train, dev, corpus, run_dir, doc_vectors=base_vectors, cache_dir=cache,
+        progress=lambda p: ticks.append((time.perf_counter(), bool(p.metrics))))
+    train_s = time.perf_counter() - t0
+    # Step throughput: the intervals between progress reports without an evaluation.
+    step_s = [b[0] - a[0] for a, b in zip(ticks, ticks[1:], strict=False) if not b[1]]
+    per_s = config.batch_size * len(step_s) / sum(step_s) if step_s else float("nan")
+    print(f"{config.mode} seed {config.seed}: {result.steps} steps, {result.examples_seen} "
+          f"questions in {train_s:.1f} s (mining and dev evaluations included; training "
+          f"steps alone {per_s:.1f} questions/s), best dev MRR@10 "
+          f"{result.metrics.get('mrr@10', float('nan')):.3f} at step {result.best_step}")
+    return {"model_dir": result.model_dir, "config": config.model_dump(),
+            "steps": result.steps, "best_step": result.best_step, "dev_best": result.metrics,
+            "dev_history": result.history, "train_s": round(train_s, 1),
+            "questions_per_s_steps_only": round(per_s, 1),
+            "questions_seen": result.examples_seen, "first_losses": result.losses[:5],
+            "last_losses": result.losses[-5:], "skipped_questions": result.skipped}
+
+
+def reembed(encoder: Encoder, mode: str, corpus: Sequence[Document], base_vectors: np.ndarray,
+            record: dict) -> np.ndarray:
+    """The document vectors ``encoder`` is served with: the base's in "query" mode, else the
+    corpus embedded again (its time goes into ``record``)."""
+    if mode == "query":
+        return base_vectors
+    t0 = time.perf_counter()
+    vectors = corpus_embeddings(encoder, corpus, None, progress=False)
+    record["reindex_s"] = round(time.perf_counter() - t0, 1)
+    print(f"corpus re-embedded in {record['reindex_s']:.1f} s")
+    return vectors
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -172,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--anchor", type=float, default=None,
                         help="weight of the anchor penalty (default: the config's; 0: none)")
-    parser.add_argument("--seed", type=int, default=None, help="default: the config's")
+    parser.add_argument("--seed", type=int, nargs="+", default=None,
+                        help="default: the config's; two or more: one run per seed, and "
+                             "their average (soup) beside them")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_CORPUS} documents, {QUICK_STEPS} steps: for a CPU")
     parser.add_argument("--cache", type=Path, default=None,
@@ -221,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in {"lr": args.lr, "hard_negatives": args.hard_negatives,
                                    "negatives": args.negatives,
                                    "temperature": args.temperature,
-                                   "anchor": args.anchor, "seed": args.seed}.items()
+                                   "anchor": args.anchor}.items()
                  if v is not None}
+    seeds = args.seed or [RetrieverTrainConfig.model_fields["seed"].default]
     max_steps = QUICK_STEPS if args.quick and args.max_steps is None else args.max_steps
     runs = {}
     mode_arg = args.mode or ("query" if args.quick else "all")
@@ -230,42 +276,32 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-retriever-") as tmp:
         run_root = args.run_dir if args.run_dir is not None else Path(tmp)
         for mode in modes:
-            config = RetrieverTrainConfig(
-                mode=mode, epochs=args.epochs, max_steps=max_steps, eval_steps=10,
-                save_steps=10_000, warmup_steps=5, **overrides)
-            ticks: list[tuple[float, bool]] = []
-            t0 = time.perf_counter()
-            result = train_retriever(
-                config, base, train, dev, corpus, run_root / mode, doc_vectors=base_vectors,
-                cache_dir=cache,
-                progress=lambda p, ticks=ticks: ticks.append((time.perf_counter(),
-                                                              bool(p.metrics))))
-            train_s = time.perf_counter() - t0
-            # Step throughput: the intervals between progress reports without an evaluation.
-            step_s = [b[0] - a[0] for a, b in zip(ticks, ticks[1:], strict=False) if not b[1]]
-            per_s = config.batch_size * len(step_s) / sum(step_s) if step_s else float("nan")
-            tuned = load_encoder(result.model_dir, base, device)
-            t0 = time.perf_counter()
-            vectors = (base_vectors if mode == "query"
-                       else corpus_embeddings(tuned, corpus, None, progress=False))
-            reindex_s = time.perf_counter() - t0
-            name = f"fine-tuned:{mode}"
-            rows[name] = {s: scores(tuned, vectors, corpus, test[s], sparse[s], weight,
-                                    seen_docs) for s in test}
-            runs[name] = {"config": config.model_dump(), "steps": result.steps,
-                          "best_step": result.best_step, "dev_best": result.metrics,
-                          "dev_history": result.history, "train_s": round(train_s, 1),
-                          "reindex_s": round(reindex_s, 1),
-                          "questions_per_s_steps_only": round(per_s, 1),
-                          "questions_seen": result.examples_seen,
-                          "first_losses": result.losses[:5], "last_losses": result.losses[-5:],
-                          "skipped_questions": result.skipped}
-            print(f"{name}: {result.steps} steps, {result.examples_seen} questions in "
-                  f"{train_s:.1f} s (mining and dev evaluations included; training steps "
-                  f"alone {per_s:.1f} questions/s), best dev MRR@10 "
-                  f"{result.metrics.get('mrr@10', float('nan')):.3f} "
-                  f"at step {result.best_step}" + (f", corpus re-embedded in {reindex_s:.1f} s"
-                                                   if mode == "both" else ""))
+            folders = []
+            for seed in seeds:
+                config = RetrieverTrainConfig(
+                    mode=mode, epochs=args.epochs, max_steps=max_steps, eval_steps=10,
+                    save_steps=10_000, warmup_steps=5, seed=seed, **overrides)
+                name = f"fine-tuned:{mode}" if len(seeds) == 1 else f"{mode} seed {seed}"
+                result = train_run(config, base, train, dev, corpus, base_vectors, cache,
+                                   run_root / (mode if len(seeds) == 1 else f"{mode}-{seed}"))
+                folders.append(result["model_dir"])
+                tuned = load_encoder(result.pop("model_dir"), base, device)
+                vectors = reembed(tuned, mode, corpus, base_vectors, result)
+                rows[name] = {s: scores(tuned, vectors, corpus, test[s], sparse[s], weight,
+                                        seen_docs) for s in test}
+                runs[name] = result
+            if len(folders) > 1:
+                name = f"{mode} soup"
+                soup = load_encoder(average_models(folders, run_root / f"{mode}-soup"), base,
+                                    device)
+                runs[name] = {"soup_of": seeds}
+                vectors = reembed(soup, mode, corpus, base_vectors, runs[name])
+                runs[name]["dev"] = dev_metrics(soup, vectors, corpus, dev)
+                rows[name] = {s: scores(soup, vectors, corpus, test[s], sparse[s], weight,
+                                        seen_docs) for s in test}
+                print(f"{name} of seeds {', '.join(map(str, seeds))}: dev MRR@10 "
+                      f"{runs[name]['dev']['mrr@10']:.3f}, recall@1 "
+                      f"{runs[name]['dev']['recall@1']:.3f}")
     wall = time.perf_counter() - started
     sizes = {s: len(t) for s, t in test.items()}
     print(table(rows, sizes))
