@@ -373,7 +373,8 @@ def cmd_eval_retrieval(settings: Settings, args: argparse.Namespace) -> None:
         passage_encoder, _, query_encoder, chosen = jobs.serving_encoders(
             settings, registry, device, args.retriever)
         report = evaluate(test, tune, passage_encoder, query_encoder=query_encoder,
-                          cache_dir=settings.home / "cache", candidates=args.candidates)
+                          cache_dir=settings.home / "cache", candidates=args.candidates,
+                          prefer_weight=settings.retrieval.weight)
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     serving = registry.view().retriever.serving or "base"

@@ -445,6 +445,7 @@ class Report:
     candidates: int
     results: list[ModeResult]
     seconds: dict[str, float]
+    prefer_weight: float = 0.5  # untuned weight, and where tuning weights tie
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -452,7 +453,8 @@ class Report:
     def table(self) -> str:
         """The results as a fixed-width text table, one row per mode."""
         tuned = (f"weights tuned on {self.tuned_on} ({self.tuning_queries} queries, "
-                 f"{TUNING_METRIC})" if self.tuned_on else "weights not tuned (no tuning split)")
+                 f"{TUNING_METRIC}; ties go to {self.prefer_weight:g})" if self.tuned_on
+                 else f"weights not tuned (no tuning split): {self.prefer_weight:g}")
         lines = [f"{self.dataset} / {self.split}: {self.queries} queries, {self.documents} "
                  f"documents, {self.candidates} candidates per retriever; {tuned}",
                  f"{'mode':<17}{'weight':>7}" + "".join(f"{m:>11}" for m in METRICS)]
@@ -473,10 +475,13 @@ def _mean_scores(rankings: Mapping[str, list[str]], rset: RetrievalSet,
 
 def evaluate(test: RetrievalSet, tune: RetrievalSet | None, encoder: Encoder, *,
              cache_dir: Path | None, candidates: int = 100, rrf_k: int = RRF_K,
-             progress: bool = True, query_encoder: Encoder | None = None) -> Report:
+             progress: bool = True, query_encoder: Encoder | None = None,
+             prefer_weight: float = 0.5) -> Report:
     """Every fusion mode on ``test``'s queries, weights tuned on ``tune`` (when given).
     ``encoder`` embeds the documents and, unless ``query_encoder`` is given (a retriever
-    fine-tuned on the query side only), the queries.
+    fine-tuned on the query side only), the queries. ``prefer_weight``: the weight used
+    without a tuning set, and where tuning weights score the same (``tune_weight``'s
+    ``prefer``; the CLI passes the serving weight).
 
     ``test`` and ``tune`` must share one corpus. Each retriever returns its top
     ``candidates`` (>= 10) before fusion; RRF uses ``rrf_k``. A tuning set without queries
@@ -491,7 +496,8 @@ def evaluate(test: RetrievalSet, tune: RetrievalSet | None, encoder: Encoder, *,
     if tune is not None and tune.corpus is not test.corpus and tune.corpus != test.corpus:
         raise ValueError("the tuning set has to share the reported set's corpus")
     if tune is not None and not tune.queries:
-        log.warning("the tuning split %s has no query: weights stay at 0.5", tune.split)
+        log.warning("the tuning split %s has no query: weights stay at %g", tune.split,
+                    prefer_weight)
         tune = None
     docs = test.corpus
     seconds: dict[str, float] = {}
@@ -529,7 +535,7 @@ def evaluate(test: RetrievalSet, tune: RetrievalSet | None, encoder: Encoder, *,
     for mode in ROW_ORDER:
         weight, tuning = None, None
         if mode in WEIGHTED_MODES:
-            weight = 0.5
+            weight = prefer_weight
             if tune is not None:
                 tuning = {}
 
@@ -538,10 +544,11 @@ def evaluate(test: RetrievalSet, tune: RetrievalSet | None, encoder: Encoder, *,
                     tuning[f"{w:g}"] = score
                     return score
 
-                weight = tune_weight(dev_score)
+                weight = tune_weight(dev_score, prefer=prefer_weight)
                 log.info("%s: weight %.1f (%s %s %.4f)", mode, weight, tune.split,
                          TUNING_METRIC, tuning[f"{weight:g}"])
-        means, per_query = _mean_scores(rankings(test, mode, 0.5 if weight is None else weight),
+        means, per_query = _mean_scores(rankings(test, mode,
+                                                 prefer_weight if weight is None else weight),
                                         test)
         results.append(ModeResult(mode=mode, metrics=means, weight=weight,
                                   k=rrf_k if mode == "rrf" else None, tuning=tuning,
@@ -550,4 +557,5 @@ def evaluate(test: RetrievalSet, tune: RetrievalSet | None, encoder: Encoder, *,
     return Report(dataset=test.name, split=test.split, tuned_on=tune.split if tune else None,
                   queries=len(test.queries), tuning_queries=len(tune.queries) if tune else 0,
                   documents=len(docs), candidates=candidates, results=results,
-                  seconds={k: round(v, 3) for k, v in seconds.items()})
+                  seconds={k: round(v, 3) for k, v in seconds.items()},
+                  prefer_weight=prefer_weight)

@@ -175,17 +175,18 @@ def fuse(mode: str, dense: list[Hit], sparse: list[Hit], *, k: int = RRF_K,
 
 
 def tune_weight(evaluate: Callable[[float], float],
-                grid: Iterable[float] = WEIGHT_GRID) -> float:
+                grid: Iterable[float] = WEIGHT_GRID, prefer: float = 0.5) -> float:
     """The weight of ``grid`` with the highest ``evaluate(weight)`` (e.g. dev-split nDCG@10).
 
-    Ties go to the weight closest to 0.5 (the least committed one), then to the smaller weight.
+    Ties go to the weight closest to ``prefer`` (0.5, the least committed one, unless the
+    caller has a better prior, e.g. the weight that serves), then to the smaller weight.
     Raises ValueError for an empty grid or a weight outside [0, 1]. Call it on a dev split,
     never on the split you report.
     """
     weights = list(grid)
     if not weights:
         raise ValueError("`grid` has to hold at least one weight, but is empty")
-    for w in weights:
+    for w in [*weights, prefer]:
         _check_weight(w)
     scored = [(evaluate(w), w) for w in weights]
-    return max(scored, key=lambda sw: (sw[0], -abs(sw[1] - 0.5), -sw[1]))[1]
+    return max(scored, key=lambda sw: (sw[0], -abs(sw[1] - prefer), -sw[1]))[1]

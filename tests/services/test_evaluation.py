@@ -251,6 +251,10 @@ def test_evaluate_without_a_tuning_set_keeps_weight_one_half(encoder):
     report = evaluate(test, None, encoder, cache_dir=None, candidates=10, progress=False)
     assert report.tuned_on is None and "weights not tuned" in report.table()
     assert {r.weight for r in report.results if r.mode.startswith("weighted_")} == {0.5}
+    served = evaluate(test, None, encoder, cache_dir=None, candidates=10, progress=False,
+                      prefer_weight=0.9)  # the CLI passes the serving weight
+    assert {r.weight for r in served.results if r.mode.startswith("weighted_")} == {0.9}
+    assert "weights not tuned (no tuning split): 0.9" in served.table()
     with pytest.raises(ValueError, match=r"`candidates` has to be at least 10 .*, but is 5"):
         evaluate(test, None, encoder, cache_dir=None, candidates=5)
 

@@ -205,6 +205,14 @@ def test_tune_weight_ties_go_to_the_weight_nearest_one_half():
     assert tune_weight(lambda w: 1.0, grid=(0.75, 0.25)) == 0.25  # equally near: smaller
 
 
+def test_tune_weight_ties_go_to_the_preferred_weight_when_one_is_given():
+    assert tune_weight(lambda w: 1.0, prefer=0.9) == 0.9
+    assert tune_weight(lambda w: 1.0 if w in (0.2, 0.7) else 0.0, prefer=0.1) == 0.2
+    assert tune_weight(lambda w: w, prefer=0.0) == 1.0  # a better score still wins
+    with pytest.raises(ValueError):
+        tune_weight(lambda w: 1.0, prefer=1.5)
+
+
 def test_tune_weight_tries_every_grid_weight_once():
     tried = []
     tune_weight(lambda w: tried.append(w) or 0.0)
