@@ -107,62 +107,54 @@ def test_every_kind_trains_registers_and_promotes(settings, data_file, kind):
     assert not any(p.name == "model" for p in registry.run_dir(status.job_id).rglob("*"))
 
 
-def test_a_generator_job_with_seeds_trains_each_and_registers_their_soup(settings, data_file):
-    trainer = TrainerService(settings)
+def run_seeds_job(settings, data_file, kind: str):
+    """A ``kind`` job with ``seeds: [3, 5]``, run to its end: (status, every status seen, its
+    soup's version record, the soup's ragtune.json, the job's run folder)."""
     seen = []
-    status = trainer.run(job("generator", data_file).model_copy(update={"params": {
-        **QUICK["generator"], "seeds": [3, 5]}}), on_status=seen.append)
+    status = TrainerService(settings).run(job(kind, data_file).model_copy(update={"params": {
+        **QUICK[kind], "seeds": [3, 5]}}), on_status=seen.append)
     assert status.state == "done", status.error
-    assert status.versions == ["generator/v0001"]  # the soup alone
-    assert status.note == ("the version is the average of the runs of seeds 3, 5; its dev "
-                           "metrics on seed 3's dev sample, as that run measured its own")
-    assert list(dict.fromkeys(s.phase for s in seen if s.phase)) == [
-        "seed 3, 1 of 2", "seed 5, 2 of 2", "soup: dev evaluation"]
-    assert seen[-1].phase is None
+    assert status.versions == [f"{kind}/v0001"]  # the soup alone
     registry = Registry(settings.checkpoint_dir)
-    version = registry.get("generator", "v0001")
+    version = registry.get(kind, "v0001")
     meta = json.loads((registry.path_of(version) / "ragtune.json").read_text())
-    # the soup's own dev evaluation: the version's metrics, and the job's last ones
-    assert {"em", "f1", "score", "dev_loss"} <= meta["metrics"].keys()
-    assert version.metrics == pytest.approx(status.metrics)
-    assert version.metrics["dev_loss"] == pytest.approx(meta["metrics"]["dev_loss"])
     run_dir = registry.run_dir(status.job_id)
     assert meta["soup_of"] == [str(run_dir / f"seed-{s}" / "model") for s in (3, 5)]
     for seed in (3, 5):  # each run's record stays, its model goes (the soup is registered)
         record = json.loads((run_dir / f"seed-{seed}" / "report.json").read_text())
         assert record["config"]["seed"] == seed and "seeds" not in record["config"]
     assert not any(p.name == "model" for p in run_dir.rglob("*"))
+    return status, seen, version, meta
+
+
+def test_a_generator_job_with_seeds_trains_each_and_registers_their_soup(settings, data_file):
+    status, seen, version, meta = run_seeds_job(settings, data_file, "generator")
+    assert status.note == ("the version is the average of the runs of seeds 3, 5; its dev "
+                           "metrics on seed 3's dev sample, as that run measured its own")
+    assert list(dict.fromkeys(s.phase for s in seen if s.phase)) == [
+        "seed 3, 1 of 2", "seed 5, 2 of 2", "soup: dev evaluation"]
+    assert seen[-1].phase is None
+    # the soup's own dev evaluation: the version's metrics, and the job's last ones
+    assert {"em", "f1", "score", "dev_loss"} <= meta["metrics"].keys()
+    assert version.metrics == pytest.approx(status.metrics)
+    assert version.metrics["dev_loss"] == pytest.approx(meta["metrics"]["dev_loss"])
 
 
 def test_a_retriever_job_with_seeds_registers_the_soup_of_its_runs(settings, data_file):
-    trainer = TrainerService(settings)
-    seen = []
-    status = trainer.run(job("retriever", data_file).model_copy(update={"params": {
-        **QUICK["retriever"], "seeds": [3, 5]}}), on_status=seen.append)
-    assert status.state == "done", status.error
-    assert status.versions == ["retriever/v0001"]  # the soup alone
+    status, seen, version, meta = run_seeds_job(settings, data_file, "retriever")
     assert status.note == ("the version is the average of the runs of seeds 3, 5; its dev "
                            "metrics on the job's dev split")
     phases = list(dict.fromkeys(s.phase for s in seen if s.phase))
     assert phases[0] == "seed 3, 1 of 2: encoding the corpus"
     assert {"seed 3, 1 of 2", "seed 5, 2 of 2: mining hard negatives"} <= set(phases)
     assert phases[-1] == "soup: dev evaluation" and seen[-1].phase is None
-    registry = Registry(settings.checkpoint_dir)
-    version = registry.get("retriever", "v0001")
     assert not version.reindex and version.passage_version is None  # query mode, base vectors
-    meta = json.loads((registry.path_of(version) / "ragtune.json").read_text())
-    run_dir = registry.run_dir(status.job_id)
-    assert meta["soup_of"] == [str(run_dir / f"seed-{s}" / "model") for s in (3, 5)]
     assert meta["kind"] == "retriever" and meta["mode"] == "query"
     # the soup's own dev evaluation: the version's metrics, and the job's last ones
     assert set(version.metrics) == {f"best.{m}" for m in ("recall@1", "recall@5", "mrr@10",
                                                           "ndcg@10")}
     assert status.metrics == pytest.approx({k.removeprefix("best."): v
                                             for k, v in version.metrics.items()})
-    for seed in (3, 5):  # each run's record stays, its model goes (the soup is registered)
-        record = json.loads((run_dir / f"seed-{seed}" / "report.json").read_text())
-        assert record["config"]["seed"] == seed
-    assert not any(p.name == "model" for p in run_dir.rglob("*"))
 
 
 @pytest.mark.parametrize(("kind", "params", "message"), [
