@@ -99,10 +99,10 @@ def average_versions(registry: Registry, kind: str, versions: Sequence[str]) -> 
     if len(versions) < 2:
         raise RegistryError("name two or more different versions to average")
     records = [registry.get(kind, v) for v in versions]
-    against = {r.passage_version for r in records}
+    against = sorted({r.passage_version or "base" for r in records})
     if len(against) > 1:  # query encoders trained against different passage vectors
         raise RegistryError(f"{', '.join(versions)} were trained against the passage vectors "
-                            f"of different versions ({', '.join(sorted(map(str, against)))}): "
+                            f"of different versions ({', '.join(against)}): "
                             f"only retrievers trained against the same ones can be averaged")
     folders = [registry.path_of(r) for r in records]
     return _register_made(registry, kind, lambda out: average_models(folders, out),
