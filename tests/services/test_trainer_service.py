@@ -246,11 +246,12 @@ def test_cancel_stops_a_job_and_keeps_it_resumable(settings, data_file):
     assert (trainer.registry.run_dir("long") / "state.pt").is_file()
 
 
+@pytest.mark.parametrize("kind", ["generator", "retriever"])
 def test_a_cancelled_seeds_job_resumes_without_training_a_finished_seed_again(settings,
-                                                                              data_file):
+                                                                              data_file, kind):
     trainer = TrainerService(settings)
-    seeds_job = job("generator", data_file, job_id="seeds").model_copy(update={"params": {
-        **QUICK["generator"], "max_steps": 4, "save_steps": 1, "seeds": [3, 5]}})
+    seeds_job = job(kind, data_file, job_id="seeds").model_copy(update={"params": {
+        **QUICK[kind], "max_steps": 4, "save_steps": 1, "seeds": [3, 5]}})
     trainer.submit(seeds_job)
 
     def on_status(status):
@@ -260,6 +261,8 @@ def test_a_cancelled_seeds_job_resumes_without_training_a_finished_seed_again(se
     assert trainer.run(seeds_job, on_status=on_status).state == "cancelled"
     seen = []
     status = trainer.run(seeds_job, on_status=seen.append)
-    assert status.state == "done" and status.versions == ["generator/v0001"]
-    # seed 3 was done
-    assert {s.phase for s in seen if s.phase} == {"seed 5, 2 of 2", "soup: dev evaluation"}
+    assert status.state == "done" and status.versions == [f"{kind}/v0001"]
+    # seed 3 was done: no step of it again; seed 5 goes on from its last state
+    assert not [s for s in seen if (s.phase or "").startswith("seed 3") and s.step > 0]
+    assert min(s.step for s in seen if s.phase == "seed 5, 2 of 2") > 1
+    assert "soup: dev evaluation" in {s.phase for s in seen}
