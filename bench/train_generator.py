@@ -253,6 +253,9 @@ def main() -> None:
     parser.add_argument("--answer-cut-fraction", type=float, default=0.0,
                         help="share of the answered questions added again with the sentences "
                              "stating the answer cut out of their passages (I don't know.)")
+    parser.add_argument("--moved-fraction", type=float, default=0.0,
+                        help="share of the answered questions added again with the passage "
+                             "holding the answer moved to another place among the others")
     parser.add_argument("--not-found-fraction", type=float, default=0.0,
                         help="share of answerable questions whose passages lack the answer "
                              "kept as 'I don't know.' examples")
@@ -318,7 +321,7 @@ def main() -> None:
             batch_size=2 if args.quick else args.batch_size,
             warmup_steps=1 if args.quick else 10, abstain_fraction=args.abstain_fraction,
             not_found_fraction=args.not_found_fraction,
-            answer_cut_fraction=args.answer_cut_fraction,
+            answer_cut_fraction=args.answer_cut_fraction, moved_fraction=args.moved_fraction,
             eval_steps=args.eval_steps or (3 if args.quick else 20),
             eval_questions=args.eval_questions or (4 if args.quick else 96),
             eval_batch_size=eval_batch, eval_max_new_tokens=12 if args.quick else 32,

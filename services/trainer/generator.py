@@ -22,6 +22,13 @@ examples, 36 steps on 2 CPU cores) it did not help: capitals exact match .78 aga
 without, 1 of the 3 not-in-corpus test capitals declined against 0, and answer-contains .57
 against .86 on the FanOutQA questions whose answer is in the evidence (one seed each; README).
 
+A fourth is off by default too (``moved_fraction`` 0): answered items again with the passage
+holding the answer moved to another place (``moved``), as 170 of the 211 answered examples of
+the packaged sets cite [1] and the fine-tuned generator learns to cite [1] whatever it reads.
+At half of the answered items (two seeds and their soup, 36 steps each on 2 CPU cores) the
+soup read more of the dev questions whose evidence holds the answer (.60 against .50) but
+answered fewer test capitals (.865 against .919; README).
+
 Answerable items whose passages hold no answer string ("not found") are left out by default
 (``not_found_fraction`` 0). As "I don't know." targets they are noisy (the passage may state
 the answer in other words: "2.3 million" for "2,320,268") and, on the packaged sets, they
@@ -73,6 +80,7 @@ UNANSWERABLE = "unanswerable"  # the item is marked unanswerable: NO_ANSWER
 NOT_FOUND = "not_found"  # answerable, but no retrieved passage holds an answer: NO_ANSWER
 GOLD_REMOVED = "gold_removed"  # answerable, passages holding it removed: NO_ANSWER
 ANSWER_CUT = "answer_cut"  # answerable, the sentences stating it cut from the passages: NO_ANSWER
+MOVED = "moved"  # answerable, the passage holding it moved to another place: "<answer> [m]"
 
 # A yes/no answer occurs as a word in almost any text ("no longer"): only a gold document
 # counts as holding it.
@@ -145,6 +153,9 @@ class GeneratorTrainConfig(BaseModel):
     answer_cut_fraction: float = Field(0.0, ge=0, le=1, description="share of the answered "
                                        "items added again with every sentence that states the "
                                        "answer cut out of their passages (target NO_ANSWER)")
+    moved_fraction: float = Field(0.0, ge=0, le=1, description="share of the answered items "
+                                  "added again with the passage that holds the answer moved "
+                                  "to another place among the others (target its new number)")
     not_found_fraction: float = Field(0.0, ge=0, le=1, description="share of the answerable "
                                       "items whose passages hold no answer kept as NO_ANSWER "
                                       "examples (the rest are left out; see the module's "
@@ -179,19 +190,39 @@ def held_answer(item: QAItem, hit: Hit) -> str | None:
     return None
 
 
-def answer_target(item: QAItem, passages: Sequence[Hit]) -> str:
-    """What serving should answer from ``passages``: ``"<answer> [n]"`` for the first passage
-    that holds a gold answer (a gold document first, when several do), else ``NO_ANSWER``;
-    always ``NO_ANSWER`` for an unanswerable item."""
+def answer_source(item: QAItem, passages: Sequence[Hit]) -> tuple[int, str] | None:
+    """(number, answer) of the passage an answer is taken from: the first that holds a gold
+    answer, a gold document first when several do; None when none does or the item is
+    unanswerable."""
     if not item.answerable:
-        return NO_ANSWER
+        return None
     holders = [(n, answer) for n, hit in enumerate(passages, start=1)
                if (answer := held_answer(item, hit)) is not None]
-    if not holders:
-        return NO_ANSWER
     gold = [(n, a) for n, a in holders if passages[n - 1].doc_id in item.doc_ids]
-    n, answer = (gold or holders)[0]
+    return (gold or holders or [None])[0]
+
+
+def answer_target(item: QAItem, passages: Sequence[Hit]) -> str:
+    """What serving should answer from ``passages``: ``"<answer> [n]"`` for the passage
+    ``answer_source`` names, else ``NO_ANSWER`` (always for an unanswerable item)."""
+    source = answer_source(item, passages)
+    if source is None:
+        return NO_ANSWER
+    n, answer = source
     return f"{answer.strip()} [{n}]"
+
+
+def moved(item: QAItem, hits: Sequence[Hit], rng: random.Random) -> list[Hit] | None:
+    """``hits`` with the passage the answer is taken from (``answer_source``) moved to another
+    place, drawn from ``rng``, the others in their order: the same passages, the answer under
+    another number. None when there is no answer or a single passage."""
+    source = answer_source(item, hits)
+    if source is None or len(hits) < 2:
+        return None
+    rest = list(hits)
+    holder = rest.pop(source[0] - 1)
+    place = rng.choice([p for p in range(len(hits)) if p != source[0] - 1])
+    return rest[:place] + [holder] + rest[place:]
 
 
 def without_answer(item: QAItem, hits: Sequence[Hit]) -> list[Hit]:
@@ -291,18 +322,21 @@ def _make_example(enc: Encoding, config: GeneratorTrainConfig, item: QAItem,
 def build_examples(items: Sequence[QAItem], passages: Mapping[str, Sequence[Hit]],
                    enc: Encoding, config: GeneratorTrainConfig, *, abstain_fraction: float,
                    not_found_fraction: float = 1.0, answer_cut_fraction: float = 0.0,
-                   ) -> list[Example]:
+                   moved_fraction: float = 0.0) -> list[Example]:
     """One example per item from its first ``top_k`` hits — ``NOT_FOUND`` ones only for a
     seeded ``not_found_fraction`` of them — plus, for a seeded ``abstain_fraction`` of the
     ``ANSWER`` examples, a ``GOLD_REMOVED`` copy whose passages are the first ``top_k`` hits
     that neither are gold nor hold an answer (skipped when none is left): the same question
     once answerable, once not; and for a seeded ``answer_cut_fraction`` of them an
     ``ANSWER_CUT`` copy: the same passages with the sentences stating the answer cut out
-    (``answer_cut``; skipped when it gives none). Raises ValueError naming the item for an
-    answer over ``max_answer_tokens`` or a prompt that cannot fit."""
+    (``answer_cut``; skipped when it gives none); and for a seeded ``moved_fraction`` of them a
+    ``MOVED`` copy: the same passages with the answer's one in another place (``moved``).
+    Raises ValueError naming the item for an answer over ``max_answer_tokens`` or a prompt
+    that cannot fit."""
     rng = random.Random(config.seed)
-    # Its own generator, so that adding cut copies leaves the other fractions' picks alone.
+    # Their own generators, so that adding cut or moved copies leaves the other picks alone.
     cut_rng = random.Random(f"{config.seed}/answer_cut")
+    move_rng = random.Random(f"{config.seed}/moved")
     examples = []
     for item in items:
         hits = list(passages[item.question])
@@ -321,6 +355,10 @@ def build_examples(items: Sequence[QAItem], passages: Mapping[str, Sequence[Hit]
             if cut:
                 examples.append(_make_example(enc, config, item, cut, ANSWER_CUT,
                                               "#answer_cut"))
+        if example.kind == ANSWER and move_rng.random() < moved_fraction:
+            other_order = moved(item, hits[:config.top_k], move_rng)
+            if other_order:
+                examples.append(_make_example(enc, config, item, other_order, MOVED, "#moved"))
     return examples
 
 
@@ -656,7 +694,8 @@ def train_generator(config: GeneratorTrainConfig, model, tokenizer,
     examples = build_examples(train_items, passages, enc, config,
                               abstain_fraction=config.abstain_fraction,
                               not_found_fraction=config.not_found_fraction,
-                              answer_cut_fraction=config.answer_cut_fraction)
+                              answer_cut_fraction=config.answer_cut_fraction,
+                              moved_fraction=config.moved_fraction)
     if not examples:
         raise ValueError("no training example left (every item was a left-out not-found one)")
     dev = _dev_set(dev_items, retrieval, enc, config)

@@ -7,6 +7,7 @@ tests/tiny.py), LoRA and full saves, early stopping, resume after cancel; domain
 from __future__ import annotations
 
 import json
+import random
 
 import pydantic
 import pytest
@@ -51,6 +52,20 @@ def test_answer_target_cites_the_passage_holding_the_answer_gold_first():
     assert sft.answer_target(FRANCE_Q, [BERLIN]) == NO_ANSWER
     unknown = QAItem(id="u", question="?", answers=["Paris"], doc_ids=[], answerable=False)
     assert sft.answer_target(unknown, [PARIS]) == NO_ANSWER
+
+
+def test_moved_puts_the_answers_passage_elsewhere_and_keeps_the_others_order():
+    seen = set()
+    for seed in range(20):
+        order = sft.moved(FRANCE_Q, [PARIS, LYON, BERLIN], random.Random(seed))
+        assert sorted(h.doc_id for h in order) == ["de", "fr", "lyon"]
+        assert order[0] is not PARIS and [h for h in order if h is not PARIS] == [LYON, BERLIN]
+        seen.add(sft.answer_target(FRANCE_Q, order))
+    assert seen == {"Paris [2]", "Paris [3]"}
+    # the gold document is the source, though Lyon's passage (first) names Paris too
+    assert sft.moved(FRANCE_Q, [LYON, PARIS], random.Random(0)) == [PARIS, LYON]
+    assert sft.moved(FRANCE_Q, [PARIS], random.Random(0)) is None
+    assert sft.moved(FRANCE_Q, [BERLIN, BERLIN], random.Random(0)) is None
 
 
 def test_yes_no_answers_are_held_only_by_gold_documents():
@@ -157,6 +172,27 @@ def test_answer_cut_copies_ask_for_no_answer_and_leave_the_other_picks_alone(tok
     for e in cut:
         item = next(i for i in items if e.id == i.id + "#answer_cut")
         assert e.target == NO_ANSWER and item.answers[0] not in tokenizer.decode(e.input_ids)
+
+
+def test_moved_copies_cite_the_new_place_and_leave_the_other_picks_alone(tokenizer):
+    items, passages, _ = toy_task(8)
+    enc = sft.Encoding(tokenizer=tokenizer, seq2seq=False, end=tokenizer.eos_token_id,
+                       context=2048)
+    plain = sft.build_examples(items, passages, enc, config(), abstain_fraction=0.5,
+                               answer_cut_fraction=0.5)
+    examples = sft.build_examples(items, passages, enc, config(), abstain_fraction=0.5,
+                                  answer_cut_fraction=0.5, moved_fraction=1.0)
+    assert [e for e in examples if e.kind != sft.MOVED] == plain
+    answered = {e.id: e for e in plain if e.kind == sft.ANSWER}
+    copies = [e for e in examples if e.kind == sft.MOVED]
+    assert len(copies) == len(answered) == len(items)
+    for e in copies:
+        first = answered[e.id.removesuffix("#moved")]
+        answer, number = e.target.rsplit(" ", 1)
+        assert answer == first.target.rsplit(" ", 1)[0] and number != first.target.split()[-1]
+        assert sorted(e.passages) == sorted(first.passages) and e.passages != first.passages
+        assert e.passages[int(number.strip("[]")) - 1] == first.passages[
+            int(first.target.split()[-1].strip("[]")) - 1]
 
 
 def test_config_names_the_bad_value_and_refuses_unknown_fields():
