@@ -309,7 +309,7 @@ def _average(settings: Settings, args: argparse.Namespace, state: dict | None) -
 
 
 def _interpolate(settings: Settings, args: argparse.Namespace, state: dict | None) -> None:
-    """``ragtune models interpolate generator VERSION --alpha A [--towards base|VERSION]``:
+    """``ragtune models interpolate KIND VERSION --alpha A [--towards base|VERSION]``:
     ``(1 - A) * towards + A * VERSION`` (WiSE-FT, ``services/trainer/soup.py``), registered as
     the next version, not serving."""
     if not 0 <= args.alpha <= 1:
@@ -317,11 +317,10 @@ def _interpolate(settings: Settings, args: argparse.Namespace, state: dict | Non
                               f"{args.version}), not {args.alpha:g}")
 
     def locally(registry):
-        from services.trainer.soup import interpolate_version
-        from shared.models.generator import generator_source
+        from services.trainer.soup import interpolate_version, served_base
 
         return interpolate_version(registry, args.kind, args.version, args.alpha, args.towards,
-                                   Path(generator_source(settings)))
+                                   served_base(settings, args.kind))
 
     _make_version(settings, state, args.kind,
                   f"moving {args.version} towards {args.towards} (alpha {args.alpha:g})",
@@ -539,13 +538,13 @@ def add_parsers(sub) -> None:
         "interpolate", help="register a fine-tuned version moved back towards the base "
                             "(WiSE-FT: (1 - alpha) * base + alpha * version) as a new version, "
                             "not serving")
-    interpolate.add_argument("kind", choices=("generator",))
+    interpolate.add_argument("kind", choices=("retriever", "generator"))
     interpolate.add_argument("version", help="the fine-tuned version, e.g. v0004")
     interpolate.add_argument("--alpha", type=float, default=0.75,
                              help="the version's share of the weights: 1 keeps it, 0 gives "
                                   "--towards (default 0.75)")
     interpolate.add_argument("--towards", default="base",
-                             help="base (the generator served before any training, the "
+                             help="base (the model served before any training, the "
                                   "default) or another version")
     prune = models_sub.add_parser(
         "prune", help="delete the versions nothing needs (not serving, not a rollback target)")

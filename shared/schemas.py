@@ -642,11 +642,11 @@ class AverageResult(Wire):
 
 
 class InterpolateRequest(Wire):
-    kind: Literal["generator"]
+    kind: Literal["retriever", "generator"]
     version: str = Field(description="the fine-tuned version to move, e.g. \"v0004\"")
     alpha: float = Field(ge=0, le=1, description="its share of the weights: 0 gives "
                                                  "`towards`, 1 the version itself")
-    towards: str = Field("base", description="`base` (the generator served before any "
+    towards: str = Field("base", description="`base` (the model served before any "
                                              "training) or another registered version")
 
 

@@ -16,13 +16,11 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from services.trainer import soup
 from services.trainer.feedback import DATA_FILE, STORE_DIR, FeedbackStore
 from services.trainer.jobs import has_indexed_corpus
 from services.trainer.service import JobError, TrainerService
-from shared.models.generator import generator_source
 from shared.registry import RegistryError
 from shared.schemas import (
     AverageRequest,
@@ -128,7 +126,7 @@ class TrainerRunner:
         """``req.version`` moved towards ``req.towards`` (WiSE-FT) registered as the next
         version, not serving (``soup.interpolate_version``; raises ``RegistryError`` with the
         reason)."""
-        base = Path(generator_source(self.service.settings))
+        base = soup.served_base(self.service.settings, req.kind)
         version = soup.interpolate_version(self.service.registry, req.kind, req.version,
                                            req.alpha, req.towards, base)
         return InterpolateResult(version=version.version, models=self.models())

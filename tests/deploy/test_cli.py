@@ -320,6 +320,27 @@ def test_models_average_takes_retriever_versions_too(tmp_path):
     assert registry.serving("retriever") is None
 
 
+def test_models_interpolate_moves_a_retriever_version_towards_the_base_encoder(tmp_path):
+    from services.trainer import loop
+    from shared.registry import Registry
+    from tests.tiny import bpe_tokenizer, tiny_bert
+
+    tok = bpe_tokenizer()
+    tiny_bert(tok, seed=0).save_pretrained(tmp_path / "encoder")  # the served base encoder
+    tok.save_pretrained(tmp_path / "encoder")
+    registry = Registry(tmp_path / "home" / "checkpoints")
+    registry.register("retriever", loop.save_model(
+        tmp_path / "run", tiny_bert(tok, seed=1), tok,
+        {"kind": "retriever", "base_model": "tiny", "mode": "query", "metrics": {}}))
+    result = ragtune("models", "interpolate", "retriever", "v0001", "--alpha", "0.5",
+                     home=tmp_path / "home", RAGTUNE_EMBEDDING__MODEL=str(tmp_path / "encoder"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "registered retriever/v0002: 0.5 x base + 0.5 x v0001" in result.stdout
+    meta = json.loads((registry.path_of(registry.get("retriever", "v0002"))
+                       / "ragtune.json").read_text())
+    assert meta["interpolated"]["base"] == str(tmp_path / "encoder")
+
+
 def test_models_interpolate_moves_a_version_towards_the_base_generator(tmp_path):
     from services.trainer import loop
     from shared.registry import Registry

@@ -158,3 +158,32 @@ def test_retriever_versions_average_into_an_encoder_against_the_same_passage_vec
     v3 = registry.path_of(registry.get("retriever", "v0003"))
     with pytest.raises(SoupError, match="differ in mode"):  # a query and a both encoder
         average_models([registry.path_of(made), v3], tmp_path / "soup")
+
+
+def test_a_retriever_version_interpolates_towards_the_base_encoder_against_its_passages(
+        tmp_path, tok):
+    base, tuned, other, elsewhere = (tiny_bert(tok, seed=s) for s in range(4))
+    base.save_pretrained(tmp_path / "base")  # a plain encoder folder, as the packaged MiniLM's
+    registry = Registry(tmp_path / "checkpoints")
+    for n, (encoder, against) in enumerate(((tuned, "v0009"), (other, "v0009"),
+                                            (elsewhere, None))):
+        registry.register("retriever", loop.save_model(tmp_path / f"run{n}", encoder, tok,
+                                                       RETRIEVER), passage_version=against)
+    made = interpolate_version(registry, "retriever", "v0001", 0.75, "base", tmp_path / "base")
+    assert made.version == "v0004" and registry.serving("retriever") is None
+    assert made.passage_version == "v0009" and not made.reindex  # against its run's vectors
+    assert made.made_from == "0.25 x base + 0.75 x v0001"
+    got = AutoModel.from_pretrained(registry.path_of(made)).state_dict()
+    for name, value in got.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, 0.25 * base.state_dict()[name]
+                                       + 0.75 * tuned.state_dict()[name])
+    between = interpolate_version(registry, "retriever", "v0001", 0.5, "v0002", tmp_path / "x")
+    assert between.passage_version == "v0009"
+    with pytest.raises(RegistryError, match=r"passage vectors of different versions \(base, "
+                                            r"v0009\)"):
+        interpolate_version(registry, "retriever", "v0001", 0.5, "v0003", tmp_path / "base")
+    both = loop.save_model(tmp_path / "both", other, tok, {**RETRIEVER, "mode": "both"})
+    with pytest.raises(SoupError, match="differ in mode"):  # a query and a both encoder
+        interpolate(both, registry.path_of(made), 0.5, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
