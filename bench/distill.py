@@ -251,6 +251,9 @@ def main() -> None:
                         help="weight of the KL on the prompt's positions (passages and "
                              "question) beside the answer's (default 1, the job's; 0: the "
                              "answer's tokens only)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute the student's activations in the backward pass "
+                             "(less memory)")
     parser.add_argument("--cache", type=Path, default=tg.RESULTS / "cache")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -298,6 +301,7 @@ def main() -> None:
                 eval_questions=args.eval_questions or (4 if quick else 64),
                 eval_batch_size=eval_batch, eval_max_new_tokens=16,
                 teacher_batch_size=4 if quick else 32, log_steps=1 if quick else 10,
+                activation_checkpointing=args.activation_checkpointing,
                 device=args.device, **overrides)
         except ValidationError as exc:
             parser.error(str(exc))

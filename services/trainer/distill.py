@@ -111,6 +111,7 @@ from services.trainer.generator import (
     Example,
     GeneratorTrainConfig,
     build_examples,
+    checkpoint_activations,
     collate,
     end_token,
     keep_kwargs,
@@ -585,6 +586,10 @@ class DistillConfig(BaseModel):
     epochs: int = Field(3, ge=1, le=1000)
     max_steps: int | None = Field(None, ge=1)
     teacher_batch_size: int = Field(8, ge=1, le=4096)
+    activation_checkpointing: bool = Field(False, description="the student keeps only each "
+                                           "layer's input and recomputes its activations in "
+                                           "the backward pass while it is distilled (less "
+                                           "memory for a little more time)")
     # prompts: as serving builds them (generator.py's fields)
     top_k: int = Field(qa.SERVING_TOP_K, ge=1, le=100)
     max_passage_chars: int = Field(qa.SERVING_MAX_PASSAGE_CHARS, ge=50)
@@ -888,6 +893,8 @@ def distill_generator(config: DistillConfig, load_teacher: Callable[[], tuple[An
                       should_stop, resume)
 
     # --- the student's loop -------------------------------------------------------------------
+    if config.activation_checkpointing:
+        checkpoint_activations(model)
     model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -989,6 +996,8 @@ def distill_generator(config: DistillConfig, load_teacher: Callable[[], tuple[An
     if best["step"] is None:  # no dev questions (or none scored): the last step is the result
         best = {"value": None, "step": step, "metrics": {}}
         loop.save_model(run_dir, model, tokenizer, {**meta_base, "step": step, "metrics": {}})
+    if config.activation_checkpointing:
+        model.activation_checkpointing_disable()
     model.eval()
     result = DistillResult(
         model_dir=run_dir / loop.MODEL_DIR, cache_path=cache_path, steps=step,

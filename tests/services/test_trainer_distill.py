@@ -421,6 +421,22 @@ def test_a_prompt_weight_caches_the_prompts_and_distils_them_too(tok, tmp_path):
     assert "prompt_kl" not in first.history["train"][0]
 
 
+def test_activation_checkpointing_distils_the_same_student(tok, tmp_path):
+    items, passages, unknown = toy_task(6)
+    students = {}
+    for checkpointing in (False, True):
+        result = distill.distill_generator(
+            kd_config(max_steps=3, prompt_weight=1.0, activation_checkpointing=checkpointing),
+            Loader(tok), items + unknown, [], passages, tmp_path / str(checkpointing))
+        assert loop.read_meta(result.model_dir)["config"]["activation_checkpointing"] \
+            is checkpointing
+        saved = LlamaForCausalLM.from_pretrained(result.model_dir)
+        assert not saved.is_activation_checkpointing
+        students[checkpointing] = saved.state_dict()
+    for name, value in students[False].items():
+        torch.testing.assert_close(students[True][name], value, atol=1e-5, rtol=1e-4)
+
+
 def test_target_logits_agree_with_the_sft_log_probabilities(tok):
     items, passages, _ = toy_task(3)
     model = tiny_llama(tok)
