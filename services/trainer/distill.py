@@ -588,8 +588,8 @@ class DistillConfig(BaseModel):
     teacher_batch_size: int = Field(8, ge=1, le=4096)
     activation_checkpointing: bool = Field(False, description="the student keeps only each "
                                            "layer's input and recomputes its activations in "
-                                           "the backward pass while it is distilled (less "
-                                           "memory for a little more time)")
+                                           "the backward pass while it is healed and "
+                                           "distilled (less memory for a little more time)")
     # prompts: as serving builds them (generator.py's fields)
     top_k: int = Field(qa.SERVING_TOP_K, ge=1, le=100)
     max_passage_chars: int = Field(qa.SERVING_MAX_PASSAGE_CHARS, ge=50)
@@ -737,6 +737,7 @@ def _heal(model, tokenizer, texts: Sequence[str], config: DistillConfig, run_dir
                               lr=config.heal_lr, max_steps=config.heal_steps,
                               warmup_steps=min(10, config.heal_steps), dev_fraction=0.01,
                               eval_steps=config.heal_steps, log_steps=10, seed=config.seed,
+                              activation_checkpointing=config.activation_checkpointing,
                               device=config.device)
 
     def on_step(p: loop.Progress) -> None:

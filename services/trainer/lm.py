@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.evaluation import qa
 from services.trainer import loop
-from services.trainer.generator import end_token
+from services.trainer.generator import checkpoint_activations, end_token
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ class LMTrainConfig(BaseModel):
     dev_fraction: float = Field(0.05, ge=0, lt=1, description="blocks held out for dev loss")
     eval_steps: int = Field(100, ge=1)
     log_steps: int = Field(10, ge=1)
+    activation_checkpointing: bool = Field(False, description="keep only each layer's input "
+                                           "and recompute its activations in the backward "
+                                           "pass: less memory for a little more time")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -112,6 +115,8 @@ def train_lm(config: LMTrainConfig, model, tokenizer, texts: Sequence[str], run_
     per_epoch = math.ceil(len(train) / config.batch_size)
     steps_total = config.max_steps or math.ceil(per_epoch * config.epochs / config.grad_accum)
 
+    if config.activation_checkpointing:
+        checkpoint_activations(model)
     model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -191,6 +196,8 @@ def train_lm(config: LMTrainConfig, model, tokenizer, texts: Sequence[str], run_
         best_step = step
         loop.save_model(run_dir, model, tokenizer, {**meta, "step": step, "metrics": {},
                                                     "history": []})
+    if config.activation_checkpointing:
+        model.activation_checkpointing_disable()
     elapsed = clock.elapsed()
     report_path, _ = loop.write_report(run_dir, {"history": history, "best_step": best_step,
                                                  "best_dev_loss": best,

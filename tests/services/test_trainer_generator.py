@@ -397,3 +397,22 @@ def test_domain_pretraining_lowers_dev_loss_and_refuses_encoder_decoders(tokeniz
     assert loop.read_meta(result.model_dir)["kind"] == "generator-lm"
     with pytest.raises(ValueError, match="decoder-only"):
         lm.train_lm(cfg, tiny_t5(tokenizer), tokenizer, texts, tmp_path / "t5")
+
+
+def test_domain_pretraining_with_activation_checkpointing_trains_the_same_model(tokenizer,
+                                                                                tmp_path):
+    texts = [f"Land{i}\nLand{i} is a country. Its capital is {c}." for i, c in
+             enumerate(CITIES)] * 3
+    trained = {}
+    for checkpointing in (False, True):
+        model = tiny_llama(tokenizer)
+        cfg = lm.LMTrainConfig(block_size=64, batch_size=4, lr=3e-3, warmup_steps=1,
+                               max_steps=3, dev_fraction=0.0, device="cpu",
+                               activation_checkpointing=checkpointing)
+        lm.train_lm(cfg, model, tokenizer, texts, tmp_path / str(checkpointing))
+        assert not model.is_activation_checkpointing
+        trained[checkpointing] = model.state_dict()
+    for name, value in trained[False].items():
+        torch.testing.assert_close(trained[True][name], value, atol=1e-5, rtol=1e-4)
+    assert any(not torch.equal(v, tiny_llama(tokenizer).state_dict()[k])
+               for k, v in trained[True].items())
