@@ -45,9 +45,10 @@ from shared.registry import META_FILE, Registry, RegistryError
 from shared.schemas import ModelVersion
 from shared.settings import Settings
 
-# ragtune.json fields that must agree for two folders to be averaged: the model they were
-# fine-tuned from, the answer format serving expects of a generator, and which side of a
-# retriever was trained against which passage vectors, and how it pools.
+# ragtune.json fields that must agree for two folders to be averaged, or for one version to be
+# moved towards another: the model they were fine-tuned from, the answer format serving expects
+# of a generator, and which side of a retriever was trained against which passage vectors, and
+# how it pools.
 SAME_META = ("kind", "base_model", "seq2seq", "target_format", "no_answer", "mode", "pooling")
 
 
@@ -126,8 +127,6 @@ def interpolate(base: Path, tuned: Path, alpha: float, out: Path) -> Path:
     meta = _meta(tuned)
     if not (base / "config.json").is_file():
         raise SoupError(f"{base} is not a model folder (no config.json)")
-    if (base / META_FILE).is_file():  # a fine-tuned folder, not a plain base model
-        _check_same_meta(base, _meta(base), tuned, meta)
     model = _load(tuned, meta.get("kind"))
     start = _load(base, meta.get("kind")).state_dict()
     state = model.state_dict()
@@ -165,7 +164,13 @@ def interpolate_version(registry: Registry, kind: str, version: str, alpha: floa
         other = registry.get(kind, towards)
         _check_same_passages([record, other], "interpolated")
         start = registry.path_of(other)
-    return _register_made(registry, kind, lambda out: interpolate(start, tuned, alpha, out),
+
+    def make(out: Path) -> Path:
+        if towards != "base":  # two fine-tuned versions: as alike as averaged ones
+            _check_same_meta(start, _meta(start), tuned, _meta(tuned))
+        return interpolate(start, tuned, alpha, out)
+
+    return _register_made(registry, kind, make,
                           f"{1 - alpha:g} x {towards} + {alpha:g} x {version}",
                           passage_version=record.passage_version)
 

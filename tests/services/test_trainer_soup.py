@@ -183,7 +183,10 @@ def test_a_retriever_version_interpolates_towards_the_base_encoder_against_its_p
     with pytest.raises(RegistryError, match=r"passage vectors of different versions \(base, "
                                             r"v0009\)"):
         interpolate_version(registry, "retriever", "v0001", 0.5, "v0003", tmp_path / "base")
-    both = loop.save_model(tmp_path / "both", other, tok, {**RETRIEVER, "mode": "both"})
-    with pytest.raises(SoupError, match="differ in mode"):  # a query and a both encoder
-        interpolate(both, registry.path_of(made), 0.5, tmp_path / "bad")
-    assert not (tmp_path / "bad").exists()
+    registry.register("retriever", loop.save_model(tmp_path / "both", other, tok,
+                                                   {**RETRIEVER, "mode": "both"}),
+                      passage_version="v0009")
+    with pytest.raises(RegistryError, match="differ in mode"):  # a query and a both encoder
+        interpolate_version(registry, "retriever", "v0001", 0.5, "v0006", tmp_path / "base")
+    assert [v.version for v in registry.view().retriever.versions] == [
+        "v0001", "v0002", "v0003", "v0004", "v0005", "v0006"]
