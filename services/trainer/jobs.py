@@ -149,14 +149,19 @@ def serving_encoders(settings: Settings, registry: Registry, device, version: st
     passage = registry.passage_side(serving)
 
     def load(version: ModelVersion | None) -> Encoder:
-        path = None if version is None else str(registry.path_of(version))
-        encoder = Encoder.from_settings(settings, path)
-        encoder.model.to(device)
-        return encoder
+        return _encoder_on(settings, None if version is None else registry.path_of(version),
+                           device)
 
     passage_encoder = load(passage)
     query_encoder = passage_encoder if serving == passage else load(serving)
     return passage_encoder, passage, query_encoder, serving
+
+
+def _encoder_on(settings: Settings, folder: Path | None, device) -> Encoder:
+    """The encoder saved in ``folder`` (None: the configured/packaged one) on ``device``."""
+    encoder = Encoder.from_settings(settings, None if folder is None else str(folder))
+    encoder.model.to(device)
+    return encoder
 
 
 def serving_generator(settings: Settings, registry: Registry, version: str | None = None):
@@ -267,8 +272,7 @@ def run_retriever(p: Prepared, settings: Settings, run_dir: Path, progress, shou
     soup = average_models([r.model_dir for r in results], run_dir / loop.MODEL_DIR)
     if last:
         progress(replace(last[0], phase="soup: dev evaluation"))
-    encoder = Encoder.from_settings(settings, str(soup))
-    encoder.model.to(device)
+    encoder = _encoder_on(settings, soup, device)
     vectors = (corpus_embeddings(encoder, corpus, None, progress=True) if results[0].reindex
                else corpus_embeddings(passage_encoder, corpus, settings.home / "cache"))
     metrics = dev_metrics(encoder, vectors, corpus, p.splits["dev"])
