@@ -481,7 +481,7 @@ def train_task(config: ContinualConfig, model, new: Sequence[Any], memory: Seque
         value = float(loss.detach())
         stepped = loop.optimizer_step([optimizer], [list(params.values())],
                                       config.max_grad_norm, value)
-        nonfinite.count(stepped, step + 1)
+        nonfinite.count(stepped, step + 1, value)
         history.append({"task": task, "step": step + 1,
                         "loss": round(float(data_loss.detach()), 5),
                         "penalty": round(float(reg.detach()), 6),

@@ -965,10 +965,7 @@ def distill_generator(config: DistillConfig, load_teacher: Callable[[], tuple[An
         loss.backward()
         loss_value = float(loss.detach())
         stepped = loop.optimizer_step([optimizer], [params], config.max_grad_norm, loss_value)
-        if not stepped:
-            log.warning("step %d: loss or gradients not finite (loss %s); step skipped",
-                        step + 1, loss_value)
-        nonfinite.count(stepped, step + 1)
+        nonfinite.count(stepped, step + 1, loss_value)
         step += 1
         train_s += time.perf_counter() - step_started
         history["train"].append({"step": step, "loss": round(loss_value, 5), "kl": round(kl, 5),

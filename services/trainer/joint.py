@@ -345,9 +345,7 @@ def train_joint(config: JointTrainConfig, encoder: Encoder, generator, tokenizer
             seen += len(batch)
         stepped = loop.optimizer_step([gen_opt, ret_opt], [gen_params, ret_params],
                                       config.max_grad_norm, loss_value)
-        if not stepped:
-            log.warning("step %d: loss or gradients not finite; step skipped", step + 1)
-        nonfinite.count(stepped, step + 1)
+        nonfinite.count(stepped, step + 1, loss_value)
         step += 1
         train_s += time.perf_counter() - started
         # Over the questions that have a gold document (the unanswerable ones have none).

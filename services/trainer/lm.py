@@ -175,7 +175,7 @@ def train_lm(config: LMTrainConfig, model, tokenizer, texts: Sequence[str], run_
             loss_value += float(loss.detach())
             tokens += chunk.numel()
         stepped = loop.optimizer_step([optimizer], [params], config.max_grad_norm, loss_value)
-        nonfinite.count(stepped, step + 1)
+        nonfinite.count(stepped, step + 1, loss_value)
         step += 1
         train_s += time.perf_counter() - started
         history["train"].append({"step": step, "loss": round(loss_value, 5), "lr": lr})

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -34,6 +35,8 @@ from pydantic import BaseModel
 
 from shared.files import atomic_open
 from shared.registry import META_FILE
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 MODEL_DIR = "model"
@@ -234,10 +237,13 @@ class NonFinite:
     def __init__(self) -> None:
         self.in_a_row = 0
 
-    def count(self, stepped: bool, step: int) -> None:
-        """Count optimiser step ``step`` (1-based). Raises FloatingPointError once
-        ``MAX_SKIPPED_IN_A_ROW`` steps in a row were skipped: the run diverged (or its data
-        holds a broken example)."""
+    def count(self, stepped: bool, step: int, loss: float | None = None) -> None:
+        """Count optimiser step ``step`` (1-based), with a warning when it was skipped (its
+        ``loss`` in it). Raises FloatingPointError once ``MAX_SKIPPED_IN_A_ROW`` steps in a
+        row were skipped: the run diverged (or its data holds a broken example)."""
+        if not stepped:
+            log.warning("step %d: loss or gradients not finite (loss %s); step skipped",
+                        step, loss)
         self.in_a_row = 0 if stepped else self.in_a_row + 1
         if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
             raise FloatingPointError(f"the loss or gradients were not finite in {self.in_a_row} "

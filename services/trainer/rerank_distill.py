@@ -453,6 +453,7 @@ def _fit(run_kind: str, config: RankDistillConfig, model: torch.nn.Module,
 
     report = loop.Reporter(progress, run_kind, steps, clock)
     model.train()
+    nonfinite = loop.NonFinite()
     while step < steps:
         loop.stop_if_asked(should_stop, run_dir, snapshot)
         # this config has no `min_lr_ratio`: get_lr's default floor
@@ -465,12 +466,13 @@ def _fit(run_kind: str, config: RankDistillConfig, model: torch.nn.Module,
         teacher, mask = _tensors(lists, rows, config, prior)
         scores = student_scores([lists[r] for r in rows])
         loss = loss_fn(scores.float(), teacher.to(device), mask.to(device))
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        loss_value = float(loss.detach())
+        stepped = loop.optimizer_step([optimizer], [list(model.parameters())], config.grad_clip,
+                                      loss_value)
+        nonfinite.count(stepped, step + 1, loss_value)
         step += 1
-        losses.append(float(loss.detach()))
+        losses.append(loss_value)
 
         metrics: dict[str, float] = {}
         if evaluate is not None and (step % config.eval_steps == 0 or step == steps):

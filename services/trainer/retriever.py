@@ -641,6 +641,7 @@ def _fit(run_kind: str, config: RetrieverTrainConfig, encoder: Encoder,
         log.info("%s: step 0 dev %s", run_kind, _fmt(best))
     report = loop.Reporter(progress, run_kind, steps, clock)
     examples_seen = 0  # by this call, for throughput
+    nonfinite = loop.NonFinite()
     while step < steps:
         loop.check_cancel(should_stop)
         # this config has no `min_lr_ratio`: get_lr's default floor
@@ -671,13 +672,14 @@ def _fit(run_kind: str, config: RetrieverTrainConfig, encoder: Encoder,
                 else:
                     started = torch.from_numpy(start.encode(texts)).to(device)
                 loss = loss + config.anchor * anchor_penalty(embedded.float(), started)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        loss_value = float(loss.detach())
+        stepped = loop.optimizer_step([optimizer], [list(model.parameters())], config.grad_clip,
+                                      loss_value)
+        nonfinite.count(stepped, step + 1, loss_value)
         step += 1
         examples_seen += len(batch.queries)
-        losses.append(float(loss.item()))
+        losses.append(loss_value)
 
         metrics: dict[str, float] = {}
         if judged_dev and (step % config.eval_steps == 0 or step == steps):

@@ -760,6 +760,17 @@ def test_ranking_distillation_refuses_bad_inputs_and_resumes_after_cancel(words,
     assert resumed.kl_end == pytest.approx(whole.kl_end, rel=1e-3)
 
 
+def test_ranking_distillation_whose_loss_is_not_finite_stops_with_a_clear_error(words,
+                                                                                 tmp_path):
+    docs, lists, _ = toy_lists()
+    encoder = bert_encoder(words)
+    vectors = encoder.encode([rd.passage_text(d) for d in docs])
+    # A temperature this small makes every score infinite, so the loss is NaN at every step.
+    config = rd.RankDistillConfig(max_steps=6, save_steps=100, **{**FAST, "temperature": 1e-45})
+    with pytest.raises(FloatingPointError, match="not finite in 3 steps in a row .up to step 3"):
+        rd.distill_retriever(config, encoder, lists, docs, vectors, tmp_path)
+
+
 # --- reader -> reranker -----------------------------------------------------------------------
 def answer_lists(n: int = 12) -> tuple[list[Document], list[rd.ReaderList], list[QAItem]]:
     """Question i's list: "k<i> holds m<i>" and three "k<j> lacks it" passages (one naming

@@ -3,6 +3,7 @@ step's scaffolding (scheduled lr, cancel with a saved state, non-finite steps, p
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -94,11 +95,15 @@ def test_a_non_finite_loss_or_gradient_skips_the_step_and_clears_the_gradients()
     assert torch.allclose(weights.detach(), torch.ones(2) - 2 ** -0.5)
 
 
-def test_non_finite_steps_raise_only_when_they_come_in_a_row():
+def test_non_finite_steps_raise_only_when_they_come_in_a_row(caplog):
     nonfinite = loop.NonFinite()
-    for step, stepped in enumerate([False, False, True, False, False], start=1):
-        nonfinite.count(stepped, step)
+    with caplog.at_level(logging.WARNING, logger=loop.__name__):
+        for step, stepped in enumerate([False, False, True, False, False], start=1):
+            nonfinite.count(stepped, step, float("nan"))
     assert nonfinite.in_a_row == 2
+    # every skipped step is said, with its loss; the one that stepped is not
+    assert [r.getMessage() for r in caplog.records] == [
+        f"step {n}: loss or gradients not finite (loss nan); step skipped" for n in (1, 2, 4, 5)]
     with pytest.raises(FloatingPointError, match="not finite in 3 steps in a row .up to step 6"):
         nonfinite.count(False, 6)
 

@@ -298,6 +298,18 @@ def test_resume_after_a_cancel_continues_from_the_saved_step(tokenizer, tmp_path
     assert resumed.best_step == whole.best_step
 
 
+def test_a_run_whose_loss_is_not_finite_stops_and_keeps_the_starting_weights(encoder,
+                                                                             tmp_path):
+    # A temperature this small makes every score infinite, so the loss is NaN at every step.
+    config = RetrieverTrainConfig(mode="both", epochs=2, eval_steps=100,
+                                  **{**FAST, "temperature": 1e-45})
+    with pytest.raises(FloatingPointError, match="not finite in 3 steps in a row .up to step 3"):
+        train_retriever(config, encoder, ITEMS, ITEMS, CORPUS, tmp_path / "run")
+    # The step-0 model (the start, judged on dev) is the one saved: no NaN reached it.
+    saved = _load(tmp_path / "run" / loop.MODEL_DIR).state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in encoder.model.state_dict().items())
+
+
 def test_a_run_folder_refuses_another_config_or_other_data(encoder, tmp_path):
     config = RetrieverTrainConfig(mode="query", max_steps=2, eval_steps=1, save_steps=1, **FAST)
     train_retriever(config, encoder, ITEMS, ITEMS, CORPUS, tmp_path)
