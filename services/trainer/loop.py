@@ -237,7 +237,7 @@ class NonFinite:
     def __init__(self) -> None:
         self.in_a_row = 0
 
-    def count(self, stepped: bool, step: int, loss: float | None = None) -> None:
+    def count(self, stepped: bool, step: int, loss: float) -> None:
         """Count optimiser step ``step`` (1-based), with a warning when it was skipped (its
         ``loss`` in it). Raises FloatingPointError once ``MAX_SKIPPED_IN_A_ROW`` steps in a
         row were skipped: the run diverged (or its data holds a broken example)."""

@@ -453,6 +453,7 @@ def _fit(run_kind: str, config: RankDistillConfig, model: torch.nn.Module,
 
     report = loop.Reporter(progress, run_kind, steps, clock)
     model.train()
+    params = decay + no_decay  # what the optimiser steps
     nonfinite = loop.NonFinite()
     while step < steps:
         loop.stop_if_asked(should_stop, run_dir, snapshot)
@@ -468,8 +469,7 @@ def _fit(run_kind: str, config: RankDistillConfig, model: torch.nn.Module,
         loss = loss_fn(scores.float(), teacher.to(device), mask.to(device))
         loss.backward()
         loss_value = float(loss.detach())
-        stepped = loop.optimizer_step([optimizer], [list(model.parameters())], config.grad_clip,
-                                      loss_value)
+        stepped = loop.optimizer_step([optimizer], [params], config.grad_clip, loss_value)
         nonfinite.count(stepped, step + 1, loss_value)
         step += 1
         losses.append(loss_value)

@@ -641,6 +641,7 @@ def _fit(run_kind: str, config: RetrieverTrainConfig, encoder: Encoder,
         log.info("%s: step 0 dev %s", run_kind, _fmt(best))
     report = loop.Reporter(progress, run_kind, steps, clock)
     examples_seen = 0  # by this call, for throughput
+    params = decay + no_decay  # what the optimiser steps
     nonfinite = loop.NonFinite()
     while step < steps:
         loop.check_cancel(should_stop)
@@ -674,8 +675,7 @@ def _fit(run_kind: str, config: RetrieverTrainConfig, encoder: Encoder,
                 loss = loss + config.anchor * anchor_penalty(embedded.float(), started)
         loss.backward()
         loss_value = float(loss.detach())
-        stepped = loop.optimizer_step([optimizer], [list(model.parameters())], config.grad_clip,
-                                      loss_value)
+        stepped = loop.optimizer_step([optimizer], [params], config.grad_clip, loss_value)
         nonfinite.count(stepped, step + 1, loss_value)
         step += 1
         examples_seen += len(batch.queries)

@@ -105,7 +105,7 @@ def test_non_finite_steps_raise_only_when_they_come_in_a_row(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         f"step {n}: loss or gradients not finite (loss nan); step skipped" for n in (1, 2, 4, 5)]
     with pytest.raises(FloatingPointError, match="not finite in 3 steps in a row .up to step 6"):
-        nonfinite.count(False, 6)
+        nonfinite.count(False, 6, float("inf"))
 
 
 def test_reporter_sends_progress_timed_by_its_clock_or_nothing():
