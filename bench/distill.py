@@ -468,7 +468,7 @@ def main() -> None:
         timings["retriever_reader_s"] = time.perf_counter() - started
         started = time.perf_counter()
         # anchor 0: the reader-distilled arms have no such term, so the arms differ in their
-        # targets alone (and the README's figures were measured so).
+        # targets alone (and bench/RESULTS.md's figures were measured so).
         supervised = train_retriever(
             RetrieverTrainConfig(mode="query", batch_size=rank_config.batch_size,
                                  max_steps=steps, eval_steps=10_000, save_steps=10_000,

@@ -118,7 +118,7 @@ def main() -> None:
     shutil.rmtree(runs / "pipeline-retriever", ignore_errors=True)
     started = time.perf_counter()
     # anchor 0: the joint arm's query encoder has no such term either, so the two arms differ
-    # in the loss alone (and the README's figures were measured so).
+    # in the loss alone (and bench/RESULTS.md's figures were measured so).
     retriever = train_retriever(
         RetrieverTrainConfig(mode="query", batch_size=32 if not args.quick else 8,
                              max_steps=steps, eval_steps=steps, save_steps=steps,

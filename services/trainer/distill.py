@@ -20,7 +20,7 @@ layer whose absence raises the teacher's answer loss least on a few training exa
 dropped, one at a time, the first and the last kept (``greedy_layers``; SLEB, Song et al. 2024);
 or evenly spaced (``pick_layers``, ``layer_choice: spaced``). On a CPU fine-tuned SmolLM2-135M,
 12 greedy layers start at an answer loss of 6.9 nats per token, 12 evenly spaced ones at 15.4,
-and after the same 80 steps only the greedy student answers at all (README, "Generator
+and after the same 80 steps only the greedy student answers at all (bench/RESULTS.md, "Generator
 distillation"). The default keeps a third: on SmolLM2-135M the tied 49k-token embedding and
 output head are 28M of its 134M parameters, so half the layers (53M + 28M) can at best be 1.65×
 faster per decoded token, a third (35M + 28M) 2.1×. (Measured end to end on serving's ~500-token
@@ -67,7 +67,7 @@ retrained by logit distillation on all tokens (Minitron, Muralidharan et al. 202
 student's logits there are taken only at the cached ids (its last hidden state times those
 rows of the output head), so the 49k-token head is not applied to the whole prompt. On the
 CPU fine-tuned SmolLM2-135M, a healed 12-layer student's answerable F1 went from 0.75× the
-teacher's without it to 0.97× with β = 1, the default (one seed; README).
+teacher's without it to 0.97× with β = 1, the default (one seed; bench/RESULTS.md).
 
 ``distill_generator`` is the loop (nanoGPT-style): warm-up + cosine schedule, clipping, bf16
 autocast on CUDA, non-finite steps skipped, dev EM/F1 (``services.evaluation.qa``) every
@@ -538,7 +538,8 @@ class DistillConfig(BaseModel):
 
     ``temperature``/``alpha``/``loss``: the KD loss (module docstring). ``prompt_weight`` (β):
     the weight of the same KL on the prompt's positions (0: the answer's tokens only; module
-    docstring; 1 took a healed 12-layer student from 0.75× its teacher's F1 to 0.97×: README).
+    docstring; 1 took a healed 12-layer student from 0.75× its teacher's F1 to 0.97×:
+    bench/RESULTS.md).
     ``cache_k``: teacher logits kept per token. The student: ``student_model`` (a smaller
     model's folder or Hugging Face id, read with the teacher's tokenizer) when given, else
     ``layers`` (teacher layer indices) when given, else ``layer_fraction`` of the teacher's
@@ -551,11 +552,11 @@ class DistillConfig(BaseModel):
     lr ``heal_lr``; 0: none). A cut student's kept layers relearn to work together there (its
     answer loss starts at 10–15 nats; on the corpus text 300 steps took its loss from 10.3 to
     3.9, and the F1 of a student distilled on answer tokens only from 0.53× the teacher's to
-    0.75×: README).
+    0.75×: bench/RESULTS.md).
     Prompt fields are those of ``GeneratorTrainConfig`` (serving's prompts), but
     ``abstain_fraction`` is 0: the student learns to decline from the unanswerable questions
     and the teacher's soft targets, and its answered questions again without their passages
-    made a small student decline half the answerable ones (README). ``eval_steps``:
+    made a small student decline half the answerable ones (bench/RESULTS.md). ``eval_steps``:
     dev EM/F1 on at most ``eval_questions`` dev questions, the best student by
     ``select_metric`` kept.
     ``save_steps``: resume-state period (None: at each evaluation, and on cancel).

@@ -20,14 +20,15 @@ own document stays but no longer says it: the case of Tanzania, whose summary na
 Salaam (the largest city) and not Dodoma. At a fifth of the answered items (31 of 280
 examples, 36 steps on 2 CPU cores) it did not help: capitals exact match .78 against .81
 without, 1 of the 3 not-in-corpus test capitals declined against 0, and answer-contains .57
-against .86 on the FanOutQA questions whose answer is in the evidence (one seed each; README).
+against .86 on the FanOutQA questions whose answer is in the evidence (one seed each;
+bench/RESULTS.md).
 
 A fourth is off by default too (``moved_fraction`` 0): answered items again with the passage
 holding the answer moved to another place (``moved``), as 170 of the 211 answered examples of
 the packaged sets cite [1] and the fine-tuned generator learns to cite [1] whatever it reads.
 At half of the answered items (two seeds and their soup, 36 steps each on 2 CPU cores) the
 soup read more of the dev questions whose evidence holds the answer (.60 against .50) but
-answered fewer test capitals (.865 against .919; README).
+answered fewer test capitals (.865 against .919; bench/RESULTS.md).
 
 Answerable items whose passages hold no answer string ("not found") are left out by default
 (``not_found_fraction`` 0). As "I don't know." targets they are noisy (the passage may state
@@ -36,7 +37,7 @@ are nearly all FanOutQA sub-questions, so they taught a question *shape* to mean
 generator trained with half of them (143 of 413 examples) answered 14% of hand-written
 questions of other shapes whose passages held the answer; without them, 56%, and with a tenth
 of the answered items as gold-removed copies (``abstain_fraction`` 0.1) instead of a quarter,
-68% (``bench/handwritten.py``, README: one seed each, 36 steps on 2 CPU cores, prompts
+68% (``bench/handwritten.py``, bench/RESULTS.md: one seed each, 36 steps on 2 CPU cores, prompts
 that showed the best passage first).
 
 ``train_generator`` is the loop: warm-up + cosine schedule, gradient accumulation, clipping,

@@ -199,7 +199,7 @@ Context = dict[str, Any]
 class SeededRuns(BaseModel):
     """``seeds``: train once per seed (example order, negatives or abstention picks, dev
     sample; the split stays the job's) and register the uniform average of the runs, a soup
-    (``services/trainer/soup.py``). README, Training: the soup of two generator seeds met every
+    (``services/trainer/soup.py``). bench/RESULTS.md: the soup of two generator seeds met every
     capital target where neither seed did; the soup of three query-encoder seeds kept the
     capitals that one run in several loses."""
 

@@ -138,7 +138,7 @@ class RetrieverTrainConfig(BaseModel):
     dev evaluation period; ``save_steps``: resume-state period. ``crop_min``/``crop_max``:
     share of a document's words in each crop of ``pretrain_retriever`` (Contriever: 0.1–0.5).
     ``anchor``: weight of ``anchor_penalty`` in the loss (0: none); left out, ANCHOR_BY_MODE
-    chooses it. Both defaults are what dev preferred on the packaged data (README, Training):
+    chooses it. Both defaults are what dev preferred on the packaged data (bench/RESULTS.md):
     in "query" mode 1.0 scored higher on dev in 4 of 5 seeds (and tied in one) and kept the
     capitals' test recall@1 where the loss alone lowered it; in "both" mode the anchored run
     scored lower on dev than the plain one, so there it is 0.

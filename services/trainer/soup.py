@@ -6,7 +6,7 @@ sample) ends in two nearby points of the same low-loss region; their element-wis
 costs nothing at serving time: it is one model of the same size. On the packaged data the soup
 of the seed-0 and seed-1 SmolLM2 runs of ``bench/train_generator.py`` is better than each seed
 on the test split's capitals, and the soup of three query-encoder runs keeps the capitals that
-one run in several loses (see the README, Training). Generators and retrievers (encoders)
+one run in several loses (see bench/RESULTS.md). Generators and retrievers (encoders)
 alike: a folder's ``ragtune.json`` says which.
 
     average_models([run_a / "model", run_b / "model"], out_dir)
