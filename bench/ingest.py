@@ -56,6 +56,9 @@ def main() -> None:
                         help="documents per entry, comma-separated; the first is the baseline")
     parser.add_argument("--out", type=Path, default=RESULTS / "ingest.json")
     args = parser.parse_args()
+    if args.limit < 0:
+        parser.error(f"--limit must be 0 (the whole corpus) or a positive count, "
+                     f"but is {args.limit}")
     logging.basicConfig(level=logging.WARNING)
     settings = Settings()
     corpus = load_corpus()
