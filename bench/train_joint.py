@@ -8,17 +8,21 @@ Both arms start from the packaged MiniLM and SmolLM2-135M-Instruct and train on 
 splits of the capital, unanswerable-capital and FanOutQA sets:
 
 - pipeline: the query encoder is fine-tuned first (``services/trainer/retriever.py``, "query"
-  mode: documents keep the base vectors) for ``--steps`` steps, then the generator
+  mode: documents keep the base vectors) for at most ``--steps`` steps, then the generator
   (``services/trainer/generator.py``) for ``--steps`` steps on prompts retrieved with it;
 - joint: ``services/trainer/joint.py`` trains both together for ``--steps`` steps with the
   RAG loss (``--variant``), ``--n-docs`` passages per question, documents fixed.
 
-Same budget: each model gets the same number of optimiser steps over batches of the same
+Same budget for the generators: the same number of optimiser steps over batches of the same
 number of questions (the joint arm's generator reads ``n_docs`` one-passage prompts per
-question, the pipeline's one three-passage prompt: about the same tokens); wall times are
-reported for both. Each arm is then evaluated as served: hybrid retrieval with its query
-encoder over the base document vectors, top 3, greedy decoding (``services/evaluation/qa.py``)
-on the test splits, with dense recall@3 of the gold document beside it.
+question, the pipeline's one three-passage prompt: about the same tokens). The query encoders
+differ by design: the pipeline's trains contrastively at 32 questions per step (in-batch
+negatives need the larger batch) for one pass over the training questions with a gold
+document, cut at ``--steps``; the joint arm's gets the answer loss's gradient at every joint
+step. Wall times are reported for both. Each arm is then evaluated as served: hybrid
+retrieval with its query encoder over the base document vectors, top 3, greedy decoding
+(``services/evaluation/qa.py``) on the test splits, with dense recall@3 of the gold document
+beside it.
 
 ``--quick`` is for a CPU (~5 minutes): the small corpus and test subsets of
 bench/train_generator.py --quick, 2 steps of 2 questions, 2 passages per question. Results go to
