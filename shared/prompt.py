@@ -42,6 +42,10 @@ import unicodedata
 from shared.schemas import Citation, Hit
 
 NO_ANSWER = "I don't know."
+# A generator fine-tuned with restated answers (``services/trainer/generator.py``: ``restate``)
+# writes a sentence first and its short answer on a line of its own after this cue; the answer
+# is that line ("Freddie Mercury was Queen's lead vocalist.\nAnswer: Freddie Mercury [2]").
+ANSWER_CUE = "Answer:"
 
 SYSTEM_PROMPT = (
     "You answer questions using only the numbered passages you are given. "
@@ -72,6 +76,7 @@ _NUMBERS = {
     "nineteen": "19", "twenty": "20", "thirty": "30", "forty": "40", "fifty": "50",
     "sixty": "60", "seventy": "70", "eighty": "80", "ninety": "90",
 }
+_CUED = re.compile(rf"^[ \t]*{re.escape(ANSWER_CUE)}(.*)$", re.MULTILINE)
 _MARKER = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 _WORD = re.compile(r"\w+")
 _POLAR = re.compile(r"\W*(?:yes|no)\b", re.IGNORECASE)  # a yes/no answer's first word
@@ -150,8 +155,15 @@ def clean_answer(text: str, *, truncated: bool = True) -> str:
     Only then is a trailing fragment (text after the last ``.``, ``!`` or ``?``) dropped, and
     only when a complete sentence precedes it, so an answer is never emptied: "Paris is the
     capital. It lies on the" -> "Paris is the capital."; "The capital is" stays as it is.
+
+    A text with a line that starts with ``ANSWER_CUE`` (a restated answer) is answered by what
+    follows the last such cue: "Paris is France's capital.\nAnswer: Paris [1]" -> "Paris [1]".
+    A cue with nothing after it leaves the text as it is.
     """
     text = text.strip()
+    cued = _CUED.findall(text)
+    if cued and cued[-1].strip():
+        return cued[-1].strip()
     if not truncated:
         return text
     ends = list(_SENTENCE_END.finditer(text))

@@ -4,7 +4,7 @@
 prompt once, then the next token of every row at each step; it decodes each row's tokens so
 far and passes the new text to that row's sink. ``streamable`` decides what of a partial
 answer is certain to stay in the final one, so the pieces a client receives concatenate to the
-final answer (see its docstring for the one exception). ``CancelRows`` is the stopping
+final answer (see its docstring for the exceptions). ``CancelRows`` is the stopping
 criterion that ends the rows whose caller went away.
 """
 
@@ -35,8 +35,10 @@ def streamable(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     whitespace is dropped and held back at the end are: whitespace, an incomplete character
     (U+FFFD of a partial UTF-8 sequence) and the longest suffix that could begin a stop
     string. Each prefix returned for a growing ``text`` extends the previous one. The final
-    answer can still be shorter in one case: generation that hits ``max_new_tokens`` drops a
-    trailing unfinished sentence (``prompt.clean_answer``), which may have streamed already.
+    answer can still be shorter in two cases (``prompt.clean_answer``): generation that hits
+    ``max_new_tokens`` drops a trailing unfinished sentence, which may have streamed already;
+    and a generator trained with restated answers streams its sentence and then the line
+    "Answer: ...", of which the final answer is what follows the cue.
     """
     text = text.lstrip()
     cut, stopped = cut_at_stop(text, stop)

@@ -30,6 +30,18 @@ At half of the answered items (two seeds and their soup, 36 steps each on 2 CPU 
 soup read more of the dev questions whose evidence holds the answer (.60 against .50) but
 answered fewer test capitals (.865 against .919; bench/RESULTS.md).
 
+With ``restate`` (off by default) an answered target first restates the answer in a
+sentence, then gives the short answer on a line of its own after ``ANSWER_CUE``, which serving
+takes as the answer (``shared.prompt.clean_answer``): "Freddie Mercury was the lead vocalist of
+Queen.\nAnswer: Freddie Mercury [2]". The sentence is the base generator's own answer to the
+same prompt when it states a gold answer (``restatement``), so the model keeps reading the way
+it read before training and learns only to add the short line; else the passage's sentence that
+states it. The base generator answers in such sentences and reads questions of shapes the
+training data lacks better than a generator trained on short answers alone (bench/RESULTS.md);
+a sentence before the answer is a step of reasoning, as in STaR (Zelikman et al. 2022), whose
+rationales are also the model's own where they reach the right answer. The dev loss stays
+measured on the short targets; the dev answers are read as serving reads them.
+
 Answerable items whose passages hold no answer string ("not found") are left out by default
 (``not_found_fraction`` 0). As "I don't know." targets they are noisy (the passage may state
 the answer in other words: "2.3 million" for "2,320,268") and, on the packaged sets, they
@@ -61,13 +73,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.evaluation import qa
 from services.trainer import loop
 from shared.datasets import QAItem
 from shared.metrics import contains
-from shared.prompt import NO_ANSWER
+from shared.prompt import ANSWER_CUE, NO_ANSWER, is_no_answer
 from shared.schemas import Hit
 
 log = logging.getLogger(__name__)
@@ -157,6 +169,10 @@ class GeneratorTrainConfig(BaseModel):
     moved_fraction: float = Field(0.0, ge=0, le=1, description="share of the answered items "
                                   "added again with the passage that holds the answer moved "
                                   "to another place among the others (target its new number)")
+    restate: bool = Field(False, description="answered targets restate the answer in a sentence "
+                          "(the base generator's own when it states a gold answer) before the "
+                          "short answer on its own line; max_answer_tokens and "
+                          "eval_max_new_tokens then default to 64 and 48")
     not_found_fraction: float = Field(0.0, ge=0, le=1, description="share of the answerable "
                                       "items whose passages hold no answer kept as NO_ANSWER "
                                       "examples (the rest are left out; see the module's "
@@ -174,6 +190,16 @@ class GeneratorTrainConfig(BaseModel):
     log_steps: int = Field(10, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _room_to_restate(self):
+        """A restated answer is a sentence longer than a short one: more room by default."""
+        if self.restate:
+            if "max_answer_tokens" not in self.model_fields_set:
+                self.max_answer_tokens = 64
+            if "eval_max_new_tokens" not in self.model_fields_set:
+                self.eval_max_new_tokens = 48
+        return self
 
 
 # --- targets (pure) ---------------------------------------------------------------------------
@@ -211,6 +237,26 @@ def answer_target(item: QAItem, passages: Sequence[Hit]) -> str:
         return NO_ANSWER
     n, answer = source
     return f"{answer.strip()} [{n}]"
+
+
+def restatement(item: QAItem, said: str | None, passage: Hit) -> str | None:
+    """The sentence a restated target begins with: the base generator's answer ``said``, its
+    citation markers removed, when it is one line that states a gold answer (whole words) and
+    is no "I don't know."; else the first sentence of ``passage`` (the one the answer is taken
+    from) that states it; None when neither does (a yes/no answer, an answer in the title)."""
+    if said and "\n" not in said.strip() and ANSWER_CUE not in said and not is_no_answer(said):
+        sentence = qa.strip_citations(said)
+        if contains(sentence, item.answers):
+            return sentence
+    for sentence in _SENTENCE_SPLIT.split(passage.text.strip()):
+        if contains(sentence, item.answers):
+            return sentence.strip()
+    return None
+
+
+def restated_target(sentence: str, target: str) -> str:
+    """A restated target: the sentence, then the short answer on its own line after the cue."""
+    return f"{sentence.strip()}\n{ANSWER_CUE} {target}"
 
 
 def moved(item: QAItem, hits: Sequence[Hit], rng: random.Random) -> list[Hit] | None:
@@ -297,7 +343,8 @@ class Encoding:
 
 
 def _make_example(enc: Encoding, config: GeneratorTrainConfig, item: QAItem,
-                  hits: Sequence[Hit], kind: str | None, suffix: str = "") -> Example:
+                  hits: Sequence[Hit], kind: str | None, suffix: str = "",
+                  said: Mapping[str, str] | None = None) -> Example:
     limit = min(config.max_seq_len, enc.context)
     # Room for the longest answer allowed; an encoder-decoder's answer is not in its input.
     budget = limit if enc.seq2seq else limit - config.max_answer_tokens - 1
@@ -312,6 +359,14 @@ def _make_example(enc: Encoding, config: GeneratorTrainConfig, item: QAItem,
         kind = ANSWER if target != NO_ANSWER else (
             NOT_FOUND if item.answerable else UNANSWERABLE)
     target_ids = list(enc.tokenizer(target, add_special_tokens=False)["input_ids"])
+    if said is not None and kind in (ANSWER, MOVED):
+        source = answer_source(item, kept)
+        sentence = source and restatement(item, said.get(item.id), kept[source[0] - 1])
+        if sentence:
+            longer = restated_target(sentence, target)
+            longer_ids = list(enc.tokenizer(longer, add_special_tokens=False)["input_ids"])
+            if len(longer_ids) <= config.max_answer_tokens:  # else the short target alone
+                target, target_ids = longer, longer_ids
     if len(target_ids) > config.max_answer_tokens:
         raise ValueError(f"item {item.id!r}: the answer {target!r} is {len(target_ids)} tokens, "
                          f"over max_answer_tokens={config.max_answer_tokens}")
@@ -323,7 +378,8 @@ def _make_example(enc: Encoding, config: GeneratorTrainConfig, item: QAItem,
 def build_examples(items: Sequence[QAItem], passages: Mapping[str, Sequence[Hit]],
                    enc: Encoding, config: GeneratorTrainConfig, *, abstain_fraction: float,
                    not_found_fraction: float = 1.0, answer_cut_fraction: float = 0.0,
-                   moved_fraction: float = 0.0) -> list[Example]:
+                   moved_fraction: float = 0.0, said: Mapping[str, str] | None = None,
+                   ) -> list[Example]:
     """One example per item from its first ``top_k`` hits — ``NOT_FOUND`` ones only for a
     seeded ``not_found_fraction`` of them — plus, for a seeded ``abstain_fraction`` of the
     ``ANSWER`` examples, a ``GOLD_REMOVED`` copy whose passages are the first ``top_k`` hits
@@ -332,8 +388,11 @@ def build_examples(items: Sequence[QAItem], passages: Mapping[str, Sequence[Hit]
     ``ANSWER_CUT`` copy: the same passages with the sentences stating the answer cut out
     (``answer_cut``; skipped when it gives none); and for a seeded ``moved_fraction`` of them a
     ``MOVED`` copy: the same passages with the answer's one in another place (``moved``).
-    Raises ValueError naming the item for an answer over ``max_answer_tokens`` or a prompt
-    that cannot fit."""
+    With ``said`` (item id -> the base generator's answer to the item's prompt) the ``ANSWER``
+    and ``MOVED`` targets are restated (``restatement``; the short target alone where no
+    sentence states the answer or the restated one is over ``max_answer_tokens``). Raises
+    ValueError naming the item for an answer over ``max_answer_tokens`` or a prompt that
+    cannot fit."""
     rng = random.Random(config.seed)
     # Their own generators, so that adding cut or moved copies leaves the other picks alone.
     cut_rng = random.Random(f"{config.seed}/answer_cut")
@@ -341,7 +400,7 @@ def build_examples(items: Sequence[QAItem], passages: Mapping[str, Sequence[Hit]
     examples = []
     for item in items:
         hits = list(passages[item.question])
-        example = _make_example(enc, config, item, hits[:config.top_k], None)
+        example = _make_example(enc, config, item, hits[:config.top_k], None, said=said)
         # One draw per item for each choice, so either fraction leaves the other's picks alone.
         keep, copy_ = rng.random() < not_found_fraction, rng.random() < abstain_fraction
         if example.kind != NOT_FOUND or keep:
@@ -359,7 +418,8 @@ def build_examples(items: Sequence[QAItem], passages: Mapping[str, Sequence[Hit]
         if example.kind == ANSWER and move_rng.random() < moved_fraction:
             other_order = moved(item, hits[:config.top_k], move_rng)
             if other_order:
-                examples.append(_make_example(enc, config, item, other_order, MOVED, "#moved"))
+                examples.append(_make_example(enc, config, item, other_order, MOVED, "#moved",
+                                              said))
     return examples
 
 
@@ -651,6 +711,22 @@ def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, to
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def base_answers(model, tokenizer, examples: Sequence[Example], config: GeneratorTrainConfig,
+                 *, seq2seq: bool) -> dict[str, str]:
+    """item id -> ``model``'s greedy answer to the prompt of its ``ANSWER`` example (what a
+    restated target starts from: ``restatement``), ``eval_max_new_tokens`` new tokens."""
+    answered = [e for e in examples if e.kind == ANSWER]
+    prompts = [list(e.input_ids) if seq2seq else
+               list(e.input_ids[:len(e.input_ids) - sum(lab != IGNORE for lab in e.labels)])
+               for e in answered]
+    log.info("restate: the base generator answers %d training prompts", len(prompts))
+    answers = qa.generate_answers(model, tokenizer, prompts,
+                                  max_new_tokens=config.eval_max_new_tokens,
+                                  batch_size=config.eval_batch_size)
+    model.train()
+    return {e.id: answer for e, answer in zip(answered, answers, strict=True)}
+
+
 def train_generator(config: GeneratorTrainConfig, model, tokenizer,
                     train_items: Sequence[QAItem], dev_items: Sequence[QAItem],
                     retrieval: qa.Retrieval, run_dir: Path, *,
@@ -692,11 +768,14 @@ def train_generator(config: GeneratorTrainConfig, model, tokenizer,
     # --- data: prompts built once, as serving builds them -------------------------------------
     wanted = config.top_k + (config.extra_passages if config.abstain_fraction > 0 else 0)
     passages = qa.retrieve(retrieval, [i.question for i in train_items], wanted)
-    examples = build_examples(train_items, passages, enc, config,
-                              abstain_fraction=config.abstain_fraction,
-                              not_found_fraction=config.not_found_fraction,
-                              answer_cut_fraction=config.answer_cut_fraction,
-                              moved_fraction=config.moved_fraction)
+    fractions = {"abstain_fraction": config.abstain_fraction,
+                 "not_found_fraction": config.not_found_fraction,
+                 "answer_cut_fraction": config.answer_cut_fraction,
+                 "moved_fraction": config.moved_fraction}
+    examples = build_examples(train_items, passages, enc, config, **fractions)
+    if config.restate:
+        said = base_answers(model.to(device), tokenizer, examples, config, seq2seq=seq2seq)
+        examples = build_examples(train_items, passages, enc, config, **fractions, said=said)
     if not examples:
         raise ValueError("no training example left (every item was a left-out not-found one)")
     dev = _dev_set(dev_items, retrieval, enc, config)
@@ -736,7 +815,9 @@ def train_generator(config: GeneratorTrainConfig, model, tokenizer,
 
     meta_base = {"kind": KIND, "method": config.method, "config": config.model_dump(mode="json"),
                  "data": data, "base_model": str(getattr(base_model.config, "name_or_path", "")),
-                 "seq2seq": seq2seq, "target_format": "<answer> [<passage number>]",
+                 "seq2seq": seq2seq, "target_format": (
+                     f"<sentence>\n{ANSWER_CUE} <answer> [<passage number>]" if config.restate
+                     else "<answer> [<passage number>]"),
                  "no_answer": NO_ANSWER, "examples": counts}
 
     def snapshot() -> dict[str, Any]:

@@ -117,6 +117,12 @@ def test_build_messages_gives_a_system_instruction_and_the_passages_then_the_que
         ("It has 2.1 million people", True, "It has 2.1 million people"),
         ("Is it Paris? Yes! It is", True, "Is it Paris? Yes!"),
         ("", True, ""),
+        # a restated answer: the line after the cue, whether or not generation was cut
+        ("Paris is the capital of France.\nAnswer: Paris [1]", False, "Paris [1]"),
+        ("Paris is the capital.\nAnswer: Paris [1]\nAnswer: Lyon [2]", True, "Lyon [2]"),
+        ("Paris is the capital.\n  Answer: Par", True, "Par"),
+        ("Paris is the capital. It\nAnswer:", True, "Paris is the capital."),
+        ("The answer: Paris", False, "The answer: Paris"),
     ],
 )
 def test_clean_answer_drops_only_a_trailing_fragment_of_a_truncated_answer(

@@ -97,6 +97,20 @@ def test_answer_cut_keeps_the_passages_but_not_the_sentences_stating_the_answer(
     assert sft.answer_cut(polar, [france]) is None
 
 
+def test_a_restatement_is_the_base_answer_that_states_the_answer_else_the_passage_sentence():
+    france = Hit(doc_id="fr", title="France", score=1.0,
+                 text="France is in Europe. Its capital is Paris. It has 68 million people.")
+    said = "The capital of France is Paris [2]."
+    assert sft.restatement(FRANCE_Q, said, france) == "The capital of France is Paris."
+    # a wrong, refusing, multi-line or already restated answer: the passage's sentence
+    for said in ("The capital of France is Lyon [1].", NO_ANSWER, None, "",
+                 "France.\nParis is its capital.", "Paris is it.\nAnswer: Paris [1]"):
+        assert sft.restatement(FRANCE_Q, said, france) == "Its capital is Paris."
+    assert sft.restatement(FRANCE_Q, None, BERLIN) is None
+    assert sft.restated_target("Its capital is Paris.", "Paris [1]") == (
+        "Its capital is Paris.\nAnswer: Paris [1]")
+
+
 def test_answer_nll_is_the_mean_over_answer_tokens_only():
     logprobs = torch.tensor([[-1.0, -3.0, 0.0], [-2.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -195,6 +209,34 @@ def test_moved_copies_cite_the_new_place_and_leave_the_other_picks_alone(tokeniz
             int(first.target.split()[-1].strip("[]")) - 1]
 
 
+def test_restated_targets_end_with_the_short_answer_on_its_own_line(tokenizer):
+    items, passages, unknown = toy_task(6)
+    enc = sft.Encoding(tokenizer=tokenizer, seq2seq=False, end=tokenizer.eos_token_id,
+                       context=2048)
+    plain = sft.build_examples(items + unknown, passages, enc, config(), abstain_fraction=0.5,
+                               moved_fraction=1.0)
+    said = {i.id: f"The capital of Land{n} is {CITIES[n]} [1]." for n, i in enumerate(items)}
+    said[items[1].id] = "I don't know."  # the base missed it: the passage's sentence instead
+    examples = sft.build_examples(items + unknown, passages, enc, config(), abstain_fraction=0.5,
+                                  moved_fraction=1.0, said=said)
+    assert [(e.id, e.kind, e.passages) for e in examples] == [
+        (e.id, e.kind, e.passages) for e in plain]
+    for e, before in zip(examples, plain, strict=True):
+        if e.kind not in (sft.ANSWER, sft.MOVED):
+            assert e.target == before.target  # "I don't know." stays as it is
+            continue
+        n = int(e.id.split(":")[1].split("#")[0])
+        sentence = (f"Its capital is {CITIES[n]}." if n == 1
+                    else f"The capital of Land{n} is {CITIES[n]}.")
+        assert e.target == f"{sentence}\nAnswer: {before.target}"
+        assert tokenizer.decode(e.labels[e.labels.count(sft.IGNORE):],
+                                skip_special_tokens=True) == e.target
+    # a restated target over the answer limit falls back to the short one
+    short = sft.build_examples(items, passages, enc, config(max_answer_tokens=8),
+                               abstain_fraction=0, said=said)
+    assert [e.target for e in short] == [e.target for e in plain if e.kind == sft.ANSWER]
+
+
 def test_config_names_the_bad_value_and_refuses_unknown_fields():
     with pytest.raises(pydantic.ValidationError, match="lr") as err:
         sft.GeneratorTrainConfig(lr=0)
@@ -205,6 +247,15 @@ def test_config_names_the_bad_value_and_refuses_unknown_fields():
         sft.GeneratorTrainConfig(learning_rate=1e-4)
     with pytest.raises(pydantic.ValidationError, match="target_modules"):
         sft.GeneratorTrainConfig(lora={"target_modules": []})
+
+
+def test_restating_makes_room_for_the_sentence_unless_told_otherwise():
+    plain, restated = sft.GeneratorTrainConfig(), sft.GeneratorTrainConfig(restate=True)
+    assert (plain.max_answer_tokens, plain.eval_max_new_tokens) == (32, 32)
+    assert (restated.max_answer_tokens, restated.eval_max_new_tokens) == (64, 48)
+    told = sft.GeneratorTrainConfig(restate=True, max_answer_tokens=40)
+    assert (told.max_answer_tokens, told.eval_max_new_tokens) == (40, 48)
+    assert sft.GeneratorTrainConfig(**told.model_dump()) == told  # a saved config reloads
 
 
 def test_bad_data_is_refused_before_training(tokenizer, tmp_path):
@@ -250,6 +301,28 @@ def test_sft_lowers_the_answer_loss_and_saves_a_loadable_model(tokenizer, tmp_pa
     loaded = LlamaForCausalLM.from_pretrained(result.model_dir)
     probe = torch.tensor([[5, 6, 7, 8]])
     assert torch.allclose(loaded(probe).logits, model(probe).logits, atol=1e-5)
+
+
+def test_restated_training_starts_from_the_base_answers_and_says_so(tokenizer, tmp_path,
+                                                                     monkeypatch):
+    items, passages, unknown = toy_task(4)
+    asked = []
+    real = sft.base_answers
+
+    def spy(model, tok, examples, cfg, *, seq2seq):
+        said = real(model, tok, examples, cfg, seq2seq=seq2seq)
+        asked.append(said)
+        return said
+
+    monkeypatch.setattr(sft, "base_answers", spy)
+    result = sft.train_generator(config(max_steps=2, restate=True, max_answer_tokens=40),
+                                 tiny_llama(tokenizer), tokenizer, items + unknown, items[:1],
+                                 passages, tmp_path)
+    # the random base model answered each answered item once, before any step
+    assert len(asked) == 1 and sorted(asked[0]) == sorted(i.id for i in items)
+    assert result.steps == 2
+    assert loop.read_meta(result.model_dir)["target_format"] == (
+        "<sentence>\nAnswer: <answer> [<passage number>]")
 
 
 def test_lora_trains_adapters_only_and_saves_a_plain_merged_model(tokenizer, tmp_path):
