@@ -16,8 +16,8 @@ was chosen on the first file (``shared/prompt.py``): the check that the choice g
 Every generator (the packaged SmolLM2-135M-Instruct as ``base``, then each ``--model`` folder,
 named by it) answers every question once, through the offline serving pipeline
 (``bench/train_generator.py`` ``answer_all``: hybrid top-3 passages over the full corpus, as
-served, or ``--top-k``, cached in bench/results/cache; serving's prompt; greedy; serving's 48
-new tokens).
+served, or ``--top-k``, cached in bench/results/cache; serving's prompt; greedy; serving's
+``generator.max_new_tokens``, 48 unless ``RAGTUNE_GENERATOR__MAX_NEW_TOKENS`` says otherwise).
 The answers are scored three times: as generated (min_trust 0), with serving's trust gate
 (``answer.min_trust``: an answer whose content words the passages' sentences on the question do
 not back is withheld; ``shared.prompt.support``) and, as ``<min_trust> any``, with the gate
@@ -114,7 +114,8 @@ def main() -> None:
         model, tokenizer = tg.load_fp32_generator(settings, device, path)
         model = model.eval()
         t = time.perf_counter()
-        answered = tg.answer_all(model, tokenizer, items, passages, batch)
+        answered = tg.answer_all(model, tokenizer, items, passages, batch,
+                                 settings.generator.max_new_tokens)
         log.info("%s answered %d questions in %.0f s", name, len(answered),
                  time.perf_counter() - t)
         scored = {label: score(items, answered, *g) for label, g in gates.items()}

@@ -6,7 +6,8 @@ by side with no gate (0, the generator alone), on the packaged question sets.
 The generator (the packaged SmolLM2-135M-Instruct, or a fine-tuned one named by ``--model``)
 answers the dev and test splits once, through the offline serving pipeline of
 bench/train_generator.py (same splits and cached hybrid passages, top 3, serving's prompt,
-greedy, 48 new tokens). Each answer's trust is ``shared.prompt.support``: the share of its
+greedy, serving's ``generator.max_new_tokens``: 48 unless ``RAGTUNE_GENERATOR__MAX_NEW_TOKENS``
+says otherwise). Each answer's trust is ``shared.prompt.support``: the share of its
 content words found in those sentences of its passages that share a word with the question
 (as served) and, side by side, found anywhere in its passages (the gate before:
 ``by_sentence=False``). Every threshold is then applied to the same answers
@@ -104,7 +105,7 @@ def main() -> None:
         sets = data[split]
         t = time.perf_counter()
         answered = tg.answer_all(model, tokenizer, [i for s in sets.values() for i in s],
-                                 passages, batch)
+                                 passages, batch, settings.generator.max_new_tokens)
         log.info("%s: %d questions answered in %.0f s", split, len(answered),
                  time.perf_counter() - t)
         for scope, rows in results.items():
