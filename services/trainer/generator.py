@@ -774,6 +774,8 @@ def train_generator(config: GeneratorTrainConfig, model, tokenizer,
                  "moved_fraction": config.moved_fraction}
     examples = build_examples(train_items, passages, enc, config, **fractions)
     if config.restate:
+        loop.check_cancel(should_stop)
+        loop.Reporter(progress, KIND, 0, loop.Clock()).phase("the base answers (restate)")
         said = base_answers(model.to(device), tokenizer, examples, config, seq2seq=seq2seq)
         examples = build_examples(train_items, passages, enc, config, **fractions, said=said)
     if not examples:

@@ -315,11 +315,13 @@ def test_restated_training_starts_from_the_base_answers_and_says_so(tokenizer, t
         return said
 
     monkeypatch.setattr(sft, "base_answers", spy)
+    seen = []
     result = sft.train_generator(config(max_steps=2, restate=True, max_answer_tokens=40),
                                  tiny_llama(tokenizer), tokenizer, items + unknown, items[:1],
-                                 passages, tmp_path)
-    # the random base model answered each answered item once, before any step
+                                 passages, tmp_path, progress=seen.append)
+    # the random base model answered each answered item once, before any step, and said so
     assert len(asked) == 1 and sorted(asked[0]) == sorted(i.id for i in items)
+    assert seen[0].phase == "the base answers (restate)" and seen[0].step == 0
     assert result.steps == 2
     assert loop.read_meta(result.model_dir)["target_format"] == (
         "<sentence>\nAnswer: <answer> [<passage number>]")
