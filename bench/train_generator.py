@@ -331,7 +331,7 @@ def main() -> None:
             eval_questions=args.eval_questions or (4 if args.quick else 96),
             eval_batch_size=eval_batch,
             eval_max_new_tokens=12 if args.quick else (max_new if args.restate else 32),
-            restate=args.restate, max_answer_tokens=64 if args.restate else 32,
+            restate=args.restate,
             activation_checkpointing=args.activation_checkpointing,
             patience=3, device=args.device, seed=seed)
         if several:  # every seed starts from the base model

@@ -714,16 +714,16 @@ def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, to
 def base_answers(model, tokenizer, examples: Sequence[Example], config: GeneratorTrainConfig,
                  *, seq2seq: bool) -> dict[str, str]:
     """item id -> ``model``'s greedy answer to the prompt of its ``ANSWER`` example (what a
-    restated target starts from: ``restatement``), ``eval_max_new_tokens`` new tokens."""
+    restated target starts from: ``restatement``), ``eval_max_new_tokens`` new tokens. The
+    model is left in eval mode."""
     answered = [e for e in examples if e.kind == ANSWER]
-    prompts = [list(e.input_ids) if seq2seq else
-               list(e.input_ids[:len(e.input_ids) - sum(lab != IGNORE for lab in e.labels)])
+    # a decoder-only example's prompt is its input up to the first label that carries loss
+    prompts = [list(e.input_ids if seq2seq else e.input_ids[:e.labels.count(IGNORE)])
                for e in answered]
     log.info("restate: the base generator answers %d training prompts", len(prompts))
     answers = qa.generate_answers(model, tokenizer, prompts,
                                   max_new_tokens=config.eval_max_new_tokens,
                                   batch_size=config.eval_batch_size)
-    model.train()
     return {e.id: answer for e, answer in zip(answered, answers, strict=True)}
 
 
