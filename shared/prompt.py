@@ -161,15 +161,22 @@ def clean_answer(text: str, *, truncated: bool = True) -> str:
     A cue with nothing after it leaves the text as it is.
     """
     text = text.strip()
-    cued = _CUED.findall(text)
-    if cued and cued[-1].strip():
-        return cued[-1].strip()
+    cued = after_cue(text)
+    if cued:
+        return cued
     if not truncated:
         return text
     ends = list(_SENTENCE_END.finditer(text))
     if not ends:
         return text
     return text[: ends[-1].end()].rstrip()
+
+
+def after_cue(text: str) -> str | None:
+    """What follows the last line of ``text`` that starts with ``ANSWER_CUE``, to that line's
+    end and stripped ("" for a bare cue); ``None`` where no line starts with it."""
+    cued = _CUED.findall(text)
+    return cued[-1].strip() if cued else None
 
 
 def is_no_answer(answer: str) -> bool:

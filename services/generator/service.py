@@ -11,11 +11,13 @@ batches out of concurrent requests is ``services.generator.batching``'s job.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers import StoppingCriteriaList
@@ -32,7 +34,7 @@ from shared.prompt import (
     parse_citations,
     truncate_text,
 )
-from shared.registry import Registry
+from shared.registry import META_FILE, Registry
 from shared.schemas import GenerateRequest, GenerateResult, Hit
 from shared.settings import Settings
 
@@ -59,6 +61,15 @@ def plain_prompt(messages: list[dict[str, str]]) -> str:
     return "\n\n".join(m["content"] for m in messages)
 
 
+def trained_to_restate(model: str | None) -> bool:
+    """Whether the model folder ``model`` was fine-tuned with ``restate`` (its ``ragtune.json``
+    config says so); False for a folder without one, a hub id or ``None``."""
+    meta = Path(model) / META_FILE if model else None
+    if meta is None or not meta.is_file():
+        return False
+    return bool(json.loads(meta.read_text()).get("config", {}).get("restate", False))
+
+
 def batch_key(req: GenerateRequest) -> str:
     """Requests with equal keys may share a batch: they decode by the same options to the same
     length. An unseeded sample draws a seed of its own, so its key is unique (never shared)."""
@@ -81,7 +92,9 @@ class GeneratorService:
     ``None`` reads ``model.config.max_position_embeddings``, else ``n_positions``, else the
     tokenizer's ``model_max_length``. ``max_new_tokens_limit`` caps what a request may ask
     for (``None``: only the context window does). A tokenizer with a chat template gets chat
-    messages, one without gets ``plain_prompt``.
+    messages, one without gets ``plain_prompt``. ``restated``: the model was fine-tuned to
+    answer after ``ANSWER_CUE`` (a trained folder's ``ragtune.json`` says so,
+    ``from_settings`` reads it); it streams only what follows the cue.
     """
 
     def __init__(
@@ -91,6 +104,7 @@ class GeneratorService:
         max_passage_chars: int,
         max_context_tokens: int | None = None,
         max_new_tokens_limit: int | None = None,
+        restated: bool = False,
     ) -> None:
         if max_passage_chars < 1:
             raise ValueError(
@@ -116,6 +130,7 @@ class GeneratorService:
         self.max_passage_chars = max_passage_chars
         self.max_context_tokens = max_context_tokens
         self.max_new_tokens_limit = max_new_tokens_limit
+        self.restated = restated
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.chat = getattr(tokenizer, "chat_template", None) is not None
         self._eos_ids = eos_ids(model, tokenizer)
@@ -137,7 +152,8 @@ class GeneratorService:
                 "generator": settings.generator.model_copy(update={"model": path})})
         model, tokenizer = load_generator(settings)
         return cls(model, tokenizer, max_passage_chars=settings.generator.max_passage_chars,
-                   max_new_tokens_limit=settings.generator.max_new_tokens_limit)
+                   max_new_tokens_limit=settings.generator.max_new_tokens_limit,
+                   restated=trained_to_restate(settings.generator.model))
 
     def generate(self, req: GenerateRequest) -> GenerateResult:
         """Answer ``req.question`` from ``req.passages``, decoded as ``req.decoding`` says.
@@ -263,7 +279,8 @@ class GeneratorService:
             criteria.append(CancelRows(cancelled))
         streamer = None
         if plan.num_beams == 1 and any(sink is not None for sink in sinks):
-            streamer = BatchStreamer(self.tokenizer, sinks, self._eos_ids, plan.stop, cancelled)
+            streamer = BatchStreamer(self.tokenizer, sinks, self._eos_ids, plan.stop, cancelled,
+                                     cued=self.restated)
         started = time.perf_counter()
         with torch.inference_mode():
             output = self.model.generate(

@@ -4,7 +4,7 @@
 prompt once, then the next token of every row at each step; it decodes each row's tokens so
 far and passes the new text to that row's sink. ``streamable`` decides what of a partial
 answer is certain to stay in the final one, so the pieces a client receives concatenate to the
-final answer (see its docstring for the exceptions). ``CancelRows`` is the stopping
+final answer (see its docstring for the exception). ``CancelRows`` is the stopping
 criterion that ends the rows whose caller went away.
 """
 
@@ -19,6 +19,7 @@ from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from services.generator.decoding import cut_at_stop
+from shared.prompt import after_cue
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ Sink = Callable[[str], None]
 _INCOMPLETE = "\ufffd"
 
 
-def streamable(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+def streamable(text: str, stop: Sequence[str], *, cued: bool = False) -> tuple[str, bool]:
     """``(prefix, stopped)``: the part of a partial completion ``text`` that will begin the
     answer whatever is generated next, and whether a stop string has ended it.
 
@@ -36,19 +37,26 @@ def streamable(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     (U+FFFD of a partial UTF-8 sequence) and the longest suffix that could begin a stop
     string. Each prefix returned for a growing ``text`` extends the previous one. The final
     answer can still be shorter in two cases (``prompt.clean_answer``): generation that hits
-    ``max_new_tokens`` drops a trailing unfinished sentence, which may have streamed already;
-    and a generator trained with restated answers streams its sentence and then the line
-    "Answer: ...", of which the final answer is what follows the cue.
+    ``max_new_tokens`` drops a trailing unfinished sentence, which may have streamed already.
+
+    ``cued`` is for a generator trained with restated answers (a sentence, then a line
+    "Answer: ..."), whose final answer is what follows the cue: nothing streams before a line
+    starts with ``ANSWER_CUE``, then that line's text after it. Such an answer that never
+    gives the cue (e.g. "I don't know.") streams in one piece at the end (``finish``).
     """
     text = text.lstrip()
     cut, stopped = cut_at_stop(text, stop)
     if stopped:
-        return cut.rstrip(), True
-    held = 0
-    for s in stop:
-        held = max(held, next((k for k in range(min(len(s) - 1, len(text)), 0, -1)
-                               if text.endswith(s[:k])), 0))
-    return text[: len(text) - held].rstrip(_INCOMPLETE).rstrip(), False
+        prefix = cut.rstrip()
+    else:
+        held = 0
+        for s in stop:
+            held = max(held, next((k for k in range(min(len(s) - 1, len(text)), 0, -1)
+                                   if text.endswith(s[:k])), 0))
+        prefix = text[: len(text) - held].rstrip(_INCOMPLETE).rstrip()
+    if cued:
+        prefix = after_cue(prefix) or ""
+    return prefix, stopped
 
 
 class BatchStreamer(BaseStreamer):
@@ -56,12 +64,15 @@ class BatchStreamer(BaseStreamer):
 
     Called from the thread running ``model.generate``; sinks must be thread-safe. A row stops
     streaming at an end-of-sequence token (``eos_ids``), a stop string, or once its event in
-    ``cancelled`` is set. ``emitted[row]`` is the text sent so far.
+    ``cancelled`` is set. ``emitted[row]`` is the text sent so far. ``cued``: the model answers
+    after ``ANSWER_CUE`` (``streamable``).
     """
 
     def __init__(self, tokenizer, sinks: Sequence[Sink | None], eos_ids: Sequence[int],
-                 stop: Sequence[str] = (), cancelled: Sequence[threading.Event | None] = ()):
+                 stop: Sequence[str] = (), cancelled: Sequence[threading.Event | None] = (),
+                 *, cued: bool = False):
         self.tokenizer = tokenizer
+        self.cued = cued
         self.sinks = list(sinks)
         self.eos_ids = set(eos_ids)
         self.stop = tuple(stop)
@@ -85,7 +96,7 @@ class BatchStreamer(BaseStreamer):
                 continue
             self.tokens[row].append(token)
             text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-            prefix, stopped = streamable(text, self.stop)
+            prefix, stopped = streamable(text, self.stop, cued=self.cued)
             self.done[row] = stopped
             self._send(row, prefix)
 

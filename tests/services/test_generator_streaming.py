@@ -4,13 +4,17 @@ stops early)."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
+import torch
 
 from services.generator.service import GeneratorService
-from services.generator.streaming import streamable
-from shared.prompt import NO_ANSWER
+from services.generator.streaming import BatchStreamer, streamable
+from shared.prompt import NO_ANSWER, clean_answer
+from shared.registry import META_FILE
+from shared.settings import Settings
 from tests.services.test_generator import (
     FRANCE,
     GERMANY,
@@ -46,6 +50,32 @@ def test_each_streamable_prefix_extends_the_last_and_ends_as_the_answer():
         if stopped:
             break
     assert sent == "The capital is Paris. [2]"
+
+
+@pytest.mark.parametrize("text, stop, expected", [
+    ("Paris is the capital.", (), ("", False)),
+    ("Paris is the capital.\nAnswer", (), ("", False)),
+    ("Paris is the capital.\nAnswer: ", (), ("", False)),
+    ("Paris is the capital.\nAnswer:  Par", (), ("Par", False)),
+    ("Paris is the capital.\nAnswer: Paris [1]\nMore", (), ("Paris [1]", False)),
+    ("Paris.\nAnswer: Paris END more", ("END",), ("Paris", True)),
+    ("I don't know. END", ("END",), ("", True)),
+])
+def test_a_restated_answer_streams_only_after_its_cue(text, stop, expected):
+    assert streamable(text, stop, cued=True) == expected
+
+
+def test_a_cued_streamer_sends_the_answer_line_and_never_the_sentence(tokenizer):
+    completion = "Freddie Mercury was the lead vocalist of Queen.\nAnswer: Freddie Mercury [2]"
+    pieces: list[str] = []
+    streamer = BatchStreamer(tokenizer, [pieces.append], eos_ids=[tokenizer.eos_token_id],
+                             cued=True)
+    streamer.put(torch.tensor([[0]]))  # the prompt
+    for token in tokenizer(completion, add_special_tokens=False).input_ids:
+        streamer.put(torch.tensor([[token]]))
+    streamer.finish(0, clean_answer(completion, truncated=False))
+    assert "".join(pieces) == "Freddie Mercury [2]"
+    assert len(pieces) > 3 and "Queen" not in "".join(pieces)
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +142,29 @@ def test_a_cancelled_request_stops_early_and_its_batch_goes_on(tokenizer):
     assert kept.answer == "a" * 64
 
 
+def test_a_model_trained_to_restate_streams_its_answer_at_the_end(tmp_path, tokenizer):
+    # ragtune.json of a generator trained with restate; the forced model never gives the cue,
+    # so its answer streams whole when it is known
+    folder = tmp_path / "restated"
+    serving_llama(tokenizer, force_token="b").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / META_FILE).write_text(json.dumps({"kind": "generator", "config": {"restate": True}}))
+    service = GeneratorService.from_settings(Settings(home=tmp_path / "home",
+                                                      generator={"model": str(folder)}))
+    assert service.restated
+    pieces: list[str] = []
+    (result,) = service.generate_batch([request([FRANCE], max_new_tokens=6)],
+                                       sinks=[pieces.append])
+    assert pieces == [result.answer] == ["bbbbbb"]
+
+    (folder / META_FILE).write_text(json.dumps({"kind": "generator", "config": {}}))
+    assert not GeneratorService.from_settings(
+        Settings(home=tmp_path / "home", generator={"model": str(folder)})).restated
+
+
 # --- the real packaged model ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory):
-    from shared.settings import Settings
-
     return GeneratorService.from_settings(Settings(home=tmp_path_factory.mktemp("home")))
 
 
