@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.evaluation import qa
 from services.trainer import loop
-from services.trainer.generator import GeneratorTrainConfig, train_generator
+from services.trainer.generator import BASE_ANSWERS_FILE, GeneratorTrainConfig, train_generator
 from services.trainer.soup import average_models
 from shared.datasets import QAItem, answer_in_evidence, load_corpus, load_split
 from shared.models.encoder import Encoder
@@ -339,6 +339,7 @@ def main() -> None:
         result = train_generator(
             config, model, tokenizer, train, dev, passages,
             run_root / f"seed-{seed}" if several else run_root, resume=False,
+            base_answers_file=run_root / BASE_ANSWERS_FILE,
             progress=lambda p, n=name: log.info(
                 "%s: step %d/%d loss %.3f lr %.2e %s", n, p.step, p.total_steps, p.loss or 0,
                 p.lr, {k: v for k, v in p.metrics.items() if k in ("em", "f1", "score",

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import logging
 import math
 import random
@@ -78,6 +79,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from services.evaluation import qa
 from services.trainer import loop
 from shared.datasets import QAItem
+from shared.files import write_text_atomic
 from shared.metrics import contains
 from shared.prompt import ANSWER_CUE, NO_ANSWER, is_no_answer
 from shared.schemas import Hit
@@ -85,6 +87,7 @@ from shared.schemas import Hit
 log = logging.getLogger(__name__)
 
 KIND = "generator"
+BASE_ANSWERS_FILE = "base-answers.json"  # with restate: the base generator's answers, by prompt
 IGNORE = -100  # label of a token that carries no loss (PyTorch's CrossEntropyLoss default)
 
 # Example kinds: what the target is and why.
@@ -712,19 +715,33 @@ def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, to
 
 
 def base_answers(model, tokenizer, examples: Sequence[Example], config: GeneratorTrainConfig,
-                 *, seq2seq: bool) -> dict[str, str]:
+                 *, seq2seq: bool, cache: Path | None = None) -> dict[str, str]:
     """item id -> ``model``'s greedy answer to the prompt of its ``ANSWER`` example (what a
     restated target starts from: ``restatement``), ``eval_max_new_tokens`` new tokens. The
-    model is left in eval mode."""
+    model is left in eval mode.
+
+    ``cache`` (a JSON file) keeps the answers by model name, token budget and prompt, so the
+    other seeds of a job and a resumed run do not generate them again (minutes on a CPU)."""
     answered = [e for e in examples if e.kind == ANSWER]
     # a decoder-only example's prompt is its input up to the first label that carries loss
     prompts = [list(e.input_ids if seq2seq else e.input_ids[:e.labels.count(IGNORE)])
                for e in answered]
-    log.info("restate: the base generator answers %d training prompts", len(prompts))
-    answers = qa.generate_answers(model, tokenizer, prompts,
-                                  max_new_tokens=config.eval_max_new_tokens,
-                                  batch_size=config.eval_batch_size)
-    return {e.id: answer for e, answer in zip(answered, answers, strict=True)}
+    name = str(getattr(model.config, "name_or_path", ""))
+    keys = [loop.fingerprint([name, config.eval_max_new_tokens, prompt]) for prompt in prompts]
+    known: dict[str, str] = {}
+    if cache is not None and cache.is_file():
+        known = json.loads(cache.read_text())
+    todo = list({k: p for k, p in zip(keys, prompts, strict=True) if k not in known}.items())
+    log.info("restate: the base generator answers %d training prompts (%d known)",
+             len(todo), len(prompts) - len(todo))
+    if todo:
+        answers = qa.generate_answers(model, tokenizer, [p for _, p in todo],
+                                      max_new_tokens=config.eval_max_new_tokens,
+                                      batch_size=config.eval_batch_size)
+        known.update(zip([k for k, _ in todo], answers, strict=True))
+        if cache is not None:
+            write_text_atomic(cache, json.dumps(known))
+    return {e.id: known[k] for e, k in zip(answered, keys, strict=True)}
 
 
 def train_generator(config: GeneratorTrainConfig, model, tokenizer,
@@ -732,7 +749,8 @@ def train_generator(config: GeneratorTrainConfig, model, tokenizer,
                     retrieval: qa.Retrieval, run_dir: Path, *,
                     progress: loop.ProgressFn | None = None,
                     should_stop: Callable[[], bool] | None = None,
-                    resume: bool = True) -> GeneratorTrainResult:
+                    resume: bool = True,
+                    base_answers_file: Path | None = None) -> GeneratorTrainResult:
     """Fine-tune ``model`` (a causal or seq2seq LM, fp32) to answer from retrieved passages.
 
     ``retrieval`` gives each question's hits, best first (a retriever or precomputed passages,
@@ -743,7 +761,9 @@ def train_generator(config: GeneratorTrainConfig, model, tokenizer,
     or data); without it the run starts over.
 
     Writes into ``run_dir``: ``model/`` (the best checkpoint, ``loop.save_model`` with meta
-    kind="generator"), ``state.pt`` (resume state), ``report.json`` and ``report.png``. On
+    kind="generator"), ``state.pt`` (resume state), ``report.json`` and ``report.png``; with
+    ``restate``, the base generator's answers to ``base_answers_file`` (default
+    ``run_dir / BASE_ANSWERS_FILE``; several runs from one base model may share one). On
     return ``model`` — the object passed in — holds the best checkpoint's weights as a plain
     model (LoRA adapters merged). Progress goes to ``progress`` every ``log_steps`` steps and
     after each evaluation; ``should_stop`` is asked between steps, and when it says so the
@@ -776,7 +796,8 @@ def train_generator(config: GeneratorTrainConfig, model, tokenizer,
     if config.restate:
         loop.check_cancel(should_stop)
         loop.Reporter(progress, KIND, 0, loop.Clock()).phase("the base answers (restate)")
-        said = base_answers(model.to(device), tokenizer, examples, config, seq2seq=seq2seq)
+        said = base_answers(model.to(device), tokenizer, examples, config, seq2seq=seq2seq,
+                            cache=base_answers_file or run_dir / BASE_ANSWERS_FILE)
         examples = build_examples(train_items, passages, enc, config, **fractions, said=said)
     if not examples:
         raise ValueError("no training example left (every item was a left-out not-found one)")

@@ -22,6 +22,7 @@ from services.evaluation.retrieval import corpus_embeddings
 from services.trainer import continual, loop
 from services.trainer.distill import DistillConfig, distill_generator
 from services.trainer.generator import (
+    BASE_ANSWERS_FILE,
     GeneratorTrainConfig,
     answer_target,
     evaluate_generator,
@@ -307,7 +308,7 @@ def run_generator(p: Prepared, settings: Settings, run_dir: Path, progress, shou
                 one, model, tokenizer, p.splits["train"], p.splits["dev"], retrieval,
                 run_dir if len(runs) == 1 else run_dir / f"seed-{one.seed}",
                 progress=_seed_progress(progress, one.seed, n, len(runs), last),
-                should_stop=should_stop)
+                should_stop=should_stop, base_answers_file=run_dir / BASE_ANSWERS_FILE)
             folders.append(result.model_dir)
             del model
         if len(folders) == 1:

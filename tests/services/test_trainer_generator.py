@@ -309,8 +309,8 @@ def test_restated_training_starts_from_the_base_answers_and_says_so(tokenizer, t
     asked = []
     real = sft.base_answers
 
-    def spy(model, tok, examples, cfg, *, seq2seq):
-        said = real(model, tok, examples, cfg, seq2seq=seq2seq)
+    def spy(model, tok, examples, cfg, *, seq2seq, cache):
+        said = real(model, tok, examples, cfg, seq2seq=seq2seq, cache=cache)
         asked.append(said)
         return said
 
@@ -325,6 +325,33 @@ def test_restated_training_starts_from_the_base_answers_and_says_so(tokenizer, t
     assert result.steps == 2
     assert loop.read_meta(result.model_dir)["target_format"] == (
         "<sentence>\nAnswer: <answer> [<passage number>]")
+
+
+def test_the_base_answers_are_kept_for_the_next_seed_and_a_resumed_run(tokenizer, tmp_path,
+                                                                        monkeypatch):
+    items, passages, unknown = toy_task(4)
+    asked: list[int] = []
+    real = sft.qa.generate_answers
+
+    def spy(model, tok, prompts, **options):
+        asked.append(len(prompts))
+        return real(model, tok, prompts, **options)
+
+    monkeypatch.setattr(sft.qa, "generate_answers", spy)
+    kept = tmp_path / sft.BASE_ANSWERS_FILE
+
+    def run(seed: int, **options):
+        return sft.train_generator(
+            config(max_steps=1, restate=True, max_answer_tokens=40, seed=seed),
+            tiny_llama(tokenizer), tokenizer, items + unknown, [], passages,
+            tmp_path / f"seed-{seed}", **options)
+
+    run(0, base_answers_file=kept)
+    assert asked == [4] and len(json.loads(kept.read_text())) == 4
+    run(1, base_answers_file=kept)
+    assert asked == [4]  # the second seed's prompts were all answered already
+    run(2)  # a run on its own keeps them in its folder
+    assert asked == [4, 4] and (tmp_path / "seed-2" / sft.BASE_ANSWERS_FILE).is_file()
 
 
 def test_lora_trains_adapters_only_and_saves_a_plain_merged_model(tokenizer, tmp_path):
