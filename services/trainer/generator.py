@@ -732,8 +732,8 @@ def base_answers(model, tokenizer, examples: Sequence[Example], config: Generato
     if cache is not None and cache.is_file():
         known = json.loads(cache.read_text())
     todo = list({k: p for k, p in zip(keys, prompts, strict=True) if k not in known}.items())
-    log.info("restate: the base generator answers %d training prompts (%d known)",
-             len(todo), len(prompts) - len(todo))
+    log.info("restate: the base generator answers %d of %d training prompts (the others were "
+             "answered before or repeat one)", len(todo), len(prompts))
     if todo:
         answers = qa.generate_answers(model, tokenizer, [p for _, p in todo],
                                       max_new_tokens=config.eval_max_new_tokens,
