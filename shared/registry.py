@@ -32,6 +32,11 @@ REGISTRY_FILE = "registry.json"
 META_FILE = "ragtune.json"  # inside every saved model folder: kind, config, data, metrics
 
 
+def read_meta(model_dir: Path) -> dict[str, Any]:
+    """The ``ragtune.json`` of a saved model folder."""
+    return json.loads((Path(model_dir) / META_FILE).read_text())
+
+
 class RegistryError(ValueError):
     """A registry operation cannot be done as asked (unknown kind or version, bad path)."""
 
@@ -105,7 +110,7 @@ class Registry:
         meta_path = model_dir / META_FILE
         if not meta_path.is_file():
             raise RegistryError(f"{model_dir} is not a saved model folder (no {META_FILE})")
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(model_dir)
         with self._locked() as data:
             record = data[kind]
             number = 1 + _numbered(record)

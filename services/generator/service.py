@@ -11,7 +11,6 @@ batches out of concurrent requests is ``services.generator.batching``'s job.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -34,7 +33,7 @@ from shared.prompt import (
     parse_citations,
     truncate_text,
 )
-from shared.registry import META_FILE, Registry
+from shared.registry import META_FILE, Registry, read_meta
 from shared.schemas import GenerateRequest, GenerateResult, Hit
 from shared.settings import Settings
 
@@ -64,10 +63,9 @@ def plain_prompt(messages: list[dict[str, str]]) -> str:
 def trained_to_restate(model: str | None) -> bool:
     """Whether the model folder ``model`` was fine-tuned with ``restate`` (its ``ragtune.json``
     config says so); False for a folder without one, a hub id or ``None``."""
-    meta = Path(model) / META_FILE if model else None
-    if meta is None or not meta.is_file():
+    if not model or not (Path(model) / META_FILE).is_file():
         return False
-    return bool(json.loads(meta.read_text()).get("config", {}).get("restate", False))
+    return bool(read_meta(Path(model)).get("config", {}).get("restate", False))
 
 
 def batch_key(req: GenerateRequest) -> str:

@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel
 
 from shared.files import atomic_open
-from shared.registry import META_FILE
+from shared.registry import META_FILE, read_meta  # noqa: F401  (loop.read_meta for trainers)
 
 log = logging.getLogger(__name__)
 
@@ -339,11 +339,6 @@ def save_model(run_dir: Path, model, tokenizer, meta: dict[str, Any],
     else:
         tmp.rename(target)
     return target
-
-
-def read_meta(model_dir: Path) -> dict[str, Any]:
-    """The ``ragtune.json`` of a saved model folder."""
-    return json.loads((model_dir / META_FILE).read_text())
 
 
 # --- the report -------------------------------------------------------------------------------
