@@ -715,22 +715,21 @@ def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, to
 
 
 def base_answers(model, tokenizer, examples: Sequence[Example], config: GeneratorTrainConfig,
-                 *, seq2seq: bool, cache: Path | None = None) -> dict[str, str]:
+                 *, seq2seq: bool, cache: Path) -> dict[str, str]:
     """item id -> ``model``'s greedy answer to the prompt of its ``ANSWER`` example (what a
     restated target starts from: ``restatement``), ``eval_max_new_tokens`` new tokens. The
     model is left in eval mode.
 
-    ``cache`` (a JSON file) keeps the answers by model name, token budget and prompt, so the
-    other seeds of a job and a resumed run do not generate them again (minutes on a CPU)."""
+    ``cache`` (a JSON file, created if missing) keeps the answers by model name, token budget
+    and prompt, so the other seeds of a job and a resumed run do not generate them again
+    (minutes on a CPU)."""
     answered = [e for e in examples if e.kind == ANSWER]
     # a decoder-only example's prompt is its input up to the first label that carries loss
     prompts = [list(e.input_ids if seq2seq else e.input_ids[:e.labels.count(IGNORE)])
                for e in answered]
     name = str(getattr(model.config, "name_or_path", ""))
     keys = [loop.fingerprint([name, config.eval_max_new_tokens, prompt]) for prompt in prompts]
-    known: dict[str, str] = {}
-    if cache is not None and cache.is_file():
-        known = json.loads(cache.read_text())
+    known: dict[str, str] = json.loads(cache.read_text()) if cache.is_file() else {}
     todo = list({k: p for k, p in zip(keys, prompts, strict=True) if k not in known}.items())
     log.info("restate: the base generator answers %d of %d training prompts (the others were "
              "answered before or repeat one)", len(todo), len(prompts))
@@ -739,8 +738,7 @@ def base_answers(model, tokenizer, examples: Sequence[Example], config: Generato
                                       max_new_tokens=config.eval_max_new_tokens,
                                       batch_size=config.eval_batch_size)
         known.update(zip([k for k, _ in todo], answers, strict=True))
-        if cache is not None:
-            write_text_atomic(cache, json.dumps(known))
+        write_text_atomic(cache, json.dumps(known))
     return {e.id: known[k] for e, k in zip(answered, keys, strict=True)}
 
 
