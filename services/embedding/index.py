@@ -12,12 +12,13 @@ here and nowhere else.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
 from services.embedding.chunking import Passage
-from shared.schemas import Filters, Hit
+from shared.schemas import Document, Filters, Hit
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,27 @@ class DenseIndex:
                 yield [{name: row[name] for name in fields} for row in batch]
         finally:
             iterator.close()
+
+    def whole_document_vectors(self, docs: Sequence[Document], batch_size: int = 1024,
+                               ) -> dict[str, np.ndarray]:
+        """{doc_id: stored vector} of each of ``docs`` held whole in one passage with the same
+        title and text, so that its vector is the encoding of ``document_text(doc)`` that
+        ``corpus_embeddings`` makes. Documents split into several passages, changed since, or
+        absent are left out."""
+        wanted = {doc.doc_id: doc for doc in docs}
+        out: dict[str, np.ndarray] = {}
+        iterator = self.client.query_iterator(self.collection, batch_size=batch_size,
+                                              filter="n == 0",
+                                              output_fields=["doc_id", "title", "text", "vector"])
+        try:
+            while batch := iterator.next():
+                for row in batch:
+                    doc = wanted.get(row["doc_id"])
+                    if doc is not None and (row["title"], row["text"]) == (doc.title, doc.text):
+                        out[doc.doc_id] = np.asarray(row["vector"], dtype=np.float32)
+        finally:
+            iterator.close()
+        return out
 
     def insert_rows(self, rows: list[dict], vectors: np.ndarray) -> None:
         """Insert rows as ``rows`` yields them, with new ``vectors`` (len(rows), dim)."""

@@ -357,11 +357,15 @@ def embedding_fingerprint(encoder: Encoder, docs: Sequence[Document]) -> str:
 
 
 def corpus_embeddings(encoder: Encoder, docs: Sequence[Document], cache_dir: Path | None,
-                      *, progress: bool = True) -> np.ndarray:
+                      *, progress: bool = True,
+                      known: Callable[[], Mapping[str, np.ndarray]] | None = None) -> np.ndarray:
     """(len(docs), dim) float32 unit rows of ``document_text(doc)``, row i for docs[i].
 
     Read from ``cache_dir/embeddings-<fingerprint>.npy`` when there, else encoded (with a
-    progress bar) and written there; ``cache_dir`` None encodes without caching.
+    progress bar) and written there; ``cache_dir`` None encodes without caching. ``known``,
+    asked only when the cache misses, gives vectors this encoder has already made of some
+    documents' ``document_text`` ({doc_id: vector}, e.g. the dense index's): those rows are
+    taken as they are and only the others encoded.
     """
     path = None
     if cache_dir is not None:
@@ -374,12 +378,22 @@ def corpus_embeddings(encoder: Encoder, docs: Sequence[Document], cache_dir: Pat
             log.warning("ignoring %s: shape %s, expected %s", path, vectors.shape,
                         (len(docs), encoder.dim))
     texts = [datasets.document_text(d) for d in docs]
+    vectors = np.empty((len(texts), encoder.dim), dtype=np.float32)
+    have = dict(known()) if known is not None else {}
+    todo = []
+    for i, doc in enumerate(docs):
+        if doc.doc_id in have:
+            vectors[i] = have[doc.doc_id]
+        else:
+            todo.append(i)
+    if have:
+        log.info("%d of %d documents' vectors taken as they were, %d to encode",
+                 len(docs) - len(todo), len(docs), len(todo))
     # Encoder.encode pads each batch to its longest text; chunks of similar length (sorted by
     # characters) keep that saving while the bar advances chunk by chunk.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    order = sorted(todo, key=lambda i: len(texts[i]))
     chunk = encoder.batch_size * 8
-    vectors = np.empty((len(texts), encoder.dim), dtype=np.float32)
-    with tqdm(total=len(texts), unit="doc", desc="encoding corpus", disable=not progress) as bar:
+    with tqdm(total=len(order), unit="doc", desc="encoding corpus", disable=not progress) as bar:
         for start in range(0, len(order), chunk):
             rows = order[start:start + chunk]
             vectors[rows] = encoder.encode([texts[i] for i in rows])
@@ -476,12 +490,14 @@ def _mean_scores(rankings: Mapping[str, list[str]], rset: RetrievalSet,
 def evaluate(test: RetrievalSet, tune: RetrievalSet | None, encoder: Encoder, *,
              cache_dir: Path | None, candidates: int = 100, rrf_k: int = RRF_K,
              progress: bool = True, query_encoder: Encoder | None = None,
-             prefer_weight: float = 0.5) -> Report:
+             prefer_weight: float = 0.5,
+             known_vectors: Callable[[], Mapping[str, np.ndarray]] | None = None) -> Report:
     """Every fusion mode on ``test``'s queries, weights tuned on ``tune`` (when given).
     ``encoder`` embeds the documents and, unless ``query_encoder`` is given (a retriever
     fine-tuned on the query side only), the queries. ``prefer_weight``: the weight used
     without a tuning set, and where tuning weights score the same (``tune_weight``'s
-    ``prefer``; the CLI passes the serving weight).
+    ``prefer``; the CLI passes the serving weight). ``known_vectors``: ``corpus_embeddings``'
+    ``known`` (the CLI passes the running dense index's).
 
     ``test`` and ``tune`` must share one corpus. Each retriever returns its top
     ``candidates`` (>= 10) before fusion; RRF uses ``rrf_k``. A tuning set without queries
@@ -502,7 +518,8 @@ def evaluate(test: RetrievalSet, tune: RetrievalSet | None, encoder: Encoder, *,
     docs = test.corpus
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    doc_vectors = corpus_embeddings(encoder, docs, cache_dir, progress=progress)
+    doc_vectors = corpus_embeddings(encoder, docs, cache_dir, progress=progress,
+                                    known=known_vectors)
     seconds["corpus_embeddings"] = time.perf_counter() - started
 
     queries = dict(test.queries)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.evaluation.retrieval import corpus_embeddings
@@ -48,7 +49,7 @@ from shared import datasets
 from shared.datasets import QAItem
 from shared.models.encoder import Encoder
 from shared.prompt import NO_ANSWER, cut_hit
-from shared.registry import META_FILE, Registry
+from shared.registry import META_FILE, Registry, collection_for
 from shared.schemas import Document, ModelVersion, PackagedSet, TrainJob
 from shared.settings import Settings
 
@@ -158,6 +159,51 @@ def serving_encoders(settings: Settings, registry: Registry, device, version: st
     return passage_encoder, passage, query_encoder, serving
 
 
+def corpus_vectors(settings: Settings, passage_encoder: Encoder,
+                   passage_version: ModelVersion | None, corpus: list[Document],
+                   progress: bool = True) -> np.ndarray:
+    """``corpus_embeddings`` of the serving passage encoder (``passage_version``'s), cached
+    under the home, taking what ``indexed_vectors`` finds on a cache miss."""
+    return corpus_embeddings(passage_encoder, corpus, settings.home / "cache", progress=progress,
+                             known=indexed_vectors(settings, passage_encoder, passage_version,
+                                                   corpus))
+
+
+def indexed_vectors(settings: Settings, passage_encoder: Encoder,
+                    passage_version: ModelVersion | None, corpus: list[Document],
+                    ) -> Callable[[], dict[str, np.ndarray]]:
+    """For ``corpus_embeddings``' ``known``: with ragtune up, the vectors that
+    ``passage_version``'s Milvus collection already holds of ``corpus`` (documents indexed whole
+    and unchanged: nearly all of the packaged corpus), so that a first job after ``ragtune up``
+    does not encode them again. Without a Milvus URI (ragtune down), or when reading it fails
+    (a warning), none."""
+
+    def read() -> dict[str, np.ndarray]:
+        if not settings.milvus.uri:
+            return {}
+        from pymilvus import MilvusClient
+        from pymilvus.exceptions import MilvusException
+
+        from services.embedding.index import DenseIndex
+
+        collection = collection_for(settings.milvus.collection, passage_version)
+        try:
+            client = MilvusClient(uri=settings.milvus.uri)
+            try:
+                if not client.has_collection(collection):
+                    return {}
+                index = DenseIndex(client, collection, passage_encoder.dim)
+                return index.whole_document_vectors(corpus)
+            finally:
+                client.close()
+        except (MilvusException, ValueError) as exc:
+            log.warning("could not read the passage vectors of Milvus collection %r (%s): "
+                        "encoding the corpus instead", collection, exc)
+            return {}
+
+    return read
+
+
 def _encoder_on(settings: Settings, folder: Path | None, device) -> Encoder:
     """The encoder saved in ``folder`` (None: the configured/packaged one) on ``device``."""
     encoder = Encoder.from_settings(settings, None if folder is None else str(folder))
@@ -185,8 +231,9 @@ def _retrieval(settings: Settings, registry: Registry, corpus: list[Document], d
     """The serving retrieval (hybrid, serving fusion), in-process, for building prompts."""
     from services.evaluation.qa import HybridRetriever
 
-    passage_encoder, _, query_encoder, _ = serving_encoders(settings, registry, device)
-    vectors = corpus_embeddings(passage_encoder, corpus, settings.home / "cache", progress=True)
+    passage_encoder, passage_version, query_encoder, _ = serving_encoders(settings, registry,
+                                                                         device)
+    vectors = corpus_vectors(settings, passage_encoder, passage_version, corpus)
     return HybridRetriever(query_encoder, corpus, doc_vectors=vectors,
                            candidates=settings.retrieval.candidates,
                            mode=settings.retrieval.mode, weight=settings.retrieval.weight,
@@ -266,7 +313,8 @@ def run_retriever(p: Prepared, settings: Settings, run_dir: Path, progress, shou
             one, passage_encoder, p.splits["train"], p.splits["dev"], corpus,
             run_dir if len(runs) == 1 else run_dir / f"seed-{one.seed}",
             _seed_progress(progress, one.seed, n, len(runs), last), should_stop,
-            cache_dir=settings.home / "cache"))
+            cache_dir=settings.home / "cache",
+            known_vectors=indexed_vectors(settings, passage_encoder, passage_version, corpus)))
     keep = None if results[0].reindex or passage_version is None else passage_version.version
     if len(results) == 1:
         return [Output("retriever", results[0].model_dir, keep)]
@@ -275,7 +323,7 @@ def run_retriever(p: Prepared, settings: Settings, run_dir: Path, progress, shou
         progress(replace(last[0], phase="soup: dev evaluation"))
     encoder = _encoder_on(settings, soup, device)
     vectors = (corpus_embeddings(encoder, corpus, None, progress=True) if results[0].reindex
-               else corpus_embeddings(passage_encoder, corpus, settings.home / "cache"))
+               else corpus_vectors(settings, passage_encoder, passage_version, corpus))
     metrics = dev_metrics(encoder, vectors, corpus, p.splits["dev"])
     _record_metrics(soup, {"best": metrics})
     if last and metrics:
@@ -344,7 +392,7 @@ def run_joint(p: Prepared, settings: Settings, run_dir: Path, progress, should_s
     corpus = job_corpus(p.job, settings)
     passage_encoder, passage_version, query_encoder, _ = serving_encoders(settings, registry,
                                                                          device)
-    vectors = corpus_embeddings(passage_encoder, corpus, settings.home / "cache", progress=True)
+    vectors = corpus_vectors(settings, passage_encoder, passage_version, corpus)
     model, tokenizer = serving_generator(settings, registry)
     result = train_joint(config, query_encoder, model, tokenizer, corpus, vectors,
                          p.splits["train"], run_dir, progress=progress, should_stop=should_stop)
@@ -375,7 +423,9 @@ def run_pretrain(p: Prepared, settings: Settings, run_dir: Path, progress, shoul
         passage_encoder, passage_version, _, _ = serving_encoders(settings, registry, device)
         result = pretrain_retriever(params.retriever, passage_encoder, corpus,
                                     run_dir / "retriever", progress, should_stop,
-                                    dev_items=p.splits["dev"], cache_dir=settings.home / "cache")
+                                    dev_items=p.splits["dev"], cache_dir=settings.home / "cache",
+                                    known_vectors=indexed_vectors(settings, passage_encoder,
+                                                                  passage_version, corpus))
         keep = None if result.reindex or passage_version is None else passage_version.version
         outputs.append(Output("retriever", result.model_dir, keep))
     if params.target in ("generator", "both"):
@@ -422,7 +472,7 @@ def run_distill_retriever(p: Prepared, settings: Settings, run_dir: Path, progre
                                                                          device)
     before_steps = loop.Reporter(progress, p.job.kind, 0, loop.Clock())
     before_steps.phase("encoding the corpus")
-    vectors = corpus_embeddings(passage_encoder, corpus, settings.home / "cache", progress=True)
+    vectors = corpus_vectors(settings, passage_encoder, passage_version, corpus)
 
     def score():
         before_steps.phase("reading the passages")

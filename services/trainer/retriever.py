@@ -409,14 +409,17 @@ def train_retriever(config: RetrieverTrainConfig, encoder: Encoder, train_items:
                     progress: loop.ProgressFn | None = None,
                     should_stop: Callable[[], bool] | None = None, *,
                     doc_vectors: np.ndarray | None = None,
-                    cache_dir: Path | None = None) -> RetrieverResult:
+                    cache_dir: Path | None = None,
+                    known_vectors: Callable[[], Mapping[str, np.ndarray]] | None = None,
+                    ) -> RetrieverResult:
     """Fine-tune ``encoder`` on (question, positive documents) pairs; see the module docstring.
 
     ``train_items``' ``doc_ids`` are the positives; items with none in ``corpus`` are skipped
     (and counted). ``dev_items`` are evaluated every ``config.eval_steps`` (dense only, against
     ``corpus`` embedded by the frozen encoder in "query" mode or by the current model in
     "both"). ``doc_vectors``: ``encoder``'s embeddings of ``corpus`` if already computed,
-    else they come from ``corpus_embeddings`` (cached under ``cache_dir`` when given). The
+    else they come from ``corpus_embeddings`` (cached under ``cache_dir`` when given, taking
+    what ``known_vectors`` gives: its ``known``). The
     caller's ``encoder`` is never changed: a copy is trained where ``encoder.model`` is (CUDA:
     bf16 autocast). Raises ValueError for no usable training question, an empty corpus, or
     a ``run_dir`` holding another run's state; ``loop.Cancelled`` when ``should_stop`` says
@@ -436,7 +439,8 @@ def train_retriever(config: RetrieverTrainConfig, encoder: Encoder, train_items:
     before_steps = loop.Reporter(progress, SUPERVISED_RUN, 0, loop.Clock())
     if doc_vectors is None:
         before_steps.phase("encoding the corpus")
-        doc_vectors = corpus_embeddings(encoder, corpus, cache_dir, progress=False)
+        doc_vectors = corpus_embeddings(encoder, corpus, cache_dir, progress=False,
+                                        known=known_vectors)
     if doc_vectors.shape != (len(corpus), encoder.dim):
         raise ValueError(f"`doc_vectors` has shape {doc_vectors.shape}, expected "
                          f"{(len(corpus), encoder.dim)}")
@@ -481,7 +485,9 @@ def pretrain_retriever(config: RetrieverTrainConfig, encoder: Encoder,
                        progress: loop.ProgressFn | None = None,
                        should_stop: Callable[[], bool] | None = None, *,
                        dev_items: Sequence[QAItem] = (), doc_vectors: np.ndarray | None = None,
-                       cache_dir: Path | None = None) -> RetrieverResult:
+                       cache_dir: Path | None = None,
+                       known_vectors: Callable[[], Mapping[str, np.ndarray]] | None = None,
+                       ) -> RetrieverResult:
     """Unsupervised contrastive warm-up on ``corpus``: each step's batch is ``batch_size``
     documents, two random crops of each a positive pair, the other documents' crops the
     negatives (Izacard et al. 2021, Contriever). Same loop, modes, state, saved model and
@@ -495,7 +501,8 @@ def pretrain_retriever(config: RetrieverTrainConfig, encoder: Encoder,
     state = _resumable(run_dir, PRETRAIN_RUN, config, data)
     if doc_vectors is None and any(item.doc_ids for item in dev_items):
         loop.Reporter(progress, PRETRAIN_RUN, 0, loop.Clock()).phase("encoding the corpus")
-        doc_vectors = corpus_embeddings(encoder, corpus, cache_dir, progress=False)
+        doc_vectors = corpus_embeddings(encoder, corpus, cache_dir, progress=False,
+                                        known=known_vectors)
 
     def make_batch(step: int) -> Batch:
         chosen = _batch_indices(config, step, len(docs))

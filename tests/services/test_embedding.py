@@ -289,6 +289,55 @@ def test_long_documents_are_split_into_passages_with_offsets(milvus_client, coll
                                output_fields=["passage_id"]) == []
 
 
+@pytest.mark.integration
+def test_whole_document_vectors_are_those_of_unchanged_one_passage_documents(
+        milvus_client, collection, encoder, corpus):
+    service = EmbeddingService(encoder, DenseIndex(milvus_client, collection, encoder.dim),
+                               chunk_chars=300, chunk_overlap=60)
+    long = Document(doc_id="long", title="Velmora", text="The harbour of Velmora is small. " * 20)
+    service.ingest(IngestBatch(documents=[*corpus[:3], long]))
+    changed = corpus[1].model_copy(update={"text": "Tokyo is very large."})
+    asked = [corpus[0], changed, corpus[2], long, corpus[3]]  # corpus[3] was never indexed
+    got = service.index.whole_document_vectors(asked)
+    assert set(got) == {corpus[0].doc_id, corpus[2].doc_id}
+    np.testing.assert_allclose(got[corpus[2].doc_id], encoder.encode([index_text(corpus[2])])[0],
+                               atol=1e-5)
+
+
+@pytest.mark.integration
+def test_a_job_takes_the_corpus_vectors_the_serving_collection_holds(
+        tmp_path, milvus_uri, milvus_client, collection, encoder, corpus, caplog):
+    from services.trainer.jobs import corpus_vectors
+
+    # stored vectors unlike the encoder's show that they are taken, not encoded again
+    stored = np.random.default_rng(0).normal(size=(3, encoder.dim)).astype(np.float32)
+    stored /= np.linalg.norm(stored, axis=1, keepdims=True)
+    index = DenseIndex(milvus_client, collection, encoder.dim)
+    index.upsert(whole(corpus[:3]), stored)
+    encoded = encoder.encode([index_text(doc) for doc in corpus])
+    settings = Settings(home=tmp_path / "up", milvus={"uri": milvus_uri,
+                                                      "collection": collection})
+    vectors = corpus_vectors(settings, encoder, None, corpus, progress=False)
+    np.testing.assert_array_equal(vectors[:3], stored)
+    np.testing.assert_allclose(vectors[3:], encoded[3:], atol=1e-5)
+    index.delete([doc.doc_id for doc in corpus[:3]])  # the cache answers from now on
+    np.testing.assert_array_equal(corpus_vectors(settings, encoder, None, corpus), vectors)
+    # a local job (no Milvus), or a collection that cannot be read (another dimension, with a
+    # warning): every document encoded
+    local = Settings(home=tmp_path / "local")
+    np.testing.assert_allclose(corpus_vectors(local, encoder, None, corpus), encoded, atol=1e-5)
+    other = f"{collection}_8d"
+    DenseIndex(milvus_client, other, 8)
+    try:
+        unreadable = Settings(home=tmp_path / "other", milvus={"uri": milvus_uri,
+                                                               "collection": other})
+        np.testing.assert_allclose(corpus_vectors(unreadable, encoder, None, corpus), encoded,
+                                   atol=1e-5)
+        assert f"could not read the passage vectors of Milvus collection '{other}'" in caplog.text
+    finally:
+        milvus_client.drop_collection(other)
+
+
 # --- model versions ----------------------------------------------------------------------------
 def perturbed(encoder: Encoder, seed: int = 0) -> Encoder:
     """Another encoder of the same dimension: MiniLM with noise on its word embeddings."""
