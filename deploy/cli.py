@@ -84,6 +84,17 @@ def read_state(settings: Settings) -> dict | None:
     return state
 
 
+def with_running_milvus(settings: Settings) -> Settings:
+    """``settings`` with the Milvus URI of the running ragtune when none is set: what runs in
+    this process (a local job, an evaluation) then takes the corpus vectors its dense index
+    holds rather than encoding them again (``services.trainer.jobs.indexed_vectors``)."""
+    state = read_state(settings)
+    if settings.milvus.uri or state is None or not state.get("milvus_uri"):
+        return settings
+    return settings.model_copy(update={
+        "milvus": settings.milvus.model_copy(update={"uri": state["milvus_uri"]})})
+
+
 def _require_state(settings: Settings) -> dict:
     state = read_state(settings)
     if state is None or "http_url" not in state:
@@ -370,11 +381,13 @@ def cmd_eval_retrieval(settings: Settings, args: argparse.Namespace) -> None:
         registry = Registry(settings.checkpoint_dir)
         device, _ = pick_device(settings.trainer.device)
         # an unknown version (a RegistryError, a ValueError) fails before any encoder loads
-        passage_encoder, _, query_encoder, chosen = jobs.serving_encoders(
+        passage_encoder, passage_version, query_encoder, chosen = jobs.serving_encoders(
             settings, registry, device, args.retriever)
+        known = jobs.indexed_vectors(with_running_milvus(settings), passage_encoder,
+                                     passage_version, test.corpus)
         report = evaluate(test, tune, passage_encoder, query_encoder=query_encoder,
                           cache_dir=settings.home / "cache", candidates=args.candidates,
-                          prefer_weight=settings.retrieval.weight)
+                          prefer_weight=settings.retrieval.weight, known_vectors=known)
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     serving = registry.view().retriever.serving or "base"

@@ -114,7 +114,7 @@ def _train_local(settings: Settings, job: TrainJob) -> None:
     cli = _cli()
     from services.trainer.service import JobError, TrainerService
 
-    trainer = TrainerService(settings)
+    trainer = TrainerService(cli.with_running_milvus(settings))
     desc = f"{job.kind} {job.job_id}"
     bar = tqdm(total=0, unit="step", desc=desc)
 
@@ -444,7 +444,8 @@ def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
         model, tokenizer = jobs.serving_generator(settings, registry, args.generator)
         model.to(device)
         corpus = datasets.load_corpus(args.limit_corpus)
-        with jobs._retrieval(settings, registry, corpus, device) as retrieval:
+        with jobs._retrieval(cli.with_running_milvus(settings), registry, corpus,
+                             device) as retrieval:
             report = evaluate_qa(model, tokenizer, sets, retrieval,
                                  top_k=settings.retrieval.top_k,
                                  max_passage_chars=settings.generator.max_passage_chars,

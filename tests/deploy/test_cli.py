@@ -58,6 +58,21 @@ def test_down_when_not_running_is_fine(tmp_path):
     assert result.returncode == 0 and "not running" in result.stdout
 
 
+def test_in_process_work_uses_the_running_ragtunes_milvus(tmp_path):
+    from deploy.cli import with_running_milvus
+    from deploy.stack import state_path
+    from shared.settings import Settings
+
+    settings = Settings(home=tmp_path)
+    assert with_running_milvus(settings).milvus.uri is None  # not up: nothing to take
+    state_path(settings).parent.mkdir(parents=True)
+    state_path(settings).write_text(json.dumps({"pid": os.getpid(),
+                                                "milvus_uri": "http://127.0.0.1:19530"}))
+    assert with_running_milvus(settings).milvus.uri == "http://127.0.0.1:19530"
+    own = Settings(home=tmp_path, milvus={"uri": "http://127.0.0.1:29530"})
+    assert with_running_milvus(own).milvus.uri == "http://127.0.0.1:29530"  # set: kept
+
+
 def test_bad_settings_are_one_line(tmp_path):
     result = ragtune("status", home=tmp_path, RAGTUNE_SERVE__HTTP_PORT="not-a-port")
     assert result.returncode == 1
