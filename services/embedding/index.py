@@ -203,16 +203,8 @@ class DenseIndex:
         """Every passage row (all fields but the vector), in batches of at most
         ``batch_size`` dicts: what a re-index re-embeds."""
         fields = list(_FIELDS)
-        iterator = self.client.query_iterator(self.collection, batch_size=batch_size,
-                                              filter="", output_fields=fields)
-        try:
-            while True:
-                batch = iterator.next()
-                if not batch:
-                    return
-                yield [{name: row[name] for name in fields} for row in batch]
-        finally:
-            iterator.close()
+        for batch in self._batches("", fields, batch_size):
+            yield [{name: row[name] for name in fields} for row in batch]
 
     def whole_document_vectors(self, docs: Sequence[Document], batch_size: int = 1024,
                                ) -> dict[str, np.ndarray]:
@@ -222,18 +214,23 @@ class DenseIndex:
         absent are left out."""
         wanted = {doc.doc_id: doc for doc in docs}
         out: dict[str, np.ndarray] = {}
+        for batch in self._batches("n == 0", ["doc_id", "title", "text", "vector"], batch_size):
+            for row in batch:
+                doc = wanted.get(row["doc_id"])
+                if doc is not None and (row["title"], row["text"]) == (doc.title, doc.text):
+                    out[doc.doc_id] = np.asarray(row["vector"], dtype=np.float32)
+        return out
+
+    def _batches(self, expr: str, fields: list[str], batch_size: int):
+        """The rows matching ``expr`` ("" for all), ``fields`` of each, in batches of at most
+        ``batch_size``."""
         iterator = self.client.query_iterator(self.collection, batch_size=batch_size,
-                                              filter="n == 0",
-                                              output_fields=["doc_id", "title", "text", "vector"])
+                                              filter=expr, output_fields=fields)
         try:
             while batch := iterator.next():
-                for row in batch:
-                    doc = wanted.get(row["doc_id"])
-                    if doc is not None and (row["title"], row["text"]) == (doc.title, doc.text):
-                        out[doc.doc_id] = np.asarray(row["vector"], dtype=np.float32)
+                yield batch
         finally:
             iterator.close()
-        return out
 
     def insert_rows(self, rows: list[dict], vectors: np.ndarray) -> None:
         """Insert rows as ``rows`` yields them, with new ``vectors`` (len(rows), dim)."""
