@@ -110,8 +110,9 @@ from services.trainer.rerank_distill import (
     save_reader_scores,
 )
 from services.trainer.retriever import RetrieverTrainConfig, dev_metrics, train_retriever
-from shared.datasets import QAItem, document_text, load_corpus, load_split
+from shared.datasets import QAItem, load_corpus, load_split
 from shared.models.encoder import Encoder
+from shared.schemas import titled_text
 from shared.settings import Settings
 
 log = logging.getLogger("bench.distill")
@@ -356,7 +357,8 @@ def main() -> None:
         result = distill_generator(
             kd_config, lambda: load_teacher(args.teacher, settings, device), kd_train,
             [] if quick else dev_all, passages, runs / "student", resume=False,
-            heal_texts=[document_text(d) for d in corpus] if kd_config.heal_steps else (),
+            heal_texts=([titled_text(d.title, d.text) for d in corpus] if kd_config.heal_steps
+                        else ()),
             progress=log_progress)
         timings["distill_s"] = time.perf_counter() - started
         heal_report = runs / "student" / HEAL_DIR / loop.REPORT_JSON

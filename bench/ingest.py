@@ -35,7 +35,7 @@ from services.sparse.service import SparseService
 from shared.datasets import load_corpus
 from shared.infra import start_milvus
 from shared.models.encoder import Encoder
-from shared.schemas import IngestBatch
+from shared.schemas import IngestBatch, titled_text
 from shared.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,7 +65,7 @@ def main() -> None:
     documents = corpus[:args.limit] if args.limit > 0 else corpus
     encoder = Encoder.from_settings(settings)
     # one untimed batch first, so the first size does not also pay for torch's warm-up
-    encoder.encode([f"{d.title}\n{d.text}" for d in documents[:encoder.batch_size]])
+    encoder.encode([titled_text(d.title, d.text) for d in documents[:encoder.batch_size]])
     rows = []
     with tempfile.TemporaryDirectory(prefix="ragtune-ingest-") as tmp:
         milvus = start_milvus(Path(tmp) / "milvus")

@@ -68,7 +68,7 @@ from shared.bus import Bus
 from shared.datasets import load_capital_questions, load_corpus, load_fanout_subquestions
 from shared.files import atomic_open
 from shared.infra import start_milvus, start_valkey
-from shared.models.encoder import Encoder, index_text
+from shared.models.encoder import Encoder
 from shared.schemas import (
     Document,
     IngestBatch,
@@ -76,6 +76,7 @@ from shared.schemas import (
     RetrieveResult,
     SearchRequest,
     SearchResult,
+    titled_text,
 )
 from shared.settings import Settings
 
@@ -184,7 +185,7 @@ def sparse_engine(docs: list[Document], store: Path) -> tuple[Engine, SparseServ
 def bm25s_engine(docs: list[Document]) -> Engine:
     doc_ids = [doc.doc_id for doc in docs]
     start = time.perf_counter()
-    corpus = tokenize([index_text(d) for d in docs])
+    corpus = tokenize([titled_text(d.title, d.text) for d in docs])
     retriever = bm25s.BM25(k1=K1, b=B)
     retriever.index(corpus, show_progress=False)
     build_s = time.perf_counter() - start
@@ -201,7 +202,7 @@ def bm25s_engine(docs: list[Document]) -> Engine:
 def rank_bm25_engine(docs: list[Document]) -> Engine:
     doc_ids = [doc.doc_id for doc in docs]
     start = time.perf_counter()
-    model = BM25Okapi(tokenize([index_text(d) for d in docs]), k1=K1, b=B)
+    model = BM25Okapi(tokenize([titled_text(d.title, d.text) for d in docs]), k1=K1, b=B)
     build_s = time.perf_counter() - start
 
     def search(query: str) -> Ranked:
@@ -290,7 +291,7 @@ class DenseCorpus:
         size, overlap = settings.embedding.chunk_chars, settings.embedding.chunk_overlap
         parts = [p for doc in docs for p in passages(doc, size, overlap)]
         # As EmbeddingService.ingest embeds a passage: the title goes with every one.
-        texts = [f"{p.doc.title}\n{p.text}" for p in parts]
+        texts = [titled_text(p.doc.title, p.text) for p in parts]
         starts = np.flatnonzero([p.n == 0 for p in parts])
         return cls(parts, texts, [doc.doc_id for doc in docs], starts)
 

@@ -177,11 +177,6 @@ def load_corpus(limit: int | None = None) -> list[Document]:
     return list(docs if limit is None else docs[:limit])
 
 
-def document_text(doc: Document) -> str:
-    """The text both retrievers index and the generator reads: title, newline, text."""
-    return f"{doc.title}\n{doc.text}"
-
-
 # --- spelling-insensitive matching --------------------------------------------------------
 def _fold(text: str) -> tuple[str, list[int]]:
     """``text`` case-folded, accents stripped, every run of non-alphanumerics one space.

@@ -66,6 +66,15 @@ class Document(Wire):
                                                    "matches a date filter)")
 
 
+def titled_text(title: str, text: str) -> str:
+    """The text every model reads of a document or one of its passages: title, newline, text.
+
+    The dense and sparse indexes, the reranker, the trainers and the generator's answer
+    matching all read this one form, so a vector one part makes is the vector another expects.
+    """
+    return f"{title}\n{text}"
+
+
 class IngestBatch(Wire):
     """One ``rag:ingest`` entry: read by both the embedding and the sparse groups."""
 

@@ -209,7 +209,7 @@ class DenseIndex:
     def whole_document_vectors(self, docs: Sequence[Document], batch_size: int = 1024,
                                ) -> dict[str, np.ndarray]:
         """{doc_id: stored vector} of each of ``docs`` held whole in one passage with the same
-        title and text, so that its vector is the encoding of ``document_text(doc)`` that
+        title and text, so that its vector is the encoding of the document's ``titled_text`` that
         ``corpus_embeddings`` makes. Documents split into several passages, changed since, or
         absent are left out."""
         wanted = {doc.doc_id: doc for doc in docs}

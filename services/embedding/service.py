@@ -22,7 +22,7 @@ from services.embedding.chunking import passages, spans
 from services.embedding.index import DenseIndex
 from shared.models.encoder import Encoder
 from shared.registry import Registry, collection_for
-from shared.schemas import IngestBatch, ModelVersion, SearchRequest, SearchResult
+from shared.schemas import IngestBatch, ModelVersion, SearchRequest, SearchResult, titled_text
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -157,7 +157,8 @@ class EmbeddingService:
             active = self.active
             # The title goes with every passage: it is often the best evidence of what it is
             # about.
-            vectors = active.passage_encoder.encode([f"{p.doc.title}\n{p.text}" for p in parts])
+            texts = [titled_text(p.doc.title, p.text) for p in parts]
+            vectors = active.passage_encoder.encode(texts)
             active.index.upsert(parts, vectors)
         # No flush here: on milvus-lite a flush per batch seals a segment and builds its index,
         # which took as much CPU as encoding during a bulk ingest. The next search flushes.

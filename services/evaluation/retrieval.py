@@ -37,7 +37,7 @@ from services.sparse.service import SparseService
 from shared import datasets
 from shared.files import atomic_open
 from shared.models.encoder import Encoder
-from shared.schemas import Document, Hit, IngestBatch, SearchRequest
+from shared.schemas import Document, Hit, IngestBatch, SearchRequest, titled_text
 
 log = logging.getLogger(__name__)
 
@@ -352,19 +352,19 @@ def embedding_fingerprint(encoder: Encoder, docs: Sequence[Document]) -> str:
     h.update(_model_digest(encoder.model).encode())
     h.update(f"max_length={encoder.max_length}".encode())
     for doc in docs:
-        h.update(f"\x00{doc.doc_id}\x00{datasets.document_text(doc)}".encode())
+        h.update(f"\x00{doc.doc_id}\x00{titled_text(doc.title, doc.text)}".encode())
     return h.hexdigest()[:32]
 
 
 def corpus_embeddings(encoder: Encoder, docs: Sequence[Document], cache_dir: Path | None,
                       *, progress: bool = True,
                       known: Callable[[], Mapping[str, np.ndarray]] | None = None) -> np.ndarray:
-    """(len(docs), dim) float32 unit rows of ``document_text(doc)``, row i for docs[i].
+    """(len(docs), dim) float32 unit rows of each document's ``titled_text``, row i for docs[i].
 
     Read from ``cache_dir/embeddings-<fingerprint>.npy`` when there, else encoded (with a
     progress bar) and written there; ``cache_dir`` None encodes without caching. ``known``,
     asked only when the cache misses, gives vectors this encoder has already made of some
-    documents' ``document_text`` ({doc_id: vector}, e.g. the dense index's): those rows are
+    documents' ``titled_text`` ({doc_id: vector}, e.g. the dense index's): those rows are
     taken as they are and only the others encoded.
     """
     path = None
@@ -377,7 +377,7 @@ def corpus_embeddings(encoder: Encoder, docs: Sequence[Document], cache_dir: Pat
                 return vectors
             log.warning("ignoring %s: shape %s, expected %s", path, vectors.shape,
                         (len(docs), encoder.dim))
-    texts = [datasets.document_text(d) for d in docs]
+    texts = [titled_text(d.title, d.text) for d in docs]
     vectors = np.empty((len(texts), encoder.dim), dtype=np.float32)
     have = dict(known()) if known is not None else {}
     todo = []

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared.schemas import Hit
+from shared.schemas import Hit, titled_text
 
 HEAD_FILE = "rerank_head.pt"
 CONFIG_FILE = "rerank.json"
@@ -102,6 +102,6 @@ def rerank(model: CrossEncoder, question: str, hits: list[Hit], top_n: int) -> l
     each carrying its reranker logit as ``score``. Hits are not changed in place."""
     if top_n < 1:
         raise ValueError(f"top_n has to be a positive integer, but is {top_n}")
-    scores = model.score(question, [f"{h.title}\n{h.text}" for h in hits])
+    scores = model.score(question, [titled_text(h.title, h.text) for h in hits])
     order = sorted(range(len(hits)), key=lambda i: (-scores[i], i))[:top_n]
     return [hits[i].model_copy(update={"score": scores[i]}) for i in order]

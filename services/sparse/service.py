@@ -30,7 +30,15 @@ import bm25s
 import numpy as np
 
 from services.sparse.tokenizer import stopword_list, tokenize
-from shared.schemas import Document, Filters, Hit, IngestBatch, SearchRequest, SearchResult
+from shared.schemas import (
+    Document,
+    Filters,
+    Hit,
+    IngestBatch,
+    SearchRequest,
+    SearchResult,
+    titled_text,
+)
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -64,11 +72,6 @@ ON CONFLICT (doc_id) DO UPDATE SET title = excluded.title, text = excluded.text,
 WHERE title != excluded.title OR text != excluded.text OR topic != excluded.topic
       OR source != excluded.source OR date IS NOT excluded.date
 """
-
-
-def _index_text(doc_title: str, doc_text: str) -> str:
-    # Same text the dense index embeds (services import nothing from each other).
-    return f"{doc_title}\n{doc_text}"
 
 
 class _Metadata:
@@ -265,7 +268,7 @@ class SparseService:
         self._metadata = _Metadata([r[3] for r in rows], [r[4] for r in rows],
                                    [r[5] for r in rows])
         self._retriever = None
-        corpus = [tokenize(_index_text(row[1], row[2]), self.stopwords) for row in rows]
+        corpus = [tokenize(titled_text(row[1], row[2]), self.stopwords) for row in rows]
         if any(corpus):  # bm25s cannot index a corpus without a single token
             retriever = bm25s.BM25(k1=self.k1, b=self.b)
             retriever.index(corpus, show_progress=False)

@@ -82,7 +82,7 @@ from shared.datasets import QAItem
 from shared.files import write_text_atomic
 from shared.metrics import contains
 from shared.prompt import ANSWER_CUE, NO_ANSWER, is_no_answer
-from shared.schemas import Hit
+from shared.schemas import Hit, titled_text
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class GeneratorTrainConfig(BaseModel):
 def held_answer(item: QAItem, hit: Hit) -> str | None:
     """The first of ``item.answers`` that ``hit`` holds (whole words after SQuAD normalisation,
     in its title or text), or None. A yes/no answer is held only by a gold document."""
-    text = f"{hit.title}\n{hit.text}"
+    text = titled_text(hit.title, hit.text)
     for answer in item.answers:
         if answer.strip().lower() in _YES_NO:
             if hit.doc_id in item.doc_ids:

@@ -50,7 +50,7 @@ from shared.datasets import QAItem
 from shared.models.encoder import Encoder
 from shared.prompt import NO_ANSWER, cut_hit
 from shared.registry import META_FILE, Registry, collection_for
-from shared.schemas import Document, ModelVersion, PackagedSet, TrainJob
+from shared.schemas import Document, ModelVersion, PackagedSet, TrainJob, titled_text
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -432,7 +432,7 @@ def run_pretrain(p: Prepared, settings: Settings, run_dir: Path, progress, shoul
         config = LMTrainConfig.model_validate(
             {"device": settings.trainer.device, "seed": p.job.seed, **params.generator})
         model, tokenizer = serving_generator(settings, registry)
-        result = train_lm(config, model, tokenizer, [datasets.document_text(d) for d in corpus],
+        result = train_lm(config, model, tokenizer, [titled_text(d.title, d.text) for d in corpus],
                           run_dir / "generator", progress=progress, should_stop=should_stop)
         outputs.append(Output("generator", result.model_dir))
     return outputs
@@ -447,7 +447,7 @@ def run_distill(p: Prepared, settings: Settings, run_dir: Path, progress, should
     registry = Registry(settings.checkpoint_dir)
     device, _ = loop.pick_device(config.device)
     corpus = job_corpus(p.job, settings)
-    heal_texts = [datasets.document_text(d) for d in corpus] if config.heal_steps else []
+    heal_texts = [titled_text(d.title, d.text) for d in corpus] if config.heal_steps else []
     with _retrieval(settings, registry, corpus, device) as retrieval:
         result = distill_generator(config, lambda: serving_generator(settings, registry),
                                    p.splits["train"], p.splits["dev"], retrieval, run_dir,

@@ -84,7 +84,7 @@ from shared.datasets import QAItem
 from shared.files import write_text_atomic
 from shared.models.encoder import Encoder
 from shared.registry import META_FILE
-from shared.schemas import Document, Hit
+from shared.schemas import Document, Hit, titled_text
 
 log = logging.getLogger(__name__)
 
@@ -610,11 +610,6 @@ def distill_retriever(config: RankDistillConfig, encoder: Encoder, lists: Sequen
 
 
 # --- reader -> cross-encoder reranker ---------------------------------------------------------
-def passage_text(doc: Document | Hit) -> str:
-    """The text the reranker reads for a passage (as ``services.ranker.rerank.rerank``)."""
-    return f"{doc.title}\n{doc.text}"
-
-
 def rerank_ndcg(reranker: CrossEncoder, items: Sequence[QAItem],
                 candidates: Mapping[str, Sequence[Hit]], k: int = 10) -> dict[str, float]:
     """Mean nDCG@k over the ``items`` with ``doc_ids`` (binary relevance) of their
@@ -663,7 +658,7 @@ def distill_reranker(config: RankDistillConfig, reranker: CrossEncoder,
         raise ValueError("`prior_weight` is for the query encoder: a new reranker has no "
                          "prior ranking to keep; use 0")
     run_dir = Path(run_dir)
-    texts = {d.doc_id: passage_text(d) for d in corpus}
+    texts = {d.doc_id: titled_text(d.title, d.text) for d in corpus}
     _check_lists(lists, texts)
     loop.seed_everything(config.seed)
     device, _ = loop.pick_device(config.device)

@@ -44,9 +44,9 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from services.evaluation.retrieval import corpus_embeddings, dense_search, score_ranking
 from services.trainer import loop
 from services.trainer.mining import NEGATIVE_SOURCES, candidate_rankings, mine_hard_negatives
-from shared.datasets import QAItem, document_text
+from shared.datasets import QAItem
 from shared.models.encoder import Encoder
-from shared.schemas import Document
+from shared.schemas import Document, titled_text
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +468,7 @@ def train_retriever(config: RetrieverTrainConfig, encoder: Encoder, train_items:
     if short:
         log.info("%d of %d questions have fewer than %d hard negatives", short, len(examples),
                  config.hard_negatives)
-    texts = [document_text(doc) for doc in corpus]
+    texts = [titled_text(doc.title, doc.text) for doc in corpus]
 
     def make_batch(step: int) -> Batch:
         chosen = _batch_indices(config, step, len(examples))
@@ -494,7 +494,7 @@ def pretrain_retriever(config: RetrieverTrainConfig, encoder: Encoder,
     errors as ``train_retriever`` (meta ``"objective": "crops"``); ``dev_items`` optional
     (without them the last model is saved). ``hard_negatives`` is not used.
     """
-    docs = [document_text(doc).split() for doc in corpus]
+    docs = [titled_text(doc.title, doc.text).split() for doc in corpus]
     if not any(docs):
         raise ValueError("the corpus is empty: nothing to pre-train on")
     data = _data_fingerprint(encoder, [], dev_items, corpus)
@@ -532,7 +532,7 @@ def _data_fingerprint(encoder: Encoder, examples: Sequence[Example],
     base = {"model": str(getattr(encoder.model.config, "name_or_path", "")),
             "max_length": encoder.max_length, "pooling": encoder.pooling}
     return loop.fingerprint([base, loop.fingerprint(examples), loop.fingerprint(dev_items),
-                             loop.fingerprint({"id": d.doc_id, "text": document_text(d)}
+                             loop.fingerprint({"id": d.doc_id, "text": titled_text(d.title, d.text)}
                                               for d in corpus)])
 
 

@@ -14,8 +14,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.schemas import Document
-
 Pooling = Literal["mean", "cls"]
 POOLINGS: tuple[str, ...] = ("mean", "cls")
 
@@ -23,11 +21,6 @@ if TYPE_CHECKING:
     from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def index_text(doc: Document) -> str:
-    """The text a document is indexed (embedded) under: its title, a newline, its text."""
-    return f"{doc.title}\n{doc.text}"
 
 
 class Encoder:

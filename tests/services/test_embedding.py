@@ -12,8 +12,8 @@ from pymilvus import DataType, MilvusClient
 from services.embedding.chunking import whole
 from services.embedding.index import MAX_TITLE, DenseIndex, milvus_filter
 from services.embedding.service import EmbeddingService
-from shared.models.encoder import Encoder, index_text
-from shared.schemas import Document, Filters, IngestBatch, SearchRequest
+from shared.models.encoder import Encoder
+from shared.schemas import Document, Filters, IngestBatch, SearchRequest, titled_text
 from shared.settings import Settings
 
 TEXTS = [
@@ -30,9 +30,8 @@ TEXTS = [
 
 
 # --- encoder ---------------------------------------------------------------------------------
-def test_index_text_is_title_newline_text():
-    doc = Document(doc_id="d", title="Paris", text="Capital of France.")
-    assert index_text(doc) == "Paris\nCapital of France."
+def test_titled_text_is_title_newline_text():
+    assert titled_text("Paris", "Capital of France.") == "Paris\nCapital of France."
 
 
 def test_encode_returns_unit_float32_rows(encoder):
@@ -300,8 +299,8 @@ def test_whole_document_vectors_are_those_of_unchanged_one_passage_documents(
     asked = [corpus[0], changed, corpus[2], long, corpus[3]]  # corpus[3] was never indexed
     got = service.index.whole_document_vectors(asked)
     assert set(got) == {corpus[0].doc_id, corpus[2].doc_id}
-    np.testing.assert_allclose(got[corpus[2].doc_id], encoder.encode([index_text(corpus[2])])[0],
-                               atol=1e-5)
+    expected = encoder.encode([titled_text(corpus[2].title, corpus[2].text)])[0]
+    np.testing.assert_allclose(got[corpus[2].doc_id], expected, atol=1e-5)
 
 
 @pytest.mark.integration
@@ -314,7 +313,7 @@ def test_a_job_takes_the_corpus_vectors_the_serving_collection_holds(
     stored /= np.linalg.norm(stored, axis=1, keepdims=True)
     index = DenseIndex(milvus_client, collection, encoder.dim)
     index.upsert(whole(corpus[:3]), stored)
-    encoded = encoder.encode([index_text(doc) for doc in corpus])
+    encoded = encoder.encode([titled_text(doc.title, doc.text) for doc in corpus])
     settings = Settings(home=tmp_path / "up", milvus={"uri": milvus_uri,
                                                       "collection": collection})
     vectors = corpus_vectors(settings, encoder, None, corpus, progress=False)

