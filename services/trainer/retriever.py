@@ -419,11 +419,10 @@ def train_retriever(config: RetrieverTrainConfig, encoder: Encoder, train_items:
     ``corpus`` embedded by the frozen encoder in "query" mode or by the current model in
     "both"). ``doc_vectors``: ``encoder``'s embeddings of ``corpus`` if already computed,
     else they come from ``corpus_embeddings`` (cached under ``cache_dir`` when given, taking
-    what ``known_vectors`` gives: its ``known``). The
-    caller's ``encoder`` is never changed: a copy is trained where ``encoder.model`` is (CUDA:
-    bf16 autocast). Raises ValueError for no usable training question, an empty corpus, or
-    a ``run_dir`` holding another run's state; ``loop.Cancelled`` when ``should_stop`` says
-    so (the last saved state stays for a resume).
+    what ``known_vectors`` gives: its ``known``). The caller's ``encoder`` is never changed: a
+    copy is trained where ``encoder.model`` is (CUDA: bf16 autocast). Raises ValueError for no
+    usable training question, an empty corpus, or a ``run_dir`` holding another run's state;
+    ``loop.Cancelled`` when ``should_stop`` says so (the last saved state stays for a resume).
     """
     if not corpus:
         raise ValueError("the corpus is empty: nothing to retrieve")
