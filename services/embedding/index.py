@@ -254,6 +254,33 @@ class DenseIndex:
         self.client.flush(self.collection)
 
 
+# --- the live collection -------------------------------------------------------------------
+# The collection that serves and takes every ingest and delete: after a re-index it is a
+# version's own collection, and the base one stops receiving writes. A Milvus alias records
+# which, switched only once a re-index is complete, so a replica that starts later (or a
+# rollback) knows which collection holds the documents as they are now.
+def live_alias(base: str) -> str:
+    """The alias naming the live collection among ``base`` and its ``<base>_vNNNN``."""
+    return f"{base}_live"
+
+
+def live_collection(client: MilvusClient, base: str) -> str | None:
+    """The collection ``live_alias(base)`` names; None before the first one was recorded."""
+    alias = live_alias(base)
+    if alias not in client.list_aliases()["aliases"]:
+        return None
+    return client.describe_alias(alias)["collection_name"]
+
+
+def set_live(client: MilvusClient, base: str, collection: str) -> None:
+    """Point ``live_alias(base)`` at ``collection`` (created or moved in one call)."""
+    alias = live_alias(base)
+    if alias in client.list_aliases()["aliases"]:
+        client.alter_alias(collection, alias)
+    else:
+        client.create_alias(collection, alias)
+
+
 def milvus_filter(filters: Filters | None) -> str:
     """The Milvus boolean expression for ``filters``; "" (everything) for None.
 

@@ -7,7 +7,9 @@ Model versions swap while serving: the encoders and the index in use are one imm
 ``Active`` record, read once per call and replaced whole, so a search in flight finishes on the
 version it started with. A query-encoder-only version swaps the query side alone (passage
 vectors stay valid); a version that re-encodes passages is first built into a new collection
-from the current one's rows (``reindex``), then swapped in; ingests wait for that.
+from the current one's rows (``reindex``), then swapped in; ingests wait for that. The Milvus
+alias ``<collection>_live`` names the collection that takes the writes: a replica starts on
+it, and a rollback rebuilds the earlier collection from it rather than serve it as it was.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from services.embedding.chunking import passages, spans
-from services.embedding.index import DenseIndex
+from services.embedding.index import DenseIndex, live_collection, set_live
 from shared.models.encoder import Encoder
 from shared.registry import Registry, collection_for
 from shared.schemas import IngestBatch, ModelVersion, SearchRequest, SearchResult, titled_text
@@ -73,17 +75,32 @@ class EmbeddingService:
 
     @classmethod
     def from_settings(cls, settings: Settings, milvus_uri: str) -> EmbeddingService:
-        """Load the encoder and open (or create) ``settings.milvus.collection`` at milvus_uri."""
+        """Load the registry's serving retriever version (the packaged model when none) and
+        open the live collection at milvus_uri (``settings.milvus.collection`` on a first
+        start). When the serving version needs another collection (its promotion or rollback
+        was cut short), that one is first built from the live one."""
         from pymilvus import MilvusClient
 
-        encoder = Encoder.from_settings(settings)
-        client = MilvusClient(uri=milvus_uri)
-        service = cls(encoder, DenseIndex(client, settings.milvus.collection, encoder.dim),
-                      settings.embedding.chunk_chars, settings.embedding.chunk_overlap)
+        base = settings.milvus.collection
         registry = Registry(settings.checkpoint_dir)
         serving = registry.serving("retriever")
-        if serving is not None:
-            service.serve_version(serving, registry, settings)
+        passage = registry.passage_side(serving)
+        passage_encoder = _load(passage, registry, settings)
+        query_encoder = (passage_encoder if passage == serving
+                         else _load(serving, registry, settings))
+        wanted = collection_for(base, passage)
+        client = MilvusClient(uri=milvus_uri)
+        # No alias yet (a first start, or a store from before it): the serving version's
+        # collection holds the documents if it exists, as it took every write since then.
+        live = live_collection(client, base) or (
+            wanted if client.has_collection(wanted) else base)
+        service = cls(passage_encoder, DenseIndex(client, live, passage_encoder.dim),
+                      settings.embedding.chunk_chars, settings.embedding.chunk_overlap,
+                      query_encoder)
+        if wanted == live:
+            set_live(client, base, live)
+        else:  # nothing is served before this returns: the rows are copied, not searched
+            service.reindex(passage_encoder, wanted, query_encoder, live=base)
         service.drop_unused(registry, settings)  # versions pruned while ragtune was down
         return service
 
@@ -92,33 +109,30 @@ class EmbeddingService:
         """Serve retriever ``version`` (None = the base model) from the registry.
 
         A version searching the current passage vectors swaps the query encoder only. One
-        needing other passage vectors serves from its own collection: built by ``reindex``
-        from the current rows unless it already holds as many documents (another replica
-        built it), which takes minutes on a large corpus.
+        needing other passage vectors serves from its own collection: the live one if another
+        replica already built it, else built by ``reindex`` from the current rows (minutes on
+        a large corpus). An older copy of that collection is never served as it is: documents
+        ingested or deleted since it was live would be wrong in it.
         """
+        base = settings.milvus.collection
         passage = registry.passage_side(version)
-        collection = collection_for(settings.milvus.collection, passage)
-
-        def load(v: ModelVersion | None) -> Encoder:
-            if v is None:
-                return Encoder.from_settings(settings)
-            return Encoder.from_settings(settings, str(registry.path_of(v)))
-
-        query_encoder = load(version)
+        collection = collection_for(base, passage)
+        query_encoder = _load(version, registry, settings)
         if collection == self.active.index.collection:
             self.use_query_encoder(query_encoder)
             return
-        passage_encoder = query_encoder if passage == version else load(passage)
-        client = self.active.index.client
-        if client.has_collection(collection):
-            ready = DenseIndex(client, collection, passage_encoder.dim)
-            if ready.count() == self.count():
+        passage_encoder = (query_encoder if passage == version
+                           else _load(passage, registry, settings))
+        with self._writing:
+            client = self.active.index.client
+            if live_collection(client, base) == collection:
+                ready = DenseIndex(client, collection, passage_encoder.dim)
                 self.active = Active(query_encoder, passage_encoder, ready)
                 self._count = None
-                log.info("serving retriever %s from the existing collection %s",
+                log.info("serving retriever %s from the live collection %s",
                          version.version if version else "base", collection)
                 return
-        self.reindex(passage_encoder, collection, query_encoder)
+        self.reindex(passage_encoder, collection, query_encoder, live=base)
 
     def drop_unused(self, registry: Registry, settings: Settings) -> list[str]:
         """Drop the collections of retriever versions the registry no longer holds (``ragtune
@@ -128,8 +142,8 @@ class EmbeddingService:
         base = settings.milvus.collection
         needed = {collection_for(base, registry.passage_side(v))
                   for v in registry.view().retriever.versions}
-        needed.add(self.active.index.collection)
         client = self.active.index.client
+        needed |= {self.active.index.collection, live_collection(client, base)}
         pattern = re.compile(rf"{re.escape(base)}_v\d{{4,}}")
         stale = sorted(c for c in client.list_collections()
                        if pattern.fullmatch(c) and c not in needed)
@@ -207,11 +221,13 @@ class EmbeddingService:
         log.info("query encoder swapped")
 
     def reindex(self, encoder: Encoder, collection: str, query_encoder: Encoder | None = None,
-                batch_size: int = 256) -> DenseIndex:
+                batch_size: int = 256, live: str | None = None) -> DenseIndex:
         """Re-encode every passage of the current index with ``encoder`` into the new
         collection ``collection``, then serve from it (queries by ``query_encoder``, default
-        ``encoder``). The old collection stays until ``drop_collection`` removes it (a search
-        in flight may still read it). Ingests wait until the swap. Returns the old index."""
+        ``encoder``); with ``live`` (a base collection name), its live alias names the new
+        collection once it is complete. The old collection stays until ``drop_unused`` removes
+        it (a search in flight may still read it). Ingests wait until the swap. Returns the
+        old index."""
         with self._writing:
             old = self.active
             client = old.index.client
@@ -223,11 +239,20 @@ class EmbeddingService:
             old.index.flush()
             copied = 0
             for rows in old.index.rows(batch_size):
-                vectors = encoder.encode([f"{r['title']}\n{r['text']}" for r in rows])
+                vectors = encoder.encode([titled_text(r["title"], r["text"]) for r in rows])
                 new.insert_rows(rows, vectors)
                 copied += len(rows)
             new.flush()
+            if live is not None:
+                set_live(client, live, collection)
             self.active = Active(query_encoder or encoder, encoder, new)
             self._count = None
             log.info("re-indexed %d passages into %s", copied, collection)
             return old.index
+
+
+def _load(version: ModelVersion | None, registry: Registry, settings: Settings) -> Encoder:
+    """The encoder of retriever ``version`` (None: the configured/packaged model)."""
+    if version is None:
+        return Encoder.from_settings(settings)
+    return Encoder.from_settings(settings, str(registry.path_of(version)))

@@ -10,7 +10,7 @@ import pytest
 from pymilvus import DataType, MilvusClient
 
 from services.embedding.chunking import whole
-from services.embedding.index import MAX_TITLE, DenseIndex, milvus_filter
+from services.embedding.index import MAX_TITLE, DenseIndex, live_collection, milvus_filter
 from services.embedding.service import EmbeddingService
 from shared.models.encoder import Encoder
 from shared.schemas import Document, Filters, IngestBatch, SearchRequest, titled_text
@@ -262,6 +262,53 @@ def test_service_from_settings(tmp_path, milvus_uri, collection, corpus):
 
 
 @pytest.mark.integration
+def test_a_restart_serves_the_live_collection_with_every_write(tmp_path, milvus_uri,
+                                                               milvus_client, collection,
+                                                               corpus, encoder):
+    """A replica that starts after a both-encoders version was promoted serves that version's
+    collection as it is (documents ingested there since), not a copy of the base one; one
+    that starts after a promotion it never applied builds the collection from the live one."""
+    import json
+
+    from shared.registry import Registry
+
+    settings = Settings(home=tmp_path, milvus={"collection": collection})
+    registry = Registry(settings.checkpoint_dir)
+    versions = []
+    for seed in (5, 6):
+        folder = tmp_path / f"both{seed}"
+        other = perturbed(encoder, seed=seed)
+        other.model.save_pretrained(folder)
+        other.tokenizer.save_pretrained(folder)
+        (folder / "ragtune.json").write_text(json.dumps({"reindex": True}))
+        versions.append(registry.register("retriever", folder))
+    try:
+        first = EmbeddingService.from_settings(settings, milvus_uri)
+        assert live_collection(milvus_client, collection) == collection
+        first.ingest(IngestBatch(documents=corpus))
+        registry.promote("retriever", versions[0].version)
+        first.serve_version(versions[0], registry, settings)
+        first.ingest(IngestBatch(documents=[Document(doc_id="new", title="Jade", text="x")]))
+
+        restarted = EmbeddingService.from_settings(settings, milvus_uri)
+        assert restarted.index.collection == f"{collection}_v0001"
+        assert restarted.count() == len(corpus) + 1
+        assert milvus_client.has_collection(collection)  # the rollback target stays
+
+        registry.promote("retriever", versions[1].version)  # no replica applied it
+        late = EmbeddingService.from_settings(settings, milvus_uri)
+        assert late.index.collection == f"{collection}_v0002"
+        assert live_collection(milvus_client, collection) == f"{collection}_v0002"
+        assert late.count() == len(corpus) + 1
+        hits = late.search(SearchRequest(query="capital of Japan", top_k=1)).hits
+        assert hits[0].doc_id == "geo-tokyo"
+    finally:
+        for name in (f"{collection}_v0001", f"{collection}_v0002"):
+            if milvus_client.has_collection(name):
+                milvus_client.drop_collection(name)
+
+
+@pytest.mark.integration
 def test_long_documents_are_split_into_passages_with_offsets(milvus_client, collection,
                                                              encoder):
     text = ("The harbour of Velmora is small. " * 20 + "The lighthouse keeper is named "
@@ -423,8 +470,17 @@ def test_serve_version_swaps_query_side_or_reindexes_by_the_registry(
         assert dense.count() == len(corpus)
         hits = dense.search(SearchRequest(query="capital of Japan", top_k=1)).hits
         assert hits[0].doc_id == "geo-tokyo"
+        # Written after the swap: the base collection misses both, so a rollback rebuilds it
+        # from the live one instead of serving it as it was (same count, other documents).
+        dense.ingest(IngestBatch(documents=[Document(doc_id="new", title="Jade", text="x")]))
+        dense.delete(["geo-paris"])
+        assert live_collection(milvus_client, collection) == f"{collection}_v0002"
         dense.serve_version(None, registry, settings)  # roll back: the base collection again
         assert dense.index.collection == collection and dense.count() == len(corpus)
+        assert live_collection(milvus_client, collection) == collection
+        ids = {r["doc_id"] for r in milvus_client.query(collection, filter="n == 0",
+                                                        output_fields=["doc_id"])}
+        assert "new" in ids and "geo-paris" not in ids
         assert dense.drop_unused(registry, settings) == []  # v0002 may serve again
         assert registry.prune("retriever", keep=0)[0] == [versions["query"], versions["both"]]
         assert dense.drop_unused(registry, settings) == [f"{collection}_v0002"]
