@@ -18,6 +18,7 @@ from deploy.workers import (
     EventThread,
     WorkerThread,
     generator_worker,
+    last_event_id,
     publish_sync,
     ranker_worker,
     retriever_worker,
@@ -76,6 +77,7 @@ class Embedding(_WorkerDeployment):
 
         redis_url, milvus_uri = _require_urls(settings)
         _use_cores(settings)
+        start = last_event_id(redis_url)  # before the registry is read: see EventThread
         service = EmbeddingService.from_settings(settings, milvus_uri)
         self.runner = WorkerThread(lambda bus: retriever_worker(service, keys.EMBEDDING, bus),
                                    redis_url, settings.redis, "embedding")
@@ -94,7 +96,7 @@ class Embedding(_WorkerDeployment):
                                   registry, settings)
 
         self.events = EventThread(redis_url, {"model.promoted", "model.pruned"}, versions,
-                                  "embedding-events")
+                                  "embedding-events", start)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -141,6 +143,7 @@ class Generator(_WorkerDeployment):
 
         redis_url, _ = _require_urls(settings)
         _use_cores(settings)
+        start = last_event_id(redis_url)  # before the registry is read: see EventThread
         service = Current(GeneratorService.from_settings(settings))
         batcher = Batcher(service, settings.generator.max_batch_size,
                           settings.generator.batch_wait_ms)
@@ -162,7 +165,8 @@ class Generator(_WorkerDeployment):
             service.swap(fresh)
             log.info("generator now serves %s", version or "the base model")
 
-        self.events = EventThread(redis_url, {"model.promoted"}, promoted, "generator-events")
+        self.events = EventThread(redis_url, {"model.promoted"}, promoted, "generator-events",
+                                  start)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

@@ -150,16 +150,33 @@ def publish_sync(redis_url: str, settings: RedisSettings) -> Callable[[Event], N
     return publish
 
 
+def last_event_id(redis_url: str) -> str:
+    """The id of the newest ``rag:events`` entry ("0-0" when there is none): an
+    ``EventThread`` started from it sees every event published after this call."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        newest = client.xrevrange(keys.EVENTS, count=1)
+    finally:
+        client.close()
+    return newest[0][0].decode() if newest else "0-0"
+
+
 class EventThread:
-    """Read every ``rag:events`` broadcast from now on (plain XREAD, no group: each replica
-    sees each event) and call ``handle(event)`` for the kinds in ``kinds``, in this thread.
-    A handler error is logged; the thread carries on."""
+    """Read every ``rag:events`` broadcast after ``start`` (default: from now on; plain
+    XREAD, no group: each replica sees each event) and call ``handle(event)`` for the kinds
+    in ``kinds``, in this thread. A handler error is logged; the thread carries on.
+
+    A replica takes ``start`` from ``last_event_id`` before it reads the registry, so a
+    promotion made while it loads is applied once it runs rather than missed."""
 
     def __init__(self, redis_url: str, kinds: set[str], handle: Callable[[Event], None],
-                 name: str = "events"):
+                 name: str = "events", start: str = "$"):
         import redis
 
         self._client = redis.Redis.from_url(redis_url)
+        self._start = start
         self._kinds = kinds
         self._handle = handle
         self._stopping = threading.Event()
@@ -169,7 +186,7 @@ class EventThread:
     def _main(self) -> None:
         import redis
 
-        last = "$"
+        last = self._start
         while not self._stopping.is_set():
             try:
                 got = self._client.xread({keys.EVENTS: last}, block=1000, count=10)
