@@ -4,7 +4,8 @@ Each training example is the prompt serving builds (``services.evaluation.qa.pro
 system instruction, the question's top-k retrieved passages, the question) followed by the
 answer we want serving to give: a short answer and the marker of the passage holding it,
 ``"Paris [2]"``, then the end-of-turn token. Only the answer tokens carry loss (the prompt's
-labels are -100). When no retrieved passage holds a gold answer the target is ``NO_ANSWER``.
+labels are -100). When no retrieved passage holds a gold answer where the prompt shows it (each
+text cut to ``max_passage_chars``) the target is ``NO_ANSWER``.
 
 Abstention is taught with two kinds of examples: the unanswerable items, and a fraction
 (``abstain_fraction``) of the answered ones again, with every passage that holds the answer
@@ -81,7 +82,7 @@ from services.trainer import loop
 from shared.datasets import QAItem
 from shared.files import write_text_atomic
 from shared.metrics import contains
-from shared.prompt import ANSWER_CUE, NO_ANSWER, is_no_answer
+from shared.prompt import ANSWER_CUE, NO_ANSWER, cut_hit, is_no_answer
 from shared.schemas import Hit, titled_text
 
 log = logging.getLogger(__name__)
@@ -262,11 +263,13 @@ def restated_target(sentence: str, target: str) -> str:
     return f"{sentence.strip()}\n{ANSWER_CUE} {target}"
 
 
-def moved(item: QAItem, hits: Sequence[Hit], rng: random.Random) -> list[Hit] | None:
-    """``hits`` with the passage the answer is taken from (``answer_source``) moved to another
-    place, drawn from ``rng``, the others in their order: the same passages, the answer under
-    another number. None when there is no answer or a single passage."""
-    source = answer_source(item, hits)
+def moved(item: QAItem, hits: Sequence[Hit], rng: random.Random, *, max_chars: int,
+          ) -> list[Hit] | None:
+    """``hits`` with the passage the answer is taken from (``answer_source`` of the hits cut to
+    ``max_chars``, as the prompt shows them) moved to another place, drawn from ``rng``, the
+    others in their order: the same passages, the answer under another number. None when no
+    shown passage holds an answer or there is a single passage."""
+    source = answer_source(item, [cut_hit(h, max_chars) for h in hits])
     if source is None or len(hits) < 2:
         return None
     rest = list(hits)
@@ -357,14 +360,16 @@ def _make_example(enc: Encoding, config: GeneratorTrainConfig, item: QAItem,
     except qa.PromptTooLong as exc:
         raise ValueError(f"item {item.id!r}: its prompt cannot fit max_seq_len="
                          f"{config.max_seq_len} (context {enc.context}): {exc}") from None
-    target = NO_ANSWER if kind in (GOLD_REMOVED, ANSWER_CUT) else answer_target(item, kept)
+    # The target may cite only what the prompt shows: each passage cut as the prompt cuts it.
+    shown = [cut_hit(h, config.max_passage_chars) for h in kept]
+    target = NO_ANSWER if kind in (GOLD_REMOVED, ANSWER_CUT) else answer_target(item, shown)
     if kind is None:
         kind = ANSWER if target != NO_ANSWER else (
             NOT_FOUND if item.answerable else UNANSWERABLE)
     target_ids = list(enc.tokenizer(target, add_special_tokens=False)["input_ids"])
     if said is not None and kind in (ANSWER, MOVED):
-        source = answer_source(item, kept)
-        sentence = source and restatement(item, said.get(item.id), kept[source[0] - 1])
+        source = answer_source(item, shown)
+        sentence = source and restatement(item, said.get(item.id), shown[source[0] - 1])
         if sentence:
             longer = restated_target(sentence, target)
             longer_ids = list(enc.tokenizer(longer, add_special_tokens=False)["input_ids"])
@@ -419,7 +424,8 @@ def build_examples(items: Sequence[QAItem], passages: Mapping[str, Sequence[Hit]
                 examples.append(_make_example(enc, config, item, cut, ANSWER_CUT,
                                               "#answer_cut"))
         if example.kind == ANSWER and move_rng.random() < moved_fraction:
-            other_order = moved(item, hits[:config.top_k], move_rng)
+            other_order = moved(item, hits[:config.top_k], move_rng,
+                                max_chars=config.max_passage_chars)
             if other_order:
                 examples.append(_make_example(enc, config, item, other_order, MOVED, "#moved",
                                               said))

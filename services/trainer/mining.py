@@ -29,7 +29,7 @@ from services.evaluation.retrieval import dense_search
 from services.sparse.service import SparseService
 from shared.datasets import QAItem, answer_in_evidence
 from shared.models.encoder import Encoder
-from shared.schemas import Document, IngestBatch, SearchRequest
+from shared.schemas import Document, IngestBatch, SearchRequest, titled_text
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +55,18 @@ def mine_hard_negatives(items: Sequence[QAItem], rankings: Rankings,
     ``rankings`` maps each source ("bm25", "dense") to item id -> doc ids, best first. The
     sources are interleaved rank by rank (bm25 #1, dense #1, bm25 #2, ...; a document seen
     before is skipped), so neither retriever's confusions crowd out the other's. Dropped:
-    the item's ``doc_ids``, ids not in ``corpus_by_id``, and every document whose text contains
-    one of the item's answers as whole words (case-insensitive; yes/no answers never count).
+    the item's ``doc_ids``, ids not in ``corpus_by_id``, and every document whose title or text
+    (``titled_text``, what the retriever embeds) contains one of the item's answers as whole
+    words (case-insensitive; yes/no answers never count), so a page titled "Jade City" is no
+    negative for the answer "Jade City" though its text never repeats the name.
     That last rule avoids *false* negatives: the labels name one evidence page, but the
     question "What is the capital of China?" is answered just as well by the article on
     Beijing; pushing such a passage away teaches the model to bury correct answers (Qu et al.
     2021, RocketQA, found about 70% of top-ranked "negatives" in MS MARCO were unlabelled
-    positives). The rule uses ``shared.datasets.answer_in_evidence``, the test that decides
-    whether a question is grounded, so "4" does not match "1964" and "Democrat" does not
-    match "Democratic". Items without a ranking get an empty list. Raises ValueError for
-    ``depth`` < 0.
+    positives). The rule uses ``shared.datasets.answer_in_evidence`` (on the titled text), the
+    test that decides whether a question is grounded, so "4" does not match "1964" and
+    "Democrat" does not match "Democratic". Items without a ranking get an empty list. Raises
+    ValueError for ``depth`` < 0.
     """
     if depth < 0:
         raise ValueError(f"`depth` has to be >= 0, but is {depth}")
@@ -83,7 +85,9 @@ def mine_hard_negatives(items: Sequence[QAItem], rankings: Rankings,
                 if doc_id in excluded or doc_id not in corpus_by_id:
                     continue
                 excluded.add(doc_id)
-                if answer_in_evidence(replace(item, doc_ids=[doc_id]), corpus_by_id):
+                doc = corpus_by_id[doc_id]
+                seen = doc.model_copy(update={"text": titled_text(doc.title, doc.text)})
+                if answer_in_evidence(replace(item, doc_ids=[doc_id]), {doc_id: seen}):
                     continue
                 chosen.append(doc_id)
         out[item.id] = chosen

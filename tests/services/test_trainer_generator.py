@@ -57,15 +57,21 @@ def test_answer_target_cites_the_passage_holding_the_answer_gold_first():
 def test_moved_puts_the_answers_passage_elsewhere_and_keeps_the_others_order():
     seen = set()
     for seed in range(20):
-        order = sft.moved(FRANCE_Q, [PARIS, LYON, BERLIN], random.Random(seed))
+        order = sft.moved(FRANCE_Q, [PARIS, LYON, BERLIN], random.Random(seed), max_chars=50)
         assert sorted(h.doc_id for h in order) == ["de", "fr", "lyon"]
         assert order[0] is not PARIS and [h for h in order if h is not PARIS] == [LYON, BERLIN]
         seen.add(sft.answer_target(FRANCE_Q, order))
     assert seen == {"Paris [2]", "Paris [3]"}
     # the gold document is the source, though Lyon's passage (first) names Paris too
-    assert sft.moved(FRANCE_Q, [LYON, PARIS], random.Random(0)) == [PARIS, LYON]
-    assert sft.moved(FRANCE_Q, [PARIS], random.Random(0)) is None
-    assert sft.moved(FRANCE_Q, [BERLIN, BERLIN], random.Random(0)) is None
+    assert sft.moved(FRANCE_Q, [LYON, PARIS], random.Random(0), max_chars=50) == [PARIS, LYON]
+    assert sft.moved(FRANCE_Q, [PARIS], random.Random(0), max_chars=50) is None
+    assert sft.moved(FRANCE_Q, [BERLIN, BERLIN], random.Random(0), max_chars=50) is None
+    # the source is chosen among the passages as the prompt shows them: Paris past the cut of
+    # the gold passage does not count, so Lyon's (which names it early) is the one moved
+    late = PARIS.model_copy(update={"text": "France is a country in Western Europe. " * 2
+                                            + "Its capital is Paris."})
+    assert sft.moved(FRANCE_Q, [LYON, late], random.Random(0), max_chars=50) == [late, LYON]
+    assert sft.moved(FRANCE_Q, [late, BERLIN], random.Random(0), max_chars=50) is None
 
 
 def test_yes_no_answers_are_held_only_by_gold_documents():
@@ -150,6 +156,31 @@ def test_prompt_tokens_carry_no_loss_and_the_loss_is_cross_entropy_on_the_answer
         n = len(example.labels) - example.labels.count(sft.IGNORE)
         assert mask_alone[0].tolist() == [True] * n and mask[r, :n].all() and not mask[r, n:].any()
         assert torch.allclose(lp_alone[0], lp[r, :n], atol=1e-4)
+
+
+def test_a_target_cites_only_what_the_prompt_shows_of_a_passage(tokenizer):
+    # The prompt cuts each passage to max_passage_chars: an answer past the cut is not shown.
+    filler = "Land is a country with many hills and rivers. "  # 47 characters
+    shown = Hit(doc_id="c0", title="Land0", text=f"Its capital is Amber. {filler}", score=1.0)
+    hidden = Hit(doc_id="c1", title="Land1", text=f"{filler}Its capital is Bolt.", score=1.0)
+    items = [QAItem(id=f"cut:{n}", question=f"What is the capital of Land{n}?",
+                    answers=[answer], doc_ids=[f"c{n}"], answerable=True)
+             for n, answer in enumerate(["Amber", "Bolt"])]
+    passages = {items[0].question: [shown], items[1].question: [hidden]}
+    enc = sft.Encoding(tokenizer=tokenizer, seq2seq=False, end=tokenizer.eos_token_id,
+                       context=2048)
+    said = {i.id: f"The capital is {i.answers[0]} [1]." for i in items}
+    examples = sft.build_examples(items, passages, enc, config(max_passage_chars=50),
+                                  abstain_fraction=0, moved_fraction=1.0, said=said)
+    assert [(e.id, e.kind, e.target) for e in examples] == [
+        ("cut:0", sft.ANSWER, "The capital is Amber.\nAnswer: Amber [1]"),
+        ("cut:1", sft.NOT_FOUND, NO_ANSWER)]
+    assert "Bolt" not in tokenizer.decode(examples[1].input_ids)
+    # shown whole, the same passage answers
+    whole = sft.build_examples(items, passages, enc, config(max_passage_chars=100),
+                               abstain_fraction=0)
+    assert [(e.kind, e.target) for e in whole] == [(sft.ANSWER, "Amber [1]"),
+                                                   (sft.ANSWER, "Bolt [1]")]
 
 
 def test_gold_removed_examples_keep_only_passages_without_the_answer(tokenizer):

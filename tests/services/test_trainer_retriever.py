@@ -134,6 +134,26 @@ def test_mining_drops_positives_and_answer_bearing_documents_and_interleaves():
         mine_hard_negatives([item], rankings, corpus, depth=-1)
 
 
+def test_mining_drops_documents_whose_title_names_the_answer():
+    # The retriever embeds title and text together: a title naming the answer is a positive.
+    corpus = {d.doc_id: d for d in [
+        Document(doc_id="jade", title="Jade City", text="A 2017 fantasy novel by Fonda Lee."),
+        Document(doc_id="jades", title="Jade Cityscapes", text="Paintings of green towers."),
+        Document(doc_id="war", title="Jade War", text="The sequel, published in 2019."),
+        Document(doc_id="yes", title="Yes", text="An English rock band."),
+    ]}
+    item = QAItem(id="q1", question="Which novel opens the Green Bone Saga?",
+                  answers=["jade city"], doc_ids=["lee"], answerable=True)
+    rankings = {"dense": {"q1": ["jade", "jades", "war", "yes"]}}
+    assert mine_hard_negatives([item], rankings, corpus, depth=10) == {
+        "q1": ["jades", "war", "yes"]}
+    # a yes/no answer never counts, in the title either
+    polar = QAItem(id="q1", question="Is Jade City a novel?", answers=["Yes"], doc_ids=["lee"],
+                   answerable=True)
+    assert mine_hard_negatives([polar], rankings, corpus, depth=10) == {
+        "q1": ["jade", "jades", "war", "yes"]}
+
+
 # --- config ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"mode": "passage"}, "unknown mode 'passage'; known: query, both"),
