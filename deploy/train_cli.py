@@ -41,23 +41,39 @@ def _cli():
 
 # --- building a job ---------------------------------------------------------------------------
 def read_params(path: str | None) -> dict:
-    """Hyper-parameters from a JSON or YAML file (a mapping); {} without a file."""
+    """Hyper-parameters from a JSON or YAML file (a mapping); {} without a file. Raises
+    ``CLIError`` naming the file when it is missing, unreadable, not UTF-8 or not valid
+    JSON/YAML (with the line and column of the first problem)."""
     cli = _cli()
     if path is None:
         return {}
     file = Path(path)
     if not file.is_file():
         raise cli.CLIError(f"{file}: no such file")
-    text = file.read_text()
     try:
-        if file.suffix in (".yaml", ".yml"):
-            import yaml
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise cli.CLIError(f"{file}: cannot parse: not UTF-8 text (byte "
+                           f"0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise cli.CLIError(f"{file}: cannot read: {exc.strerror or exc}") from None
+    if file.suffix in (".yaml", ".yml"):
+        import yaml
 
+        try:
             params = yaml.safe_load(text)
-        else:
+        except yaml.YAMLError as exc:  # not a ValueError
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise cli.CLIError(f"{file}: cannot parse: not valid YAML{where}: {problem}"
+                               ) from None
+    else:
+        try:
             params = json.loads(text)
-    except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError are ValueErrors
-        raise cli.CLIError(f"{file}: cannot parse: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise cli.CLIError(f"{file}: cannot parse: not valid JSON at line {exc.lineno}, "
+                               f"column {exc.colno}: {exc.msg}") from None
     if params is None:
         return {}
     if not isinstance(params, dict):
@@ -99,7 +115,10 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> None:
     status = JobStatus.model_validate(cli._request(
         "POST", f"{state['http_url']}/v1/train", settings.serve.request_timeout_s + 5,
         json=job.model_dump(mode="json")))
-    cli._out(f"job {status.job_id} queued on the trainer")
+    if status.state == "queued":
+        cli._out(f"job {status.job_id} queued on the trainer")
+    else:  # an id submitted before, still running or done: the trainer keeps its state
+        cli._out(f"job {status.job_id} was submitted before; it is {status.state}")
     if args.detach:
         return None
     try:

@@ -451,11 +451,13 @@ def load_qa_jsonl(path: Path, *, max_answer_chars: int = MAX_ANSWER_CHARS,
         raise DataFileError(f"{path}: no such file")
     items: list[QAItem] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as lines:
+    # Undecodable bytes read as surrogates, so that the line holding one can be named.
+    with path.open(encoding="utf-8", errors="surrogateescape") as lines:
         for number, line in enumerate(lines, 1):
+            where = f"{path}:{number}"
+            _check_utf8(line, where)
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -497,3 +499,14 @@ def load_qa_jsonl(path: Path, *, max_answer_chars: int = MAX_ANSWER_CHARS,
     if not items:
         raise DataFileError(f"{path}: no question/answer pairs in the file")
     return items
+
+
+def _check_utf8(line: str, where: str) -> None:
+    """Raise ``DataFileError`` at ``where`` when ``line`` (read with ``surrogateescape``)
+    holds a byte that is not UTF-8."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = ord(line[exc.start]) - 0xDC00
+        raise DataFileError(f"{where}: not UTF-8 text (byte 0x{byte:02x} at column "
+                            f"{exc.start + 1}); save the file as UTF-8") from None

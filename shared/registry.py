@@ -83,8 +83,16 @@ class Registry:
         return resolved
 
     def run_dir(self, job_id: str) -> Path:
-        """The working folder of the training run ``job_id`` (inside the root)."""
-        return self.inside(self.root / "runs" / job_id)
+        """The working folder of the training run ``job_id``, resolved: a folder directly
+        under ``<root>/runs``. Raises ``RegistryError`` for an id that names anything else
+        ("." or ".." would be the runs folder or the root itself, whose weights a finished
+        job's tidy-up deletes; "a/b" a folder of another run)."""
+        runs = (self.root / "runs").resolve()
+        path = self.inside(runs / job_id)
+        if path.parent != runs:
+            raise RegistryError(f"job id {job_id!r} does not name a run folder of its own "
+                                f"directly under {runs}")
+        return path
 
     def passage_side(self, version: ModelVersion | None) -> ModelVersion | None:
         """The retriever version whose encoder made the passage vectors that ``version``

@@ -46,6 +46,21 @@ def _iso_date(value: str) -> str:
 # Milvus and SQLite compare them with plain string comparisons.
 IsoDate = Annotated[str, AfterValidator(_iso_date)]
 
+# A job id names its run folder, ``<checkpoint dir>/runs/<job id>``: it must start with a letter
+# or digit, so that "." and ".." (the runs folder and the checkpoint directory themselves, which
+# a finished job's tidy-up would empty) are never job ids.
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _job_id(value: str) -> str:
+    if not _JOB_ID.fullmatch(value):
+        raise ValueError(f"job id {value!r} must be 1 to 64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return value
+
+
+JobId = Annotated[str, AfterValidator(_job_id)]
+
 
 class Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
@@ -536,8 +551,8 @@ class TrainJob(Wire):
     class before anything trains); ``promote`` serves the result when it is done and its dev
     metrics do not regress."""
 
-    job_id: str = Field(default_factory=lambda: datetime.datetime.now(datetime.UTC)
-                        .strftime("%Y%m%d-%H%M%S-%f"), pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    job_id: JobId = Field(default_factory=lambda: datetime.datetime.now(datetime.UTC)
+                          .strftime("%Y%m%d-%H%M%S-%f"))
     kind: TrainKind
     data: TrainData = Field(default_factory=TrainData)
     params: dict[str, Any] = Field(default_factory=dict)
@@ -603,11 +618,11 @@ class PromoteRequest(Wire):
 
 
 class JobRef(Wire):
-    job_id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    job_id: JobId
 
 
 class JobQuery(Wire):
-    job_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    job_id: JobId | None = None
     limit: int = Field(20, ge=1, le=1000)
 
 

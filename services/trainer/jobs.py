@@ -403,13 +403,15 @@ def run_joint(p: Prepared, settings: Settings, run_dir: Path, progress, should_s
 
 class PretrainParams(BaseModel):
     """``pretrain`` job: continued LM training of the generator on the corpus text and/or the
-    unsupervised contrastive warm-up of the retriever (two crops of one document)."""
+    unsupervised contrastive warm-up of the retriever (two crops of one document).
+    ``generator`` is validated with the job (an error names ``generator.<field>``); the
+    fields it leaves unset take the job's ``seed`` and the trainer's device."""
 
     model_config = ConfigDict(extra="forbid")
 
     target: str = Field("both", pattern="^(generator|retriever|both)$")
     retriever: RetrieverTrainConfig = Field(default_factory=RetrieverTrainConfig)
-    generator: dict[str, Any] = Field(default_factory=dict)
+    generator: LMTrainConfig = Field(default_factory=LMTrainConfig)
 
 
 def run_pretrain(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
@@ -430,7 +432,8 @@ def run_pretrain(p: Prepared, settings: Settings, run_dir: Path, progress, shoul
         outputs.append(Output("retriever", result.model_dir, keep))
     if params.target in ("generator", "both"):
         config = LMTrainConfig.model_validate(
-            {"device": settings.trainer.device, "seed": p.job.seed, **params.generator})
+            {"device": settings.trainer.device, "seed": p.job.seed,
+             **params.generator.model_dump(exclude_unset=True)})
         model, tokenizer = serving_generator(settings, registry)
         result = train_lm(config, model, tokenizer, [titled_text(d.title, d.text) for d in corpus],
                           run_dir / "generator", progress=progress, should_stop=should_stop)
@@ -526,15 +529,29 @@ class ContinualJobConfig(continual.ContinualConfig):
 
 
 def regression_set(config: ContinualJobConfig, settings: Settings) -> list[QAItem]:
-    """The gate's frozen regression questions (see ``ContinualJobConfig``)."""
+    """The gate's frozen regression questions (see ``ContinualJobConfig``): at least one.
+    Raises ``DataFileError`` (a ValueError) naming ``regression_path`` for a bad file or one
+    without an answerable question, ValueError when ``regression_sets`` give none."""
     if config.regression_path is not None:
-        items = datasets.load_qa_jsonl(Path(config.regression_path),
-                                       max_answer_chars=settings.trainer.max_answer_chars,
-                                       max_question_chars=settings.limits.max_question_chars)
-        return [i for i in items if i.answerable][:config.regression_limit]
+        path = Path(config.regression_path)
+        try:
+            items = datasets.load_qa_jsonl(
+                path, max_answer_chars=settings.trainer.max_answer_chars,
+                max_question_chars=settings.limits.max_question_chars)
+        except datasets.DataFileError as exc:
+            raise datasets.DataFileError(f"regression_path: {exc}") from None
+        answerable = [i for i in items if i.answerable][:config.regression_limit]
+        if not answerable:
+            raise datasets.DataFileError(
+                f"regression_path: {path}: no answerable question (every answer is "
+                f"{NO_ANSWER!r}): the gate's regression set needs some")
+        return answerable
     items = [i for name in config.regression_sets
              for i in datasets.load_split(name, "dev", seed=config.regression_seed)
              if i.answerable]
+    if not items:
+        raise ValueError(f"regression_sets {config.regression_sets} hold no answerable dev "
+                         "question: name capitals or fanout, or a regression_path")
     return items[:config.regression_limit]
 
 
@@ -631,6 +648,8 @@ def prepare(job: TrainJob, settings: Settings) -> Prepared:
     config = config_class.model_validate(params)
     if job.data.corpus == "indexed":
         job_corpus(job, settings)  # refused now, not after the questions and models load
+    if isinstance(config, ContinualJobConfig):
+        regression_set(config, settings)  # the same: a bad regression file is refused now
     return Prepared(job=job, config=config, splits=load_questions(job, settings))
 
 

@@ -11,7 +11,9 @@ trainer starts was interrupted by a crash: ``pending()`` lists it and ``run`` re
 its last saved state. Once a job is done its folder keeps only its record (the ``.json``,
 ``.jsonl`` and ``.png`` files: job, status, report, gate, the data it trained on); its model
 folders (the registry holds copies), resume state and caches (gigabytes for a generator) go.
-A cancelled or failed job keeps everything.
+A cancelled or failed job keeps everything: submitted again unchanged, it is queued again and
+resumes from its last saved state (a continual update starts over: ``continual_update``). A
+queued job that no longer passes ``check`` when it is run is recorded as failed.
 """
 
 from __future__ import annotations
@@ -68,16 +70,39 @@ class TrainerService:
             raise JobError(f"{job.kind} job: {exc}") from None
 
     def submit(self, job: TrainJob) -> JobStatus:
-        """Check ``job`` and record it as queued (idempotent by job id)."""
+        """Check ``job`` and record it as queued; returns its status.
+
+        Idempotent by job id: a job already known keeps its state, except that a ``cancelled``
+        or ``failed`` job submitted again as it was recorded (same kind, data, params, seed
+        and promote) is queued again and resumes from its last saved state. Raises
+        ``JobError`` when ``job`` does not pass ``check``, or when a cancelled or failed job
+        of that id was recorded with other fields (resume it as it was, or use a new id)."""
         self.check(job)
         run_dir = self.registry.run_dir(job.job_id)
         existing = self.status(job.job_id)
+        if existing is not None and existing.state in ("cancelled", "failed"):
+            return self._requeue(job, existing, run_dir)
         if existing is not None:
             return existing
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / JOB_FILE).write_text(job.model_dump_json(indent=2))
         status = JobStatus(job_id=job.job_id, kind=job.kind, state="queued",
                            updated=time.time())
+        self._write_status(run_dir, status)
+        return status
+
+    def _requeue(self, job: TrainJob, existing: JobStatus, run_dir: Path) -> JobStatus:
+        """``existing`` (cancelled or failed) queued again when ``job`` is the recorded one."""
+        recorded = self.job(job.job_id)
+        fields = ("kind", "data", "params", "seed", "promote")
+        changed = [f for f in fields if getattr(recorded, f) != getattr(job, f)]
+        if changed:
+            raise JobError(f"job {job.job_id!r} is {existing.state} and was submitted with "
+                           f"other {', '.join(changed)}: submit it as it was to resume it, "
+                           "or give the new job another id")
+        (run_dir / CANCEL_FILE).unlink(missing_ok=True)  # a cancel asked while it was queued
+        status = existing.model_copy(update={"state": "queued", "error": None, "eta_s": None,
+                                             "phase": None, "updated": time.time()})
         self._write_status(run_dir, status)
         return status
 
@@ -90,7 +115,11 @@ class TrainerService:
         Never raises for a training failure: the returned status says ``failed`` and why, or
         ``cancelled``. Raises ``JobError`` only when the job does not pass ``check``.
         """
-        prepared = self.check(job)
+        try:
+            prepared = self.check(job)
+        except JobError as exc:
+            self._refuse(job, exc, on_status)
+            raise
         run_dir = self.registry.run_dir(job.job_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / JOB_FILE).exists():
@@ -135,6 +164,17 @@ class TrainerService:
             _tidy(run_dir, [out.folder for out in outputs])
         return status
 
+    def _refuse(self, job: TrainJob, exc: JobError, on_status: StatusFn | None) -> None:
+        """Record a queued or running ``job`` that no longer passes ``check`` (its data file
+        changed since it was submitted) as failed, with why: left queued, it would be retried
+        at every start and hold back the feedback loop's next update."""
+        status = self.status(job.job_id)
+        if status is None or status.state not in ("queued", "running"):
+            return
+        fields = status.model_dump(exclude={"schema_version", "updated"})
+        fields.update(state="failed", error=str(exc), eta_s=None, phase=None)
+        self._publish(self.registry.run_dir(job.job_id), fields, on_status)
+
     def promote(self, version: ModelVersion) -> None:
         self.registry.promote(version.kind, version.version)
 
@@ -149,16 +189,25 @@ class TrainerService:
 
     # --- state -----------------------------------------------------------------------------
     def job(self, job_id: str) -> TrainJob:
-        path = self.registry.run_dir(job_id) / JOB_FILE
-        if not path.is_file():
+        """The job ``job_id`` as submitted; ``JobError`` when there is none."""
+        path = self._run_file(job_id, JOB_FILE)
+        if path is None or not path.is_file():
             raise JobError(f"no job {job_id!r}")
         return TrainJob.model_validate_json(path.read_text())
 
     def status(self, job_id: str) -> JobStatus | None:
-        path = self.registry.run_dir(job_id) / STATUS_FILE
-        if not path.is_file():
+        """The recorded status of job ``job_id``; None when there is none."""
+        path = self._run_file(job_id, STATUS_FILE)
+        if path is None or not path.is_file():
             return None
         return JobStatus.model_validate_json(path.read_text())
+
+    def _run_file(self, job_id: str, name: str) -> Path | None:
+        """``name`` in the run folder of ``job_id``; None for an id no job can have ("..")."""
+        try:
+            return self.registry.run_dir(job_id) / name
+        except RegistryError:
+            return None
 
     def statuses(self, limit: int = 20) -> list[JobStatus]:
         """The newest ``limit`` jobs, newest first."""

@@ -226,6 +226,20 @@ def test_train_refuses_a_bad_job_in_one_line(tmp_path):
     assert result.returncode == 1 and "nothing to evaluate" in result.stderr
 
 
+def test_train_refuses_an_unreadable_config_in_one_line(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("lr: [1, 2\n")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"# caf\xe9\nlr: 0.1\n")
+    for config, message in (
+            (bad_yaml, "bad.yaml: cannot parse: not valid YAML at line 2, column 1: expected ','"),
+            (latin1, "latin1.yaml: cannot parse: not UTF-8 text (byte 0xe9 at offset 5)")):
+        result = ragtune("train", "generator", "--local", "--config", str(config),
+                         home=tmp_path)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert message in result.stderr
+
+
 def test_eval_qa_refuses_a_bad_data_file_before_loading_models(tmp_path):
     bad = tmp_path / "mine.jsonl"
     bad.write_text('{"question": "When?", "answer": "1556"}\n{"question": "Where?"}\n')

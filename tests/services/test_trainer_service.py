@@ -6,6 +6,7 @@ progress and promotions and resumes jobs a crash left behind. Real files, the pa
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -166,6 +167,9 @@ def test_a_retriever_job_with_seeds_registers_the_soup_of_its_runs(settings, dat
     ("retriever", {"seeds": [2, 2]}, "params: seeds: Value error, seeds must differ"),
     ("joint", {"variant": "tokens"}, "variant"),
     ("pretrain", {"target": "everything"}, "target"),
+    # checked with the job, not after the retriever's warm-up has trained
+    ("pretrain", {"generator": {"lr": -1}}, "params: generator.lr: Input should be greater"),
+    ("pretrain", {"generator": {"block": 8}}, "params: generator.block: Extra inputs"),
 ])
 def test_bad_params_are_refused_before_training(settings, data_file, kind, params, message):
     trainer = TrainerService(settings)
@@ -188,9 +192,37 @@ def test_bad_data_is_refused_before_training(settings, tmp_path):
             trainer.submit(bad)
 
 
+@pytest.mark.parametrize("text", [
+    "",  # empty
+    '{"question": "q", "answer": "a"}\nnot json\n',  # malformed
+    '{"question": "Capital of Atlantis?", "answer": "I don\'t know."}\n',  # none answerable
+])
+def test_a_bad_regression_file_is_refused_before_training(settings, data_file, tmp_path, text):
+    trainer = TrainerService(settings)
+    regression = tmp_path / "regression.jsonl"
+    regression.write_text(text)
+    bad = job("continual", data_file).model_copy(update={"params": {
+        **QUICK["continual"], "regression_path": str(regression)}})
+    with pytest.raises(JobError, match=re.escape(f"continual job: regression_path: {regression}")):
+        trainer.submit(bad)
+    assert trainer.statuses() == []
+
+
 def test_job_ids_cannot_leave_the_checkpoint_directory():
     with pytest.raises(ValueError, match="job_id"):
         TrainJob(kind="generator", job_id="../../etc")
+
+
+@pytest.mark.parametrize("job_id", [".", "..", "-x", "a" * 65])
+def test_job_ids_must_start_with_a_letter_or_digit(job_id):
+    # "." and ".." are the runs folder and the checkpoint directory: a finished job's
+    # tidy-up would delete registered weights
+    message = f"job id {job_id!r} must be 1 to 64 letters, digits"
+    for schema in (TrainJob, JobRef, JobQuery):
+        fields = {"kind": "generator"} if schema is TrainJob else {}
+        with pytest.raises(ValueError, match=re.escape(message)):
+            schema(job_id=job_id, **fields)
+    assert TrainJob(kind="generator", job_id="a.b-c_9").job_id == "a.b-c_9"
 
 
 def test_runner_publishes_progress_and_promotion_and_answers_requests(settings, data_file):
@@ -227,6 +259,54 @@ def test_a_job_left_running_by_a_crash_is_resumed_at_start(settings, data_file):
         assert trainer.status("crashed").state == "done"
     finally:
         runner.stop()
+
+
+def test_a_queued_job_failing_its_check_when_it_runs_is_recorded_failed(settings, tmp_path):
+    # the data file emptied between submit and run: the runner must not leave it queued
+    data = tmp_path / "mine.jsonl"
+    data.write_text(json.dumps({"question": "q?", "answer": "a"}) + "\n")
+    trainer = TrainerService(settings)
+    trainer.submit(TrainJob(kind="generator", job_id="emptied",
+                            data=TrainData(sets=[], path=str(data))))
+    data.write_text("")
+    events = []
+    runner = TrainerRunner(trainer, events.append)  # resumes what is queued
+    try:
+        assert runner.wait_idle(60), "the refused job was not taken off the queue in 60 s"
+    finally:
+        runner.stop()
+    status = trainer.status("emptied")
+    assert status.state == "failed"
+    assert status.error == f"generator job: {data}: no question/answer pairs in the file"
+    assert trainer.pending() == []  # not retried at the next start
+    assert [e.data["state"] for e in events if e.kind == "train.finished"] == ["failed"]
+
+
+def test_a_cancelled_job_submitted_again_is_queued_and_resumes(settings, data_file):
+    trainer = TrainerService(settings)
+    long_job = job("generator", data_file, job_id="again").model_copy(
+        update={"params": {**QUICK["generator"], "max_steps": 4, "save_steps": 1}})
+    trainer.submit(long_job)
+
+    def on_status(status):
+        if status.step >= 1:
+            trainer.cancel("again")
+
+    assert trainer.run(long_job, on_status=on_status).state == "cancelled"
+    changed = long_job.model_copy(update={"seed": 7})
+    with pytest.raises(JobError, match="'again' is cancelled and was submitted with other seed"):
+        trainer.submit(changed)
+    events = []
+    runner = TrainerRunner(trainer, events.append)  # nothing pending: it was cancelled
+    try:
+        assert runner.submit(long_job).state == "queued"
+        assert trainer.status("again").state == "queued"
+        assert runner.wait_idle(120), "the resubmitted job did not finish in 120 s"
+    finally:
+        runner.stop()
+    steps = [e.data["step"] for e in events if e.kind == "train.progress" and e.data["step"]]
+    assert trainer.status("again").state == "done"
+    assert steps and min(steps) > 1  # went on from its saved state, not from step 1
 
 
 def test_cancel_stops_a_job_and_keeps_it_resumable(settings, data_file):

@@ -305,3 +305,12 @@ def test_user_jsonl_rejects_bad_files_naming_the_line(tmp_path, text, message):
 def test_user_jsonl_missing_file_is_named(tmp_path):
     with pytest.raises(datasets.DataFileError, match="no such file"):
         datasets.load_qa_jsonl(tmp_path / "absent.jsonl")
+
+
+def test_user_jsonl_not_utf8_names_the_file_line_and_byte(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_bytes(b'{"question": "q", "answer": "a"}\n'
+                     b'{"question": "Caf\xe9?", "answer": "a"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(datasets.DataFileError,
+                       match=re.escape(f"{path}:2: not UTF-8 text (byte 0xe9 at column 18)")):
+        datasets.load_qa_jsonl(path)

@@ -64,6 +64,16 @@ def test_paths_outside_the_checkpoint_directory_are_refused(tmp_path):
         registry.run_dir("../../etc")
 
 
+def test_run_dir_is_a_folder_of_its_own_under_runs(tmp_path):
+    # "." and ".." resolve inside the root (runs/ and the root itself): a finished job's tidy-up
+    # of such a "run folder" would delete registered weights.
+    registry = Registry(tmp_path / "ckpt")
+    assert registry.run_dir("j1") == (tmp_path / "ckpt" / "runs" / "j1").resolve()
+    for bad in (".", "..", "a/b", "a/.."):
+        with pytest.raises(RegistryError, match=f"job id {bad!r} does not name a run folder"):
+            registry.run_dir(bad)
+
+
 def test_concurrent_registrations_get_distinct_versions(tmp_path):
     registry = Registry(tmp_path / "ckpt")
     sources = [saved_model(tmp_path / f"m{i}") for i in range(6)]
