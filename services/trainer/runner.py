@@ -35,7 +35,6 @@ from shared.schemas import (
     JobQuery,
     JobRef,
     JobStatus,
-    ModelVersion,
     PromoteRequest,
     PruneRequest,
     PruneResult,
@@ -63,6 +62,12 @@ class TrainerRunner:
         self._last_progress: dict[str, tuple[float, str | None]] = {}  # job -> (when, phase)
         self.feedback_store = FeedbackStore(service.registry.root / STORE_DIR)
         self._update_lock = threading.Lock()
+        # ids queued or running: a job submitted again before it ran to the end (its status
+        # may still say queued) is not queued twice
+        self._queued: set[str] = set()
+        self._queue_lock = threading.Lock()
+        # held from reading the registry to publishing model.promoted: see _announce
+        self._announce_lock = threading.Lock()
         # the newest feedback update, also across a restart
         updates = [st for st in service.statuses(limit=10_000)
                    if st.kind == "continual" and st.job_id.startswith(UPDATE_PREFIX)]
@@ -70,7 +75,7 @@ class TrainerRunner:
         self._thread = threading.Thread(target=self._main, name="trainer", daemon=True)
         for job in service.pending():
             log.info("resuming interrupted job %s", job.job_id)
-            self._jobs.put(job)
+            self._enqueue(job)
         self._thread.start()
 
     # --- requests (answered at once) -------------------------------------------------------
@@ -78,8 +83,14 @@ class TrainerRunner:
         """Check and queue ``job``; raises ``JobError`` before queueing a bad one."""
         status = self.service.submit(job)
         if status.state == "queued":
-            self._jobs.put(job)
+            self._enqueue(job)
         return status
+
+    def _enqueue(self, job: TrainJob) -> None:
+        with self._queue_lock:
+            if job.job_id not in self._queued:
+                self._queued.add(job.job_id)
+                self._jobs.put(job)
 
     def cancel(self, ref: JobRef) -> JobStatus:
         return self.service.cancel(ref.job_id)
@@ -96,13 +107,13 @@ class TrainerRunner:
         return self.service.registry.view()
 
     def promote(self, req: PromoteRequest) -> RegistryView:
-        version = self.service.registry.promote(req.kind, req.version)
-        self._announce(req.kind, version)
+        self.service.registry.promote(req.kind, req.version)
+        self._announce(req.kind)
         return self.models()
 
     def rollback(self, req: RollbackRequest) -> RegistryView:
-        version = self.service.registry.rollback(req.kind)
-        self._announce(req.kind, version)
+        self.service.registry.rollback(req.kind)
+        self._announce(req.kind)
         return self.models()
 
     def prune(self, req: PruneRequest) -> PruneResult:
@@ -224,6 +235,9 @@ class TrainerRunner:
                     return
                 self._run(job)
             finally:
+                if job is not None:  # queued again only once it ran: see _enqueue
+                    with self._queue_lock:
+                        self._queued.discard(job.job_id)
                 self._jobs.task_done()
 
     def _run(self, job: TrainJob) -> None:
@@ -233,9 +247,8 @@ class TrainerRunner:
             log.error("job %s refused: %s", job.job_id, exc)
             return
         if status.state == "done":
-            for ref in status.promoted:
-                kind, version = ref.split("/")
-                self._announce(kind, self.service.registry.get(kind, version))
+            for kind in dict.fromkeys(ref.split("/")[0] for ref in status.promoted):
+                self._announce(kind)
 
     def _on_status(self, status: JobStatus) -> None:
         """Publish ``train.progress`` at most every ``PROGRESS_EVERY_S`` per job, but always
@@ -250,9 +263,14 @@ class TrainerRunner:
         kind = "train.finished" if final else "train.progress"
         self._send(Event(kind=kind, data=status.model_dump(mode="json")))
 
-    def _announce(self, kind: str, version: ModelVersion | None) -> None:
-        self._send(Event(kind="model.promoted", data={
-            "kind": kind, "version": None if version is None else version.version}))
+    def _announce(self, kind: str) -> None:
+        """Broadcast ``model.promoted`` with the version the registry serves now (None: the
+        base model). Read at sending time under one lock, so the last event of a kind names
+        what serves even when a rollback lands between a job's promotion and its event."""
+        with self._announce_lock:
+            version = self.service.registry.serving(kind)
+            self._send(Event(kind="model.promoted", data={
+                "kind": kind, "version": None if version is None else version.version}))
 
     def _send(self, event: Event) -> None:
         try:

@@ -246,6 +246,41 @@ def test_runner_publishes_progress_and_promotion_and_answers_requests(settings, 
         runner.stop()
 
 
+def test_a_rollback_between_a_promotion_and_its_event_is_what_the_event_names(settings,
+                                                                              data_file):
+    events = []
+    trainer = TrainerService(settings)
+
+    def publish(event):
+        events.append(event)
+        if event.kind == "train.finished":  # promoted by now; its event not yet sent
+            trainer.registry.rollback("retriever")
+
+    runner = TrainerRunner(trainer, publish)
+    try:
+        runner.submit(job("retriever", data_file, promote=True, job_id="raced"))
+        assert runner.wait_idle(120), "the job did not finish in 120 s"
+    finally:
+        runner.stop()
+    assert trainer.registry.serving("retriever") is None
+    assert [e.data for e in events if e.kind == "model.promoted"] == [
+        {"kind": "retriever", "version": None}]
+
+
+def test_a_job_submitted_again_before_it_ran_runs_once(settings, data_file):
+    trainer = TrainerService(settings)
+    queued = job("retriever", data_file, job_id="twice")
+    trainer.submit(queued)
+    events = []
+    runner = TrainerRunner(trainer, events.append)  # queues it as pending
+    try:
+        assert runner.submit(queued).state in ("queued", "running")
+        assert runner.wait_idle(120), "the job did not finish in 120 s"
+    finally:
+        runner.stop()
+    assert [e.data["job_id"] for e in events if e.kind == "train.finished"] == ["twice"]
+
+
 def test_a_job_left_running_by_a_crash_is_resumed_at_start(settings, data_file):
     trainer = TrainerService(settings)
     left = job("retriever", data_file, job_id="crashed")
