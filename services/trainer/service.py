@@ -140,9 +140,7 @@ class TrainerService:
 
         try:
             outputs = jobs.execute(prepared, self.settings, run_dir, progress, should_stop)
-            versions = [self.registry.register(out.kind, out.folder, job_id=job.job_id,
-                                               passage_version=out.passage_version)
-                        for out in outputs]
+            versions = self._register(job.job_id, outputs)
             now["versions"] = [f"{v.kind}/{v.version}" for v in versions]
             notes = [out.note for out in outputs if out.note]
             now["note"] = "; ".join(notes) if notes else None
@@ -163,6 +161,17 @@ class TrainerService:
         if status.state == "done":  # recorded first: a crash before this only leaves files
             _tidy(run_dir, [out.folder for out in outputs])
         return status
+
+    def _register(self, job_id: str, outputs: list[jobs.Output]) -> list[ModelVersion]:
+        """The registry's versions of ``outputs``: registered now, or the one this job
+        registered of that kind before a crash cut it short (a job makes at most one model of
+        each kind), so that resuming it adds no copy that a rollback would then land on."""
+        view = self.registry.view()
+        before = {v.kind: v for record in (view.retriever, view.generator)
+                  for v in record.versions if v.job_id == job_id}
+        return [before.get(out.kind) or self.registry.register(
+                    out.kind, out.folder, job_id=job_id, passage_version=out.passage_version)
+                for out in outputs]
 
     def _refuse(self, job: TrainJob, exc: JobError, on_status: StatusFn | None) -> None:
         """Record a queued or running ``job`` that no longer passes ``check`` (its data file

@@ -281,6 +281,22 @@ def test_a_job_submitted_again_before_it_ran_runs_once(settings, data_file):
     assert [e.data["job_id"] for e in events if e.kind == "train.finished"] == ["twice"]
 
 
+def test_a_job_resumed_after_it_registered_its_model_adds_no_second_version(settings,
+                                                                            data_file):
+    trainer = TrainerService(settings)
+    crashed = job("retriever", data_file, job_id="registered", promote=True)
+    trainer.submit(crashed)
+    assert trainer.run(crashed).versions == ["retriever/v0001"]
+    # as if the trainer died after registering and promoting, before it recorded "done"
+    status = trainer.status("registered").model_copy(update={"state": "running"})
+    trainer._write_status(trainer.registry.run_dir("registered"), status)
+    assert [j.job_id for j in trainer.pending()] == ["registered"]
+    again = trainer.run(crashed)
+    assert again.state == "done" and again.versions == ["retriever/v0001"]
+    view = trainer.registry.view().retriever
+    assert [v.version for v in view.versions] == ["v0001"] and view.serving == "v0001"
+
+
 def test_a_job_left_running_by_a_crash_is_resumed_at_start(settings, data_file):
     trainer = TrainerService(settings)
     left = job("retriever", data_file, job_id="crashed")
