@@ -148,7 +148,7 @@ def build_messages(question: str, passages: list[Hit], max_chars: int) -> list[d
     ]
 
 
-def clean_answer(text: str, *, truncated: bool = True) -> str:
+def clean_answer(text: str, *, truncated: bool = True, cued: bool = True) -> str:
     """The answer stripped; if ``truncated``, without a trailing unfinished sentence.
 
     ``truncated`` says generation stopped at the token limit rather than at end-of-sequence.
@@ -156,14 +156,18 @@ def clean_answer(text: str, *, truncated: bool = True) -> str:
     only when a complete sentence precedes it, so an answer is never emptied: "Paris is the
     capital. It lies on the" -> "Paris is the capital."; "The capital is" stays as it is.
 
-    A text with a line that starts with ``ANSWER_CUE`` (a restated answer) is answered by what
-    follows the last such cue: "Paris is France's capital.\nAnswer: Paris [1]" -> "Paris [1]".
-    A cue with nothing after it leaves the text as it is.
+    ``cued``: the text may be a restated answer (a generator fine-tuned with ``restate``), so
+    one with a line that starts with ``ANSWER_CUE`` is answered by what follows the first such
+    cue (``after_cue``), truncated or not: "Paris is France's capital.\nAnswer: Paris [1]" ->
+    "Paris [1]". A cue with nothing after it leaves the text as it is. Serving passes its
+    generator's own flag, as its streaming does (``streaming.streamable``), so what streams
+    begins the final answer; with ``cued=False`` an "Answer:" line is text like any other.
+    The default keeps the offline evaluation (``services.evaluation.qa``), which does not know
+    how its model was trained, reading restated answers.
     """
     text = text.strip()
-    cued = after_cue(text)
-    if cued:
-        return cued
+    if cued and (answer := after_cue(text)):
+        return answer
     if not truncated:
         return text
     ends = list(_SENTENCE_END.finditer(text))
@@ -173,10 +177,13 @@ def clean_answer(text: str, *, truncated: bool = True) -> str:
 
 
 def after_cue(text: str) -> str | None:
-    """What follows the last line of ``text`` that starts with ``ANSWER_CUE``, to that line's
-    end and stripped ("" for a bare cue); ``None`` where no line starts with it."""
-    cued = _CUED.findall(text)
-    return cued[-1].strip() if cued else None
+    """What follows the first line of ``text`` that starts with ``ANSWER_CUE``, to that line's
+    end and stripped ("" for a bare cue); ``None`` where no line starts with it.
+
+    The first, not the last: text generated after that line cannot change it, so a streamed
+    answer can be sent as it grows (``streaming.streamable``) and still be the final one."""
+    cue = _CUED.search(text)
+    return cue.group(1).strip() if cue else None
 
 
 def is_no_answer(answer: str) -> bool:

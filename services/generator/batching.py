@@ -22,7 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from services.generator.service import GenerationError, batch_key
+from services.generator.service import batch_key
 from services.generator.streaming import Sink
 from shared.schemas import GenerateRequest, GenerateResult
 
@@ -43,6 +43,8 @@ class Batcher:
     in a daemon thread. ``service`` is read at every batch, so a ``deploy.workers.Current``
     that swaps models serves the next batch with the new one while the running batch ends on
     the old one. ``sizes`` holds the sizes of recent batches (for tests and the bench).
+    A batch whose service call raises fails each of its requests with that error, and the
+    thread goes on to the next batch.
     """
 
     def __init__(self, service, max_batch_size: int, max_wait_ms: float):
@@ -75,7 +77,11 @@ class Batcher:
 
     async def generate(self, req: GenerateRequest, sink: Sink | None = None,
                        cancelled: threading.Event | None = None) -> GenerateResult:
-        """``submit`` and wait; raises ``GenerationError`` for a request refused as given."""
+        """``submit`` and wait; raises ``GenerationError`` for a request refused as given.
+
+        A caller that stops waiting (a timeout, its task cancelled) cancels the request if no
+        batch has taken it yet; one already running runs on (set ``cancelled`` to end it)
+        and its result is dropped. Either way the batcher serves the requests after it."""
         return await asyncio.wrap_future(self.submit(req, sink, cancelled))
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -88,32 +94,36 @@ class Batcher:
         while (batch := self._next_batch()) is not None:
             self.sizes.append(len(batch))
             try:
-                results = self.service.generate_batch(
-                    [job.req for job in batch], [job.sink for job in batch],
-                    [job.cancelled for job in batch])
-            except Exception as exc:  # noqa: BLE001 - each request of the batch fails with it
+                self._run(batch)
+            except Exception as exc:  # noqa: BLE001 - the thread serves every later batch
                 log.exception("a batch of %d failed", len(batch))
                 for job in batch:
-                    job.future.set_exception(exc)
-                continue
-            for job, result in zip(batch, results, strict=True):
-                if isinstance(result, GenerationError):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+                    _settle(job.future, exc)
+
+    def _run(self, batch: list[_Job]) -> None:
+        """One batch through the service; each future gets its result or its error."""
+        results = self.service.generate_batch(
+            [job.req for job in batch], [job.sink for job in batch],
+            [job.cancelled for job in batch])
+        for job, result in zip(batch, results, strict=True):
+            _settle(job.future, result)
 
     def _next_batch(self) -> list[_Job] | None:
         """The oldest request and up to ``max_batch_size - 1`` of the same key: those held from
         before, then any arriving within ``max_wait_s`` (and any already queued after that).
         None once closed and drained."""
-        first = self._held.popleft() if self._held else self._queue.get()
-        if first is None:
-            return None
+        while True:
+            first = self._held.popleft() if self._held else self._queue.get()
+            if first is None:
+                return None
+            if _claim(first):
+                break
         batch = [first]
         for job in list(self._held):
             if len(batch) < self.max_batch_size and job.key == first.key:
-                batch.append(job)
                 self._held.remove(job)
+                if _claim(job):
+                    batch.append(job)
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch_size:
             left = deadline - time.monotonic()
@@ -124,5 +134,28 @@ class Batcher:
             if job is None:  # closing: run this batch and what is held, then stop
                 self._queue.put(None)
                 break
-            (batch if job.key == first.key else self._held).append(job)
+            if job.key != first.key:
+                self._held.append(job)  # claimed when its batch forms: it may be cancelled
+            elif _claim(job):
+                batch.append(job)
         return batch
+
+
+def _claim(job: _Job) -> bool:
+    """Mark ``job``'s future running; False (drop the job) for one its caller cancelled while
+    it waited, e.g. ``asyncio.wait_for`` around ``Batcher.generate``, which costs no compute."""
+    if job.future.set_running_or_notify_cancel():
+        return True
+    log.debug("dropped a request cancelled while it waited for a batch")
+    return False
+
+
+def _settle(future: concurrent.futures.Future, outcome) -> None:
+    """Give ``future`` its result, or its exception for a ``BaseException`` ``outcome``;
+    nothing if it is already done (its caller cancelled it while the batch ran)."""
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

@@ -92,7 +92,8 @@ class GeneratorService:
     for (``None``: only the context window does). A tokenizer with a chat template gets chat
     messages, one without gets ``plain_prompt``. ``restated``: the model was fine-tuned to
     answer after ``ANSWER_CUE`` (a trained folder's ``ragtune.json`` says so,
-    ``from_settings`` reads it); it streams only what follows the cue.
+    ``from_settings`` reads it); its answer, streamed and final, is what follows the first
+    cue (``prompt.clean_answer``). Any other model's "Answer:" line is part of its answer.
     """
 
     def __init__(
@@ -310,7 +311,8 @@ class GeneratorService:
                 prompt_tokens: int, stop: tuple[str, ...]) -> GenerateResult:
         ended = bool(new_ids) and new_ids[-1] in self._eos_ids
         raw, cut = cut_at_stop(self.tokenizer.decode(new_ids, skip_special_tokens=True), stop)
-        answer = clean_answer(raw, truncated=not (ended or cut)) or NO_ANSWER
+        # the streamer cuts at the cue by the same flag, so the stream begins this answer
+        answer = clean_answer(raw, truncated=not (ended or cut), cued=self.restated) or NO_ANSWER
         return GenerateResult(
             answer=answer,
             citations=parse_citations(answer, passages, question=req.question),

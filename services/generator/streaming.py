@@ -36,13 +36,16 @@ def streamable(text: str, stop: Sequence[str], *, cued: bool = False) -> tuple[s
     whitespace is dropped and held back at the end are: whitespace, an incomplete character
     (U+FFFD of a partial UTF-8 sequence) and the longest suffix that could begin a stop
     string. Each prefix returned for a growing ``text`` extends the previous one. The final
-    answer can still be shorter in two cases (``prompt.clean_answer``): generation that hits
-    ``max_new_tokens`` drops a trailing unfinished sentence, which may have streamed already.
+    answer (``prompt.clean_answer`` with the same ``cued``) can still be shorter in one case:
+    generation that hits ``max_new_tokens`` drops a trailing unfinished sentence, which may
+    have streamed already.
 
     ``cued`` is for a generator trained with restated answers (a sentence, then a line
-    "Answer: ..."), whose final answer is what follows the cue: nothing streams before a line
-    starts with ``ANSWER_CUE``, then that line's text after it. Such an answer that never
-    gives the cue (e.g. "I don't know.") streams in one piece at the end (``finish``).
+    "Answer: ..."), whose final answer is what follows the first cue (``prompt.after_cue``):
+    nothing streams before a line starts with ``ANSWER_CUE``, then that line's text after it;
+    a later cue changes nothing. Such an answer that never gives the cue (e.g. "I don't
+    know.") streams in one piece at the end (``finish``). Without ``cued`` an "Answer:" line
+    streams as any other text, as ``clean_answer(cued=False)`` keeps it.
     """
     text = text.lstrip()
     cut, stopped = cut_at_stop(text, stop)

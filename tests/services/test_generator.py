@@ -117,9 +117,9 @@ def test_build_messages_gives_a_system_instruction_and_the_passages_then_the_que
         ("It has 2.1 million people", True, "It has 2.1 million people"),
         ("Is it Paris? Yes! It is", True, "Is it Paris? Yes!"),
         ("", True, ""),
-        # a restated answer: the line after the cue, whether or not generation was cut
+        # a restated answer: the line after the first cue, whether or not generation was cut
         ("Paris is the capital of France.\nAnswer: Paris [1]", False, "Paris [1]"),
-        ("Paris is the capital.\nAnswer: Paris [1]\nAnswer: Lyon [2]", True, "Lyon [2]"),
+        ("Paris is the capital.\nAnswer: Paris [1]\nAnswer: Lyon [2]", True, "Paris [1]"),
         ("Paris is the capital.\n  Answer: Par", True, "Par"),
         ("Paris is the capital. It\nAnswer:", True, "Paris is the capital."),
         ("The answer: Paris", False, "The answer: Paris"),
@@ -129,6 +129,22 @@ def test_clean_answer_drops_only_a_trailing_fragment_of_a_truncated_answer(
     raw, truncated, expected
 ):
     assert clean_answer(raw, truncated=truncated) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "truncated", "expected"),
+    [
+        ("Answer: Paris [1]", False, "Answer: Paris [1]"),
+        ("Paris is the capital [2].\nAnswer: Paris", False,
+         "Paris is the capital [2].\nAnswer: Paris"),
+        ("Paris is the capital [2].\nAnswer: Paris", True, "Paris is the capital [2]."),
+        ("  Answer: Paris.\nAnswer: Lima ", False, "Answer: Paris.\nAnswer: Lima"),
+    ],
+)
+def test_clean_answer_keeps_the_answer_lines_of_a_generator_not_trained_to_restate(
+    raw, truncated, expected
+):
+    assert clean_answer(raw, truncated=truncated, cued=False) == expected
 
 
 def test_parse_citations_keeps_valid_markers_once_in_order_of_first_appearance():
@@ -494,7 +510,8 @@ def test_stop_sequences_cut_the_answer_before_them(tokenizer):
     start = text.find(stop)
     result = service.generate(request([FRANCE], max_new_tokens=16, stop=["zzz", stop]))
     assert stop not in result.answer
-    assert result.answer == (clean_answer(text[:start], truncated=False) or NO_ANSWER)
+    assert result.answer == (clean_answer(text[:start], truncated=False, cued=False)
+                             or NO_ANSWER)
     assert result.completion_tokens < 16  # generation stopped there, not at the limit
 
 

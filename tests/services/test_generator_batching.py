@@ -5,6 +5,7 @@ worker batches concurrent bus requests and streams over the bus (real valkey).""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -120,6 +121,78 @@ def test_a_failing_batch_fails_each_of_its_requests():
     for future in futures:
         with pytest.raises(RuntimeError, match="out of memory"):
             future.result(5)
+
+
+class Gated(Recorder):
+    """A Recorder whose batches wait for ``release`` (at most 5 s): a batch that runs long."""
+
+    def __init__(self):
+        super().__init__()
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def generate_batch(self, reqs, sinks, cancelled):
+        self.started.set()
+        self.release.wait(5)
+        return super().generate_batch(reqs, sinks, cancelled)
+
+
+class Short(Recorder):
+    """Answers a batch that asks ``fail_on`` with one answer too few (a broken service)."""
+
+    def generate_batch(self, reqs, sinks, cancelled):
+        results = Recorder().generate_batch(reqs, sinks, cancelled)
+        return results[:-1] if self.fail_on in [r.question for r in reqs] else results
+
+
+def test_a_caller_that_stops_waiting_leaves_the_batcher_serving(run):
+    service = Gated()
+    batcher = Batcher(service, max_batch_size=4, max_wait_ms=0)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.generate(request([FRANCE], question="first")))
+        assert await asyncio.to_thread(service.started.wait, 5)
+        with pytest.raises(TimeoutError):  # the caller gives up while its batch runs
+            await asyncio.wait_for(first, 0.1)
+        service.release.set()
+        return await asyncio.wait_for(batcher.generate(request([FRANCE], question="second")),
+                                      5)
+
+    try:
+        assert run(main(), timeout_s=10).answer == "second"
+        assert service.batches == [["first"], ["second"]]
+    finally:
+        batcher.close(5)
+    assert not batcher._thread.is_alive()
+
+
+def test_a_request_cancelled_before_its_batch_never_runs():
+    service = Gated()
+    batcher = Batcher(service, max_batch_size=4, max_wait_ms=0)
+    running = batcher.submit(request([FRANCE], question="running"))
+    assert service.started.wait(5)
+    kept = batcher.submit(request([FRANCE], question="kept"))
+    held = batcher.submit(request([FRANCE], question="held", strategy="beam"))
+    gone = batcher.submit(request([FRANCE], question="gone"))
+    later = batcher.submit(request([FRANCE], question="later"))
+    assert held.cancel() and gone.cancel()
+    service.release.set()
+    batcher.close(5)
+    assert [f.result(5).answer for f in (running, kept, later)] == ["running", "kept", "later"]
+    assert service.batches == [["running"], ["kept", "later"]]
+    assert list(batcher.sizes) == [1, 2]
+
+
+@pytest.mark.parametrize("broken, error", [(Recorder, "out of memory"),
+                                           (Short, "shorter than argument 1")])
+def test_the_batcher_outlives_a_batch_that_fails(broken, error):
+    batcher = Batcher(broken(fail_on="boom"), max_batch_size=4, max_wait_ms=0)
+    try:
+        with pytest.raises(Exception, match=error):
+            batcher.submit(request([FRANCE], question="boom")).result(5)
+        assert batcher.submit(request([FRANCE], question="fine")).result(5).answer == "fine"
+    finally:
+        batcher.close(5)
 
 
 def test_the_batcher_validates_its_arguments():

@@ -60,6 +60,7 @@ def test_each_streamable_prefix_extends_the_last_and_ends_as_the_answer():
     ("Paris is the capital.\nAnswer: Paris [1]\nMore", (), ("Paris [1]", False)),
     ("Paris.\nAnswer: Paris END more", ("END",), ("Paris", True)),
     ("I don't know. END", ("END",), ("", True)),
+    ("Answer: Paris.\nAnswer: Lima", (), ("Paris.", False)),  # the first cue answers
 ])
 def test_a_restated_answer_streams_only_after_its_cue(text, stop, expected):
     assert streamable(text, stop, cued=True) == expected
@@ -73,9 +74,72 @@ def test_a_cued_streamer_sends_the_answer_line_and_never_the_sentence(tokenizer)
     streamer.put(torch.tensor([[0]]))  # the prompt
     for token in tokenizer(completion, add_special_tokens=False).input_ids:
         streamer.put(torch.tensor([[token]]))
-    streamer.finish(0, clean_answer(completion, truncated=False))
+    streamer.finish(0, clean_answer(completion, truncated=False, cued=True))
     assert "".join(pieces) == "Freddie Mercury [2]"
     assert len(pieces) > 3 and "Queen" not in "".join(pieces)
+
+
+# A model's own "Answer:" lines: (completion, final answer of a base model, of one trained to
+# restate). Each streams its whole final answer before the end.
+ANSWER_LINES = [
+    ("Answer: Paris [1]", "Answer: Paris [1]", "Paris [1]"),
+    ("Paris is the capital [2].\nAnswer: Paris", "Paris is the capital [2].\nAnswer: Paris",
+     "Paris"),
+    ("Answer: Paris.\nAnswer: Lima", "Answer: Paris.\nAnswer: Lima", "Paris."),
+]
+
+
+@pytest.mark.parametrize("cued", [False, True])
+@pytest.mark.parametrize("completion, plain, restated", ANSWER_LINES)
+def test_a_stream_with_answer_lines_is_its_final_answer(tokenizer, completion, plain, restated,
+                                                        cued):
+    pieces: list[str] = []
+    streamer = BatchStreamer(tokenizer, [pieces.append], eos_ids=[tokenizer.eos_token_id],
+                             cued=cued)
+    streamer.put(torch.tensor([[0]]))  # the prompt
+    for token in tokenizer(completion, add_special_tokens=False).input_ids:
+        streamer.put(torch.tensor([[token]]))
+    answer = clean_answer(completion, truncated=False, cued=cued)
+    assert answer == (restated if cued else plain)
+    assert "".join(pieces) == answer  # all of it streamed before the end
+    streamer.finish(0, answer)
+    assert "".join(pieces) == answer
+
+
+class Scripted:
+    """A stand-in decoder-only model that writes ``completion`` and then its end-of-sequence
+    token whatever the prompt, as ``model.generate`` streams: the prompt, then a token a step."""
+
+    def __init__(self, tokenizer, completion: str):
+        self.config = serving_llama(tokenizer).config
+        self.device = torch.device("cpu")
+        self.ids = [*tokenizer(completion, add_special_tokens=False).input_ids,
+                    tokenizer.eos_token_id]
+
+    def eval(self):
+        return self
+
+    def generate(self, input_ids, streamer=None, **kwargs):
+        new = torch.tensor([self.ids] * input_ids.shape[0])
+        if streamer is not None:
+            streamer.put(input_ids)
+            for step in range(new.shape[1]):
+                streamer.put(new[:, step])
+        return torch.cat([input_ids, new], dim=1)
+
+
+@pytest.mark.parametrize("cued", [False, True])
+@pytest.mark.parametrize("completion, plain, restated", ANSWER_LINES)
+def test_the_service_streams_its_final_answer_with_answer_lines(tokenizer, completion, plain,
+                                                                restated, cued):
+    service = GeneratorService(Scripted(tokenizer, completion), tokenizer, 1_000,
+                               restated=cued)
+    pieces: list[str] = []
+    (result,) = service.generate_batch([request([FRANCE], max_new_tokens=64)],
+                                       sinks=[pieces.append])
+    assert result.answer == (restated if cued else plain)
+    assert "".join(pieces) == result.answer
+    assert len(pieces) > 3  # it streamed, not only sent the answer at the end
 
 
 @pytest.fixture(scope="module")
