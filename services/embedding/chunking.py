@@ -33,7 +33,10 @@ class Passage:
 def spans(text: str, size: int, overlap: int) -> list[tuple[int, int]]:
     """Character spans covering ``text``: each at most ``size`` long, consecutive ones sharing
     about ``overlap`` characters, cut at whitespace where one lies in the second half of the
-    span (else mid-word). A text of at most ``size`` characters is one span; "" gives [(0, 0)].
+    span and past the previous span's end (else mid-word). Starts and ends both strictly
+    increase, and each span starts at or before the previous one's end, so no span lies inside
+    another and no character is left out. A text of at most ``size`` characters is one span;
+    "" gives [(0, 0)].
 
     Raises ValueError unless ``size >= 1`` and ``0 <= overlap < size``.
     """
@@ -48,7 +51,10 @@ def spans(text: str, size: int, overlap: int) -> list[tuple[int, int]]:
     while True:
         end = min(start + size, len(text))
         if end < len(text):
-            cut = text.rfind(" ", start + size // 2, end)
+            # With overlap > size/2 the span's second half can begin before the previous end;
+            # a cut there would make this passage lie inside the previous one.
+            floor = max(start + size // 2, out[-1][1] + 1 if out else 0)
+            cut = text.rfind(" ", floor, end)
             end = cut if cut > start else end
         out.append((start, end))
         if end >= len(text):

@@ -15,6 +15,8 @@ Metrics follow trec_eval / BEIR: a document is relevant when its grade is > 0; r
 fraction of a query's relevant documents in its top k; MRR@10 the reciprocal rank of the first
 relevant document within the top 10 (0 when none); nDCG@10 uses gain = grade and the log2
 discount, normalised by the ideal ordering of the query's grades. Scores are means over queries.
+A doc id repeated in a ranking counts once, at its first rank (a BEIR run maps each document to
+one score; a repeat counted twice would lift nDCG above 1).
 """
 
 from __future__ import annotations
@@ -58,20 +60,29 @@ def _check(qrels: Mapping[str, int], k: int) -> set[str]:
     return relevant
 
 
+def _first_occurrences(ranking: Sequence[str]) -> list[str]:
+    # A repeated doc id keeps its first rank only: later copies would be gains counted twice.
+    return list(dict.fromkeys(ranking))
+
+
 def recall_at_k(ranking: Sequence[str], qrels: Mapping[str, int], k: int) -> float:
     """Fraction of the relevant documents (grade > 0) among the first ``k`` of ``ranking``.
 
-    ``ranking`` holds doc ids, best first; ``qrels`` maps doc id -> grade. In [0, 1]. Raises
-    ValueError for ``k`` < 1 or a query without a relevant document.
+    ``ranking`` holds doc ids, best first (a repeated id counts once, at its first rank, here
+    and in every metric below); ``qrels`` maps doc id -> grade. In [0, 1]. Raises ValueError
+    for ``k`` < 1 or a query without a relevant document.
     """
     relevant = _check(qrels, k)
-    return len(relevant.intersection(ranking[:k])) / len(relevant)
+    return len(relevant.intersection(_first_occurrences(ranking)[:k])) / len(relevant)
 
 
 def mrr_at_k(ranking: Sequence[str], qrels: Mapping[str, int], k: int = 10) -> float:
-    """1 / rank of the first relevant document within the first ``k`` (rank from 1), else 0."""
+    """1 / rank of the first relevant document within the first ``k`` (rank from 1), else 0.
+
+    Ranks are counted after dropping repeated ids (see ``recall_at_k``).
+    """
     relevant = _check(qrels, k)
-    for rank, doc_id in enumerate(ranking[:k], start=1):
+    for rank, doc_id in enumerate(_first_occurrences(ranking)[:k], start=1):
         if doc_id in relevant:
             return 1.0 / rank
     return 0.0
@@ -80,18 +91,19 @@ def mrr_at_k(ranking: Sequence[str], qrels: Mapping[str, int], k: int = 10) -> f
 def ndcg_at_k(ranking: Sequence[str], qrels: Mapping[str, int], k: int = 10) -> float:
     """DCG@k / ideal DCG@k with gain = grade and discount 1 / log2(rank + 1), in [0, 1].
 
-    Binary qrels (grade 1) are the special case; negative grades count as 0.
+    Binary qrels (grade 1) are the special case; negative grades count as 0. Repeated ids
+    count once, at their first rank (see ``recall_at_k``), which keeps the value <= 1.
     """
     _check(qrels, k)
     dcg = sum(max(qrels.get(doc_id, 0), 0) / math.log2(rank + 1)
-              for rank, doc_id in enumerate(ranking[:k], start=1))
+              for rank, doc_id in enumerate(_first_occurrences(ranking)[:k], start=1))
     ideal = sorted((g for g in qrels.values() if g > 0), reverse=True)[:k]
     idcg = sum(g / math.log2(rank + 1) for rank, g in enumerate(ideal, start=1))
     return dcg / idcg
 
 
 def score_ranking(ranking: Sequence[str], qrels: Mapping[str, int]) -> dict[str, float]:
-    """Every metric of METRICS for one query's ranking."""
+    """Every metric of METRICS for one query's ranking (repeated ids count once, first rank)."""
     return {
         "recall@1": recall_at_k(ranking, qrels, 1),
         "recall@5": recall_at_k(ranking, qrels, 5),

@@ -51,20 +51,25 @@ def rrf(rankings: list[list[Hit]], k: int = RRF_K) -> list[Hit]:
 def minmax(scores: Sequence[float]) -> list[float]:
     """Scores mapped linearly onto [0, 1]: min -> 0, max -> 1.
 
-    All-equal scores (one hit included) carry no ordering and map to 0, as in ``zscore``.
+    All-equal scores (one hit included) carry no ordering, only the retriever's choice of
+    them, so each maps to 1, the top of the range (see ``weighted`` for the documents absent).
     """
     if not scores:
         return []
     low, high = min(scores), max(scores)
     if high == low:
-        return [0.0] * len(scores)
+        return [1.0] * len(scores)
     return [(s - low) / (high - low) for s in scores]
 
 
 def zscore(scores: Sequence[float]) -> list[float]:
-    """Standard scores (s - mean) / std with the population std; std 0 maps every score to 0."""
+    """Standard scores (s - mean) / std with the population std; all-equal scores map to 0."""
     if not scores:
         return []
+    if min(scores) == max(scores):
+        # Tested on the scores, not on std: the float mean of equal scores can miss them by
+        # an ulp, and a std of 1e-17 would turn every one into -1 or +1.
+        return [0.0] * len(scores)
     mean = sum(scores) / len(scores)
     std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
     if std == 0:
@@ -80,20 +85,33 @@ def weighted(dense: list[Hit], sparse: list[Hit], weight: float,
     that list's minimum normalised value: it was not among that retriever's top candidates, so
     its score there is at most the lowest one seen; the minimum is the best bound known without
     the unseen scores, and anything higher (0 for z-scores is the list's mean) would reward a
-    document for being absent. A list with no hits gives every document 0 (no information).
+    document for being absent. A list whose scores are all equal (one hit included) tells only
+    which documents the retriever chose: its hits normalise to one value (1 for ``minmax``, 0
+    for ``zscore``) and a missing document gets one unit less (0, -1), so it never counts as
+    much as a hit. A list with no hits gives every document 0 (no information).
     """
     scores: dict[str, float] = {}
     first: dict[str, Hit] = {}
     parts = []
     for hits, w in ((dense, weight), (sparse, 1.0 - weight)):
-        normed = normalise([h.score for h in hits])
+        raw = [h.score for h in hits]
+        normed = normalise(raw)
         parts.append((dict(zip((h.doc_id for h in hits), normed, strict=True)),
-                      min(normed, default=0.0), w))
+                      _absent(raw, normed), w))
         for h in hits:
             first.setdefault(h.doc_id, h)
     for doc_id in first:
         scores[doc_id] = sum(w * normed.get(doc_id, missing) for normed, missing, w in parts)
     return _ranked(scores, first)
+
+
+def _absent(raw: Sequence[float], normed: Sequence[float]) -> float:
+    # The normalised score of a document a list did not return (see ``weighted``).
+    if not raw:
+        return 0.0
+    if min(raw) == max(raw):
+        return min(normed) - 1.0  # presence-only: below every hit, not tied with them
+    return min(normed)
 
 
 def _passthrough(hits: list[Hit]) -> list[Hit]:

@@ -25,7 +25,9 @@ class CrossEncoder(nn.Module):
     """``encoder`` (a Hugging Face encoder model) + a linear head on its first token.
 
     ``score`` returns one relevance logit per pair (higher = more relevant); it is
-    deterministic in eval mode. ``max_length`` bounds the joint question+passage tokens.
+    deterministic in eval mode. ``max_length`` bounds the joint question+passage tokens: the
+    longer of the two is cut first, so a short question stays whole and the passage fills the
+    rest, while a question too long to leave room shares ``max_length`` about evenly with it.
     """
 
     def __init__(self, tokenizer, encoder: nn.Module, max_length: int = 256):
@@ -49,7 +51,10 @@ class CrossEncoder(nn.Module):
         """Logits of shape (n,) for n (question, passage) pairs."""
         if len(questions) != len(passages):
             raise ValueError(f"{len(questions)} questions but {len(passages)} passages")
-        batch = self.tokenizer(questions, passages, padding=True, truncation="only_second",
+        # longest_first, not only_second: only_second raises when the question alone is over
+        # max_length (questions may be 1,000 characters), and cuts the passage to nothing
+        # when the question nearly fills it; for a short question the two are the same.
+        batch = self.tokenizer(questions, passages, padding=True, truncation="longest_first",
                                max_length=self.max_length, return_tensors="pt")
         batch = batch.to(self.head.weight.device)  # the model may be on a GPU (training)
         hidden = self.encoder(**batch).last_hidden_state[:, 0]

@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from services.embedding.chunking import passages, spans
@@ -23,6 +25,32 @@ def test_no_overlap_tiles_exactly():
     text = "abcdefghij" * 5
     out = spans(text, 20, 0)
     assert out == [(0, 20), (20, 40), (40, 50)]
+
+
+def test_a_large_overlap_never_puts_a_span_inside_the_previous_one():
+    # overlap 8 > size/2: the old cut at the last space of the second half gave (6, 16) then
+    # (11, 16), a passage wholly inside the one before it
+    out = spans("alpha beta gamma delta epsilon zeta", 10, 8)
+    assert (11, 16) not in out
+    assert all(e2 > e1 for (_s1, e1), (_s2, e2) in zip(out, out[1:], strict=False))
+
+
+@pytest.mark.parametrize("size, overlap", [(3, 1), (7, 4), (10, 8), (12, 9), (13, 12), (20, 5),
+                                           (50, 0), (50, 49), (1000, 200)])
+def test_spans_property_on_random_texts(size, overlap):
+    rng = random.Random(size * 1_000 + overlap)
+    for _ in range(100):
+        words = ["x" * rng.randint(1, 15) for _ in range(rng.randint(1, 300))]
+        text = "".join(w + " " * rng.choice((1, 1, 1, 2, 3)) for w in words)
+        out = spans(text, size, overlap)
+        assert out[0][0] == 0 and out[-1][1] == len(text)
+        covered = set()
+        for start, end in out:
+            assert 0 < end - start <= size
+            covered.update(range(start, end))
+        assert covered == set(range(len(text)))  # no character left out
+        for (s1, e1), (s2, e2) in zip(out, out[1:], strict=False):
+            assert s1 < s2 <= e1 < e2  # each starts later and reaches further: none inside
 
 
 @pytest.mark.parametrize("size, overlap, message", [

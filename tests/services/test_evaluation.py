@@ -20,6 +20,7 @@ from services.evaluation.retrieval import (
     mrr_at_k,
     ndcg_at_k,
     recall_at_k,
+    score_ranking,
     tuning_split,
 )
 from services.ranker.fusion import MODES, WEIGHT_GRID
@@ -66,6 +67,18 @@ def test_grade_zero_is_not_relevant():
     assert recall_at_k(["a", "b"], qrels, 1) == 0.0
     assert mrr_at_k(["a", "b"], qrels) == 0.5
     assert ndcg_at_k(["a", "b"], qrels) == pytest.approx(1 / math.log2(3))
+
+
+def test_repeated_ids_count_once_at_their_first_rank():
+    # counted twice, ["a", "a", "b"] gave nDCG 1.31
+    qrels = {"a": 1, "b": 1}
+    assert ndcg_at_k(["a", "a", "b"], qrels) == pytest.approx(1.0)
+    assert ndcg_at_k(["a", "a", "a", "a"], {"a": 2, "b": 1}) <= 1.0
+    # every metric ranks the deduplicated list: b is second, not third
+    assert ndcg_at_k(["x", "x", "b"], qrels) == pytest.approx(ndcg_at_k(["x", "b"], qrels))
+    assert mrr_at_k(["x", "x", "b"], qrels) == 0.5
+    assert recall_at_k(["a", "a", "b"], qrels, 2) == 1.0
+    assert score_ranking(["a", "a", "b"], qrels) == score_ranking(["a", "b"], qrels)
 
 
 def test_metrics_refuse_bad_input():

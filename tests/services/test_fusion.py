@@ -80,11 +80,13 @@ def test_zscore_by_hand():
         [5 / math.sqrt(14), -1 / math.sqrt(14), -4 / math.sqrt(14)])
 
 
-@pytest.mark.parametrize("normalise", [minmax, zscore])
-def test_degenerate_lists_normalise_to_zero(normalise):
+@pytest.mark.parametrize("normalise, value", [(minmax, 1.0), (zscore, 0.0)])
+def test_all_equal_lists_normalise_to_one_value(normalise, value):
     assert normalise([]) == []
-    assert normalise([0.3]) == [0.0]
-    assert normalise([2.0, 2.0]) == [0.0, 0.0]
+    assert normalise([0.3]) == [value]
+    assert normalise([2.0, 2.0]) == [value, value]
+    # the float mean of three 0.1s is not 0.1: the std must not come out as 1e-17
+    assert normalise([0.1, 0.1, 0.1]) == [value] * 3
 
 
 # --- weighted fusion ----------------------------------------------------------------------
@@ -134,12 +136,39 @@ def test_weighted_ties_break_by_doc_id(mode):
     assert fused[0].score == pytest.approx(fused[1].score)
 
 
-@pytest.mark.parametrize("mode", ["weighted_minmax", "weighted_zscore"])
-def test_weighted_single_element_lists(mode):
-    # one hit per list normalises to 0, and the missing value is that minimum: all scores 0
+@pytest.mark.parametrize("mode, hit, missing", [("weighted_minmax", 1.0, 0.0),
+                                                ("weighted_zscore", 0.0, -1.0)])
+def test_weighted_single_element_lists(mode, hit, missing):
+    # a one-hit list is presence only: its hit gets `hit`, a document it lacks one unit less
     fused = fuse(mode, scored(("b", 0.3)), scored(("a", 5.0)), weight=0.5)
     assert ids(fused) == ["a", "b"]
-    assert [h.score for h in fused] == [0.0, 0.0]
+    assert [h.score for h in fused] == pytest.approx([0.5 * hit + 0.5 * missing] * 2)
+
+
+def test_weighted_minmax_counts_a_lone_sparse_hit_above_a_miss():
+    # dense norm a 1, b .5, c 0; sparse [c] alone: c 1, a and b (missing) 0
+    dense = scored(("a", 0.9), ("b", 0.8), ("c", 0.7))
+    fused = fuse("weighted_minmax", dense, scored(("c", 12.0)), weight=0.5)
+    assert {h.doc_id: h.score for h in fused} == pytest.approx({"a": 0.5, "b": 0.25, "c": 0.5})
+    assert ids(fused) == ["a", "c", "b"]  # a and c tie: ascending id
+
+
+@pytest.mark.parametrize("mode", ["weighted_minmax", "weighted_zscore"])
+def test_weighted_missing_documents_rank_below_a_presence_only_lists_hits(mode):
+    # the sparse list's hits tie (a, b) and sparse misses c; dense ties all three
+    dense = scored(("a", 0.5), ("b", 0.5), ("c", 0.5))
+    sparse = scored(("a", 7.0), ("b", 7.0))
+    fused = {h.doc_id: h.score for h in fuse(mode, dense, sparse, weight=0.5)}
+    assert fused["a"] == fused["b"] > fused["c"]
+
+
+def test_weighted_minmax_a_weaker_second_hit_does_not_raise_the_first():
+    dense = scored(("a", 0.9), ("b", 0.8), ("c", 0.7))
+    one = {h.doc_id: h.score for h in fuse("weighted_minmax", dense, scored(("c", 12.0)))}
+    two = {h.doc_id: h.score
+           for h in fuse("weighted_minmax", dense, scored(("c", 12.0), ("b", 3.0)))}
+    assert two["c"] == pytest.approx(one["c"])
+    assert two["a"] == pytest.approx(one["a"])  # a stays missing from sparse: 0 there
 
 
 def test_weighted_with_one_empty_list_follows_the_other():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -72,3 +74,43 @@ def test_save_and_load_round_trip(model, tmp_path):
 def test_mismatched_pairs_are_refused(model):
     with pytest.raises(ValueError, match="2 questions but 1 passages"):
         model(["a", "b"], ["c"])
+
+
+class Recording:
+    """The tokenizer, keeping the last batch it made."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.last = tokenizer, None
+
+    def __call__(self, *args, **kwargs):
+        self.last = self.tokenizer(*args, **kwargs)
+        return self.last
+
+
+def test_a_question_longer_than_max_length_is_cut_not_refused(tokenizer):
+    recording = Recording(tokenizer)
+    model = CrossEncoder(recording, tiny_bert(tokenizer, layers=2, max_positions=512),
+                         max_length=64)
+    question = ("which " * 200)[:1000]  # 1,000 characters, ~200 tokens
+    passages = ["Paris is the capital of France. " * 20, "Bananas are yellow."]
+    assert rerank(model, question, hits(*passages), top_n=1)[0].doc_id in ("d0", "d1")
+    scores = model.score(question, passages)
+    assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
+    segments = recording.last["token_type_ids"]
+    assert recording.last["input_ids"].shape[1] == 64
+    # the long passage keeps about half the room, the short one all of its tokens
+    assert int(segments[0].sum()) >= (64 - 3) // 2
+    short = len(tokenizer("Bananas are yellow.", add_special_tokens=False)["input_ids"])
+    assert int(segments[1].sum()) == short + 1  # its tokens and the final [SEP]
+
+
+def test_a_short_question_stays_whole_and_the_passage_fills_the_rest(tokenizer):
+    recording = Recording(tokenizer)
+    model = CrossEncoder(recording, tiny_bert(tokenizer, layers=2, max_positions=512),
+                         max_length=64)
+    model.score("capital of France?", ["Paris is the capital of France. " * 20])
+    ids = recording.last["input_ids"][0].tolist()
+    assert len(ids) == 64
+    question = tokenizer("capital of France?", add_special_tokens=False)["input_ids"]
+    assert ids[1:1 + len(question)] == question
+    assert int(recording.last["token_type_ids"][0].sum()) == 64 - len(question) - 2
