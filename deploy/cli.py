@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
@@ -62,6 +64,10 @@ def _out(text: str = "") -> None:
 
 
 # --- the running supervisor --------------------------------------------------------------
+# The module `ragtune up` runs as the supervisor (``python -m deploy.stack``).
+SUPERVISOR_MODULE = "deploy.stack"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -72,13 +78,58 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def read_state(settings: Settings) -> dict | None:
-    """The running supervisor's state, or None when ragtune is not up."""
-    path = state_path(settings)
-    if not path.exists():
+def is_supervisor(pid: int) -> bool | None:
+    """Whether process ``pid`` runs ``python -m deploy.stack`` (its /proc cmdline); None where
+    there is no /proc to tell. A process that is gone or unreadable is not ours."""
+    if not Path("/proc/self/cmdline").exists():
         return None
-    state = json.loads(path.read_text())
-    if not _alive(int(state.get("pid", 0))):
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    module = SUPERVISOR_MODULE.encode()
+    return any(a == b"-m" and b == module for a, b in zip(argv, argv[1:], strict=False))
+
+
+def _load_state(path: Path) -> dict | None:
+    """The state file's object (with an int ``pid``), or None when there is none.
+
+    Raises ValueError saying what is wrong with a file that is not such an object, and
+    CLIError when the file cannot be read.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        state = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(state, dict) or type(state.get("pid")) is not int:
+        raise ValueError("not a state object with an integer pid")
+    return state
+
+
+def read_state(settings: Settings) -> dict | None:
+    """The running supervisor's state, or None when ragtune is not up.
+
+    A state file whose process is gone is stale: removed, None. A corrupt state file (not
+    JSON, no pid) is treated as not running as well: a warning names it, it is removed, None
+    (without a readable pid no supervisor can be found or stopped through it). CLIError when
+    the file cannot be read at all (permissions).
+    """
+    path = state_path(settings)
+    try:
+        state = _load_state(path)
+    except ValueError as exc:
+        log.warning("%s is %s; removed it and treating ragtune as not running", path, exc)
+        path.unlink(missing_ok=True)
+        return None
+    if state is None:
+        return None
+    if not _alive(state["pid"]):
         path.unlink(missing_ok=True)
         return None
     return state
@@ -148,14 +199,20 @@ def _start_supervisor(settings: Settings, timeout_s: float) -> dict:
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.log_dir / "ragtune.log"
     with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "deploy.stack"], stdout=log_file,
+        proc = subprocess.Popen([sys.executable, "-m", SUPERVISOR_MODULE], stdout=log_file,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     _out(f"starting ragtune (log: {log_path}) ...")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if path.exists():
-            state = json.loads(path.read_text())
+        # The supervisor writes the file whole (stack.main): once it exists it is complete.
+        try:
+            state = _load_state(path)
+        except ValueError as exc:
+            proc.terminate()
+            raise CLIError(f"ragtune wrote a state file that is {exc}: {path} "
+                           f"(log: {log_path})") from None
+        if state is not None:
             if "error" in state:
                 proc.wait(30)
                 raise CLIError(f"ragtune failed to start: {state['error']} (log: {log_path})")
@@ -170,11 +227,18 @@ def _start_supervisor(settings: Settings, timeout_s: float) -> dict:
 
 
 def cmd_down(settings: Settings, _args: argparse.Namespace) -> None:
+    """Stop the supervisor the state file names. A live pid that is not a ragtune supervisor
+    (the pid was reused after a crash) is stale state: reported and removed, never signalled."""
     state = read_state(settings)
     if state is None:
         _out("ragtune is not running")
         return
-    pid = int(state["pid"])
+    pid = state["pid"]
+    if is_supervisor(pid) is False:
+        state_path(settings).unlink(missing_ok=True)
+        _out(f"ragtune is not running: the state file {state_path(settings)} was stale (its "
+             f"pid {pid} is now another program, left alone); removed it")
+        return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 60
     while _alive(pid) and time.monotonic() < deadline:
@@ -223,13 +287,28 @@ def _ingest_backlog(state: dict) -> int:
                 if s["stream"] == keys.INGEST), default=0)
 
 
-def _ingest(settings: Settings, state: dict, documents: list[Document]) -> None:
+def _ingest(settings: Settings, state: dict, documents: list[Document],
+            lines: list[int] | None = None) -> None:
+    """Post the documents in requests of ``limits.max_documents_per_request`` and follow their
+    indexing. ``lines``: each document's line in its file, for messages (else its position).
+
+    Check the documents first (``read_jsonl``): a request refused after earlier ones were
+    queued leaves those queued; the CLIError then says where the refused request began.
+    """
     step = settings.limits.max_documents_per_request
+    unit, positions = ("line", lines) if lines else ("document", range(1, len(documents) + 1))
     entries: list[str] = []
     for i in range(0, len(documents), step):
         body = {"documents": [d.model_dump() for d in documents[i:i + step]]}
-        entries += _request("POST", f"{state['http_url']}/v1/documents", 120,
-                            json=body)["entries"]
+        try:
+            entries += _request("POST", f"{state['http_url']}/v1/documents", 120,
+                                json=body)["entries"]
+        except CLIError as exc:
+            if i == 0:
+                raise
+            raise CLIError(f"{exc}\nthat request began at {unit} {positions[i]} (documents.N "
+                           f"counts from there); the documents before it were queued: send "
+                           f"the rest again") from None
     asyncio.run(_track(settings, state, entries, len(entries)))
 
 
@@ -274,35 +353,82 @@ def read_models(path: Path, model: type[M]) -> list[tuple[int, M]]:
     if not path.is_file():
         raise CLIError(f"{path}: no such file")
     models = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                models.append((number, model.model_validate_json(line)))
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                field = ".".join(str(p) for p in err["loc"]) or "line"
-                raise CLIError(f"{path}:{number}: {field}: {err['msg']}") from None
+    for number, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            models.append((number, model.model_validate_json(line)))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "line"
+            raise CLIError(f"{path}:{number}: {field}: {err['msg']}") from None
     return models
 
 
-def read_jsonl(path: Path) -> list[Document]:
-    """Documents from a JSONL file (one object per line: doc_id, title, text, [topic, source]).
+def _read_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file, read as they are consumed; CLIError naming the file
+    when it cannot be read, and the line, column and byte offset of the first byte that is
+    not UTF-8."""
+    try:
+        with path.open(encoding="utf-8") as lines:
+            yield from lines
+    except UnicodeDecodeError:
+        raise CLIError(_not_utf8(path)) from None
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
-    Raises CLIError naming the line and the field for the first bad line; nothing is sent.
+
+def _not_utf8(path: Path) -> str:
+    """Where ``path``'s first byte that is not UTF-8 is (the decoder reads in chunks, so the
+    error it raised while reading lines does not say)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # The lines before it as ``open`` splits them (universal newlines).
+        before = io.StringIO(raw[:exc.start].decode("utf-8"), newline=None).read()
+        line = before.count("\n") + 1
+        column = len(before) - before.rfind("\n")  # in characters, from 1
+        return (f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                f"{column}, offset {exc.start} of the file)")
+    return f"{path}: not UTF-8 text"  # changed while being read
+
+
+def read_jsonl(path: Path, settings: Settings) -> list[tuple[int, Document]]:
+    """``(line number, document)`` from a JSONL file (one object per line: doc_id, title,
+    text, [topic, source, date]), the whole file checked before anything is sent.
+
+    Raises CLIError naming the line and the field for the first bad line: not UTF-8, not the
+    schema, over this configuration's limits (the check the server applies,
+    ``QAService.check_documents``) or a ``doc_id`` on an earlier line too. The file goes in
+    several requests, so a check left to the server could refuse a later one after earlier
+    ones were queued.
     """
-    documents = [document for _number, document in read_models(path, Document)]
+    from services.qa.service import InputError, QAService
+
+    documents = read_models(path, Document)
     if not documents:
         raise CLIError(f"{path}: no documents")
+    checker = QAService(None, settings)  # check_documents reads only the settings
+    seen: dict[str, int] = {}
+    for number, document in documents:
+        try:
+            checker.check_documents([document])
+        except InputError as exc:
+            field = exc.field.removeprefix("documents.0.")
+            raise CLIError(f"{path}:{number}: {field}: {exc.message}") from None
+        if document.doc_id in seen:
+            raise CLIError(f"{path}:{number}: doc_id {document.doc_id!r} is on line "
+                           f"{seen[document.doc_id]} too")
+        seen[document.doc_id] = number
     return documents
 
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> None:
     state = _require_state(settings)
-    documents = read_jsonl(Path(args.file))
-    _ingest(settings, state, documents)
-    _out(f"indexed {len(documents)} documents")
+    numbered = read_jsonl(Path(args.file), settings)
+    _ingest(settings, state, [d for _n, d in numbered], [n for n, _d in numbered])
+    _out(f"indexed {len(numbered)} documents")
 
 
 def cmd_delete(settings: Settings, args: argparse.Namespace) -> None:

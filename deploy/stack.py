@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from shared.files import write_text_atomic
 from shared.infra import Infra, InfraError, start_infra
 from shared.settings import Settings
 
@@ -55,8 +57,43 @@ def resolve(settings: Settings, infra: Infra) -> Settings:
     })
 
 
+def check_ports(settings: Settings) -> None:
+    """InfraError naming the port and its setting when the HTTP port (on ``serve.http_host``)
+    or, when set, the gRPC port (on every interface, as Serve's gRPC proxy binds it) cannot be
+    bound now.
+
+    Without this a taken HTTP port shows only as a health check that never answers, or, when
+    another ragtune serves there, as one that answers for the other instance.
+    """
+    serve = settings.serve
+    wanted = [(serve.http_host, serve.http_port, "serve.http_port", "RAGTUNE_SERVE__HTTP_PORT")]
+    if serve.grpc_port is not None:
+        wanted.append(("0.0.0.0", serve.grpc_port, "serve.grpc_port",
+                       "RAGTUNE_SERVE__GRPC_PORT"))
+    for host, port, setting, variable in wanted:
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        except socket.gaierror as exc:
+            raise InfraError(f"serve.http_host {host!r} is not an address of this machine: "
+                             f"{exc.strerror or exc}") from None
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                # As the servers do: a port in TIME_WAIT after an earlier run is free to them.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+        except OSError as exc:
+            raise InfraError(f"port {port} on {host} ({setting}) is not free: "
+                             f"{exc.strerror or exc}; stop what listens there (another "
+                             f"ragtune?) or set {variable} to a free port") from None
+
+
 def start_stack(settings: Settings, dashboard: bool = True, timeout_s: float = 600) -> Stack:
-    """Bring up infra, a local Ray, and the Serve app; return once ``/v1/health`` answers."""
+    """Bring up infra, a local Ray, and the Serve app; return once ``/v1/health`` answers.
+
+    Raises InfraError (before anything starts) when a port Serve needs is taken
+    (``check_ports``), or when a server does not start or answer.
+    """
+    check_ports(settings)
     infra = start_infra(settings.redis.url, settings.milvus.uri, settings.home)
     try:
         return _start_serve(resolve(settings, infra), infra, dashboard, timeout_s)
@@ -143,6 +180,8 @@ def _wait_healthy(http_url: str, timeout_s: float) -> None:
 
 # --- the background supervisor `ragtune up` starts ------------------------------------------
 def state_path(settings: Settings) -> Path:
+    """Where the supervisor writes its state: written whole (``write_text_atomic``), so a
+    reader sees no file or all of it."""
     return settings.run_dir / "state.json"
 
 
@@ -159,12 +198,12 @@ def main() -> None:
         stack = start_stack(settings)
     except Exception as exc:  # noqa: BLE001 - written for `ragtune up` to show, then exit 1
         log.exception("ragtune failed to start")
-        path.write_text(json.dumps({"pid": os.getpid(), "error": str(exc)}))
+        write_text_atomic(path, json.dumps({"pid": os.getpid(), "error": str(exc)}))
         raise SystemExit(1) from None
     # After ray.init, which installs its own SIGTERM handler (exit at once, skipping ours).
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    path.write_text(json.dumps({
+    write_text_atomic(path, json.dumps({
         "pid": os.getpid(), "http_url": stack.http_url, "redis_url": stack.infra.redis_url,
         "milvus_uri": stack.infra.milvus_uri, "dashboard_url": stack.dashboard_url,
         "grpc_target": stack.grpc_target,

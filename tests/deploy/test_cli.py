@@ -165,6 +165,208 @@ def test_commands_send_the_configured_api_key(tmp_path, monkeypatch):
     assert sent == [{"Authorization": f"Bearer {'k' * 20}"}, {}]
 
 
+# --- the state file and `down` -------------------------------------------------------------------
+def test_a_corrupt_state_file_reads_as_not_running_with_a_warning(tmp_path):
+    state = tmp_path / "run" / "state.json"
+    state.parent.mkdir(parents=True)
+    for text in ('{"pid": 12', '["not", "a", "state"]', '{"http_url": "http://x"}'):
+        state.write_text(text)
+        result = ragtune("status", home=tmp_path)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"{state} is not" in result.stderr and "treating ragtune as not running" in (
+            result.stderr)
+        assert "ragtune is not running; start it with `ragtune up`" in result.stderr
+        assert not state.exists()
+    state.write_text('{"pid": 12')
+    result = ragtune("down", home=tmp_path)
+    assert result.returncode == 0 and "ragtune is not running" in result.stdout
+
+
+def test_the_supervisor_writes_its_state_file_whole(tmp_path, monkeypatch):
+    from deploy import stack
+    from shared.infra import InfraError
+
+    def failing_start(_settings):
+        raise InfraError("Redis is unreachable at redis://nowhere")
+
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renames.append((os.path.dirname(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setenv("RAGTUNE_HOME", str(tmp_path))
+    monkeypatch.setattr(stack, "start_stack", failing_start)
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        stack.main()
+    except SystemExit as exc:
+        assert exc.code == 1
+    path = tmp_path / "run" / "state.json"
+    # A reader polling for the file sees none or all of it: it appears by one rename.
+    assert renames == [(str(path.parent), str(path))]
+    assert json.loads(path.read_text())["error"] == "Redis is unreachable at redis://nowhere"
+
+
+def test_down_leaves_alone_a_process_that_took_a_stale_pid(tmp_path):
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        state = tmp_path / "run" / "state.json"
+        state.parent.mkdir(parents=True)
+        state.write_text(json.dumps({"pid": bystander.pid, "http_url": "http://127.0.0.1:9",
+                                     "redis_url": "redis://x", "milvus_uri": "http://x"}))
+        result = ragtune("down", home=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert bystander.poll() is None  # not signalled
+        assert f"was stale (its pid {bystander.pid} is now another program" in result.stdout
+        assert not state.exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_supervisor_is_told_apart_by_its_command_line():
+    from deploy.cli import is_supervisor
+
+    # What `ragtune up` starts is `python -m deploy.stack`; this stand-in has the same argv tail.
+    looks_like_one = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                                       "-m", "deploy.stack"])
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        assert is_supervisor(looks_like_one.pid) is True
+        assert is_supervisor(other.pid) is False
+    finally:
+        for proc in (looks_like_one, other):
+            proc.kill()
+            proc.wait()
+    assert is_supervisor(other.pid) is False  # gone
+
+
+# --- ports -------------------------------------------------------------------------------------
+def test_up_refuses_a_taken_port_at_once_naming_the_setting():
+    import socket
+
+    import pytest
+
+    from deploy.stack import check_ports
+    from shared.infra import InfraError
+    from shared.settings import ServeSettings, Settings
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(InfraError, match=f"port {port} on 127.0.0.1 \\(serve.http_port\\) "
+                                             "is not free.*set RAGTUNE_SERVE__HTTP_PORT"):
+            check_ports(Settings(serve=ServeSettings(http_port=port)))
+        grpc = ServeSettings(http_port=free_port(), grpc_port=port, api_key="k" * 20)
+        with pytest.raises(InfraError, match=f"port {port} on 0.0.0.0 \\(serve.grpc_port\\).*"
+                                             "RAGTUNE_SERVE__GRPC_PORT"):
+            check_ports(Settings(serve=grpc))
+    check_ports(Settings(serve=ServeSettings(http_port=port)))  # released: free again
+
+
+# --- ingest --------------------------------------------------------------------------------------
+def _fake_running(tmp_path, monkeypatch, answer=None) -> list[dict]:
+    """A state file naming this process and an HTTP stand-in; the bodies POSTed to it."""
+    import httpx
+
+    state = tmp_path / "run" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"pid": os.getpid(), "http_url": "http://127.0.0.1:9",
+                                 "redis_url": "redis://x", "milvus_uri": "http://x"}))
+    monkeypatch.setenv("RAGTUNE_HOME", str(tmp_path))
+    posted = []
+
+    def fake_request(method, url, **kwargs):
+        posted.append(kwargs.get("json"))
+        return answer(len(posted)) if answer else httpx.Response(202, json={"entries": []})
+
+    monkeypatch.setattr(httpx, "request", fake_request)
+    return posted
+
+
+def _ingest_fails(file, capsys) -> str:
+    from deploy import cli
+
+    try:
+        cli.main(["ingest", str(file)])
+    except SystemExit as exc:
+        assert exc.code == 1
+    else:
+        raise AssertionError("ingest succeeded")
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def _doc(doc_id: str, text: str = "Some text.") -> str:
+    return json.dumps({"doc_id": doc_id, "title": doc_id, "text": text}) + "\n"
+
+
+def test_ingest_names_the_line_and_byte_of_a_file_that_is_not_utf8(tmp_path, monkeypatch,
+                                                                   capsys):
+    posted = _fake_running(tmp_path, monkeypatch)
+    latin1 = tmp_path / "docs.jsonl"
+    latin1.write_bytes(_doc("a").encode() + b'{"doc_id": "b", "title": "Caf\xe9", "text": "x"}\n')
+    err = _ingest_fails(latin1, capsys)
+    offset = len(_doc("a")) + len('{"doc_id": "b", "title": "Caf')
+    assert (f"{latin1}:2: not UTF-8 text (byte 0xe9 at column 30, offset {offset} of the file)"
+            in err)
+    unreadable = tmp_path / "locked.jsonl"
+    unreadable.write_text(_doc("a"))
+    real_open = type(unreadable).open
+
+    def open_(path, *args, **kwargs):
+        if path == unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(type(unreadable), "open", open_)  # as root, chmod would not stop it
+    assert f"{unreadable}: cannot read: Permission denied" in _ingest_fails(unreadable, capsys)
+    assert posted == []
+
+
+def test_ingest_checks_the_whole_file_before_the_first_request(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RAGTUNE_LIMITS__MAX_DOCUMENTS_PER_REQUEST", "2")
+    monkeypatch.setenv("RAGTUNE_LIMITS__MAX_DOCUMENT_CHARS", "20")
+    posted = _fake_running(tmp_path, monkeypatch)
+    too_long = tmp_path / "long.jsonl"
+    too_long.write_text(_doc("a") + _doc("b") + "\n" + _doc("c") + _doc("d", "x" * 21))
+    assert (f"{too_long}:5: text: is 21 characters; the limit is 20"
+            in _ingest_fails(too_long, capsys))
+    repeated = tmp_path / "repeated.jsonl"
+    repeated.write_text(_doc("a") + _doc("b") + _doc("c") + _doc("a"))
+    assert (f"{repeated}:4: doc_id 'a' is on line 1 too" in _ingest_fails(repeated, capsys))
+    assert posted == []  # nothing half-ingested
+    good = tmp_path / "good.jsonl"
+    good.write_text(_doc("a") + _doc("b") + _doc("c"))
+    from deploy import cli
+
+    cli.main(["ingest", str(good)])
+    assert [[d["doc_id"] for d in body["documents"]] for body in posted] == [["a", "b"], ["c"]]
+
+
+def test_ingest_says_where_a_refused_later_request_began(tmp_path, monkeypatch, capsys):
+    import httpx
+
+    # A server whose limits differ from this configuration's: the second request is refused.
+    def answer(n):
+        if n == 1:
+            return httpx.Response(202, json={"entries": ["1-0"]})
+        return httpx.Response(422, json={"detail": [{"loc": ["body", "documents", 0, "text"],
+                                                     "msg": "too long"}]})
+
+    monkeypatch.setenv("RAGTUNE_LIMITS__MAX_DOCUMENTS_PER_REQUEST", "2")
+    _fake_running(tmp_path, monkeypatch, answer)
+    file = tmp_path / "docs.jsonl"
+    file.write_text(_doc("a") + "\n" + _doc("b") + _doc("c"))
+    err = _ingest_fails(file, capsys)
+    assert "documents.0.text: too long\nthat request began at line 4 (documents.N counts " in err
+    assert "the documents before it were queued: send the rest again" in err
+
+
 # --- train / models (no running ragtune: in this process, on tiny models) ------------------------
 def _tiny_models(root):
     from tests.tiny import save_tiny_models
