@@ -103,7 +103,9 @@ def start_stack(settings: Settings, dashboard: bool = True, timeout_s: float = 6
 
 
 def _start_serve(settings: Settings, infra: Infra, dashboard: bool, timeout_s: float) -> Stack:
-    # One machine: keep all of Ray's own traffic on loopback, and never reach a model hub.
+    # One machine, never a model hub. Ray's own servers (GCS, raylet, workers) listen on
+    # every interface whatever ray.init is told (measured on Ray 2.60 with
+    # _node_ip_address=127.0.0.1): README says to firewall them on a shared network.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
