@@ -8,7 +8,12 @@
   in one MULTI/EXEC, so a request is answered exactly once even if a consumer dies.
 - Reclaim: a consumer that dies leaves its entries pending; live ones take them over with
   ``XAUTOCLAIM`` after ``claim_idle_ms``. After ``max_deliveries`` an entry goes to ``rag:dead``
-  with the last error (handlers are idempotent: keyed by document id / request id).
+  with the last error and its whole payload, to replay (handlers are idempotent: keyed by
+  document id / request id).
+- Heartbeat: while a handler runs, its worker re-claims the entry for itself every
+  ``claim_idle_ms / 3`` (``XCLAIM ... 0 JUSTID``: idle time back to 0, no delivery counted), so
+  a handler slower than ``claim_idle_ms`` is neither taken over nor dead-lettered while it runs;
+  a worker never starts an entry it is still handling again.
 - Malformed entries (not JSON, wrong schema version, unknown kind) are dead-lettered at once
   with the reason; the worker keeps serving.
 - Deadlines: a request read after its deadline is acked and dropped, never processed.
@@ -37,7 +42,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from shared import keys
 from shared.schemas import DeadLetter, Envelope, ErrorInfo, Event, Reply, ReplyChunk
@@ -71,6 +76,14 @@ class BadRequest(ValueError):
 
 def _decode(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _cancelled() -> bool:
+    """True inside a task that was asked to stop, whatever its awaits raised or returned:
+    redis-py may report a cancelled read as a connection error, and Python 3.11's
+    ``asyncio.wait_for`` (inside redis-py) drops a cancellation that races a reply."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _id_tuple(entry_id: str) -> tuple[int, int]:
@@ -269,14 +282,14 @@ class Bus:
         # From the start of this caller's private stream, so no reply that lands before the
         # first read is missed; replies nobody waits for any more are dropped below.
         last = "0-0"
-        while not self._closing:
+        while not self._closing and not _cancelled():
             try:
                 got = await self.redis.xread({self.reply_stream: last}, block=1000, count=100)
                 await self.redis.expire(self.reply_stream, self.settings.reply_ttl_s)
             except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
-                # redis-py may turn a cancelled read into a connection error: the flag, not
-                # the exception, says whether we are closing.
-                if self._closing:
+                # redis-py may turn a cancelled read into a connection error: the flag and the
+                # task, not the exception, say whether we are closing or cancelled.
+                if self._closing or _cancelled():
                     return
                 log.warning("reply listener %s: %s; retrying", self.reply_stream, exc)
                 await asyncio.sleep(0.5)
@@ -398,6 +411,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task] = set()
+        # stream -> ids of the entries this worker has taken and not finished (heartbeated)
+        self._inflight: dict[str, set[str]] = {s: set() for s in streams}
 
     @property
     def settings(self) -> RedisSettings:
@@ -410,12 +425,24 @@ class Worker:
         """Serve until ``stop()``; with ``burst`` return once nothing is left to do."""
         for stream in self.streams:
             await self.bus.ensure_group(stream, self.group)
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+        try:
+            await self._serve(burst)
+            await self._drain()
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _serve(self, burst: bool) -> None:
         next_claim = 0.0
         while not self._stopping.is_set():
+            if _cancelled():  # a cancellation redis-py swallowed (3.11's wait_for can)
+                raise asyncio.CancelledError
             did = 0
             try:
                 if time.monotonic() >= next_claim:
-                    did += await self._reclaim()
+                    did += await self._reclaim(drain=burst)
                     next_claim = time.monotonic() + self.settings.claim_idle_ms / 2000
                 did += await self._read(block=not burst)
             except ResponseError as exc:
@@ -428,12 +455,13 @@ class Worker:
                     await self.bus.ensure_group(stream, self.group)
                 continue
             except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                if _cancelled():  # a cancelled read, as redis-py may report it
+                    raise asyncio.CancelledError from exc
                 log.warning("%s lost Redis (%s); retrying in 1 s", self.consumer, exc)
                 await asyncio.sleep(1.0)
                 continue
             if burst and did == 0:
-                break
-        await self._drain()
+                return
 
     async def _drain(self) -> None:
         if self._tasks:
@@ -457,8 +485,27 @@ class Worker:
             await self._drain()
         return n
 
-    async def _reclaim(self) -> int:
-        """Take over entries other consumers left pending longer than ``claim_idle_ms``."""
+    async def _heartbeat(self) -> None:
+        """Every ``claim_idle_ms / 3``, reset the idle time of this worker's in-flight entries,
+        so that no ``XAUTOCLAIM`` (another replica's or ours) takes one whose handler still
+        runs. ``JUSTID`` makes the re-claim count no delivery. Runs until cancelled; a Redis
+        error is logged and the next beat tries again."""
+        interval = self.settings.claim_idle_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            for stream, inflight in self._inflight.items():
+                if not inflight:
+                    continue
+                try:
+                    await self.bus.redis.xclaim(stream, self.group, self.consumer, 0,
+                                                sorted(inflight), justid=True)
+                except (OSError, RedisError) as exc:
+                    log.warning("%s could not refresh %d in-flight entries of %s: %s",
+                                self.consumer, len(inflight), stream, exc)
+
+    async def _reclaim(self, drain: bool) -> int:
+        """Take over entries left pending longer than ``claim_idle_ms`` (by a consumer that died,
+        or by a handler that failed); with ``drain``, wait until they are handled."""
         n = 0
         for stream in self.streams:
             start = "0-0"
@@ -468,11 +515,19 @@ class Worker:
                     start_id=start, count=50,
                 )
                 start, entries = _decode(result[0]), result[1]
+                # Entries deleted (trimmed) while pending: Redis >= 7 lists their ids third and
+                # drops them from the group itself, older servers return them without fields.
+                gone = [_decode(i) for i in (result[2] if len(result) > 2 else [])]
+                gone += [_decode(i) for i, fields in entries if fields is None]
+                if gone:
+                    await self._ack(stream, gone)
                 for entry_id, fields in entries:
-                    if fields is None:  # deleted (trimmed) while pending
-                        await self.bus.redis.xack(stream, self.group, entry_id)
-                        continue
                     entry_id = _decode(entry_id)
+                    if fields is None:
+                        continue
+                    if entry_id in self._inflight[stream]:
+                        # Still being handled here (a beat came late): never run it twice.
+                        continue
                     info = await self.bus.redis.xpending_range(stream, self.group, entry_id,
                                                                entry_id, 1)
                     deliveries = int(info[0]["times_delivered"]) if info else 1
@@ -486,15 +541,28 @@ class Worker:
                     n += 1
                 if start == "0-0":
                     break
-        await self._drain()
+        if drain:
+            await self._drain()
         return n
 
     async def _spawn(self, stream: str, entry_id: str, fields: dict) -> None:
-        await self._slots.acquire()
+        # In flight from now on, while it waits for a slot too: the heartbeat keeps it ours.
+        inflight = self._inflight[stream]
+        inflight.add(entry_id)
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            inflight.discard(entry_id)
+            raise
         task = asyncio.get_running_loop().create_task(self._handle(stream, entry_id, fields))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda _t: self._slots.release())
+
+        def done(_task: asyncio.Task) -> None:
+            inflight.discard(entry_id)
+            self._slots.release()
+
+        task.add_done_callback(done)
 
     async def _handle(self, stream: str, entry_id: str, fields: dict) -> None:
         raw = fields.get(FIELD.encode(), fields.get(FIELD, b""))
@@ -516,7 +584,7 @@ class Worker:
             self.stats.expired += 1
             log.info("%s dropped %s %s: read after its deadline", self.consumer, envelope.kind,
                      envelope.id)
-            await self.bus.redis.xack(stream, self.group, entry_id)
+            await self._ack(stream, [entry_id])
             return
         try:
             body = route.model.model_validate(envelope.body)
@@ -555,9 +623,20 @@ class Worker:
         if envelope.reply_to and reply is not None:
             pipe.xadd(envelope.reply_to, {FIELD: reply.model_dump_json()},
                       maxlen=self.settings.stream_maxlen, approximate=True)
-        pipe.xack(stream, self.group, entry_id)
-        pipe.hdel(keys.ERRORS, f"{stream}|{entry_id}")
+        self._queue_ack(pipe, stream, [entry_id])
         await pipe.execute()
+
+    async def _ack(self, stream: str, entry_ids: list[str]) -> None:
+        """Ack entries that get no reply (dropped, deleted) with their errors, in one go."""
+        pipe = self.bus.redis.pipeline(transaction=True)
+        self._queue_ack(pipe, stream, entry_ids)
+        await pipe.execute()
+
+    def _queue_ack(self, pipe: aioredis.client.Pipeline, stream: str, entry_ids: list[str]) -> None:
+        """Every ack goes with the removal of the entries' last errors, or ``rag:errors``
+        would keep one per entry that failed and was then dropped."""
+        pipe.xack(stream, self.group, *entry_ids)
+        pipe.hdel(keys.ERRORS, *(f"{stream}|{entry_id}" for entry_id in entry_ids))
 
     async def _dead_letter_failed(self, stream: str, entry_id: str, fields: dict,
                                   deliveries: int) -> None:
@@ -577,7 +656,7 @@ class Worker:
         self.stats.dead += 1
         log.warning("%s dead-lettered %s %s: %s", self.consumer, stream, entry_id, reason)
         letter = DeadLetter(stream=stream, group=self.group, entry_id=entry_id,
-                            deliveries=deliveries, reason=reason, raw=raw[:4096])
+                            deliveries=deliveries, reason=reason, raw=raw)
         pipe = self.bus.redis.pipeline(transaction=True)
         pipe.xadd(keys.DEAD, {FIELD: letter.model_dump_json()},
                   maxlen=self.settings.stream_maxlen, approximate=True)
@@ -586,8 +665,7 @@ class Worker:
                           error=ErrorInfo(service=self.group, kind=kind, message=reason))
             pipe.xadd(reply_to.reply_to, {FIELD: reply.model_dump_json()},
                       maxlen=self.settings.stream_maxlen, approximate=True)
-        pipe.xack(stream, self.group, entry_id)
-        pipe.hdel(keys.ERRORS, f"{stream}|{entry_id}")
+        self._queue_ack(pipe, stream, [entry_id])
         await pipe.execute()
 
 

@@ -508,7 +508,7 @@ class DeadLetter(Wire):
     entry_id: str
     deliveries: int
     reason: str
-    raw: str = Field(description="the original entry's msg field, cut to 4 kB")
+    raw: str = Field(description="the original entry's msg field, whole (to replay it)")
 
 
 class Event(Wire):

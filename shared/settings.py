@@ -152,7 +152,7 @@ class LimitSettings(BaseModel):
     max_top_k: int = Field(20, ge=1)
     # An entry's passages are encoded together, sorted by length: 128 documents pad far less
     # than 32 and index ~1.7x as fast on 2 CPU cores (bench/ingest.py), while one entry (~2.6 s
-    # there) stays well inside redis.claim_idle_ms, after which it would be delivered again.
+    # there) holds a retriever replica's one slot, searches waiting behind it, only that long.
     ingest_batch: int = Field(128, ge=1, description="documents per rag:ingest entry")
 
 

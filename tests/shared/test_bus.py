@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+import redis.asyncio as aioredis
 
 from shared import keys
 from shared.bus import (
@@ -497,6 +499,191 @@ def test_a_stream_without_a_worker_times_out_and_is_cancelled(redis_url, redis_s
         with pytest.raises(BusError, match="did not finish within 0.2 s"):
             await collect(_stream(bus, timeout_s=0.2), [])
         await until(lambda: _exists(bus, keys.cancel_key("*")))
+        await bus.close()
+
+    run(main())
+
+
+# --- slow handlers, ack bookkeeping, dead-letter payloads ------------------------------------
+# Handlers take 1 s, over three times claim_idle_ms; a heartbeat every 100 ms keeps their
+# entries fresh with 200 ms to spare for a busy test machine.
+SLOW_CLAIM_IDLE_MS = 300
+
+
+def slow_worker(bus, calls: list, seconds: float, name: str) -> Worker:
+    async def search(req: SearchRequest) -> SearchResult:
+        calls.append(req.query)
+        await asyncio.sleep(seconds)  # the work: far longer than claim_idle_ms
+        return SearchResult(hits=[], count=len(req.query))
+
+    return Worker(bus, SERVICE, [keys.request_stream(SERVICE)],
+                  routes(search=(SearchRequest, search)), consumer=name, concurrency=2)
+
+
+def test_slow_handlers_run_once_across_replicas(redis_url, redis_settings, run):
+    """Entries a replica is still handling are neither reclaimed by it nor by another."""
+    async def main():
+        settings = redis_settings.model_copy(update={"claim_idle_ms": SLOW_CLAIM_IDLE_MS})
+        caller = make_bus(redis_url, settings)
+        replicas = [make_bus(redis_url, settings) for _ in range(2)]
+        calls: list = []
+        workers = [slow_worker(b, calls, 1.0, f"replica-{i}") for i, b in enumerate(replicas)]
+        serving = [asyncio.create_task(w.run()) for w in workers]
+        queries = ["a", "bb", "ccc"]
+        replies = await asyncio.gather(
+            *(caller.request(SERVICE, "search", SearchRequest(query=q, top_k=1), 10.0,
+                             SearchResult) for q in queries),
+            return_exceptions=True)
+        for w in workers:
+            w.stop()
+        await asyncio.wait_for(asyncio.gather(*serving), 5)
+        assert replies == [SearchResult(hits=[], count=len(q)) for q in queries]
+        assert sorted(calls) == queries  # each handled exactly once
+        assert [w.stats.reclaimed for w in workers] == [0, 0]
+        assert await dead_letters(caller) == []
+        assert await caller.backlog(keys.request_stream(SERVICE), SERVICE) == 0
+        for b in (caller, *replicas):
+            await b.close()
+
+    run(main())
+
+
+def test_heartbeat_survives_a_redis_error(redis_url, redis_settings, run):
+    """While a slow handler runs, its entry never looks idle for claim_idle_ms, even after a
+    heartbeat found Redis gone; the heartbeat stops with the worker."""
+    async def main():
+        before = asyncio.all_tasks()
+        settings = redis_settings.model_copy(update={"claim_idle_ms": SLOW_CLAIM_IDLE_MS})
+        bus = make_bus(redis_url, settings)
+        calls: list = []
+        worker = slow_worker(bus, calls, 1.0, "replica")
+        real_xclaim = bus.redis.xclaim
+        failures: list = []
+
+        async def flaky_xclaim(*args, **kwargs):
+            if not failures:  # the first beat finds Redis gone; the next ones get through
+                failures.append(1)
+                raise aioredis.ConnectionError("connection reset by peer")
+            return await real_xclaim(*args, **kwargs)
+
+        bus.redis.xclaim = flaky_xclaim
+        stream = keys.request_stream(SERVICE)
+        await bus.ensure_group(stream, SERVICE)
+        serving = asyncio.create_task(worker.run())
+        task = asyncio.create_task(bus.request(SERVICE, "search",
+                                               SearchRequest(query="q", top_k=1), 10.0,
+                                               SearchResult))
+        idle_ms = []
+        while not task.done():  # watch the entry as another replica's XAUTOCLAIM would
+            idle_ms += [p["time_since_delivered"]
+                        for p in await bus.redis.xpending_range(stream, SERVICE, "-", "+", 10)]
+            await asyncio.sleep(0.02)
+        assert (await task).count == 1 and calls == ["q"] and failures == [1]
+        assert len(idle_ms) > 10 and max(idle_ms) < SLOW_CLAIM_IDLE_MS
+        worker.stop()
+        await asyncio.wait_for(serving, 5)
+        await bus.close()
+        assert asyncio.all_tasks() == before  # the heartbeat stopped with the worker
+
+    run(main())
+
+
+def test_a_long_request_does_not_hold_up_a_short_one(redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        short_done = asyncio.Event()
+        long_working = asyncio.Event()
+
+        async def search(req: SearchRequest) -> SearchResult:
+            if req.query == "long":
+                # The work: long enough for the worker to pass its reclaim step meanwhile.
+                await asyncio.sleep(redis_settings.claim_idle_ms / 1000)
+                long_working.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(short_done.wait(), 3.0)
+                return SearchResult(hits=[], count=int(short_done.is_set()))
+            short_done.set()
+            return SearchResult(hits=[], count=0)
+
+        worker = Worker(bus, SERVICE, [keys.request_stream(SERVICE)],
+                        routes(search=(SearchRequest, search)), concurrency=2)
+        serving = asyncio.create_task(worker.run())
+        long = asyncio.create_task(bus.request(SERVICE, "search",
+                                               SearchRequest(query="long", top_k=1), 10.0,
+                                               SearchResult))
+        await asyncio.wait_for(long_working.wait(), 5)
+        await bus.request(SERVICE, "search", SearchRequest(query="short", top_k=1), 10.0)
+        assert (await long).count == 1  # the short one finished while the long one ran
+        worker.stop()
+        await asyncio.wait_for(serving, 5)
+        await bus.close()
+
+    run(main())
+
+
+def test_a_dead_letter_keeps_the_whole_payload(redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        stream = keys.request_stream(SERVICE)
+        await bus.ensure_group(stream, SERVICE)
+        passages = [{"doc_id": f"d{i}", "text": "word " * 400} for i in range(5)]
+        envelope = Envelope(id="big", kind="generate", body={"passages": passages})
+        await bus.add(stream, envelope)
+        await echo_worker(bus).run(burst=True)
+        letter = (await dead_letters(bus))[0]
+        assert len(letter.raw) > 4096 and "unknown kind" in letter.reason
+        assert Envelope.model_validate_json(letter.raw) == envelope  # replayable
+        await bus.close()
+
+    run(main())
+
+
+def test_a_failed_request_that_expires_leaves_no_error_behind(redis_url, redis_settings, run):
+    async def main():
+        # retried until its deadline passes, never dead-lettered first
+        bus = make_bus(redis_url, redis_settings.model_copy(update={"max_deliveries": 50}))
+        calls: list = []
+        worker = echo_worker(bus, calls, fail=RuntimeError("flaky"))
+        stream = keys.request_stream(SERVICE)
+        await bus.ensure_group(stream, SERVICE)
+        await bus.add(stream, Envelope(id="soon", kind="search", reply_to=bus.reply_stream,
+                                       body=SearchRequest(query="q", top_k=1).model_dump(),
+                                       deadline=time.time() + 1.0))
+        await worker.run(burst=True)
+        assert calls == ["q"] and await bus.redis.hlen(keys.ERRORS) == 1
+
+        async def dropped():
+            await worker.run(burst=True)
+            return worker.stats.expired == 1
+
+        await until(dropped)  # reclaimed after its deadline: acked, not retried
+        assert await bus.backlog(stream, SERVICE) == 0 and await dead_letters(bus) == []
+        assert await bus.redis.hlen(keys.ERRORS) == 0
+        await bus.close()
+
+    run(main())
+
+
+def test_a_failed_entry_trimmed_while_pending_leaves_no_error_behind(
+        redis_url, redis_settings, run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        calls: list = []
+        worker = echo_worker(bus, calls, fail=RuntimeError("flaky"))
+        stream = keys.request_stream(SERVICE)
+        await bus.ensure_group(stream, SERVICE)
+        entry = await bus.add(stream, Envelope(id="gone", kind="search", body=SearchRequest(
+            query="q", top_k=1).model_dump()))
+        await worker.run(burst=True)
+        assert await bus.redis.hlen(keys.ERRORS) == 1
+        await bus.redis.xdel(stream, entry)  # as MAXLEN trimming does to an old entry
+
+        async def forgotten():
+            await worker.run(burst=True)
+            return not (await bus.redis.xpending(stream, SERVICE))["pending"]
+
+        await until(forgotten)
+        assert calls == ["q"] and await bus.redis.hlen(keys.ERRORS) == 0
         await bus.close()
 
     run(main())
