@@ -2,12 +2,17 @@
 
 A router the front includes beside ``/v1/qa``. Every call is one request to the trainer over
 the bus; the trainer checks a job completely before queueing it, so a bad job is a 400 with
-its reason (the front's bus-error handler maps it), never a failed run later.
+its reason (the front's bus-error handler maps it), never a failed run later. Path and query
+values are checked by FastAPI against the schema's own types and bounds (``JobId``,
+``JobQuery.limit``), so a bad one is a 422 naming ``path.job_id`` / ``query.limit`` before
+anything is sent.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
 
 from shared import keys
 from shared.bus import Bus
@@ -16,6 +21,7 @@ from shared.schemas import (
     AverageResult,
     InterpolateRequest,
     InterpolateResult,
+    JobId,
     JobList,
     JobQuery,
     JobRef,
@@ -28,6 +34,9 @@ from shared.schemas import (
     RollbackRequest,
     TrainJob,
 )
+
+_LIMIT = JobQuery.model_fields["limit"]
+JobLimit = Annotated[int, Query(description="how many of the newest jobs"), *_LIMIT.metadata]
 
 
 def admin_router(bus: Bus, timeout_s: float) -> APIRouter:
@@ -43,17 +52,17 @@ def admin_router(bus: Bus, timeout_s: float) -> APIRouter:
         return await ask("submit", job, JobStatus)
 
     @router.get("/v1/train", response_model=JobList)
-    async def jobs(limit: int = 20) -> JobList:
+    async def jobs(limit: JobLimit = _LIMIT.default) -> JobList:
         """The newest training jobs, newest first."""
         return await ask("jobs", JobQuery(limit=limit), JobList)
 
     @router.get("/v1/train/{job_id}", response_model=JobStatus)
-    async def job(job_id: str) -> JobStatus:
+    async def job(job_id: Annotated[JobId, Path()]) -> JobStatus:
         found: JobList = await ask("jobs", JobQuery(job_id=job_id), JobList)
         return found.jobs[0]
 
     @router.post("/v1/train/{job_id}/cancel", response_model=JobStatus)
-    async def cancel(job_id: str) -> JobStatus:
+    async def cancel(job_id: Annotated[JobId, Path()]) -> JobStatus:
         """Stop a job after its current step; its last saved state stays for a resume."""
         return await ask("cancel", JobRef(job_id=job_id), JobStatus)
 

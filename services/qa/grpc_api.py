@@ -14,7 +14,8 @@ parse as the request message reach the API as ``Unparsed`` (``add_servicer`` ins
 lenient parsing) and are INVALID_ARGUMENT too, never a server error. Other codes:
 UNAUTHENTICATED (missing or wrong API key), INVALID_ARGUMENT also for a prompt the generator
 cannot fit, RESOURCE_EXHAUSTED (a busy service, or feedback the trainer's backlog has no room
-for: retry later), DEADLINE_EXCEEDED (a backend too slow), UNAVAILABLE (a backend failed).
+for: retry later), DEADLINE_EXCEEDED (a backend too slow), UNAVAILABLE (a backend failed, or
+the message bus cannot be reached).
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from pydantic import ValidationError
 
 from services.qa.auth import UNAUTHENTICATED, authorized
 from services.qa.proto import qa_pb2
-from services.qa.service import FeedbackFull, InputError, QAService
+from services.qa.service import (
+    BUS_UNREACHABLE,
+    BUS_UNREACHABLE_MESSAGE,
+    FeedbackFull,
+    InputError,
+    QAService,
+)
 from shared.bus import BusError, Busy, RequestTimeout
 from shared.schemas import (
     AnswerChunk,
@@ -104,9 +111,19 @@ def add_servicer(servicer, server) -> None:
 
 # --- messages <-> wire models -----------------------------------------------------------------
 def qa_request(message) -> QARequest:
-    """The ``QARequest`` of an ``AnswerRequest``; unset optional fields stay unset."""
+    """The ``QARequest`` of an ``AnswerRequest``; unset optional fields stay unset.
+
+    ``MessageToDict`` leaves out a field without presence that holds its zero, so those whose
+    zero means something are copied as they are: the question (an empty one is the service's
+    to refuse) and both fusion weights once ``weights`` is set (``{dense: 1, sparse: 0}`` is a
+    weighting, not a missing ``sparse``). Every other request field has presence, or a zero
+    that means the schema's default (an empty filter list: no filter).
+    """
     data = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    data["question"] = message.question  # an empty question is the service's to refuse
+    data["question"] = message.question
+    if message.retrieval.HasField("weights"):
+        weights = message.retrieval.weights
+        data["retrieval"]["weights"] = {"dense": weights.dense, "sparse": weights.sparse}
     return QARequest.model_validate(data)
 
 
@@ -153,6 +170,9 @@ def _failures() -> Iterator[None]:
     except FeedbackFull as exc:
         log.warning("feedback refused: %s", exc)
         raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+    except BUS_UNREACHABLE as exc:
+        log.error("message bus unreachable: %s", exc)
+        raise RpcFailure(grpc.StatusCode.UNAVAILABLE, BUS_UNREACHABLE_MESSAGE) from None
     except BusError as exc:
         code = {Busy: grpc.StatusCode.RESOURCE_EXHAUSTED,
                 RequestTimeout: grpc.StatusCode.DEADLINE_EXCEEDED}.get(

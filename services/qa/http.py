@@ -1,18 +1,19 @@
 """HTTP API of the QA front (FastAPI). ``deploy.app`` serves it as the Ray Serve ingress.
 
 Errors: bad input → 422 with FastAPI's ``detail`` shape (``loc`` names the field), decoding
-options and feedback items included; input a backend refuses (a prompt that cannot fit the
-generator's context) → 400 naming the service; a busy service → 503; feedback the trainer's
-backlog has no room for (``feedback.max_pending``) → 429 with ``Retry-After`` and ``{"detail":
-ErrorInfo}`` (kind ``busy``), nothing of the request kept; a backend that did not answer in
-time → 504; a backend failure → 502; a missing or wrong API key (when ``serve.api_key`` is
-set) → 401.
+options, feedback items and path and query values included; input a backend refuses (a
+prompt that cannot fit the generator's context) → 400 naming the service; a busy service →
+503; a message bus (Redis) that cannot be reached → 503 with ``{"detail": ErrorInfo}`` (kind
+``unavailable``), ``/v1/health`` included; feedback the trainer's backlog has no room for
+(``feedback.max_pending``) → 429 with ``Retry-After`` and ``{"detail": ErrorInfo}`` (kind
+``busy``), nothing of the request kept; a backend that did not answer in time → 504; a
+backend failure → 502; a missing or wrong API key (when ``serve.api_key`` is set) → 401.
 
 ``POST /v1/qa?stream=true`` answers with server-sent events instead: ``token`` events (an
 ``AnswerChunk``: the answer's next piece) while the answer is generated, then one ``answer``
 event (the ``QAResponse``, citations included), or an ``error`` event (``{"detail":
-ErrorInfo}``) if a backend fails after the first event. Errors before it are the status codes
-above. A client that disconnects stops the generation.
+ErrorInfo}``) if a backend or the bus fails after the first event. Errors before it are the
+status codes above. A client that disconnects stops the generation.
 """
 
 from __future__ import annotations
@@ -20,16 +21,24 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from typing import Annotated, get_args
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.qa.auth import UNAUTHENTICATED, authorized
-from services.qa.service import FeedbackFull, InputError, QAService
+from services.qa.service import (
+    BUS_UNREACHABLE,
+    BUS_UNREACHABLE_MESSAGE,
+    FeedbackFull,
+    InputError,
+    QAService,
+)
 from shared.bus import BusError, Busy, RequestTimeout
 from shared.schemas import (
     AnswerChunk,
+    DeleteBatch,
     ErrorInfo,
     FeedbackAccepted,
     FeedbackRequest,
@@ -48,6 +57,13 @@ OPEN_PATHS = frozenset({"/v1/health"})
 # Retry-After of a 429 on /v1/feedback, in seconds: the backlog drains as the trainer reads
 # it (it stores each item; training on them is a separate job), so a short wait suffices.
 FEEDBACK_RETRY_AFTER_S = 10
+
+# A doc_id as ``DeleteBatch`` takes it, so that FastAPI checks the path against the schema's
+# own bounds: a bad one is a 422 naming ``path.doc_id``, as a bad body names its field.
+DocId = get_args(DeleteBatch.model_fields["doc_ids"].annotation)[0]
+
+# The 503 body when the bus cannot be reached, mid-stream the ``error`` event's.
+BUS_DOWN = ErrorInfo(service="qa", kind="unavailable", message=BUS_UNREACHABLE_MESSAGE)
 
 _SSE_DOC = {200: {"description": "with `stream=true`: server-sent events `token` (an "
                                  "AnswerChunk), then `answer` (the QAResponse) or `error`",
@@ -100,6 +116,13 @@ def create_app(qa: QAService) -> FastAPI:
                             content={"detail": ErrorInfo(service="qa", kind="busy",
                                                          message=str(exc)).model_dump()})
 
+    async def _bus_unreachable(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("message bus unreachable: %s", exc)
+        return JSONResponse(status_code=503, content={"detail": BUS_DOWN.model_dump()})
+
+    for unreachable in BUS_UNREACHABLE:
+        app.add_exception_handler(unreachable, _bus_unreachable)
+
     @app.exception_handler(BusError)
     async def _bus_error(_request: Request, exc: BusError) -> JSONResponse:
         status = {Busy: 503, RequestTimeout: 504}.get(type(exc), 502)
@@ -130,7 +153,7 @@ def create_app(qa: QAService) -> FastAPI:
         return await qa.ingest(req.documents, wait=wait)
 
     @app.delete("/v1/documents/{doc_id:path}", response_model=IngestAccepted, status_code=202)
-    async def delete(doc_id: str,
+    async def delete(doc_id: Annotated[DocId, Path(description="the document's doc_id")],
                      wait: bool = Query(False, description="return once both indexes "
                                                            "dropped it")) -> IngestAccepted:
         """Remove a document from both the dense and the sparse index."""
@@ -189,5 +212,8 @@ async def _sse(first: AnswerChunk | QAResponse,
     except BusError as exc:
         log.warning("stream failed: %s", exc)
         yield sse_event(exc.info)
+    except BUS_UNREACHABLE as exc:
+        log.error("stream failed, message bus unreachable: %s", exc)
+        yield sse_event(BUS_DOWN)
     finally:
         await events.aclose()  # before the answer: cancels the generation

@@ -13,7 +13,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
 from shared.bus import Bus, BusError
@@ -45,6 +48,12 @@ from shared.schemas import (
 from shared.settings import AnswerSettings, Settings
 
 log = logging.getLogger(__name__)
+
+# What redis-py raises when the bus cannot be reached (refused, reset, timed out, still
+# loading): every ``QAService`` call that touches the bus may raise them. The fronts answer
+# 503 / UNAVAILABLE with ``BUS_UNREACHABLE_MESSAGE`` (the address stays in the log).
+BUS_UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
+BUS_UNREACHABLE_MESSAGE = "the message bus (Redis) is unreachable; try again later"
 
 
 class InputError(ValueError):
@@ -251,16 +260,21 @@ class QAService:
                               entries=entries, indexed=wait)
 
     async def delete(self, doc_ids: list[str], wait: bool = False) -> IngestAccepted:
-        """Remove documents from both indexes (unknown ids are ignored).
+        """Remove documents from both indexes (unknown ids are ignored); InputError (field
+        ``doc_ids.<i>``) for a doc_id ``DeleteBatch`` refuses, before anything is sent.
 
         Goes through ``rag:ingest`` like an upsert, so each index applies ingests and deletes
         in the order they were sent. ``wait`` as for ``ingest``.
         """
         if not doc_ids:
             raise InputError("doc_ids", "must hold at least one doc_id")
+        try:
+            batch = DeleteBatch(doc_ids=doc_ids)
+        except ValidationError as exc:  # an empty or too long doc_id
+            error = exc.errors()[0]
+            raise InputError(".".join(str(p) for p in error["loc"]), error["msg"]) from None
         entries = await self._enqueue([Envelope(
-            id=f"delete-{doc_ids[0]}", kind="delete",
-            body=DeleteBatch(doc_ids=doc_ids).model_dump())], wait)
+            id=f"delete-{doc_ids[0]}", kind="delete", body=batch.model_dump())], wait)
         return IngestAccepted(accepted=len(doc_ids), doc_ids=doc_ids, entries=entries,
                               indexed=wait)
 

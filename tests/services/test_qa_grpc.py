@@ -9,19 +9,35 @@ import threading
 
 import grpc
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from deploy.grpc_client import QAClient
 from services.generator.service import GeneratorService
-from services.qa.grpc_api import SERVICE, QAGrpc, QAServicer, RpcFailure, add_servicer
+from services.qa.grpc_api import (
+    SERVICE,
+    QAGrpc,
+    QAServicer,
+    RpcFailure,
+    add_servicer,
+    qa_request,
+)
 from services.qa.proto import qa_pb2
-from services.qa.service import QAService
+from services.qa.service import BUS_UNREACHABLE_MESSAGE, QAService
 from shared.bus import Bus
 from shared.prompt import NO_ANSWER
-from shared.schemas import AnswerChunk, DecodingOptions, Document, Feedback, QARequest
+from shared.schemas import (
+    AnswerChunk,
+    DecodingOptions,
+    Document,
+    Feedback,
+    FusionWeights,
+    QARequest,
+    RetrievalOptions,
+)
 from shared.settings import AnswerSettings
-from tests.services.test_qa_http import INDEXED, _retriever, _serve_generator
+from tests.services.test_qa_http import INDEXED, RANKED, _retriever, _serve_generator
 from tests.services.test_qa_http import settings as settings  # noqa: F401 - a fixture
+from tests.services.test_qa_http import unreachable as unreachable  # noqa: F401 - a fixture
 from tests.tiny import per_byte_tokenizer, serving_llama
 
 KEY = "g" * 20
@@ -300,3 +316,71 @@ def test_a_failure_survives_pickling():
 
     failure = pickle.loads(pickle.dumps(RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "top_p")))
     assert (failure.code, failure.message) == (grpc.StatusCode.INVALID_ARGUMENT, "top_p")
+
+
+# --- fields whose zero MessageToDict leaves out -------------------------------------------------
+def _weighted(**weights) -> qa_pb2.AnswerRequest:
+    return qa_pb2.AnswerRequest(question="capital?", retrieval=qa_pb2.RetrievalOptions(
+        mode="weighted_minmax", weights=qa_pb2.FusionWeights(**weights)))
+
+
+@pytest.mark.parametrize("dense, sparse", [(1.0, 0.0), (0.0, 1.0), (0.25, 0.75)])
+def test_fusion_weights_reach_the_schema_zeros_included(dense, sparse):
+    weights = qa_request(_weighted(dense=dense, sparse=sparse)).retrieval.weights
+    assert weights == FusionWeights(dense=dense, sparse=sparse)
+
+
+def test_unset_or_zero_weights_are_the_schemas_to_judge():
+    assert qa_request(qa_pb2.AnswerRequest(question="q", retrieval=qa_pb2.RetrievalOptions(
+        mode="rrf"))).retrieval.weights is None
+    with pytest.raises(ValidationError, match=r"dense \+ sparse must be 1, got 0.0 \+ 0.0"):
+        qa_request(_weighted())  # set, both 0: not "Field required"
+
+
+def test_a_zero_fusion_weight_reaches_the_ranker(client):
+    RANKED.clear()
+    client.answer(QUESTION.model_copy(update={"retrieval": RetrievalOptions(
+        mode="weighted_zscore", weights=FusionWeights(dense=1.0, sparse=0.0))}))
+    (sent,) = RANKED
+    assert (sent.mode, sent.weight) == ("weighted_zscore", 1.0)
+
+
+# Singular request fields without presence (MessageToDict leaves them out at their zero): each
+# is copied by hand (qa_request, ingest_request, feedback_request, request.wait) or has a zero
+# that means the schema's default (Feedback.answer: ""). A new one needs the same look.
+ZERO_HANDLED = {"AnswerRequest.question", "FusionWeights.dense", "FusionWeights.sparse",
+                "IngestDocumentsRequest.wait", "Document.doc_id", "Document.title",
+                "Document.text", "Document.topic", "Document.source", "Feedback.question",
+                "Feedback.answer", "Feedback.verdict"}
+
+
+def test_every_request_field_that_loses_its_zero_is_handled():
+    found, todo = set(), [qa_pb2.AnswerRequest.DESCRIPTOR,
+                          qa_pb2.IngestDocumentsRequest.DESCRIPTOR,
+                          qa_pb2.FeedbackRequest.DESCRIPTOR]
+    while todo:
+        message = todo.pop()
+        for field in message.fields:
+            if field.message_type is not None:
+                todo.append(field.message_type)
+            elif not field.has_presence and not field.is_repeated:
+                found.add(f"{message.name}.{field.name}")
+    assert found == ZERO_HANDLED
+
+
+# --- the bus out of reach ----------------------------------------------------------------------
+def test_an_unreachable_bus_is_unavailable_on_every_call(unreachable):
+    server = GrpcServer(unreachable)
+    feedback = Feedback(question="Capital of France?", answer="Paris", verdict="right")
+    try:
+        with QAClient(server.target, timeout_s=30) as client:
+            for call in (lambda: client.answer(QUESTION),
+                         lambda: list(client.answer_stream(QUESTION)),
+                         lambda: client.ingest([Document(doc_id="d", title="T", text="x")]),
+                         lambda: client.submit_feedback([feedback])):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert err.value.details() == BUS_UNREACHABLE_MESSAGE
+    finally:
+        server.stop()

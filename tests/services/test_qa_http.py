@@ -8,7 +8,9 @@ error mapping and ingestion protocol.
 from __future__ import annotations
 
 import json
+import socket
 import threading
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -20,12 +22,13 @@ from pydantic import SecretStr
 from deploy.workers import WorkerThread, generator_worker
 from services.generator.batching import Batcher
 from services.generator.service import GeneratorService
-from services.qa.http import create_app
-from services.qa.service import InputError, QAService
+from services.qa.http import _sse, create_app
+from services.qa.service import BUS_UNREACHABLE_MESSAGE, InputError, QAService
 from shared import keys
 from shared.bus import BadRequest, Bus, Worker, routes
 from shared.prompt import NO_ANSWER
 from shared.schemas import (
+    AnswerChunk,
     Citation,
     DecodingOptions,
     DeleteBatch,
@@ -117,6 +120,17 @@ def settings(redis_url, redis_settings, tmp_path) -> Settings:
                     # the stand-ins and the tiny models answer words no passage holds: these
                     # tests see the generator's words as they are (the gate has its own test)
                     answer=AnswerSettings(min_trust=0.0))
+
+
+@pytest.fixture
+def unreachable(settings) -> Iterator[Settings]:
+    """``settings`` with the bus on a port of 127.0.0.1 that is bound but not listening: every
+    connection is refused, and no other process can take the port meanwhile."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{sock.getsockname()[1]}"
+        yield settings.model_copy(update={"redis": settings.redis.model_copy(
+            update={"url": url})})
 
 
 @pytest.fixture
@@ -338,6 +352,25 @@ def test_delete_reaches_both_indexes_in_order(client):
     client.post("/v1/documents?wait=true", json={"documents": [doc(3, doc_id="wiki/AC/DC")]})
     assert client.delete("/v1/documents/wiki%2FAC%2FDC?wait=true").status_code == 202
     assert INDEXED[keys.EMBEDDING] == INDEXED[keys.SPARSE] == {"d2"}
+
+
+@pytest.mark.parametrize("doc_id, message", [
+    ("a" * 257, "String should have at most 256 characters"),
+    ("", "String should have at least 1 character"),
+])
+def test_a_bad_doc_id_to_delete_is_422_and_nothing_is_queued(client, redis_url, doc_id,
+                                                             message):
+    r = client.delete(f"/v1/documents/{doc_id}")
+    assert r.status_code == 422, r.text
+    assert _field(r) == ["path", "doc_id"] and message in r.json()["detail"][0]["msg"], r.text
+    assert redis.Redis.from_url(redis_url).xlen(keys.INGEST) == 0
+    assert client.delete(f"/v1/documents/{'a' * 256}").status_code == 202  # the longest
+
+
+def test_the_service_refuses_a_doc_id_to_delete_naming_it(qa, redis_url, run):
+    with pytest.raises(InputError, match="^doc_ids.1: String should have at most 256 "):
+        run(qa.delete(["d1", "a" * 257]))
+    assert redis.Redis.from_url(redis_url).xlen(keys.INGEST) == 0
 
 
 @pytest.mark.usefixtures("backends")
@@ -669,3 +702,44 @@ def test_feedback_over_the_room_left_adds_none_of_it(client, redis_url, settings
     assert [f.verdict for f in read] == ["right"] * 3 + ["wrong"] * 2
     assert client.post("/v1/feedback", json={"items": [WRONG] * 5}).status_code == 202
     assert redis.Redis.from_url(redis_url).xlen(keys.FEEDBACK) == 5  # the exact cap
+
+
+# --- the bus out of reach ----------------------------------------------------------------------
+DOWN = {"schema_version": 1, "service": "qa", "kind": "unavailable",
+        "message": BUS_UNREACHABLE_MESSAGE}
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/v1/qa", {"question": "capital?"}),
+    ("POST", "/v1/qa?stream=true", {"question": "capital?"}),
+    ("POST", "/v1/documents", {"documents": [doc(1)]}),
+    ("DELETE", "/v1/documents/d1", None),
+    ("POST", "/v1/feedback", {"items": [RIGHT]}),
+    ("GET", "/v1/status", None),
+    ("GET", "/v1/health", None),
+])
+def test_an_unreachable_bus_is_503_saying_so(unreachable, method, path, body):
+    qa = QAService(Bus.connect(unreachable.redis.url, unreachable.redis), unreachable)
+    with TestClient(create_app(qa)) as client:
+        r = client.request(method, path, json=body)
+    assert r.status_code == 503, r.text
+    assert r.json()["detail"] == DOWN
+
+
+class _Connected:
+    async def is_disconnected(self) -> bool:
+        return False
+
+
+def test_a_bus_lost_mid_stream_ends_it_with_an_error_event(run):
+    # A fake: losing Redis between two tokens cannot be caused cheaply.
+    async def events():
+        raise redis.ConnectionError("Connection reset by peer")
+        yield  # an async generator
+
+    async def stream() -> list[str]:
+        return [event async for event in _sse(AnswerChunk(text="Par"), events(), _Connected())]
+
+    sent = read_events("".join(run(stream())).splitlines())
+    assert [name for name, _ in sent] == ["token", "error"]
+    assert sent[1][1] == {"detail": DOWN}
