@@ -39,14 +39,15 @@ def _require_urls(settings: Settings) -> tuple[str, str]:
     return settings.redis.url, settings.milvus.uri
 
 
-def _use_cores(settings: Settings) -> None:
-    """Ray pins a replica's OpenMP pool to its CPU reservation (one thread for num_cpus=0);
-    model replicas take the configured number instead."""
+def _use_cores(threads: int) -> None:
+    """Ray pins an actor's OpenMP pool to its CPU reservation (one thread for num_cpus=0);
+    model replicas and the trainer take ``threads`` instead (0: every core of the machine,
+    which in a container may be more than its CPU limit: set the setting there)."""
     import os
 
     import torch
 
-    torch.set_num_threads(settings.serve.torch_threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
 class _WorkerDeployment:
@@ -76,7 +77,7 @@ class Embedding(_WorkerDeployment):
         from services.embedding.service import EmbeddingService
 
         redis_url, milvus_uri = _require_urls(settings)
-        _use_cores(settings)
+        _use_cores(settings.serve.torch_threads)
         start = last_event_id(redis_url)  # before the registry is read: see EventThread
         service = EmbeddingService.from_settings(settings, milvus_uri)
         self.runner = WorkerThread(lambda bus: retriever_worker(service, keys.EMBEDDING, bus),
@@ -123,7 +124,7 @@ class Ranker(_WorkerDeployment):
         if settings.rerank.model is not None:
             from services.ranker.rerank import CrossEncoder
 
-            _use_cores(settings)
+            _use_cores(settings.serve.torch_threads)
             reranker = CrossEncoder.load(settings.rerank.model)
 
         def make(bus: Bus):
@@ -142,7 +143,7 @@ class Generator(_WorkerDeployment):
         from services.generator.service import GeneratorService
 
         redis_url, _ = _require_urls(settings)
-        _use_cores(settings)
+        _use_cores(settings.serve.torch_threads)
         start = last_event_id(redis_url)  # before the registry is read: see EventThread
         service = Current(GeneratorService.from_settings(settings))
         batcher = Batcher(service, settings.generator.max_batch_size,
@@ -179,6 +180,7 @@ class Trainer(_WorkerDeployment):
         from services.trainer.service import TrainerService
 
         redis_url, _ = _require_urls(settings)
+        _use_cores(settings.trainer.torch_threads)
         self.trainer = TrainerRunner(TrainerService(settings),
                                      publish_sync(redis_url, settings.redis))
         self.runner = WorkerThread(lambda bus: trainer_worker(self.trainer, bus), redis_url,
@@ -241,7 +243,11 @@ class QAFront:
 
 
 def _trainer_gpus(settings: Settings) -> int:
-    """One GPU for the trainer when there is one and the settings allow it."""
+    """GPUs the trainer asks Ray for: one with ``trainer.device`` cuda; with auto, one when
+    the process building the app sees one. (On a cluster that process may run on a head
+    without a GPU while a GPU worker group exists: set cuda there.)"""
+    if settings.trainer.device == "cuda":
+        return 1
     if settings.trainer.device == "cpu":
         return 0
     import torch

@@ -38,3 +38,11 @@ def test_config_args_override_settings():
 def test_replicas_refuse_to_start_without_server_urls():
     with pytest.raises(ValueError, match="RAGTUNE_REDIS__URL and RAGTUNE_MILVUS__URI"):
         _require_urls(Settings())
+
+
+def test_a_trainer_set_to_cuda_asks_for_a_gpu_wherever_the_app_is_built():
+    from deploy.app import _trainer_gpus
+
+    # the process building the app may run on a head without a GPU: cuda asks regardless
+    assert _trainer_gpus(Settings(trainer={"device": "cuda"})) == 1
+    assert _trainer_gpus(Settings(trainer={"device": "cpu"})) == 0

@@ -118,6 +118,12 @@ def test_ray_pods_share_the_data_volume_and_the_environment():
     values = {item["name"]: item.get("value") for item in envs[0]}
     assert values["RAGTUNE_HOME"] == "/data/ragtune"
     assert values["HF_HUB_OFFLINE"] == "1"
+    # The settings must know the proxies listen beyond loopback (they then require the key),
+    # and torch must not size its pools by the node's cores.
+    serve_config = yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])
+    assert values["RAGTUNE_SERVE__HTTP_HOST"] == serve_config["http_options"]["host"]
+    assert int(values["RAGTUNE_SERVE__TORCH_THREADS"]) >= 1
+    assert int(values["RAGTUNE_TRAINER__TORCH_THREADS"]) >= 1
     # Beyond loopback the API key is required; it comes from a Secret, never a literal.
     key = next(item for item in envs[0] if item["name"] == "RAGTUNE_SERVE__API_KEY")
     assert key["valueFrom"]["secretKeyRef"] == {"name": "ragtune-api-key", "key": "key"}
