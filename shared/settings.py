@@ -14,11 +14,18 @@ import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class RedisSettings(BaseModel):
+class _Section(BaseModel):
+    """A settings section: an unknown field is an error at start-up (a misspelt
+    ``RAGTUNE_SERVE__HTTP_HOTS`` would otherwise be dropped without a word)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class RedisSettings(_Section):
     url: str | None = Field(None, description="redis:// URL; unset starts an embedded valkey")
     stream_maxlen: int = Field(100_000, ge=100, description="approximate cap of every stream")
     max_backlog: int = Field(2_000, ge=1, description="waiting requests before a service is busy")
@@ -29,12 +36,12 @@ class RedisSettings(BaseModel):
     reply_ttl_s: int = Field(3_600, ge=10, description="a reply stream expires this long after use")
 
 
-class MilvusSettings(BaseModel):
+class MilvusSettings(_Section):
     uri: str | None = Field(None, description="Milvus URI; unset starts an embedded milvus-lite")
     collection: str = Field("ragtune_documents", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 
 
-class EmbeddingSettings(BaseModel):
+class EmbeddingSettings(_Section):
     model: str | None = Field(None, description="HF id or local path; unset = packaged MiniLM")
     batch_size: int = Field(32, ge=1, le=1024)
     max_length: int = Field(256, ge=8, le=8192, description="tokens per text before truncation")
@@ -52,7 +59,7 @@ class EmbeddingSettings(BaseModel):
         return self
 
 
-class SparseSettings(BaseModel):
+class SparseSettings(_Section):
     """BM25 of the sparse service (Lucene variant, as bm25s computes it). Defaults are bm25s'
     (Lucene's are k1=1.2, b=0.75); Robertson & Zaragoza 2009 suggest k1 in [1.2, 2], b=0.75."""
 
@@ -63,7 +70,7 @@ class SparseSettings(BaseModel):
                           "English list (33 words), 'none' = keep every word")
 
 
-class GeneratorSettings(BaseModel):
+class GeneratorSettings(_Section):
     model: str | None = Field(
         None, description="HF id or local path of a decoder-only or encoder-decoder (T5, BART) "
         "model; unset = packaged SmolLM2-135M-Instruct"
@@ -88,7 +95,7 @@ class GeneratorSettings(BaseModel):
         return self
 
 
-class RetrievalSettings(BaseModel):
+class RetrievalSettings(_Section):
     top_k: int = Field(3, ge=1, description="passages handed to the generator by default")
     candidates: int = Field(100, ge=1, description="hits asked of each retriever before "
                             "fusion; the weighted default was tuned with 100")
@@ -101,20 +108,20 @@ class RetrievalSettings(BaseModel):
                           "0.9 was chosen on the dev splits of both packaged question sets")
 
 
-class RerankSettings(BaseModel):
+class RerankSettings(_Section):
     model: Path | None = Field(None, description="folder of a trained cross-encoder "
                                "(services/ranker/rerank.py); unset = no reranking stage")
     candidates: int = Field(20, ge=1, description="fused hits the reranker re-scores")
 
 
-class TrainerSettings(BaseModel):
+class TrainerSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where training runs: "
                                                    "auto = CUDA (bf16) when present, else CPU")
     max_answer_chars: int = Field(500, ge=1, description="longest reference answer accepted")
     torch_threads: int = Field(0, ge=0, description="threads of the trainer's torch; 0 = all")
 
 
-class FeedbackSettings(BaseModel):
+class FeedbackSettings(_Section):
     """The production loop: judged answers (``POST /v1/feedback``) go through ``rag:feedback``
     to the trainer, which keeps them until an update (a ``continual`` job) trains on them."""
 
@@ -129,7 +136,7 @@ class FeedbackSettings(BaseModel):
                                    "method, tolerance, regression set, ...)")
 
 
-class AnswerSettings(BaseModel):
+class AnswerSettings(_Section):
     """What the QA front does with the generator's answer before it returns it."""
 
     min_trust: float = Field(0.25, ge=0, le=1, description="answers whose trust (the share of "
@@ -144,7 +151,7 @@ class AnswerSettings(BaseModel):
                                     "they name what it is about")
 
 
-class LimitSettings(BaseModel):
+class LimitSettings(_Section):
     max_question_chars: int = Field(1_000, ge=1)
     max_title_chars: int = Field(1_000, ge=1)
     max_document_chars: int = Field(60_000, ge=1)
@@ -173,7 +180,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class ServeSettings(BaseModel):
+class ServeSettings(_Section):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int | None = Field(None, ge=1, le=65535, description="port of the gRPC API "

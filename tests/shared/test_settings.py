@@ -53,3 +53,12 @@ def test_batching_settings_have_bounds():
         GeneratorSettings(max_batch_size=0)
     with pytest.raises(ValidationError, match="batch_wait_ms"):
         GeneratorSettings(batch_wait_ms=-1)
+
+
+def test_a_misspelt_field_of_a_section_is_refused(monkeypatch):
+    monkeypatch.setenv("RAGTUNE_SERVE__HTTP_HOTS", "0.0.0.0")
+    with pytest.raises(ValidationError, match="serve.http_hots"):
+        Settings()
+    monkeypatch.delenv("RAGTUNE_SERVE__HTTP_HOTS")
+    with pytest.raises(ValidationError, match="api_kee"):
+        Settings(serve={"api_kee": "x" * 32})
