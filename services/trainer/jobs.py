@@ -87,8 +87,9 @@ def load_questions(job: TrainJob, settings: Settings) -> dict[str, list[QAItem]]
     """train/dev/test questions of the job's packaged sets and JSONL file (split by seed).
     Raises ``DataFileError`` (a ValueError) for a bad file."""
     splits: dict[str, list[QAItem]] = {name: [] for name in datasets.SPLITS}
-    # A continual update trains on every new item it is given (its gate checks them, and a
-    # frozen regression set); of packaged sets it takes the train split, as other kinds do.
+    # A continual update gets every new item as training data and holds out the part its gate
+    # checks itself (``run_continual``); of packaged sets it takes the train split, as other
+    # kinds do.
     fractions = (1.0, 0.0, 0.0) if job.kind == "continual" else datasets.SPLIT_FRACTIONS
     for name in job.data.sets:
         for split in datasets.SPLITS:
@@ -501,9 +502,9 @@ class ContinualJobConfig(continual.ContinualConfig):
     The gate answers a frozen regression set — ``regression_path`` (a question/answer JSONL
     file), else the first ``regression_limit`` answerable questions of the ``regression_sets``'
     dev split drawn with ``regression_seed`` (never trained on: updates take train splits) —
-    and the new items, with the serving model and with the candidate; the candidate may serve
-    only if its regression accuracy drops by at most ``tolerance`` and it is not worse on the
-    new items (``continual.gate``).
+    and the new items' held-out part (``hold_out``), with the serving model and with the
+    candidate; the candidate may serve only if its regression accuracy drops by at most
+    ``tolerance`` and it is not worse on those new items (``continual.gate``).
 
     The replay reservoir is the one saved by the update that made the serving generator; with
     none (the serving model came from elsewhere), it starts from the ``regression_sets``'
@@ -585,35 +586,57 @@ def shows_answer(rec: continual.Record, config: continual.ContinualConfig) -> bo
     return answer_target(rec.item, shown) != NO_ANSWER
 
 
+def hold_out(job: TrainJob, items: list[QAItem]) -> tuple[continual.Task, bool]:
+    """The update's new items as a task (``continual.batch_task``, split by the job's seed):
+    it trains on ``train``, and the gate's new-data check answers ``test``, items it never
+    trained on; True when so. A batch too small for the split to hold an item out (or to leave
+    one to train on) trains on every item and is checked on those same items: False."""
+    try:
+        task = continual.batch_task(job.job_id, items, seed=job.seed)
+    except ValueError:  # every item fell in the held-out part (``items`` is never empty)
+        task = None
+    if task is None or not task.test:
+        return continual.Task(job.job_id, (), list(items), list(items)), False
+    return task, True
+
+
 def run_continual(p: Prepared, settings: Settings, run_dir: Path, progress, should_stop,
                   ) -> list[Output]:
     """One continual update of the serving generator on the job's questions, gated: the
     candidate is registered either way, promoted (with ``job.promote``) only if the gate
     passes it; the gate's metrics and reason go into the version, ``gate.json`` and the job's
-    note."""
+    note. The update trains on the questions but a held-out part, which the gate's new-data
+    check answers (``hold_out``; on the trained ones when the batch is too small, and
+    ``gate.json``'s ``new_data_held_out`` and the note say so)."""
     config: ContinualJobConfig = p.config
     registry = Registry(settings.checkpoint_dir)
     device, _ = loop.pick_device(config.device)
     corpus = job_corpus(p.job, settings)
-    new = p.splits["train"]
+    task, held_out = hold_out(p.job, p.splits["train"])
     regression = regression_set(config, settings)
     with _retrieval(settings, registry, corpus, device) as retrieval:
         buffer = serving_buffer(config, registry, retrieval)
         model, tokenizer = serving_generator(settings, registry)
         model.to(device)
-        serving = continual.gate_metrics(model, tokenizer, regression, new, retrieval, config)
-        result = continual.continual_update(config, model, tokenizer, new, buffer, retrieval,
-                                            run_dir, progress=progress,
+        serving = continual.gate_metrics(model, tokenizer, regression, task.test, retrieval,
+                                         config)
+        result = continual.continual_update(config, model, tokenizer, task.train, buffer,
+                                            retrieval, run_dir, progress=progress,
                                             should_stop=should_stop)
-        candidate = continual.gate_metrics(result.model, tokenizer, regression, new,
+        candidate = continual.gate_metrics(result.model, tokenizer, regression, task.test,
                                            retrieval, config)
     promote, reason = continual.gate(candidate, serving, config.tolerance)
+    if not held_out:
+        reason += (f" ({continual.NEW_DATA} measured on the {len(task.train)} trained items: "
+                   "too few new items to hold any out)")
     metrics = {**{f"serving_{k}": v for k, v in serving.items()},
                **{f"candidate_{k}": v for k, v in candidate.items()}}
     _record_metrics(result.model_dir, metrics)
     (run_dir / GATE_FILE).write_text(json.dumps(
         {"promote": promote, "reason": reason, "tolerance": config.tolerance,
-         "regression_items": len(regression), "new_items": len(new), **metrics}, indent=1))
+         "regression_items": len(regression), "new_items": len(p.splits["train"]),
+         "train_items": len(task.train), "held_out_items": len(task.test) if held_out else 0,
+         "new_data_held_out": held_out, **metrics}, indent=1))
     log.info("continual update %s: %s", p.job.job_id, reason)
     progress(loop.Progress(kind=continual.KIND, step=result.steps, total_steps=result.steps,
                            loss=result.history[-1]["loss"] if result.history else None,

@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 
 from services.trainer import soup
-from services.trainer.feedback import DATA_FILE, STORE_DIR, FeedbackStore
+from services.trainer.feedback import DATA_FILE, ITEMS_FILE, STORE_DIR, FeedbackStore
 from services.trainer.jobs import has_indexed_corpus
-from services.trainer.service import JobError, TrainerService
+from services.trainer.service import STATUS_FILE, JobError, TrainerService
 from shared.registry import RegistryError
 from shared.schemas import (
     AverageRequest,
@@ -72,6 +72,7 @@ class TrainerRunner:
         updates = [st for st in service.statuses(limit=10_000)
                    if st.kind == "continual" and st.job_id.startswith(UPDATE_PREFIX)]
         self._last_update: str | None = updates[0].job_id if updates else None
+        self._restore_unqueued_updates()
         self._thread = threading.Thread(target=self._main, name="trainer", daemon=True)
         for job in service.pending():
             log.info("resuming interrupted job %s", job.job_id)
@@ -144,10 +145,11 @@ class TrainerRunner:
 
     # --- feedback: the production loop ------------------------------------------------------
     def feedback(self, fb: Feedback) -> None:
-        """Store one judged answer (idempotent by id); at ``feedback.update_after`` stored
-        items, start an update unless one is queued or running. Raises ``JobError`` for a
-        question or answer over the limits (the front checks them too; an entry put on the
-        stream by hand must not stall every later update)."""
+        """Store one judged answer (idempotent by id, also once an update took it); at
+        ``feedback.update_after`` stored items, start an update unless one is queued or
+        running. Raises ``JobError`` for a question or answer over the limits (the front
+        checks them too; an entry put on the stream by hand must not stall every later
+        update)."""
         settings = self.service.settings
         over = fb.over_limits(settings.limits.max_question_chars,
                               settings.trainer.max_answer_chars)
@@ -202,6 +204,18 @@ class TrainerRunner:
                 raise
             self._last_update = job_id
             return status
+
+    def _restore_unqueued_updates(self) -> None:
+        """Put back the feedback of update run folders that hold it but no job status (the
+        trainer stopped between ``take`` and ``submit``, or after a failed submit's
+        ``restore``), and remove those folders: no job would ever train on it."""
+        runs = self.service.registry.root / "runs"
+        for run_dir in sorted(runs.glob(UPDATE_PREFIX + "*")):
+            if (run_dir / ITEMS_FILE).is_file() and not (run_dir / STATUS_FILE).exists():
+                stored = self.feedback_store.restore(run_dir)
+                shutil.rmtree(run_dir, ignore_errors=True)
+                log.warning("update %s was never queued: its feedback is stored again (%d "
+                            "stored)", run_dir.name, stored)
 
     def _running_update(self) -> JobStatus | None:
         if self._last_update is None:

@@ -13,12 +13,12 @@ from deploy.workers import trainer_worker
 from services.sparse.service import SparseService
 from services.trainer import continual as cl
 from services.trainer import jobs
-from services.trainer.feedback import DATA_FILE, ITEMS_FILE, FeedbackStore
+from services.trainer.feedback import DATA_FILE, ITEMS_FILE, STORE_DIR, FeedbackStore
 from services.trainer.runner import TrainerRunner
-from services.trainer.service import JobError, TrainerService
+from services.trainer.service import STATUS_FILE, JobError, TrainerService
 from shared import keys
 from shared.bus import FIELD, dead_letters
-from shared.datasets import load_corpus, load_qa_jsonl, load_split
+from shared.datasets import QAItem, load_corpus, load_qa_jsonl, load_split
 from shared.registry import Registry
 from shared.schemas import (
     Document,
@@ -31,7 +31,13 @@ from shared.schemas import (
     UpdateRequest,
 )
 from tests.conftest import make_bus
-from tests.services.test_trainer_service import N_DOCS, models, settings  # noqa: F401
+from tests.services.test_trainer_service import (  # noqa: F401
+    N_DOCS,
+    QUICK,
+    data_file,
+    models,
+    settings,
+)
 from tests.tiny import CITIES
 
 TINY = {"top_k": 1, "max_passage_chars": 100, "max_seq_len": 512, "max_answer_tokens": 16,
@@ -73,6 +79,57 @@ def test_the_store_keeps_each_item_once_and_hands_all_of_it_to_an_update(tmp_pat
     store.path.write_text(store.path.read_text() + "{not json\n")
     with pytest.raises(ValueError, match=r"pending.jsonl:3: not a stored feedback item"):
         FeedbackStore(tmp_path / "feedback").count()
+
+
+def test_an_item_an_update_took_is_not_stored_again_until_it_is_restored(tmp_path):
+    """The bus delivers at least once and clients resend: an id an update took stays known,
+    also to the store a restarted trainer opens."""
+    store = FeedbackStore(tmp_path / "feedback")
+    fb = wrong(0, feedback_id="a")
+    assert store.add(fb) == 1 and store.add(fb) == 1
+    run1 = tmp_path / "runs" / "u1"
+    assert store.take(run1) == 1
+    assert store.add(fb) == 0  # re-delivered after the update took it
+    assert FeedbackStore(tmp_path / "feedback").add(fb) == 0  # and after a restart
+    assert store.add(wrong(1, feedback_id="b")) == 1  # others still arrive
+    run2 = tmp_path / "runs" / "u2"
+    assert store.take(run2) == 1
+    assert [i.id for i in load_qa_jsonl(run2 / DATA_FILE)] == ["feedback:b"]  # not "a" again
+    # an update that could not be queued: its items are stored again, and taken again later
+    assert store.restore(run1) == 1 and store.add(fb) == 1
+    assert FeedbackStore(tmp_path / "feedback").count() == 1
+    assert FeedbackStore(tmp_path / "feedback").add(wrong(1, feedback_id="b")) == 1  # u2 kept it
+    assert store.take(tmp_path / "runs" / "u3") == 1 and store.add(fb) == 0
+    store.taken_path.write_text(store.taken_path.read_text() + "{torn\n")
+    with pytest.raises(ValueError, match=r"taken.jsonl:3: not a taken feedback id"):
+        FeedbackStore(tmp_path / "feedback").add(fb)
+
+
+def test_feedback_an_update_took_but_never_queued_is_stored_again_at_start(settings):  # noqa: F811
+    """A trainer stopped between taking the items and queueing their job leaves them only in a
+    run folder without a status: the next start puts them back; a queued update keeps its own."""
+    trainer = TrainerService(settings)
+    store = FeedbackStore(trainer.registry.root / STORE_DIR)
+    store.add(wrong(0, feedback_id="queued"))
+    queued = trainer.registry.run_dir("feedback-1-queued")
+    store.take(queued)
+    (queued / STATUS_FILE).write_text(JobStatus(job_id=queued.name, kind="continual",
+                                                state="done").model_dump_json())
+    for n in (1, 2):
+        store.add(wrong(n, feedback_id=f"lost-{n}"))
+    lost = trainer.registry.run_dir("feedback-2-lost")
+    store.take(lost)
+    runner = TrainerRunner(trainer, lambda _event: None)
+    try:
+        assert runner.feedback_state().stored == 2
+        assert not lost.exists() and (queued / ITEMS_FILE).is_file()
+        runner.feedback(wrong(1, feedback_id="lost-1"))  # stored once, as before
+        runner.feedback(wrong(0, feedback_id="queued"))  # still taken by its update
+        assert runner.feedback_state().stored == 2
+        assert [json.loads(x)["feedback_id"] for x in store.path.read_text().splitlines()] == \
+            ["lost-1", "lost-2"]
+    finally:
+        runner.stop()
 
 
 # --- the runner: enough feedback, or on demand, starts an update -------------------------------
@@ -191,8 +248,12 @@ def test_the_gate_blocks_a_deliberately_bad_update_and_promotes_a_good_one(
     trainer = TrainerService(settings)
     registry = Registry(settings.checkpoint_dir)
     docs = load_corpus(N_DOCS)
-    regression = qa_file(tmp_path / "regression.jsonl", docs[3:5])
+    # batches too small for the job's seed split to hold an item out ("known:1", "known:2",
+    # "new:1", "new:2"): each update trains on all of its file and its gate checks those items
+    regression = qa_file(tmp_path / "known.jsonl", docs[3:5])
     new = qa_file(tmp_path / "new.jsonl", docs[5:7])
+    for path in (regression, new):
+        assert not cl.batch_task("batch", load_qa_jsonl(path), seed=13).test
     base = {**TINY, "regression_path": str(regression), "tolerance": 0.5}
 
     def update(job_id: str, data, **params):
@@ -214,7 +275,61 @@ def test_the_gate_blocks_a_deliberately_bad_update_and_promotes_a_good_one(
     good = update("good", new, method="replay", lr=3e-3, steps_per_task=40)
     assert good.promoted == ["generator/v0003"], good.note
     assert good.note.startswith("promoted") and good.metrics["candidate_new_data"] == 1.0
+    assert good.note.endswith("(new_data measured on the 2 trained items: too few new items "
+                              "to hold any out)"), good.note
+    gate = json.loads((registry.run_dir("good") / jobs.GATE_FILE).read_text())
+    assert (gate["new_data_held_out"], gate["train_items"], gate["held_out_items"]) == \
+        (False, 2, 0)
     assert registry.serving("generator").version == "v0003"
+
+
+def test_the_gate_checks_new_items_the_update_did_not_train_on(
+        settings, data_file, monkeypatch):  # noqa: F811
+    """The gate's new-data check answers the batch's held-out part: a candidate is not judged
+    on the very pairs it was trained on."""
+    trained, checked = [], []
+    update, metrics = cl.continual_update, cl.gate_metrics
+
+    def continual_update(config, model, tokenizer, new_items, *args, **kwargs):
+        trained.append([i.id for i in new_items])
+        return update(config, model, tokenizer, new_items, *args, **kwargs)
+
+    def gate_metrics(model, tokenizer, regression, new_data, *args):
+        checked.append([i.id for i in new_data])
+        return metrics(model, tokenizer, regression, new_data, *args)
+
+    monkeypatch.setattr(cl, "continual_update", continual_update)
+    monkeypatch.setattr(cl, "gate_metrics", gate_metrics)
+    trainer = TrainerService(settings)
+    status = trainer.run(TrainJob(job_id="held-out", kind="continual", params=QUICK["continual"],
+                                  data=TrainData(sets=[], path=str(data_file),
+                                                 corpus_limit=N_DOCS)))
+    assert status.state == "done", status.error
+    [train], [serving, candidate] = trained, checked
+    assert serving == candidate and candidate  # both models answer the same held-out items
+    assert not set(train) & set(candidate)
+    every = [i.id for i in load_qa_jsonl(data_file)]
+    assert sorted(train + candidate) == sorted(every)
+    gate = json.loads((trainer.registry.run_dir("held-out") / jobs.GATE_FILE).read_text())
+    assert gate["new_data_held_out"] is True and "too few" not in status.note
+    assert (gate["new_items"], gate["train_items"], gate["held_out_items"]) == \
+        (len(every), len(train), len(candidate))
+
+
+def test_a_batch_too_small_to_hold_an_item_out_is_trained_and_checked_whole():
+    def batch(*ids):
+        return [QAItem(id=i, question=f"{i}?", answers=["a"], doc_ids=[], answerable=True)
+                for i in ids]
+
+    job = TrainJob(job_id="small", kind="continual", seed=13, data=TrainData(sets=["capitals"]))
+    # seed 13: "new:1" and "new:2" both fall in the training part, "taught:1" in the held-out one
+    for items in (batch("new:1", "new:2"), batch("taught:1")):
+        task, held_out = jobs.hold_out(job, items)
+        assert not held_out and task.train == task.test == items
+    items = batch(*(f"new:{n}" for n in range(40)))
+    task, held_out = jobs.hold_out(job, items)
+    assert held_out and task.test and not {i.id for i in task.train} & {i.id for i in task.test}
+    assert sorted(i.id for i in task.train + task.test) == sorted(i.id for i in items)
 
 
 def test_a_first_update_replays_only_packaged_questions_whose_passages_show_the_answer(
