@@ -400,23 +400,21 @@ def read_jsonl(path: Path, settings: Settings) -> list[tuple[int, Document]]:
 
     Raises CLIError naming the line and the field for the first bad line: not UTF-8, not the
     schema, over this configuration's limits (the check the server applies,
-    ``QAService.check_documents``) or a ``doc_id`` on an earlier line too. The file goes in
+    ``services.qa.service.check_document``) or a ``doc_id`` on an earlier line too. The file goes in
     several requests, so a check left to the server could refuse a later one after earlier
     ones were queued.
     """
-    from services.qa.service import InputError, QAService
+    from services.qa.service import InputError, check_document
 
     documents = read_models(path, Document)
     if not documents:
         raise CLIError(f"{path}: no documents")
-    checker = QAService(None, settings)  # check_documents reads only the settings
     seen: dict[str, int] = {}
     for number, document in documents:
         try:
-            checker.check_documents([document])
+            check_document(document, settings)
         except InputError as exc:
-            field = exc.field.removeprefix("documents.0.")
-            raise CLIError(f"{path}:{number}: {field}: {exc.message}") from None
+            raise CLIError(f"{path}:{number}: {exc.field}: {exc.message}") from None
         if document.doc_id in seen:
             raise CLIError(f"{path}:{number}: doc_id {document.doc_id!r} is on line "
                            f"{seen[document.doc_id]} too")

@@ -77,6 +77,19 @@ class FeedbackFull(RuntimeError):
         self.cap = cap
 
 
+def check_document(doc: Document, settings: Settings, prefix: str = "") -> None:
+    """InputError (field ``<prefix>title`` or ``<prefix>text``) for a title over
+    ``limits.max_title_chars`` or a text over ``limits.max_document_chars``; the schema has
+    checked everything else. The CLI applies it to every line of a file before sending any."""
+    limits = settings.limits
+    if len(doc.title) > limits.max_title_chars:
+        raise InputError(f"{prefix}title", f"is {len(doc.title)} characters; the limit is "
+                                           f"{limits.max_title_chars}")
+    if len(doc.text) > limits.max_document_chars:
+        raise InputError(f"{prefix}text", f"is {len(doc.text)} characters; the limit is "
+                                          f"{limits.max_document_chars}")
+
+
 def check_feedback(item: Feedback, settings: Settings, prefix: str = "") -> None:
     """InputError (field ``<prefix>question``, ``answer`` or ``correct_answer``) for stripped
     text over ``limits.max_question_chars`` (the question) or ``trainer.max_answer_chars`` (the
@@ -233,14 +246,7 @@ class QAService:
             if doc.doc_id in seen:
                 raise InputError(f"documents.{i}.doc_id", f"{doc.doc_id!r} appears twice")
             seen.add(doc.doc_id)
-            if len(doc.title) > limits.max_title_chars:
-                raise InputError(f"documents.{i}.title",
-                                 f"is {len(doc.title)} characters; the limit is "
-                                 f"{limits.max_title_chars}")
-            if len(doc.text) > limits.max_document_chars:
-                raise InputError(f"documents.{i}.text",
-                                 f"is {len(doc.text)} characters; the limit is "
-                                 f"{limits.max_document_chars}")
+            check_document(doc, self.settings, prefix=f"documents.{i}.")
 
     async def ingest(self, documents: list[Document], wait: bool = False) -> IngestAccepted:
         """Put the documents on ``rag:ingest`` (atomically, in batches) for both indexes.
