@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from deploy import feedback_cli, train_cli
 from deploy.stack import state_path
 from shared import keys
 from shared.bus import Bus
+from shared.files import NotUtf8, utf8_lines
 from shared.schemas import Document
 from shared.settings import Settings
 
@@ -366,32 +366,14 @@ def read_models(path: Path, model: type[M]) -> list[tuple[int, M]]:
 
 
 def _read_lines(path: Path) -> Iterator[str]:
-    """The lines of a UTF-8 text file, read as they are consumed; CLIError naming the file
-    when it cannot be read, and the line, column and byte offset of the first byte that is
-    not UTF-8."""
+    """``shared.files.utf8_lines``; CLIError naming the file when it cannot be read, and the
+    line, column and byte offset of the first byte that is not UTF-8."""
     try:
-        with path.open(encoding="utf-8") as lines:
-            yield from lines
-    except UnicodeDecodeError:
-        raise CLIError(_not_utf8(path)) from None
+        yield from utf8_lines(path)
+    except NotUtf8 as exc:
+        raise CLIError(str(exc)) from None
     except OSError as exc:
         raise CLIError(f"{path}: cannot read: {exc.strerror or exc}") from None
-
-
-def _not_utf8(path: Path) -> str:
-    """Where ``path``'s first byte that is not UTF-8 is (the decoder reads in chunks, so the
-    error it raised while reading lines does not say)."""
-    raw = path.read_bytes()
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        # The lines before it as ``open`` splits them (universal newlines).
-        before = io.StringIO(raw[:exc.start].decode("utf-8"), newline=None).read()
-        line = before.count("\n") + 1
-        column = len(before) - before.rfind("\n")  # in characters, from 1
-        return (f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
-                f"{column}, offset {exc.start} of the file)")
-    return f"{path}: not UTF-8 text"  # changed while being read
 
 
 def read_jsonl(path: Path, settings: Settings) -> list[tuple[int, Document]]:

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from shared.files import NotUtf8, utf8_lines
 from shared.prompt import is_no_answer
 from shared.schemas import Document
 
@@ -451,62 +452,57 @@ def load_qa_jsonl(path: Path, *, max_answer_chars: int = MAX_ANSWER_CHARS,
         raise DataFileError(f"{path}: no such file")
     items: list[QAItem] = []
     seen: set[str] = set()
-    # Undecodable bytes read as surrogates, so that the line holding one can be named.
-    with path.open(encoding="utf-8", errors="surrogateescape") as lines:
-        for number, line in enumerate(lines, 1):
-            where = f"{path}:{number}"
-            _check_utf8(line, where)
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFileError(f"{where}: not JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            unknown = set(obj) - {"id", "question", "answer", "answers", "doc_ids"}
-            if unknown:
-                raise DataFileError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
-                                    "known: id, question, answer, answers, doc_ids")
-            question = obj.get("question")
-            if not isinstance(question, str) or not question.strip():
-                raise DataFileError(f"{where}: `question` must be a non-empty string")
-            if len(question) > max_question_chars:
-                raise DataFileError(f"{where}: question of {len(question)} characters is over "
-                                    f"the limit of {max_question_chars}")
-            answers = obj.get("answers", [obj["answer"]] if "answer" in obj else None)
-            if (not isinstance(answers, list) or not answers
-                    or not all(isinstance(a, str) and a.strip() for a in answers)):
-                raise DataFileError(f"{where}: needs `answer` (a non-empty string) or `answers` "
-                                    "(a non-empty list of non-empty strings)")
-            for answer in answers:
-                if len(answer) > max_answer_chars:
-                    raise DataFileError(f"{where}: answer of {len(answer)} characters is over "
-                                        f"the limit of {max_answer_chars}")
-            doc_ids = obj.get("doc_ids", [])
-            if not isinstance(doc_ids, list) or not all(isinstance(d, str) for d in doc_ids):
-                raise DataFileError(f"{where}: `doc_ids` must be a list of strings")
-            item_id = obj.get("id", f"{path.stem}:{number}")
-            if not isinstance(item_id, str) or not item_id:
-                raise DataFileError(f"{where}: `id` must be a non-empty string")
-            if item_id in seen:
-                raise DataFileError(f"{where}: id {item_id!r} repeats an earlier line")
-            seen.add(item_id)
-            answerable = not is_no_answer(answers[0])
-            items.append(QAItem(id=item_id, question=question.strip(),
-                                answers=[a.strip() for a in answers],
-                                doc_ids=list(doc_ids), answerable=answerable))
+    for number, line in enumerate(_lines(path), 1):
+        where = f"{path}:{number}"
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataFileError(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        unknown = set(obj) - {"id", "question", "answer", "answers", "doc_ids"}
+        if unknown:
+            raise DataFileError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
+                                "known: id, question, answer, answers, doc_ids")
+        question = obj.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise DataFileError(f"{where}: `question` must be a non-empty string")
+        if len(question) > max_question_chars:
+            raise DataFileError(f"{where}: question of {len(question)} characters is over "
+                                f"the limit of {max_question_chars}")
+        answers = obj.get("answers", [obj["answer"]] if "answer" in obj else None)
+        if (not isinstance(answers, list) or not answers
+                or not all(isinstance(a, str) and a.strip() for a in answers)):
+            raise DataFileError(f"{where}: needs `answer` (a non-empty string) or `answers` "
+                                "(a non-empty list of non-empty strings)")
+        for answer in answers:
+            if len(answer) > max_answer_chars:
+                raise DataFileError(f"{where}: answer of {len(answer)} characters is over "
+                                    f"the limit of {max_answer_chars}")
+        doc_ids = obj.get("doc_ids", [])
+        if not isinstance(doc_ids, list) or not all(isinstance(d, str) for d in doc_ids):
+            raise DataFileError(f"{where}: `doc_ids` must be a list of strings")
+        item_id = obj.get("id", f"{path.stem}:{number}")
+        if not isinstance(item_id, str) or not item_id:
+            raise DataFileError(f"{where}: `id` must be a non-empty string")
+        if item_id in seen:
+            raise DataFileError(f"{where}: id {item_id!r} repeats an earlier line")
+        seen.add(item_id)
+        answerable = not is_no_answer(answers[0])
+        items.append(QAItem(id=item_id, question=question.strip(),
+                            answers=[a.strip() for a in answers],
+                            doc_ids=list(doc_ids), answerable=answerable))
     if not items:
         raise DataFileError(f"{path}: no question/answer pairs in the file")
     return items
 
 
-def _check_utf8(line: str, where: str) -> None:
-    """Raise ``DataFileError`` at ``where`` when ``line`` (read with ``surrogateescape``)
-    holds a byte that is not UTF-8."""
+def _lines(path: Path) -> Iterator[str]:
+    """``shared.files.utf8_lines``, a byte that is not UTF-8 a ``DataFileError``."""
     try:
-        line.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        byte = ord(line[exc.start]) - 0xDC00
-        raise DataFileError(f"{where}: not UTF-8 text (byte 0x{byte:02x} at column "
-                            f"{exc.start + 1}); save the file as UTF-8") from None
+        yield from utf8_lines(path)
+    except NotUtf8 as exc:
+        raise DataFileError(f"{path}:{exc.line}: not UTF-8 text (byte 0x{exc.byte:02x} at "
+                            f"column {exc.column}); save the file as UTF-8") from None

@@ -1,4 +1,5 @@
-"""Files written whole or not at all: a reader (or a resumed run) never sees half a file."""
+"""Files written whole or not at all: a reader (or a resumed run) never sees half a file; and
+the lines of a UTF-8 text file read with the place of a byte that is not UTF-8."""
 
 from __future__ import annotations
 
@@ -35,3 +36,34 @@ def write_text_atomic(path: Path, text: str) -> Path:
     with atomic_open(path) as out:
         out.write(text.encode("utf-8"))
     return Path(path)
+
+
+class NotUtf8(ValueError):
+    """A byte of ``path`` that is not UTF-8: its value ``byte``, its ``line`` and ``column``
+    (from 1; the column in characters of that line) and ``offset`` (bytes before it)."""
+
+    def __init__(self, path: Path, line: int, column: int, byte: int, offset: int) -> None:
+        self.path, self.line, self.column, self.byte, self.offset = (path, line, column, byte,
+                                                                     offset)
+        super().__init__(f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x} at column "
+                         f"{column}, offset {offset} of the file)")
+
+
+def utf8_lines(path: Path) -> Iterator[str]:
+    """The lines of the UTF-8 text file ``path``, read as they are consumed (split where
+    ``open`` splits them, ends kept). Raises ``NotUtf8`` at the first byte that is not UTF-8,
+    and OSError as ``open`` does."""
+    offset = 0
+    # Undecodable bytes read as surrogates, so that the line holding one can be named (the
+    # decoder's own error, raised while reading ahead in chunks, does not say which).
+    with Path(path).open(encoding="utf-8", errors="surrogateescape", newline="") as lines:
+        for number, line in enumerate(lines, 1):
+            try:
+                size = len(line.encode("utf-8"))
+            except UnicodeEncodeError as exc:
+                before = len(line[:exc.start].encode("utf-8", "surrogateescape"))
+                raise NotUtf8(path, number, exc.start + 1, ord(line[exc.start]) - 0xDC00,
+                              offset + before) from None
+            offset += size
+            yield line
+
