@@ -107,9 +107,11 @@ class Registry:
     # --- writing ---------------------------------------------------------------------------
     def register(self, kind: str, model_dir: Path, *, job_id: str | None = None,
                  passage_version: str | None = None,
-                 made_from: str | None = None) -> ModelVersion:
+                 made_from: str | None = None,
+                 split_seed: int | None = None) -> ModelVersion:
         """Copy the saved model folder ``model_dir`` in as the next version of ``kind``
-        (``made_from``: what a version that no job trained was made of, for the listing).
+        (``made_from``: what a version that no job trained was made of, for the listing;
+        ``split_seed``: the seed that split the job's questions, which evaluation reuses).
 
         ``model_dir`` must hold ``ragtune.json`` (``loop.save_model`` writes it); its metrics
         are kept in the record. Not promoted: serving is unchanged.
@@ -134,7 +136,7 @@ class Registry:
                                  created=time.time(), job_id=job_id, made_from=made_from,
                                  metrics=_flat_metrics(meta.get("metrics", {})),
                                  reindex=bool(meta.get("reindex", False)),
-                                 passage_version=passage_version)
+                                 passage_version=passage_version, split_seed=split_seed)
             record["versions"].append(entry.model_dump(mode="json"))
             return entry
 

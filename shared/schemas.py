@@ -597,6 +597,9 @@ class ModelVersion(Wire):
     passage_version: str | None = Field(
         None, description="retriever trained for queries only: the version whose passage "
                           "vectors it was trained against (None = the base model's)")
+    split_seed: int | None = Field(
+        None, description="the seed that split the job's questions into train/dev/test: its "
+                          "test split is the one it never saw (None: no job trained it)")
 
 
 class KindRecord(Wire):

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from services.trainer import soup
 from services.trainer.feedback import DATA_FILE, ITEMS_FILE, STORE_DIR, FeedbackStore
 from services.trainer.jobs import has_indexed_corpus
-from services.trainer.service import STATUS_FILE, JobError, TrainerService
+from services.trainer.service import STATUS_FILE, JobError, TrainerService, UnknownJob
 from shared.registry import RegistryError
 from shared.schemas import (
     AverageRequest,
@@ -100,7 +100,7 @@ class TrainerRunner:
         if query.job_id is not None:
             status = self.service.status(query.job_id)
             if status is None:
-                raise JobError(f"no job {query.job_id!r}")
+                raise UnknownJob(f"no job {query.job_id!r}")
             return JobList(jobs=[status])
         return JobList(jobs=self.service.statuses(query.limit))
 

@@ -50,6 +50,10 @@ class JobError(ValueError):
     training starts."""
 
 
+class UnknownJob(JobError):
+    """No job has the id asked for (HTTP 404)."""
+
+
 class TrainerService:
     """Runs training jobs against the checkpoint registry of ``settings``."""
 
@@ -140,7 +144,7 @@ class TrainerService:
 
         try:
             outputs = jobs.execute(prepared, self.settings, run_dir, progress, should_stop)
-            versions = self._register(job.job_id, outputs)
+            versions = self._register(job, outputs)
             now["versions"] = [f"{v.kind}/{v.version}" for v in versions]
             notes = [out.note for out in outputs if out.note]
             now["note"] = "; ".join(notes) if notes else None
@@ -162,15 +166,16 @@ class TrainerService:
             _tidy(run_dir, [out.folder for out in outputs])
         return status
 
-    def _register(self, job_id: str, outputs: list[jobs.Output]) -> list[ModelVersion]:
+    def _register(self, job: TrainJob, outputs: list[jobs.Output]) -> list[ModelVersion]:
         """The registry's versions of ``outputs``: registered now, or the one this job
         registered of that kind before a crash cut it short (a job makes at most one model of
         each kind), so that resuming it adds no copy that a rollback would then land on."""
         view = self.registry.view()
         before = {v.kind: v for record in (view.retriever, view.generator)
-                  for v in record.versions if v.job_id == job_id}
+                  for v in record.versions if v.job_id == job.job_id}
         return [before.get(out.kind) or self.registry.register(
-                    out.kind, out.folder, job_id=job_id, passage_version=out.passage_version)
+                    out.kind, out.folder, job_id=job.job_id,
+                    passage_version=out.passage_version, split_seed=job.seed)
                 for out in outputs]
 
     def _refuse(self, job: TrainJob, exc: JobError, on_status: StatusFn | None) -> None:
@@ -191,7 +196,7 @@ class TrainerService:
         """Ask job ``job_id`` to stop after its current step (its saved state stays)."""
         status = self.status(job_id)
         if status is None:
-            raise JobError(f"no job {job_id!r}")
+            raise UnknownJob(f"no job {job_id!r}")
         if status.state in ("queued", "running"):
             (self.registry.run_dir(job_id) / CANCEL_FILE).touch()
         return status
@@ -201,7 +206,7 @@ class TrainerService:
         """The job ``job_id`` as submitted; ``JobError`` when there is none."""
         path = self._run_file(job_id, JOB_FILE)
         if path is None or not path.is_file():
-            raise JobError(f"no job {job_id!r}")
+            raise UnknownJob(f"no job {job_id!r}")
         return TrainJob.model_validate_json(path.read_text())
 
     def status(self, job_id: str) -> JobStatus | None:

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from services.trainer.runner import TrainerRunner
-from services.trainer.service import JobError, TrainerService
+from services.trainer.service import JobError, TrainerService, UnknownJob
 from shared.datasets import load_corpus
 from shared.registry import Registry
 from shared.schemas import JobQuery, JobRef, PromoteRequest, RollbackRequest, TrainData, TrainJob
@@ -240,7 +240,7 @@ def test_runner_publishes_progress_and_promotion_and_answers_requests(settings, 
         assert view.retriever.serving is None and events[-1].data["version"] is None
         view = runner.promote(PromoteRequest(kind="retriever", version="v0001"))
         assert view.retriever.serving == "v0001"
-        with pytest.raises(JobError, match="no job 'nope'"):
+        with pytest.raises(UnknownJob, match="no job 'nope'"):
             runner.cancel(JobRef(job_id="nope"))
     finally:
         runner.stop()
@@ -295,6 +295,7 @@ def test_a_job_resumed_after_it_registered_its_model_adds_no_second_version(sett
     assert again.state == "done" and again.versions == ["retriever/v0001"]
     view = trainer.registry.view().retriever
     assert [v.version for v in view.versions] == ["v0001"] and view.serving == "v0001"
+    assert view.versions[0].split_seed == crashed.seed  # evaluation's test split is its own
 
 
 def test_a_job_left_running_by_a_crash_is_resumed_at_start(settings, data_file):
