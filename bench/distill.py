@@ -256,7 +256,11 @@ def main() -> None:
                         help="recompute the student's activations in the backward pass "
                              "(less memory)")
     parser.add_argument("--cache", type=Path, default=tg.RESULTS / "cache")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results file (default bench/results/distill[-quick].json)")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="folder of the runs (the student, the retriever arms), emptied "
+                             "first (default bench/results/runs/distill[-quick])")
     args = parser.parse_args()
     parts = [part.strip() for part in args.parts.split(",") if part.strip()]
     layers_arg = None
@@ -306,7 +310,7 @@ def main() -> None:
                 device=args.device, **overrides)
         except ValidationError as exc:
             parser.error(str(exc))
-    runs = tg.RESULTS / "runs" / f"distill{'-quick' if quick else ''}"
+    runs = args.run_dir or tg.RESULTS / "runs" / f"distill{'-quick' if quick else ''}"
     shutil.rmtree(runs, ignore_errors=True)  # a benchmark starts over
     timings: dict[str, float] = {}
     out = args.out or tg.RESULTS / f"distill{'-quick' if quick else ''}.json"
@@ -473,7 +477,8 @@ def main() -> None:
         # targets alone (and bench/RESULTS.md's figures were measured so).
         supervised = train_retriever(
             RetrieverTrainConfig(mode="query", batch_size=rank_config.batch_size,
-                                 max_steps=steps, eval_steps=10_000, save_steps=10_000,
+                                 epochs=rank_config.epochs, max_steps=steps,
+                                 eval_steps=10_000, save_steps=10_000,
                                  lr=rank_config.lr, anchor=0.0),
             base, rank_train, [], corpus, runs / "retriever-supervised", doc_vectors=vectors,
             cache_dir=args.cache)

@@ -14,7 +14,8 @@ know.": the wrong update teaches the model to abstain where the passages do hold
 
 The gate (``services/trainer/continual.py``: ``gate``) answers the frozen regression set (the
 first ``regression_limit`` answerable capital and FanOutQA dev questions) and the new items
-with the serving model and with the candidate (answer-contains, greedy, serving's prompt over
+it held out of training (``jobs.hold_out``: about 15% of them, by the job's seed) with the
+serving model and with the candidate (answer-contains, greedy, serving's prompt over
 the hybrid top 3 of the full corpus) and promotes only if regression accuracy drops by at most
 the tolerance (0.02) and the new items are answered at least as well. Expected: sound
 promoted, wrong kept out.
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_generator as tg
 
-from services.trainer import loop
+from services.trainer import jobs, loop
 from services.trainer.runner import TrainerRunner
 from services.trainer.service import TrainerService
 from shared.datasets import load_split
@@ -132,8 +133,13 @@ def main() -> None:
             runner.stop()
         if status.state != "done":
             raise SystemExit(f"{name} update {status.job_id} {status.state}: {status.error}")
+        gate = json.loads((runner.service.registry.run_dir(status.job_id)
+                           / jobs.GATE_FILE).read_text())
         rows[name] = {"job_id": status.job_id, "promoted": bool(status.promoted),
                       "note": status.note, "metrics": status.metrics,
+                      "trained_items": gate["train_items"],
+                      "held_out_items": gate["held_out_items"] if gate["new_data_held_out"]
+                      else 0,
                       "wall_s": round(time.perf_counter() - started, 1)}
 
     print(f"\nfeedback loop{' (quick)' if quick else ''} on {device}: packaged SmolLM2, "
@@ -148,7 +154,10 @@ def main() -> None:
               f"{m['serving_new_data']:>12.3f} > {m['candidate_new_data']:.3f}"
               f"{'promoted' if row['promoted'] else 'kept out':>11}{row['wall_s']:>9.0f}")
     for name, row in rows.items():
-        print(f"{name}: {row['note']}")
+        scored = (f"the {row['held_out_items']} held out" if row["held_out_items"]
+                  else "the trained ones (too few to hold some out)")
+        print(f"{name}: {row['note']} (trained on {row['trained_items']} items; new items "
+              f"scored on {scored})")
     for name, row in rows.items():
         m = row["metrics"]
         regressed = m["candidate_regression"] < m["serving_regression"] - params["tolerance"]

@@ -246,7 +246,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None,
                         help="default 1e-4 (full) / 5e-4 (lora)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=count, default=None,
+                        help="examples per step (default 16; 2 with --quick)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute activations in the backward pass (less memory)")
     parser.add_argument("--abstain-fraction", type=float, default=0.1)
@@ -293,7 +294,8 @@ def main() -> None:
 
     gate = settings.answer
     eval_batch = 64 if device.type == "cuda" else 8
-    max_new = 24 if args.quick else qa.SERVING_MAX_NEW_TOKENS
+    # the served answer length (RAGTUNE_GENERATOR__MAX_NEW_TOKENS), as bench/trust.py reads it
+    max_new = 24 if args.quick else settings.generator.max_new_tokens
     columns: dict[str, dict[str, dict]] = {}  # "<model>" (its own words) / "<model> served"
     samples: dict[str, dict[str, list[qa.QARow]]] = {}
 
@@ -323,7 +325,7 @@ def main() -> None:
         config = GeneratorTrainConfig(
             method=args.method, lr=lr, epochs=args.epochs,
             max_steps=3 if args.quick and args.max_steps is None else args.max_steps,
-            batch_size=2 if args.quick else args.batch_size,
+            batch_size=args.batch_size or (2 if args.quick else 16),
             warmup_steps=1 if args.quick else 10, abstain_fraction=args.abstain_fraction,
             not_found_fraction=args.not_found_fraction,
             answer_cut_fraction=args.answer_cut_fraction, moved_fraction=args.moved_fraction,

@@ -53,6 +53,7 @@ import importlib.metadata
 import json
 import logging
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -166,7 +167,10 @@ def load_encoder(model_dir: Path, base: Encoder, device: torch.device) -> Encode
 def train_run(config: RetrieverTrainConfig, base: Encoder, train: Sequence[QAItem],
               dev: Sequence[QAItem], corpus: Sequence[Document], base_vectors: np.ndarray,
               cache: Path, run_dir: Path) -> dict:
-    """One fine-tuning run; what the report keeps of it, with its ``model_dir``."""
+    """One fine-tuning run, from the start (``run_dir``'s earlier run, if any, is removed:
+    ``train_retriever`` would resume it); what the report keeps of it, with its
+    ``model_dir``."""
+    shutil.rmtree(run_dir, ignore_errors=True)
     ticks: list[tuple[float, bool]] = []
     t0 = time.perf_counter()
     result = train_retriever(
@@ -223,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None,
                         help="corpus embedding cache (default: <settings.home>/cache)")
     parser.add_argument("--run-dir", type=Path, default=None,
-                        help="training run folders (default: a temporary folder)")
+                        help="training run folders, emptied first (default: a temporary "
+                             "folder)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
