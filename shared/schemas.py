@@ -219,6 +219,9 @@ MAX_BEAMS = 16
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
 MAX_SEED = 2**63 - 1
+# Below this, logits / temperature overflow float32 (1e-39 turns a logit of 1 into inf) and the
+# draw fails for the whole batch; 1e-3 already makes the most likely token all but certain.
+MIN_TEMPERATURE = 1e-3
 
 
 def _positive_int(name: str, value: int | None) -> int | None:
@@ -252,7 +255,8 @@ class DecodingOptions(Wire):
     strategy: DecodingStrategy = "greedy"
     max_new_tokens: int | None = Field(None, description="tokens to generate at most; "
                                                          "None = generator.max_new_tokens")
-    temperature: float | None = Field(None, description="sample: > 0, default 1.0")
+    temperature: float | None = Field(None, description=f"sample: at least {MIN_TEMPERATURE}, "
+                                                        "default 1.0")
     top_k: int | None = Field(None, description="sample: keep the k most likely tokens")
     top_p: float | None = Field(None, description="sample: in (0, 1], default 1.0 (all)")
     seed: int | None = Field(None, description="sample: same seed, same answer; None = random")
@@ -288,7 +292,11 @@ class DecodingOptions(Wire):
                              'strategy "greedy" instead')
         if value is not None and not value > 0:
             raise ValueError(f"`temperature` has to be a strictly positive float, but is {value}")
-        return _finite("temperature", value)
+        if _finite("temperature", value) is not None and value < MIN_TEMPERATURE:
+            raise ValueError(f"`temperature` has to be at least {MIN_TEMPERATURE}, but is "
+                             f"{value}; to always take the most likely token use strategy "
+                             '"greedy"')
+        return value
 
     @field_validator("top_p")
     @classmethod

@@ -32,10 +32,10 @@ def streamable(text: str, stop: Sequence[str], *, cued: bool = False) -> tuple[s
     """``(prefix, stopped)``: the part of a partial completion ``text`` that will begin the
     answer whatever is generated next, and whether a stop string has ended it.
 
-    The answer is the completion stripped and cut before the first stop string, so leading
-    whitespace is dropped and held back at the end are: whitespace, an incomplete character
-    (U+FFFD of a partial UTF-8 sequence) and the longest suffix that could begin a stop
-    string. Each prefix returned for a growing ``text`` extends the previous one. The final
+    The answer is the completion cut before the first stop string, then stripped, so leading
+    whitespace is dropped and held back at the end are: an incomplete character (U+FFFD of a
+    partial UTF-8 sequence), the longest suffix before it that could begin a stop string, and
+    whitespace. Each prefix returned for a growing ``text`` extends the previous one. The final
     answer (``prompt.clean_answer`` with the same ``cued``) can still be shorter in one case:
     generation that hits ``max_new_tokens`` drops a trailing unfinished sentence, which may
     have streamed already.
@@ -47,16 +47,20 @@ def streamable(text: str, stop: Sequence[str], *, cued: bool = False) -> tuple[s
     know.") streams in one piece at the end (``finish``). Without ``cued`` an "Answer:" line
     streams as any other text, as ``clean_answer(cued=False)`` keeps it.
     """
-    text = text.lstrip()
+    # cut before stripping, as the final answer is (``GeneratorService._result``): a stop
+    # string may begin with whitespace that stripping would remove
     cut, stopped = cut_at_stop(text, stop)
     if stopped:
-        prefix = cut.rstrip()
+        prefix = cut.strip()
     else:
+        # an incomplete character may be the next one of a stop string: drop it before
+        # looking for the start of one, or that start would be sent
+        text = text.rstrip(_INCOMPLETE)
         held = 0
         for s in stop:
             held = max(held, next((k for k in range(min(len(s) - 1, len(text)), 0, -1)
                                    if text.endswith(s[:k])), 0))
-        prefix = text[: len(text) - held].rstrip(_INCOMPLETE).rstrip()
+        prefix = text[: len(text) - held].strip()
     if cued:
         prefix = after_cue(prefix) or ""
     return prefix, stopped

@@ -3,7 +3,7 @@
 ``tokenize(text)``: NFKC-normalise and case-fold, fold accents off Latin letters, split into
 runs of Unicode word characters, drop stop words. So "Reykjavík", "REYKJAVIK" and
 "reykjavik" are the one token ``reykjavik``; "ﬁnance" (ligature) is ``finance``; "Straße"
-is ``strasse``; "हिन्दी" stays one token.
+is ``strasse``; "Łódź" and "Ørsted" are ``lodz`` and ``orsted``; "हिन्दी" stays one token.
 
 Why fold accents: queries are mostly typed without diacritics ("Sao Paulo", "Zurich") while
 the encyclopaedic corpus keeps them, and in an English-first corpus the words that folding
@@ -37,6 +37,14 @@ _WORD = regex.compile(r"\w+")
 # Same tokens as _WORD on ASCII text, and about twice as fast: most documents take this path.
 _ASCII_WORD = re.compile(r"\w+", re.ASCII)
 _LATIN_MARKS = regex.compile(r"(?<=\p{Script=Latin})\p{Mn}+")
+# Latin letters whose stroke, bar or ligature is part of the letter, so removing marks leaves
+# them: folded as Lucene's ASCIIFoldingFilter folds them ("Łódź" ~ "Lodz", "Ørsted" ~
+# "Orsted"). Lower case only, as they are looked up after case folding (which already makes
+# "ß" "ss").
+_LATIN_LETTERS = str.maketrans({
+    "æ": "ae", "ð": "d", "đ": "d", "ħ": "h", "ı": "i", "ł": "l", "ø": "o", "œ": "oe",
+    "þ": "th", "ŧ": "t",
+})
 
 
 def stopword_list(name: str) -> frozenset[str]:
@@ -49,11 +57,12 @@ def stopword_list(name: str) -> frozenset[str]:
 
 
 def normalize(text: str) -> str:
-    """NFKC, case-folded, with the accents of Latin letters removed (then NFC again)."""
+    """NFKC, case-folded, with the accents of Latin letters removed and the letters with a
+    built-in stroke or ligature folded to ASCII (then NFC again)."""
     if text.isascii():
         return text.lower()  # NFKC and casefold change nothing else in ASCII
     text = unicodedata.normalize("NFKC", text).casefold()
-    text = _LATIN_MARKS.sub("", unicodedata.normalize("NFD", text))
+    text = _LATIN_MARKS.sub("", unicodedata.normalize("NFD", text)).translate(_LATIN_LETTERS)
     return unicodedata.normalize("NFC", text)
 
 

@@ -26,7 +26,7 @@ from services.generator.decoding import (
     cut_at_stop,
     make_plan,
 )
-from shared.schemas import DecodingOptions, DecodingStrategy, GenerateRequest
+from shared.schemas import MIN_TEMPERATURE, DecodingOptions, DecodingStrategy, GenerateRequest
 
 VOCAB = 20
 IDS = torch.tensor([[3, 7, 7, 1]])
@@ -266,6 +266,9 @@ def test_stop_on_strings_looks_at_generated_tokens_only():
     ({"strategy": "sample", "temperature": -1}, "`temperature` has to be a strictly positive "
                                                 "float, but is -1"),
     ({"strategy": "sample", "temperature": float("inf")}, "has to be a finite number"),
+    ({"strategy": "sample", "temperature": 1e-39}, "`temperature` has to be at least 0.001, but "
+                                                   'is 1e-39; to always take the most likely '
+                                                   'token use strategy "greedy"'),
     ({"strategy": "sample", "top_p": 0}, "`top_p` has to be in (0, 1], but is 0"),
     ({"strategy": "sample", "top_p": 1.01}, "`top_p` has to be in (0, 1], but is 1.01"),
     ({"strategy": "sample", "top_k": 0}, "`top_k` has to be a strictly positive integer, "
@@ -291,6 +294,14 @@ def test_bad_decoding_options_name_the_bad_value(options, message):
     with pytest.raises(ValidationError) as err:
         DecodingOptions(**options)
     assert message in str(err.value)
+
+
+def test_the_lowest_temperature_still_draws_from_large_logits():
+    # a temperature below MIN_TEMPERATURE overflows such logits to inf and the draw raises
+    options = DecodingOptions(strategy="sample", temperature=MIN_TEMPERATURE, seed=0)
+    scores = distinct() * 5  # logits up to 95, as a real model's can be
+    out = make_plan(options, 8, prompt_length=0).processors(IDS, scores)
+    assert kept(out) == {int(scores.argmax())}
 
 
 def test_good_decoding_options_keep_their_values():

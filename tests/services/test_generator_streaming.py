@@ -34,6 +34,11 @@ from tests.tiny import per_byte_tokenizer, serving_llama
     ("Paris EN", ("END",), ("Paris", False)),
     ("Paris ENDS", ("ENDS", "END"), ("Paris", True)),
     ("", ("END",), ("", False)),
+    # the next character of a stop string has not all arrived: its start is held back too
+    ("Paris. Вопро\ufffd", ("Вопрос:",), ("Paris.", False)),
+    # cut before stripping, as the final answer is: the stop may begin with whitespace
+    ("\nQuestion", ("\nQuestion:",), ("", False)),
+    ("\nQuestion: x", ("\nQuestion:",), ("", True)),
 ])
 def test_streamable_holds_back_what_may_still_change(text, stop, expected):
     assert streamable(text, stop) == expected
@@ -140,6 +145,22 @@ def test_the_service_streams_its_final_answer_with_answer_lines(tokenizer, compl
     assert result.answer == (restated if cued else plain)
     assert "".join(pieces) == result.answer
     assert len(pieces) > 3  # it streamed, not only sent the answer at the end
+
+
+@pytest.mark.parametrize("completion, stop, answer", [
+    ("Paris. Вопрос: next", ["Вопрос:"], "Paris."),  # a stop of two-byte characters
+    ("巴黎。问题：下一个", ["问题："], "巴黎。"),  # of three-byte characters
+    ("\nQuestion: x", ["\nQuestion:"], NO_ANSWER),  # a stop that begins the completion
+])
+def test_the_service_streams_only_its_final_answer_before_a_stop(tokenizer, completion, stop,
+                                                                 answer):
+    # per-byte tokens: a character of the stop arrives one byte (and one U+FFFD) at a time
+    service = GeneratorService(Scripted(tokenizer, completion), tokenizer, 1_000)
+    pieces: list[str] = []
+    (result,) = service.generate_batch([request([FRANCE], max_new_tokens=64, stop=stop)],
+                                       sinks=[pieces.append])
+    assert result.answer == answer
+    assert "".join(pieces) == answer  # nothing sent that the answer does not begin with
 
 
 @pytest.fixture(scope="module")

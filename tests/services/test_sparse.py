@@ -110,6 +110,10 @@ def test_stop_words_can_be_kept(tmp_path):
     ("ﬁnance Ｔｏｋｙｏ", ["finance", "tokyo"]),  # NFKC: ligature, full-width letters
     ("हिन्दी भाषा", ["हिन्दी", "भाषा"]),  # combining vowel signs stay inside the word
     ("Йогурт и йод", ["йогурт", "и", "йод"]),  # only Latin letters lose accents: й is kept
+    # letters with a stroke or ligature, which hold no mark to remove; either case
+    ("Łódź ŁÓDŹ Ørsted Đakovo Þórr Ħamrun Diyarbakır", ["lodz", "lodz", "orsted", "dakovo",
+                                                       "thorr", "hamrun", "diyarbakir"]),
+    ("Æthelstan Œuvre encyclopædia", ["aethelstan", "oeuvre", "encyclopaedia"]),
     ("The C language & World War 2", ["c", "language", "world", "war", "2"]),
     ("?! -- ...", []),
 ])
@@ -134,6 +138,15 @@ def test_accented_and_plain_spellings_find_each_other(sparse):
     ]))
     assert ask(sparse, "Reykjavik")[:1] == ask(sparse, "reykjavík")[:1] == ["reykjavik"]
     assert ask(sparse, "São Paulo")[:1] == ["sao-paulo"]
+
+
+def test_letters_with_a_stroke_and_their_plain_spellings_find_each_other(sparse):
+    sparse.ingest(IngestBatch(documents=[
+        Document(doc_id="lodz", title="Łódź", text="Third-largest city of Poland."),
+        Document(doc_id="orsted", title="Hans Christian Orsted", text="Danish physicist."),
+    ]))
+    assert ask(sparse, "Lodz")[:1] == ask(sparse, "ŁÓDŹ")[:1] == ["lodz"]
+    assert ask(sparse, "Ørsted")[:1] == ["orsted"]
 
 
 # --- ranking -----------------------------------------------------------------------------------
