@@ -45,6 +45,7 @@ import train_generator as tg
 from services.evaluation import qa
 from services.trainer import loop
 from shared.datasets import QAItem, load_corpus, load_qa_jsonl
+from shared.files import write_text_atomic
 from shared.settings import Settings
 
 log = logging.getLogger("bench.handwritten")
@@ -74,6 +75,12 @@ def table(results: dict[str, dict[str, dict]]) -> str:
             cells = "".join(f"{tg.fmt(metrics[c]):>17}" for c in COLUMNS)
             lines.append(f"{name:<24}{gate:>10}{cells}")
     return "\n".join(lines)
+
+
+def write_results(path: Path, results: dict) -> None:
+    """``results`` as indented JSON to ``path``, in UTF-8 whatever the locale (answers keep
+    their accents: no ``\\u`` escapes), atomically; the folder is made if missing."""
+    write_text_atomic(path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
 
 
 def main() -> None:
@@ -130,12 +137,10 @@ def main() -> None:
     print(table(results))
     total = time.perf_counter() - started
     print(f"wall {total:.0f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    write_results(args.out, {
         "environment": tg.environment(device), "data": str(args.data), "top_k": args.top_k,
         "models": dict(zip(names, ["packaged", *args.model], strict=True)),
-        "results": results, "answers": answers, "wall_s": round(total, 1)}, indent=2,
-        ensure_ascii=False) + "\n")
+        "results": results, "answers": answers, "wall_s": round(total, 1)})
     print(f"results written to {args.out}")
 
 

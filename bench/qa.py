@@ -5,7 +5,9 @@
 
 Asks every grounded capital question (and the not-in-corpus ones) through ``POST /v1/qa``,
 one at a time, and prints answer-contains / exact match / token F1 / abstention, and the
-p50/p95 latency of each stage. Results also go to bench/results/qa.json.
+p50/p95 latency of each stage. Answers are scored as ``ragtune eval qa`` scores them
+(``services.evaluation.qa.score_row``: citation markers removed, an abstention scores 0).
+Results also go to bench/results/qa.json.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import train_generator as tg
+
 from deploy.cli import read_state
-from shared.datasets import load_capital_questions, split
-from shared.metrics import contains, exact_match, token_f1
-from shared.prompt import is_no_answer
+from services.evaluation.qa import score_row
+from shared.datasets import QAItem, load_capital_questions, split
+from shared.schemas import Hit
 from shared.settings import Settings
 
 
@@ -33,13 +37,34 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def main() -> None:
+def score_served(item: QAItem, body: dict) -> dict:
+    """One ``POST /v1/qa`` answer (``body``, a QAResponse) to ``item`` as a results row, scored
+    by ``score_row`` on the passages served. The server has already withheld an answer below
+    ``answer.min_trust``, so nothing is withheld again; citations and trust are the server's."""
+    passages = [Hit(doc_id=p["doc_id"], title=p["title"], text=p["text"], score=p["score"])
+                for p in body["passages"]]
+    row = score_row(item, body["answer"], passages)
+    return {
+        "id": item.id, "answerable": item.answerable, "answer": body["answer"],
+        "gold": item.answers, "contains": row.contains, "em": row.em, "f1": row.f1,
+        "abstained": row.abstained,
+        "cited_gold": any(c["doc_id"] in item.doc_ids for c in body["citations"]),
+        "retrieved_gold": row.retrieved_gold,
+        "trust": body.get("trust"), "draft": body.get("draft"),
+    }
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", default="all", choices=["all", "train", "dev", "test"])
-    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--limit", type=tg.count, default=None, help="first N questions")
     parser.add_argument("--url", default=None, help="ragtune's HTTP address (default: the "
                                                     "one `ragtune up` started)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     url = args.url
     if url is None:
         state = read_state(Settings())
@@ -49,22 +74,13 @@ def main() -> None:
     items = load_capital_questions()
     if args.split != "all":
         items = split(items)[args.split]
-    items = items[: args.limit] if args.limit else items
+    items = items[:args.limit]
     rows, timings = [], {}
     started = time.perf_counter()
     with httpx.Client(timeout=300) as client:
         for n, item in enumerate(items, start=1):
             body = client.post(f"{url}/v1/qa", json={"question": item.question}).json()
-            answer = body["answer"]
-            rows.append({
-                "id": item.id, "answerable": item.answerable, "answer": answer,
-                "gold": item.answers, "contains": contains(answer, item.answers),
-                "em": exact_match(answer, item.answers), "f1": token_f1(answer, item.answers),
-                "abstained": is_no_answer(answer),
-                "cited_gold": any(c["doc_id"] in item.doc_ids for c in body["citations"]),
-                "retrieved_gold": any(p["doc_id"] in item.doc_ids for p in body["passages"]),
-                "trust": body.get("trust"), "draft": body.get("draft"),
-            })
+            rows.append(score_served(item, body))
             for stage, ms in body["timings_ms"].items():
                 timings.setdefault(stage, []).append(ms)
             if n % 20 == 0:

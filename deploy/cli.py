@@ -469,8 +469,15 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
 def cmd_eval_retrieval(settings: Settings, args: argparse.Namespace) -> None:
     """Dense, BM25 and every fusion mode on one split, with the serving retriever (or
     ``--retriever`` VERSION / base, to judge one before promoting it): print the table, write
-    the JSON."""
-    from services.evaluation.retrieval import evaluate, load_dataset
+    the JSON. A packaged set is split with ``--seed``, by default the seed the evaluated
+    version was trained on (``split_seed_for``), so that its test split is one it never saw."""
+    from services.evaluation.retrieval import (
+        DEFAULT_SPLIT_SEED,
+        PACKAGED,
+        evaluate,
+        load_dataset,
+        split_seed_for,
+    )
     from services.trainer import jobs
     from services.trainer.loop import pick_device
     from shared.registry import Registry
@@ -479,14 +486,22 @@ def cmd_eval_retrieval(settings: Settings, args: argparse.Namespace) -> None:
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     if args.limit_corpus is not None and args.limit_corpus < 1:
         raise CLIError(f"--limit-corpus has to be at least 1, but is {args.limit_corpus}")
+    packaged = args.dataset in PACKAGED
+    if args.seed is not None and not packaged:
+        raise CLIError("--seed splits the packaged question sets; a BEIR folder comes split")
     try:
-        test, tune = load_dataset(args.dataset, args.split, limit_corpus=args.limit_corpus)
+        registry = Registry(settings.checkpoint_dir)
+        # an unknown version (a RegistryError, a ValueError) fails before any data or model
+        chosen = jobs.chosen_version(registry, "retriever", args.retriever)
+        # the seed a packaged set is split with (a BEIR folder's splits ignore it)
+        seed = (split_seed_for([chosen, registry.passage_side(chosen)], args.seed)
+                if packaged else DEFAULT_SPLIT_SEED)
+        test, tune = load_dataset(args.dataset, args.split, limit_corpus=args.limit_corpus,
+                                  seed=seed)
         if not test.queries:
             raise CLIError(f"{args.dataset} / {args.split}: no query has a relevant document "
                            f"in the corpus")
-        registry = Registry(settings.checkpoint_dir)
         device, _ = pick_device(settings.trainer.device)
-        # an unknown version (a RegistryError, a ValueError) fails before any encoder loads
         passage_encoder, passage_version, query_encoder, chosen = jobs.serving_encoders(
             settings, registry, device, args.retriever)
         known = jobs.indexed_vectors(with_running_milvus(settings), passage_encoder,
@@ -547,6 +562,10 @@ def parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--retriever", default=None, metavar="VERSION",
                            help="evaluate this retriever version (or base: the encoder served "
                                 "before any training) instead of the serving one")
+    retrieval.add_argument("--seed", type=int, default=None,
+                           help="seed that splits the packaged sets (default: the one the "
+                                "evaluated version was trained with, else 13); a version "
+                                "trained on another seed is refused")
     retrieval.add_argument("--candidates", type=int, default=100,
                            help="hits asked of each retriever before fusion (default: 100)")
     retrieval.add_argument("--output", default=None,

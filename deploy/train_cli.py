@@ -426,11 +426,14 @@ def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
     versions or the packaged ones; ``--generator`` another generator version, to judge it
     before promoting it) through the serving pipeline, withholding answers below
     ``answer.min_trust`` as the QA front does, and print EM / F1 / contains / abstention per
-    set."""
+    set. The packaged sets are split with ``--seed``, by default the seed the evaluated
+    versions were trained on (``split_seed_for``), so that their test split is one they never
+    saw."""
     cli = _cli()
     import logging
 
     from services.evaluation.qa import evaluate_qa
+    from services.evaluation.retrieval import split_seed_for
     from services.trainer import jobs
     from services.trainer.loop import pick_device
     from shared import datasets
@@ -449,17 +452,24 @@ def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
                            "question/answer file (--data)")
     if args.limit is not None and args.limit < 1:
         raise cli.CLIError(f"--limit has to be at least 1, but is {args.limit}")
+    if args.seed is not None and not names:
+        raise cli.CLIError("--seed splits the packaged question sets; --data is evaluated whole")
     try:
-        sets = {n: datasets.load_split(n, args.split)[:args.limit] for n in names}
+        registry = Registry(settings.checkpoint_dir)
+        # an unknown version (a RegistryError, a ValueError) fails before any data or model;
+        # the answers come from the generator and the serving retrieval's passages
+        retriever = registry.serving("retriever")
+        evaluated_versions = [jobs.chosen_version(registry, "generator", args.generator), retriever,
+                              registry.passage_side(retriever)]
+        seed = split_seed_for(evaluated_versions, args.seed) if names else None
+        sets = {n: datasets.load_split(n, args.split, seed=seed)[:args.limit] for n in names}
         if args.data:  # checked whole before any model loads
             data = Path(args.data)
             name = data.stem if data.stem not in sets else f"{data.stem} (file)"
             sets[name] = datasets.load_qa_jsonl(
                 data, max_answer_chars=settings.trainer.max_answer_chars,
                 max_question_chars=settings.limits.max_question_chars)[:args.limit]
-        registry = Registry(settings.checkpoint_dir)
         device, _ = pick_device(settings.trainer.device)
-        # an unknown version (a RegistryError, a ValueError) fails before the model loads
         model, tokenizer = jobs.serving_generator(settings, registry, args.generator)
         model.to(device)
         corpus = datasets.load_corpus(args.limit_corpus)
@@ -477,7 +487,7 @@ def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
                                                                          "generator")}
     evaluated = {**serving, "generator": args.generator or serving["generator"]}
     generator = cli.versus_serving(evaluated["generator"], serving["generator"])
-    what = ", ".join([*([f"{args.split} split"] if names else []),
+    what = ", ".join([*([f"{args.split} split (seed {seed})"] if names else []),
                       *([Path(args.data).name] if args.data else [])])
     cli._out(report.table(f"{what}; retriever {serving['retriever']}, "
                           f"generator {generator}, min_trust {settings.answer.min_trust}"))
@@ -486,7 +496,7 @@ def cmd_eval_qa(settings: Settings, args: argparse.Namespace) -> None:
     output = Path(args.output) if args.output else settings.home / "eval" / f"qa-{stem}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"serving": serving, "evaluated": evaluated,
-                                  **report.to_json()}, indent=2) + "\n")
+                                  "split_seed": seed, **report.to_json()}, indent=2) + "\n")
     cli._out(f"results written to {output}")
 
 
@@ -504,6 +514,10 @@ def add_eval_qa_parser(eval_sub) -> None:
     qa.add_argument("--generator", default=None, metavar="VERSION",
                     help="evaluate this generator version (or base: the one served before any "
                          "training) instead of the serving one; serving is unchanged")
+    qa.add_argument("--seed", type=int, default=None,
+                    help="seed that splits the packaged sets (default: the one the evaluated "
+                         "versions were trained with, else 13); versions trained on another "
+                         "seed are refused")
     qa.add_argument("--limit", type=int, default=None, help="first N questions of each set")
     qa.add_argument("--limit-corpus", type=int, default=None,
                     help="only the first N documents (quick trial)")

@@ -175,7 +175,7 @@ def save_passages(path: Path, passages: Mapping[str, Sequence[Hit]]) -> None:
 def load_passages(path: Path) -> dict[str, list[Hit]]:
     """Retrieval results written by ``save_passages``. Raises ValueError for a malformed file."""
     try:
-        body = json.loads(Path(path).read_text())
+        body = json.loads(Path(path).read_text(encoding="utf-8"))
         return {q: [Hit.model_validate(h) for h in hits] for q, hits in body.items()}
     except (ValueError, AttributeError, TypeError) as exc:
         raise ValueError(f"{path}: not a passages file ({exc})") from None

@@ -9,7 +9,11 @@
 
 The ``weighted_*`` modes get their weight tuned on a tuning split (dev; train when dev is the
 split reported) by nDCG@10, never on the split reported. Corpus embeddings are cached as .npy
-files keyed by a fingerprint of the model weights, ``max_length`` and the documents.
+files keyed by a fingerprint of the model weights, ``max_length``, the pooling and the documents.
+
+The packaged question sets are split by ``shared.datasets.split`` with a seed: a fine-tuned
+version has to be evaluated on the split of the seed its training job used, or its test split
+holds questions it trained on (``split_seed_for``).
 
 Metrics follow trec_eval / BEIR: a document is relevant when its grade is > 0; recall@k is the
 fraction of a query's relevant documents in its top k; MRR@10 the reciprocal rank of the first
@@ -22,6 +26,7 @@ one score; a repeat counted twice would lift nDCG above 1).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -39,7 +44,7 @@ from services.sparse.service import SparseService
 from shared import datasets
 from shared.files import atomic_open
 from shared.models.encoder import Encoder
-from shared.schemas import Document, Hit, IngestBatch, SearchRequest, titled_text
+from shared.schemas import Document, Hit, IngestBatch, ModelVersion, SearchRequest, titled_text
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,9 @@ METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 TUNING_METRIC = "ndcg@10"
 # Row order of the report: the single retrievers first, then the fusions.
 ROW_ORDER = ("dense", "sparse", *(m for m in MODES if m not in ("dense", "sparse")))
+# The seed that splits the packaged question sets for the packaged models, which no job
+# trained (``shared.datasets.split``'s default, and ``ragtune train --seed``'s).
+DEFAULT_SPLIT_SEED = 13
 
 
 # --- metrics ------------------------------------------------------------------------------
@@ -121,6 +129,7 @@ class RetrievalSet:
     ``queries`` maps query id -> text; ``qrels`` maps query id -> {doc_id: grade}. Every query
     has qrels with at least one grade > 0 and vice versa (raises ValueError otherwise). A
     judged doc_id need not be in ``corpus`` (it then only lowers recall, as in BEIR).
+    ``split_seed``: the seed that split a packaged set (None: the data came split, as BEIR's).
     """
 
     name: str
@@ -128,6 +137,7 @@ class RetrievalSet:
     corpus: list[Document]
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
+    split_seed: int | None = None
 
     def __post_init__(self) -> None:
         if set(self.queries) != set(self.qrels):
@@ -153,12 +163,15 @@ PACKAGED = tuple(_PACKAGED)
 
 
 def load_packaged(name: str, splits: Sequence[str] = datasets.SPLITS, *,
-                  limit_corpus: int | None = None, seed: int = 13) -> dict[str, RetrievalSet]:
-    """Packaged question sets on the packaged corpus, by ``shared.datasets.split``'s splits.
+                  limit_corpus: int | None = None,
+                  seed: int = DEFAULT_SPLIT_SEED) -> dict[str, RetrievalSet]:
+    """Packaged question sets on the packaged corpus, by ``shared.datasets.split``'s splits
+    with ``seed`` (see ``split_seed_for``).
 
     ``name`` is one of PACKAGED. With ``limit_corpus`` the corpus is its first N documents and
     only questions whose evidence is among them are kept (splits stay those of the full set:
-    an item's split depends on its id only). Raises ValueError for an unknown name or split.
+    an item's split depends on its id and the seed only). Raises ValueError for an unknown name
+    or split.
     """
     if name not in _PACKAGED:
         raise ValueError(f"unknown packaged set {name!r}; known: {', '.join(PACKAGED)}")
@@ -167,8 +180,36 @@ def load_packaged(name: str, splits: Sequence[str] = datasets.SPLITS, *,
     parts = datasets.split(_PACKAGED[name](corpus), seed=seed)
     return {s: RetrievalSet(name=name, split=s, corpus=corpus,
                             queries={item.id: item.question for item in parts[s]},
-                            qrels={item.id: dict.fromkeys(item.doc_ids, 1) for item in parts[s]})
+                            qrels={item.id: dict.fromkeys(item.doc_ids, 1) for item in parts[s]},
+                            split_seed=seed)
             for s in splits}
+
+
+def split_seed_for(versions: Sequence[ModelVersion | None], seed: int | None = None) -> int:
+    """The seed to split the packaged question sets with when evaluating ``versions`` (None
+    stands for a packaged base model): ``seed`` when given, else the ``split_seed`` of the
+    versions a job trained, else DEFAULT_SPLIT_SEED.
+
+    A version's test split is only unseen under the seed its job split with, so this raises
+    ValueError, in one line naming the versions and seeds, when two versions were trained on
+    different seeds or ``seed`` differs from a version's.
+    """
+    seeded = {f"{v.kind} {v.version}": v.split_seed for v in versions
+              if v is not None and v.split_seed is not None}
+    if seed is not None:
+        for name, trained in seeded.items():
+            if trained != seed:
+                raise ValueError(f"--seed {seed} differs from the seed {trained} that {name} "
+                                 f"was trained on: the seed-{seed} test split would contain "
+                                 f"{name}'s training questions (leave --seed out to use "
+                                 f"{trained})")
+        return seed
+    for (name, trained), (other, theirs) in itertools.pairwise(seeded.items()):
+        if trained != theirs:
+            raise ValueError(f"{name} was trained on split seed {trained} and {other} on "
+                             f"{theirs}: either seed's test split would contain the other "
+                             f"version's training questions; evaluate them apart")
+    return next(iter(seeded.values()), DEFAULT_SPLIT_SEED)
 
 
 def _check_splits(splits: Sequence[str], known: Sequence[str]) -> None:
@@ -326,16 +367,17 @@ def tuning_split(split: str, available: Sequence[str]) -> str | None:
 
 
 def load_dataset(dataset: str, split: str, *, limit_corpus: int | None = None,
-                 ) -> tuple[RetrievalSet, RetrievalSet | None]:
+                 seed: int = DEFAULT_SPLIT_SEED) -> tuple[RetrievalSet, RetrievalSet | None]:
     """(reported set, tuning set or None) for the CLI; see ``tuning_split``.
 
-    ``dataset`` is one of PACKAGED or the path of a BEIR folder. Raises ValueError for an
-    unknown name or split and the loaders' errors for bad files.
+    ``dataset`` is one of PACKAGED (split with ``seed``) or the path of a BEIR folder (split
+    as it comes). Raises ValueError for an unknown name or split and the loaders' errors for
+    bad files.
     """
     if dataset in _PACKAGED:
         _check_splits([split], datasets.SPLITS)
         tune = tuning_split(split, datasets.SPLITS)
-        sets = load_packaged(dataset, [split, tune], limit_corpus=limit_corpus)
+        sets = load_packaged(dataset, [split, tune], limit_corpus=limit_corpus, seed=seed)
     else:
         folder = Path(dataset)
         if not folder.is_dir():
@@ -357,12 +399,20 @@ def _model_digest(model) -> str:
     return h.hexdigest()
 
 
-def embedding_fingerprint(encoder: Encoder, docs: Sequence[Document]) -> str:
-    """Hex key of (model name/path and weights, max_length, every doc_id and indexed text)."""
+def encoder_fingerprint(encoder: Encoder) -> str:
+    """Hex key of what makes an encoder's vectors: model name/path and weights, max_length
+    and pooling (the same weights pooled by mean or by [CLS] give other vectors)."""
     h = hashlib.sha256()
     h.update(str(getattr(encoder.model.config, "name_or_path", "")).encode())
     h.update(_model_digest(encoder.model).encode())
-    h.update(f"max_length={encoder.max_length}".encode())
+    h.update(f"max_length={encoder.max_length}\x00pooling={encoder.pooling}".encode())
+    return h.hexdigest()[:32]
+
+
+def embedding_fingerprint(encoder: Encoder, docs: Sequence[Document]) -> str:
+    """Hex key of (``encoder_fingerprint``, every doc_id and indexed text)."""
+    h = hashlib.sha256()
+    h.update(encoder_fingerprint(encoder).encode())
     for doc in docs:
         h.update(f"\x00{doc.doc_id}\x00{titled_text(doc.title, doc.text)}".encode())
     return h.hexdigest()[:32]
@@ -472,6 +522,7 @@ class Report:
     results: list[ModeResult]
     seconds: dict[str, float]
     prefer_weight: float = 0.5  # untuned weight, and where tuning weights tie
+    split_seed: int | None = None  # the reported set's (None: the data came split)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -481,8 +532,10 @@ class Report:
         tuned = (f"weights tuned on {self.tuned_on} ({self.tuning_queries} queries, "
                  f"{TUNING_METRIC}; ties go to {self.prefer_weight:g})" if self.tuned_on
                  else f"weights not tuned (no tuning split): {self.prefer_weight:g}")
-        lines = [f"{self.dataset} / {self.split}: {self.queries} queries, {self.documents} "
-                 f"documents, {self.candidates} candidates per retriever; {tuned}",
+        seed = "" if self.split_seed is None else f" (split seed {self.split_seed})"
+        lines = [f"{self.dataset} / {self.split}{seed}: {self.queries} queries, "
+                 f"{self.documents} documents, {self.candidates} candidates per retriever; "
+                 f"{tuned}",
                  f"{'mode':<17}{'weight':>7}" + "".join(f"{m:>11}" for m in METRICS)]
         for r in self.results:
             weight = "" if r.weight is None else f"{r.weight:.1f}"
@@ -587,4 +640,4 @@ def evaluate(test: RetrievalSet, tune: RetrievalSet | None, encoder: Encoder, *,
                   queries=len(test.queries), tuning_queries=len(tune.queries) if tune else 0,
                   documents=len(docs), candidates=candidates, results=results,
                   seconds={k: round(v, 3) for k, v in seconds.items()},
-                  prefer_weight=prefer_weight)
+                  prefer_weight=prefer_weight, split_seed=test.split_seed)

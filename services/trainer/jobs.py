@@ -135,7 +135,7 @@ def has_indexed_corpus(settings: Settings) -> bool:
 
 
 # --- models: what serves now ------------------------------------------------------------------
-def _chosen(registry: Registry, kind: str, version: str | None) -> ModelVersion | None:
+def chosen_version(registry: Registry, kind: str, version: str | None) -> ModelVersion | None:
     """The registered ``version`` of ``kind`` (``RegistryError`` for an unknown one); None
     names the serving one, "base" the configured/packaged model (None)."""
     if version is None:
@@ -148,7 +148,7 @@ def serving_encoders(settings: Settings, registry: Registry, device, version: st
     """(passage encoder, its version, query encoder, its version) of the serving retriever;
     with ``version``, of that registered version ("base": the configured/packaged encoder)
     instead (``RegistryError`` for an unknown one)."""
-    serving = _chosen(registry, "retriever", version)
+    serving = chosen_version(registry, "retriever", version)
     passage = registry.passage_side(serving)
 
     def load(version: ModelVersion | None) -> Encoder:
@@ -221,7 +221,7 @@ def serving_generator(settings: Settings, registry: Registry, version: str | Non
     # Loaded in fp32 on the CPU: the loops move it to their device and use bf16 autocast
     # there (a bf16 copy, as serving loads it on CUDA, would train in bf16 throughout).
     update: dict[str, Any] = {"device": "cpu"}
-    chosen = _chosen(registry, "generator", version)
+    chosen = chosen_version(registry, "generator", version)
     if chosen is not None:
         update["model"] = str(registry.path_of(chosen))
     return load_generator(settings.model_copy(update={

@@ -1,18 +1,25 @@
-"""The retrieval harness: metrics by hand, the BEIR loader and its errors, a tiny full run."""
+"""The retrieval harness: metrics by hand, the BEIR loader and its errors, the split seed of
+the packaged sets, a tiny full run; and bench/retrieval.py's vector cache and hybrid part."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from services.evaluation.retrieval import (
+    DEFAULT_SPLIT_SEED,
     METRICS,
     RetrievalSet,
     corpus_embeddings,
     dense_search,
+    embedding_fingerprint,
     evaluate,
     load_beir,
     load_dataset,
@@ -21,11 +28,15 @@ from services.evaluation.retrieval import (
     ndcg_at_k,
     recall_at_k,
     score_ranking,
+    split_seed_for,
     tuning_split,
 )
 from services.ranker.fusion import MODES, WEIGHT_GRID
 from shared import datasets
-from shared.schemas import Document
+from shared.models.encoder import Encoder
+from shared.schemas import Document, IngestBatch, ModelVersion, titled_text
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 # --- metrics ------------------------------------------------------------------------------
@@ -204,6 +215,41 @@ def test_packaged_sets_follow_the_shared_splits():
     assert both.queries == {**sets["test"].queries, **capitals.queries}
 
 
+def test_packaged_sets_are_split_with_the_seed_asked_for():
+    test, tune = load_dataset("fanout", "test", seed=7)
+    assert list(test.queries) == [i.id for i in datasets.load_split("fanout", "test", seed=7)]
+    assert (test.split_seed, tune.split_seed, tune.split) == (7, 7, "dev")
+    default, _ = load_dataset("fanout", "test")
+    assert default.split_seed == DEFAULT_SPLIT_SEED == 13
+    assert list(default.queries) == [i.id for i in datasets.load_split("fanout", "test")]
+    assert set(test.queries) != set(default.queries)
+
+
+def _version(kind: str, name: str, split_seed: int | None) -> ModelVersion:
+    return ModelVersion(kind=kind, version=name, path=f"{kind}/{name}", created=0.0,
+                        split_seed=split_seed)
+
+
+def test_the_split_seed_is_the_evaluated_versions_and_a_mismatch_is_refused():
+    generator = _version("generator", "v0003", 7)
+    retriever = _version("retriever", "v0002", 13)
+    soup = _version("generator", "v0004", None)  # no job trained it
+    assert split_seed_for([]) == split_seed_for([None, soup]) == DEFAULT_SPLIT_SEED
+    assert split_seed_for([generator, None, soup]) == 7
+    assert split_seed_for([generator, _version("retriever", "v0001", 7)]) == 7
+    assert split_seed_for([None], seed=5) == 5
+    assert split_seed_for([generator], seed=7) == 7
+    with pytest.raises(ValueError, match=r"^generator v0003 was trained on split seed 7 and "
+                                         r"retriever v0002 on 13: either seed's test split "
+                                         r"would contain the other version's training"):
+        split_seed_for([generator, None, retriever])
+    with pytest.raises(ValueError, match=r"^--seed 13 differs from the seed 7 that generator "
+                                         r"v0003 was trained on: the seed-13 test split would "
+                                         r"contain generator v0003's training questions "
+                                         r"\(leave --seed out to use 7\)$"):
+        split_seed_for([generator, None], seed=13)
+
+
 def test_retrieval_set_refuses_queries_without_relevant_documents():
     with pytest.raises(ValueError, match="query 'q1' has no relevant document"):
         RetrievalSet(name="x", split="test", corpus=[], queries={"q1": "?"},
@@ -272,6 +318,16 @@ def test_evaluate_without_a_tuning_set_keeps_weight_one_half(encoder):
         evaluate(test, None, encoder, cache_dir=None, candidates=5)
 
 
+def test_the_report_names_the_split_seed(encoder):
+    test, _ = tiny_sets()
+    seeded = evaluate(dataclasses.replace(test, split_seed=7), None, encoder, cache_dir=None,
+                      candidates=10, progress=False)
+    assert seeded.split_seed == 7 and seeded.to_json()["split_seed"] == 7
+    assert seeded.table().startswith("tiny / test (split seed 7): 6 queries")
+    unseeded = evaluate(test, None, encoder, cache_dir=None, candidates=10, progress=False)
+    assert unseeded.split_seed is None and unseeded.table().startswith("tiny / test: 6 queries")
+
+
 def test_corpus_embeddings_are_cached_by_content(encoder, tmp_path, monkeypatch):
     docs = datasets.load_corpus(5)
     first = corpus_embeddings(encoder, docs, tmp_path, progress=False)
@@ -286,3 +342,74 @@ def test_corpus_embeddings_are_cached_by_content(encoder, tmp_path, monkeypatch)
     changed = [docs[0].model_copy(update={"text": "Something else entirely."}), *docs[1:]]
     with pytest.raises(AssertionError, match="encoded again"):
         corpus_embeddings(encoder, changed, tmp_path, progress=False)  # new text: new key
+
+
+def _cls_pooled(encoder: Encoder) -> Encoder:
+    """The same weights and max_length as ``encoder``, pooled by the [CLS] token."""
+    return Encoder(encoder.tokenizer, encoder.model, encoder.batch_size, encoder.max_length,
+                   pooling="cls")
+
+
+def test_corpus_embeddings_of_another_pooling_are_not_read_from_the_cache(encoder, tmp_path):
+    docs = datasets.load_corpus(5)
+    cls = _cls_pooled(encoder)
+    assert embedding_fingerprint(cls, docs) != embedding_fingerprint(encoder, docs)
+    mean = corpus_embeddings(encoder, docs, tmp_path, progress=False)
+    pooled = corpus_embeddings(cls, docs, tmp_path, progress=False)
+    assert not np.allclose(pooled, mean, atol=1e-3)
+    texts = [titled_text(d.title, d.text) for d in docs]
+    assert np.allclose(pooled, cls.encode(texts), atol=1e-5)
+    assert len(list(tmp_path.glob("embeddings-*.npy"))) == 2
+
+
+# --- bench/retrieval.py --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bench_retrieval():
+    """bench/retrieval.py as a module (it imports bench/train_generator.py as a sibling)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_retrieval", BENCH / "retrieval.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_bench_vector_cache_is_keyed_by_pooling(bench_retrieval, encoder, tmp_path):
+    texts = [d.text for d in datasets.load_corpus(4)]
+    mean = bench_retrieval.cached_vectors(texts, encoder, tmp_path)
+    pooled = bench_retrieval.cached_vectors(texts, _cls_pooled(encoder), tmp_path)
+    assert np.allclose(pooled, _cls_pooled(encoder).encode(texts), atol=1e-5)
+    assert not np.allclose(pooled, mean, atol=1e-3)
+    assert len(list(tmp_path.glob("vectors-*.npz"))) == 2
+
+
+def test_bench_counts_are_refused_below_one(bench_retrieval, capsys):
+    for option in ("--limit-queries", "--limit-corpus"):
+        with pytest.raises(SystemExit):
+            bench_retrieval.parser().parse_args([option, "0"])
+        assert f"argument {option}: has to be 1 or more, not 0" in capsys.readouterr().err
+    assert bench_retrieval.parser().parse_args(["--limit-queries", "3"]).limit_queries == 3
+
+
+def test_bench_hybrid_part_times_a_run_of_few_queries(bench_retrieval, encoder, dense,
+                                                      milvus_uri, collection, tmp_path):
+    from services.sparse.service import SparseService
+    from shared.settings import Settings
+
+    docs = datasets.load_corpus(12)
+    dense.ingest(IngestBatch(documents=docs))
+    sparse = SparseService(tmp_path / "sparse")
+    try:
+        sparse.ingest(IngestBatch(documents=docs))
+        queries = [" ".join(d.text.split()[:6]) for d in docs[:3]]  # fewer than the warm-up
+        rows = bench_retrieval.bench_hybrid(sparse, encoder, milvus_uri, collection, queries,
+                                            Settings(home=tmp_path / "home"), tmp_path)
+    finally:
+        sparse.close()
+    by_path = {row["path"]: row for row in rows}
+    assert by_path["Bus.request(ranker, retrieve)"]["same top-10"] == 1.0
+    assert all(row["p50 ms"] > 0 for row in rows)

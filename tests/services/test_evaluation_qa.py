@@ -1,12 +1,18 @@
 """Offline QA evaluation: scoring (pure), prompts identical to serving's, batched greedy
 decoding equal to one-at-a-time decoding, hybrid retrieval over a tiny corpus with the packaged
 MiniLM, and one end-to-end run whose generator is a fake that answers from the prompt it is
-given (so every stage but the neural generator is the real one)."""
+given (so every stage but the neural generator is the real one). Also bench/qa.py's scoring of
+served answers, and the UTF-8 of the files these write and read."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +23,7 @@ from shared.prompt import NO_ANSWER, build_messages
 from shared.schemas import Hit
 from tests.tiny import bpe_tokenizer, tiny_llama, tiny_t5
 
+ROOT = Path(__file__).resolve().parents[2]
 PARIS = Hit(doc_id="geo-paris", title="Paris", text="Paris is the capital of France.", score=1)
 TOKYO = Hit(doc_id="geo-tokyo", title="Tokyo", text="Tokyo is the capital of Japan.", score=.5)
 
@@ -239,3 +246,77 @@ def test_evaluate_qa_runs_the_serving_pipeline_and_scores_it(encoder, corpus, to
     body = json.loads(json.dumps(report.to_json()))
     assert body["sets"]["capitals"]["em"] == 1.0 and body["config"]["top_k"] == 3
     assert "capitals" in report.table()
+
+
+# --- bench/qa.py and bench/handwritten.py ------------------------------------------------------
+def _bench(name: str):
+    """bench/<name>.py as a module (the benches import bench/train_generator.py as a sibling)."""
+    folder = ROOT / "bench"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def _served(answer: str, passages: list[Hit], cited: list[Hit]) -> dict:
+    """A ``POST /v1/qa`` body as bench/qa.py reads it."""
+    return {"question": "?", "answer": answer, "request_id": "r", "timings_ms": {},
+            "passages": [{"rank": n, **h.model_dump(include={"doc_id", "title", "text",
+                                                            "score"})}
+                         for n, h in enumerate(passages, start=1)],
+            "citations": [{"passage": passages.index(h) + 1, "doc_id": h.doc_id,
+                           "title": h.title} for h in cited]}
+
+
+def test_bench_qa_scores_served_answers_as_the_evaluation_does(capsys):
+    bench = _bench("qa")
+    france = QAItem(id="fr", question="What is the capital of France?", answers=["Paris"],
+                    doc_ids=["geo-paris"], answerable=True)
+    row = bench.score_served(france, _served("Paris [1]", [PARIS, TOKYO], [PARIS]))
+    offline = qa.score_row(france, "Paris [1]", [PARIS, TOKYO])
+    assert (row["em"], row["f1"], row["contains"]) == (offline.em, offline.f1,
+                                                         offline.contains) == (1.0, 1.0, 1.0)
+    assert row["cited_gold"] and row["retrieved_gold"] and not row["abstained"]
+    leo = QAItem(id="lviv", question="After whom was Lviv named?",
+                 answers=["Leo I of Galicia", "Leo I"], doc_ids=["Lviv"], answerable=True)
+    abstained = bench.score_served(leo, _served(NO_ANSWER, [TOKYO], []))
+    assert abstained["abstained"] and (abstained["em"], abstained["f1"],
+                                       abstained["contains"]) == (0.0, 0.0, 0.0)
+    with pytest.raises(SystemExit):
+        bench.parser().parse_args(["--limit", "0"])
+    assert "argument --limit: has to be 1 or more, not 0" in capsys.readouterr().err
+
+
+def test_passages_and_bench_results_are_utf8_whatever_the_locale(tmp_path):
+    # An ASCII locale without Python's UTF-8 mode: reading or writing in the locale's
+    # encoding fails on "São Tomé". The script is ASCII (a command line is decoded in the
+    # locale too).
+    script = """
+import sys
+from pathlib import Path
+from services.evaluation import qa
+from shared.schemas import Hit
+
+out, name = Path(sys.argv[1]), "S\\u00e3o Tom\\u00e9"
+hit = Hit(doc_id=name, title=name, text=name + " is an island.", score=1.0)
+qa.save_passages(out / "passages.json", {name + "?": [hit]})
+assert qa.load_passages(out / "passages.json") == {name + "?": [hit]}
+sys.path.insert(0, "bench")
+import importlib.util
+spec = importlib.util.spec_from_file_location("bench_handwritten", "bench/handwritten.py")
+handwritten = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(handwritten)
+handwritten.write_results(out / "results" / "handwritten.json", {"answer": name})
+"""
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONUTF8": "0"}
+    done = subprocess.run([sys.executable, "-X", "utf8=0", "-c", script, str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = (tmp_path / "results" / "handwritten.json").read_bytes()
+    assert json.loads(written.decode("utf-8")) == {"answer": "São Tomé"}
+    assert "São Tomé".encode() in written  # kept as it is, not escaped
