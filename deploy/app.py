@@ -192,7 +192,9 @@ class Trainer(_WorkerDeployment):
 class QAFront:
     """HTTP ingress: ``/v1/qa``, ``/v1/documents``, ``/v1/feedback``, ``/v1/status``,
     ``/v1/health``; and the gRPC API's methods (services/qa/proto/qa.proto), which Serve's
-    gRPC proxy calls by the RPC's name when ``serve.grpc_port`` is set."""
+    gRPC proxy calls by the RPC's name when it runs: under `ragtune up` when
+    ``serve.grpc_port`` is set, under a Serve config (deploy/serve_config.yaml, the
+    RayService) when the config's ``grpc_options`` name the servicer (k8s/README.md)."""
 
     def __init__(self, settings: Settings, *backends):
         # ``backends`` are the other deployments, bound here only so that they belong to
@@ -244,8 +246,9 @@ class QAFront:
 
 def _trainer_gpus(settings: Settings) -> int:
     """GPUs the trainer asks Ray for: one with ``trainer.device`` cuda; with auto, one when
-    the process building the app sees one. (On a cluster that process may run on a head
-    without a GPU while a GPU worker group exists: set cuda there.)"""
+    the process building the app sees one. (Under a Serve config that process is a task Serve
+    runs, as a rule on the head, which may have no GPU while a GPU worker group exists: set
+    RAGTUNE_TRAINER__DEVICE=cuda there.)"""
     if settings.trainer.device == "cuda":
         return 1
     if settings.trainer.device == "cpu":
@@ -255,21 +258,60 @@ def _trainer_gpus(settings: Settings) -> int:
     return 1 if torch.cuda.is_available() else 0
 
 
+# A share of ``serve.sparse_node_resource`` small enough that any number of replicas fit on
+# the one node holding a unit of it.
+_SPARSE_NODE_SHARE = 0.001
+
+
+def _on_sparse_node(settings: Settings, options: dict) -> dict:
+    """``options`` (ray_actor_options) of a deployment that opens the sparse index's SQLite
+    database, with a share of ``serve.sparse_node_resource`` when that is set: all such
+    replicas then run on the one node holding it (WAL needs them on one host)."""
+    name = settings.serve.sparse_node_resource
+    return options if name is None else {**options, "resources": {name: _SPARSE_NODE_SHARE}}
+
+
 def build_app(settings: Settings) -> Application:
     """The whole ragtune application; the QA front is its ingress."""
     serve_cfg = settings.serve
+    sparse_options = _on_sparse_node(settings, {"num_cpus": 0})
+    trainer_options = _on_sparse_node(settings, {"num_cpus": 0,
+                                                 "num_gpus": _trainer_gpus(settings)})
     parts = [
         Embedding.options(num_replicas=serve_cfg.embedding_replicas).bind(settings),
-        Sparse.options(num_replicas=serve_cfg.sparse_replicas).bind(settings),
+        Sparse.options(num_replicas=serve_cfg.sparse_replicas,
+                       ray_actor_options=sparse_options).bind(settings),
         Ranker.options(num_replicas=serve_cfg.ranker_replicas).bind(settings),
         Generator.options(num_replicas=serve_cfg.generator_replicas).bind(settings),
-        Trainer.options(ray_actor_options={"num_cpus": 0, "num_gpus": _trainer_gpus(settings)}
-                        ).bind(settings),
+        Trainer.options(ray_actor_options=trainer_options).bind(settings),
     ]
     return QAFront.options(num_replicas=serve_cfg.qa_replicas).bind(settings, *parts)
 
 
+def unapplied_proxy_settings(settings: Settings) -> list[str]:
+    """Why each proxy setting set away from its default does nothing under a Serve config:
+    there Serve's proxies listen where the config's ``http_options`` / ``grpc_options`` say,
+    and only `ragtune up` (deploy/stack.py) starts them from ``serve.http_port`` and
+    ``serve.grpc_port``. (``serve.http_host`` still decides whether the API key is required,
+    so it is left out: set it to the config's ``http_options.host``.)"""
+    serve_cfg = settings.serve
+    defaults = type(serve_cfg).model_fields
+    unapplied = []
+    if serve_cfg.http_port != defaults["http_port"].default:
+        unapplied.append(f"serve.http_port={serve_cfg.http_port} (RAGTUNE_SERVE__HTTP_PORT) is "
+                         f"not applied under a Serve config: set http_options.port in it")
+    if serve_cfg.grpc_port is not None:
+        unapplied.append(f"serve.grpc_port={serve_cfg.grpc_port} (RAGTUNE_SERVE__GRPC_PORT) is "
+                         f"not applied under a Serve config: gRPC is served only when its "
+                         f"grpc_options name the servicer (k8s/README.md)")
+    return unapplied
+
+
 def app_from_config(args: dict) -> Application:
     """``import_path`` target of deploy/serve_config.yaml: settings from the environment,
-    overridden by the config's ``args`` (nested sections as dicts)."""
-    return build_app(Settings(**args))
+    overridden by the config's ``args`` (nested sections as dicts). Logs a warning for each
+    setting this path ignores (``unapplied_proxy_settings``)."""
+    settings = Settings(**args)
+    for message in unapplied_proxy_settings(settings):
+        log.warning(message)
+    return build_app(settings)

@@ -7,6 +7,7 @@ what the integration tests run in-process. The supervisor writes ``<home>/run/st
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -121,7 +122,7 @@ def _start_serve(settings: Settings, infra: Infra, dashboard: bool, timeout_s: f
                                   "port": settings.serve.http_port},
                     grpc_options=grpc_options(settings))
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
-        http_url = f"http://{settings.serve.http_host}:{settings.serve.http_port}"
+        http_url = base_url(settings.serve.http_host, settings.serve.http_port)
         _wait_healthy(http_url, timeout_s)
     except BaseException:
         ray.shutdown()
@@ -132,6 +133,16 @@ def _start_serve(settings: Settings, infra: Infra, dashboard: bool, timeout_s: f
     grpc_port = settings.serve.grpc_port
     return Stack(settings, infra, http_url, dashboard_url,
                  None if grpc_port is None else f"127.0.0.1:{grpc_port}")
+
+
+def base_url(host: str, port: int) -> str:
+    """``http://host:port``, an IPv6 literal in brackets (RFC 3986): ``http://[::1]:8000``.
+    Without them httpx refuses the URL (``InvalidURL``, not an ``HTTPError``)."""
+    try:
+        bracket = ipaddress.ip_address(host).version == 6
+    except ValueError:  # a name, not an address
+        bracket = False
+    return f"http://[{host}]:{port}" if bracket else f"http://{host}:{port}"
 
 
 def grpc_options(settings: Settings):

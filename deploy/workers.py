@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 
 from shared import keys
-from shared.bus import FIELD, BadRequest, Bus, ReplyStream, Route, Worker, routes
+from shared.bus import FIELD, BadRequest, Bus, NotFound, ReplyStream, Route, Worker, routes
 from shared.schemas import (
     AnswerChunk,
     AverageRequest,
@@ -111,15 +111,17 @@ def generator_worker(batcher, bus: Bus) -> Worker:
 def trainer_worker(runner, bus: Bus) -> Worker:
     """The trainer's requests, and the judged answers of ``rag:feedback`` (stored, an update
     started when enough arrived); each returns at once (training runs in the runner's
-    thread). A job or registry request that cannot be done is a ``BadRequest`` with the
-    reason."""
-    from services.trainer.service import JobError
+    thread). A job id the trainer does not know is a ``NotFound``; any other job or registry
+    request that cannot be done is a ``BadRequest`` with the reason."""
+    from services.trainer.service import JobError, UnknownJob
     from shared.registry import RegistryError
 
     def call(fn):
         async def handler(body):
             try:
                 return await asyncio.to_thread(fn, body)
+            except UnknownJob as exc:
+                raise NotFound(str(exc)) from None
             except (JobError, RegistryError) as exc:
                 raise BadRequest(str(exc)) from None
         return handler
@@ -229,7 +231,10 @@ class Current:
 
 
 class WorkerThread:
-    """Run ``make_worker(bus)`` on a fresh event loop in a daemon thread until ``stop()``."""
+    """Run ``make_worker(bus)`` on a fresh event loop in a daemon thread until ``stop()``.
+
+    The constructor waits (up to 30 s) for the worker to be made and raises RuntimeError,
+    chained to the cause, when making it (or its first moments) failed."""
 
     def __init__(self, make_worker: Callable[[Bus], Worker], redis_url: str,
                  settings: RedisSettings, name: str):
@@ -243,6 +248,10 @@ class WorkerThread:
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
         self._started.wait(30)
+        if self.error is not None:
+            # Raised, not only kept for check(): a deployment constructor that returns makes
+            # Serve report the replica up while nothing reads its requests.
+            raise RuntimeError(f"worker {name} did not start: {self.error!r}") from self.error
 
     def _main(self) -> None:
         self._loop = asyncio.new_event_loop()

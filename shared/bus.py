@@ -71,7 +71,17 @@ class RequestTimeout(BusError):
 
 
 class BadRequest(ValueError):
-    """Raised by a handler for input it will never accept: answered at once, not retried."""
+    """Raised by a handler for input it will never accept: answered at once, not retried.
+    The caller's ``BusError`` carries ``kind`` (``ErrorInfo.kind``)."""
+
+    kind = "bad_request"
+
+
+class NotFound(BadRequest):
+    """Raised by a handler for a thing it does not have (an unknown job id): answered at once,
+    not retried, with kind ``not_found`` so that the caller can tell it apart (HTTP 404)."""
+
+    kind = "not_found"
 
 
 def _decode(value: bytes | str) -> str:
@@ -601,7 +611,7 @@ class Worker:
         except BadRequest as exc:
             await self._finish(stream, entry_id, envelope, Reply(
                 id=envelope.id, ok=False,
-                error=ErrorInfo(service=self.group, kind="bad_request", message=str(exc))))
+                error=ErrorInfo(service=self.group, kind=exc.kind, message=str(exc))))
             return
         except Exception as exc:  # noqa: BLE001 - any handler failure is retried, then dead
             self.stats.failed += 1

@@ -480,7 +480,8 @@ class Status(Wire):
 # --- bus envelopes ---------------------------------------------------------------------------
 class ErrorInfo(Wire):
     service: str
-    kind: str = Field(description="bad_request | failed | dead_letter | timeout | busy")
+    kind: str = Field(description="bad_request | not_found | failed | dead_letter | timeout "
+                                  "| busy")
     message: str
 
 

@@ -198,6 +198,22 @@ class ServeSettings(_Section):
     qa_replicas: int = Field(1, ge=1)
     torch_threads: int = Field(0, ge=0, description="threads for each model replica's torch; "
                                "0 = every core (Ray would otherwise give a 0-CPU actor one)")
+    sparse_node_resource: str | None = Field(
+        None, min_length=1, description="a custom Ray resource that exactly one node of the "
+        "cluster holds: the deployments opening the sparse index's SQLite database (sparse "
+        "replicas, trainer) each ask for a sliver of it, so all of them run on that node "
+        "(SQLite's WAL works only between processes of one host, not over a network "
+        "filesystem). Unset = no constraint, as on one machine (`ragtune up`)")
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> ServeSettings:
+        # Serve's gRPC proxy binds every interface, so it collides with the HTTP proxy on any
+        # http_host; without this, the second bind fails only once Serve starts.
+        if self.grpc_port is not None and self.grpc_port == self.http_port:
+            raise ValueError(f"serve.http_port and serve.grpc_port are both {self.http_port}: "
+                             f"set RAGTUNE_SERVE__HTTP_PORT or RAGTUNE_SERVE__GRPC_PORT to "
+                             f"another port")
+        return self
 
     @model_validator(mode="after")
     def _key_beyond_loopback(self) -> ServeSettings:

@@ -2,7 +2,8 @@
 
 A router the front includes beside ``/v1/qa``. Every call is one request to the trainer over
 the bus; the trainer checks a job completely before queueing it, so a bad job is a 400 with
-its reason (the front's bus-error handler maps it), never a failed run later. Path and query
+its reason (the front's bus-error handler maps it), never a failed run later; a job id the
+trainer does not know is a 404 (its bus error has kind ``not_found``). Path and query
 values are checked by FastAPI against the schema's own types and bounds (``JobId``,
 ``JobQuery.limit``), so a bad one is a 422 naming ``path.job_id`` / ``query.limit`` before
 anything is sent.
@@ -43,6 +44,7 @@ def admin_router(bus: Bus, timeout_s: float) -> APIRouter:
     router = APIRouter()
 
     async def ask(kind: str, body, model):
+        # a bus error is answered by the front's handler: "not_found" (an unknown job) is a 404
         return await bus.request(keys.TRAINER, kind, body, timeout_s, model)
 
     @router.post("/v1/train", response_model=JobStatus, status_code=202)
@@ -58,12 +60,14 @@ def admin_router(bus: Bus, timeout_s: float) -> APIRouter:
 
     @router.get("/v1/train/{job_id}", response_model=JobStatus)
     async def job(job_id: Annotated[JobId, Path()]) -> JobStatus:
+        """One job's status; 404 when the trainer has no job of that id."""
         found: JobList = await ask("jobs", JobQuery(job_id=job_id), JobList)
         return found.jobs[0]
 
     @router.post("/v1/train/{job_id}/cancel", response_model=JobStatus)
     async def cancel(job_id: Annotated[JobId, Path()]) -> JobStatus:
-        """Stop a job after its current step; its last saved state stays for a resume."""
+        """Stop a job after its current step; its last saved state stays for a resume.
+        404 when the trainer has no job of that id."""
         return await ask("cancel", JobRef(job_id=job_id), JobStatus)
 
     @router.get("/v1/models", response_model=RegistryView)

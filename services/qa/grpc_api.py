@@ -180,6 +180,8 @@ def _failures() -> Iterator[None]:
         message = str(exc)  # "<service>: <message>"
         if exc.info.kind == "bad_request":  # worded by the service, which names itself
             code, message = grpc.StatusCode.INVALID_ARGUMENT, exc.info.message
+        elif exc.info.kind == "not_found":
+            code, message = grpc.StatusCode.NOT_FOUND, exc.info.message
         log.warning("request failed: %s", exc)
         raise RpcFailure(code, message) from None
     except TimeoutError:

